@@ -1,0 +1,20 @@
+"""peer_attention: fused multi-stream peer attention and a drop-in scaled_dot_product_attention.
+
+    import peer_attention as pa
+    out = pa.scaled_dot_product_attention(q, k, v, is_causal=True)
+    outs = pa.peer_attention([q_rgb, q_flow], [k_rgb, k_flow], [v_rgb, v_flow], gate=g, bias=b)
+
+See README.md for the formulas, backends and build notes.
+"""
+from .api import peer_attention, scaled_dot_product_attention
+from .dispatch import available_backends, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "peer_attention",
+    "available_backends",
+    "use_backend",
+    "__version__",
+]

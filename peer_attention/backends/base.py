@@ -1,0 +1,104 @@
+"""What a backend is: its capabilities, why it cannot serve a call, and its two kernels.
+
+A new backend plugs in by subclassing `Backend`:
+  * `capabilities`: what it serves (devices, dtypes, head dims, features);
+  * `unavailable_reason()`: why it cannot run on this machine at all (None when it can);
+  * `extra_reasons(problem)`: anything the capability table cannot express (optional);
+  * `forward(problem)` and `backward(problem, grad_out, out, lse, needs_grad)` on the normalised
+    problem of `peer_attention.problem` (Python backends), or kernels registered from C++ for
+    the ops `peer_attention::NAME_fwd/NAME_bwd` (set `python_kernels = False`).
+Dispatch, validation, layouts and autograd are done for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import FrozenSet, List, Optional
+
+import torch
+
+from ..problem import AttentionProblem
+
+# name -> unavailable_reason(), filled once by dispatch at import (torch.compile reads a dict
+# without tracing the imports and device queries behind it)
+UNAVAILABLE: dict = {}
+
+ALL_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    devices: FrozenSet[str]                      # torch device types, e.g. {"cuda"}
+    dtypes: FrozenSet[torch.dtype]
+    max_head_dim: Optional[int] = None           # E and Ev; None = unbounded
+    bool_mask: bool = True
+    float_mask: bool = True
+    float_mask_grad: bool = True                 # gradient for a float attn_mask
+    dropout: bool = True
+    gqa: bool = True
+    causal: bool = True
+    gate: bool = True
+    bias: bool = True
+    kv_lengths: bool = True
+    max_streams: Optional[int] = None            # None = any S
+    normalize: FrozenSet[str] = field(default_factory=lambda: frozenset({"joint", "peer"}))
+
+
+class Backend:
+    name: str = ""
+    capabilities: Capabilities
+    python_kernels: bool = True
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run on this machine at all; computed once, at import."""
+        return None
+
+    def extra_reasons(self, problem: AttentionProblem) -> List[str]:
+        return []
+
+    def not_supported_reasons(self, problem: AttentionProblem) -> List[str]:
+        """Every reason this backend cannot serve `problem` (empty when it can)."""
+        why = UNAVAILABLE.get(self.name)
+        reasons = [why] if why else []
+        caps = self.capabilities
+        q = problem.q
+        if q.device.type not in caps.devices:
+            reasons.append(f"device {q.device.type!r} not in {sorted(caps.devices)}")
+        if q.dtype not in caps.dtypes:
+            reasons.append(f"dtype {q.dtype} not in {sorted(str(d) for d in caps.dtypes)}")
+        if caps.max_head_dim is not None:
+            for label, dim in (("E", problem.head_dim), ("Ev", problem.value_dim)):
+                if dim > caps.max_head_dim:
+                    reasons.append(f"head dim {label}={dim} > {caps.max_head_dim}")
+        mask = problem.attn_mask
+        if mask is not None:
+            if mask.dtype == torch.bool and not caps.bool_mask:
+                reasons.append("bool attn_mask not supported")
+            if mask.dtype != torch.bool:
+                if not caps.float_mask:
+                    reasons.append("float attn_mask not supported")
+                elif mask.requires_grad and not caps.float_mask_grad:
+                    reasons.append("gradient of a float attn_mask not supported")
+        if problem.dropout_p > 0 and not caps.dropout:
+            reasons.append("dropout not supported")
+        if problem.num_q_heads != problem.num_kv_heads and not caps.gqa:
+            reasons.append("GQA (Hq != H) not supported")
+        if problem.is_causal and not caps.causal:
+            reasons.append("is_causal not supported")
+        if problem.gate is not None and not caps.gate:
+            reasons.append("gate not supported")
+        if problem.bias is not None and not caps.bias:
+            reasons.append("bias not supported")
+        if problem.kv_lengths is not None and not caps.kv_lengths:
+            reasons.append("kv_lengths not supported")
+        if caps.max_streams is not None and problem.num_streams > caps.max_streams:
+            reasons.append(f"{problem.num_streams} streams > {caps.max_streams}")
+        if problem.normalize not in caps.normalize:
+            reasons.append(f"normalize={problem.normalize!r} not supported")
+        reasons.extend(self.extra_reasons(problem))
+        return reasons
+
+    def forward(self, problem: AttentionProblem):
+        raise NotImplementedError
+
+    def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
+        raise NotImplementedError

@@ -1,0 +1,74 @@
+"""The reference backend: the plain-PyTorch oracle served through the same seam as the kernels.
+
+It runs anywhere torch runs (CPU included), in every float dtype. Its backward recomputes the
+forward under autograd, so its gradients are exactly the oracle's.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import empty_grad
+from ..problem import AttentionProblem
+from ..reference import dropout_keep_mask, peer_attention_reference
+from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
+
+
+def _dropout_mask(problem: AttentionProblem):
+    if problem.dropout_p <= 0 or problem.dropout_seed is None:
+        return None
+    q, k = problem.q, problem.k
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)
+
+
+def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, return_lse):
+    queries = q.split(list(problem.q_lens), dim=2)
+    keys = k.split(list(problem.kv_lens), dim=2)
+    values = v.split(list(problem.kv_lens), dim=2)
+    if gate is not None:
+        gate = gate.to(v.dtype)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    return peer_attention_reference(
+        queries, keys, values,
+        peers=problem.peers_nested(), gate=gate, bias=bias, normalize=problem.normalize,
+        is_causal=problem.is_causal, kv_lengths=problem.kv_lengths, scale=problem.scale,
+        attn_mask=attn_mask, dropout_mask=_dropout_mask(problem), dropout_p=problem.dropout_p,
+        return_lse=return_lse,
+    )
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    capabilities = Capabilities(devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
+                                dtypes=ALL_FLOAT_DTYPES)
+
+    def forward(self, problem: AttentionProblem):
+        p = problem
+        outs, lses = _run(p, p.q, p.k, p.v, p.gate, p.bias, p.attn_mask, return_lse=True)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        lse = torch.cat(lses, dim=-1) if len(lses) > 1 else lses[0]
+        lse_type = torch.float64 if p.q.dtype == torch.float64 else torch.float32
+        return out.contiguous(), lse.to(lse_type).contiguous()
+
+    def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
+        p = problem
+        originals = (p.q, p.k, p.v, p.gate, p.bias, p.attn_mask)
+        with torch.enable_grad():
+            leaves = [
+                t.detach().requires_grad_(bool(need)) if t is not None else None
+                for t, need in zip(originals, needs_grad)
+            ]
+            outs = _run(p, *leaves, return_lse=False)
+            out_again = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(out_again, wanted, grad_out, allow_unused=True)
+                         if wanted and out_again.requires_grad else [None] * len(wanted))
+        result = []
+        for original, leaf in zip(originals, leaves):
+            if leaf is None or not leaf.requires_grad:
+                result.append(empty_grad(p.q))
+                continue
+            grad = next(grads)
+            result.append(torch.zeros_like(original) if grad is None else grad.contiguous())
+        return tuple(result)

@@ -1,0 +1,66 @@
+"""The Triton backend: the fused kernels of `peer_attention.triton_kernels`.
+
+On CUDA tensors it compiles the kernels; on CPU tensors it runs them only under the Triton
+interpreter (TRITON_INTERPRET=1 set before triton is imported).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+
+from ..problem import AttentionProblem
+from .base import Backend, Capabilities
+
+
+def _import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    from .. import triton_kernels
+
+    if not getattr(triton_kernels, "AVAILABLE", False):
+        return "the Triton kernels are not part of this version yet"
+    return None
+
+
+# Read once: triton itself reads the variable when it is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_enabled() -> bool:
+    return INTERPRET
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        max_head_dim=256,
+    )
+
+    def unavailable_reason(self) -> Optional[str]:
+        error = _import_error()
+        if error:
+            return error
+        if not torch.cuda.is_available() and not interpreter_enabled():
+            return "no CUDA device is visible and TRITON_INTERPRET=1 is not set"
+        return None
+
+    def extra_reasons(self, problem: AttentionProblem) -> List[str]:
+        if problem.q.device.type == "cpu" and not interpreter_enabled():
+            return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
+        return []
+
+    def forward(self, problem: AttentionProblem):
+        from ..triton_kernels import forward
+
+        return forward(problem)
+
+    def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
+        from ..triton_kernels import backward
+
+        return backward(problem, grad_out, out, lse, needs_grad)

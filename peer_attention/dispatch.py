@@ -1,0 +1,113 @@
+"""Backend choice and the call of a backend's registered op.
+
+Precedence of the request: the `backend=` keyword, then the innermost `use_backend(...)` block,
+then the PEER_ATTENTION_BACKEND environment variable, else auto. Auto takes the first backend of
+SPEED_ORDER that can serve the problem; the reference serves everything, so auto never fails
+where the reference works. An explicit backend that cannot serve raises NotImplementedError
+listing its reasons.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Optional
+
+import torch
+
+from . import ops
+from .backends.base import UNAVAILABLE, Backend
+from .backends.cuda import CudaBackend
+from .backends.reference import ReferenceBackend
+from .backends.triton import TritonBackend
+from .problem import AttentionProblem
+
+ENV_VAR = "PEER_ATTENTION_BACKEND"
+AUTO = "auto"
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), ReferenceBackend())}
+SPEED_ORDER = ("cuda", "triton", "reference")
+
+_ops: Dict[str, tuple] = {}
+for _backend in BACKENDS.values():
+    _ops[_backend.name] = ops.define_backend_ops(_backend.name)
+    if _backend.python_kernels:
+        ops.register_python_kernels(_backend.name, _backend.forward, _backend.backward)
+    # after the op definitions: the cuda check imports _C, which registers its kernels for them
+    UNAVAILABLE[_backend.name] = _backend.unavailable_reason()
+
+_requested_stack: list = []  # innermost use_backend() last; a plain list so torch.compile can read it
+
+
+def _check_name(name, source: str) -> Optional[str]:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: expected a backend name (str) or None, got {type(name).__name__}")
+    if name == AUTO:
+        return None
+    if name not in BACKENDS:
+        choices = ", ".join(repr(n) for n in (AUTO,) + SPEED_ORDER)
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {choices}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Run the block with `name` as the default backend ("auto" or None restores auto)."""
+    _requested_stack.append(_check_name(name, "use_backend(name)") or AUTO)
+    try:
+        yield
+    finally:
+        _requested_stack.pop()
+
+
+def requested_backend(explicit: Optional[str]) -> Optional[str]:
+    """The backend asked for (None = auto), after the precedence rules."""
+    if explicit is not None:
+        return _check_name(explicit, "backend")
+    if _requested_stack:
+        return _check_name(_requested_stack[-1], "use_backend(name)")
+    return _check_name(os.environ.get(ENV_VAR) or None, ENV_VAR)
+
+
+def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend:
+    name = requested_backend(explicit)
+    if name is not None:
+        backend = BACKENDS[name]
+        reasons = backend.not_supported_reasons(problem)
+        if reasons:
+            raise NotImplementedError(
+                f"backend {name!r} cannot serve this call: " + "; ".join(reasons)
+            )
+        return backend
+    for candidate in SPEED_ORDER:
+        backend = BACKENDS[candidate]
+        if not backend.not_supported_reasons(problem):
+            return backend
+    raise NotImplementedError(  # unreachable while the reference serves every valid problem
+        "no backend can serve this call: "
+        + "; ".join(f"{n}: {', '.join(BACKENDS[n].not_supported_reasons(problem))}" for n in SPEED_ORDER)
+    )
+
+
+def forward_op(name: str):
+    """The registered forward op of backend `name` (autograd included)."""
+    return _ops[name][0]
+
+
+def run(problem: AttentionProblem, explicit: Optional[str] = None):
+    """Pick a backend for `problem` and run its forward op; returns (out (B, Hq, Tq, Ev), backend name)."""
+    backend = select(problem, explicit)
+    out, _lse = forward_op(backend.name)(*problem.op_args())
+    return out, backend.name
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """{name: None if it can run on this machine, else the reason it cannot}."""
+    return {name: UNAVAILABLE[name] for name in SPEED_ORDER}
+
+
+def draw_dropout_seed() -> torch.Tensor:
+    """A Philox seed/offset pair drawn from torch's default generator (so torch.manual_seed
+    reproduces the dropout mask)."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64)

@@ -1,0 +1,138 @@
+"""The registered ops: every backend's forward and backward as torch.library custom ops.
+
+For each backend NAME there are two ops in the `peer_attention` namespace:
+
+    peer_attention::NAME_fwd(<problem>) -> (Tensor out, Tensor lse)
+    peer_attention::NAME_bwd(Tensor grad_out, Tensor out, Tensor lse, <problem>, bool[] needs_grad)
+        -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask)
+
+where <problem> is the argument list below, in the order of AttentionProblem's fields. The schema,
+the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd) live here, once
+for all backends. A backend only supplies the real kernels: Python backends through
+`register_python_kernels`, the compiled extension through
+`TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) { m.impl("cuda_fwd", ...); m.impl("cuda_bwd", ...); }`
+(argument types: int[] -> IntArrayRef, SymInt[] -> IntArrayRef, bool[] -> c10::List<bool>,
+float -> double, str -> c10::string_view, Tensor? -> std::optional<Tensor>).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .problem import AttentionProblem, lse_dtype, lse_shape
+
+NAMESPACE = "peer_attention"
+
+PROBLEM_SCHEMA = (
+    "Tensor q, Tensor k, Tensor v, SymInt[] q_lens, SymInt[] kv_lens, int[] peers, "
+    "Tensor? gate, Tensor? bias, Tensor? kv_lengths, Tensor? attn_mask, Tensor? dropout_seed, "
+    "float dropout_p, bool is_causal, float scale, str normalize"
+)
+FWD_SCHEMA = f"({PROBLEM_SCHEMA}) -> (Tensor, Tensor)"
+BWD_SCHEMA = (
+    f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA}, bool[] needs_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+NUM_PROBLEM_ARGS = 15
+# positions, within the problem arguments, of the inputs that can receive a gradient
+GRAD_INPUTS = (0, 1, 2, 6, 7, 9)  # q, k, v, gate, bias, attn_mask
+
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+_defined: dict = {}
+
+
+def _fake_fwd(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_seed,
+              dropout_p, is_causal, scale, normalize):
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
+    lse = q.new_empty(lse_shape(q, len(q_lens), normalize), dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+def _fake_bwd(grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths,
+              attn_mask, dropout_seed, dropout_p, is_causal, scale, normalize, needs_grad):
+    nq, nk, nv, ng, nb, nm = needs_grad
+    empty = q.new_empty(0)
+    return (
+        q.new_empty(q.shape) if nq else empty,
+        k.new_empty(k.shape) if nk else empty,
+        v.new_empty(v.shape) if nv else empty,
+        gate.new_empty(gate.shape) if (gate is not None and ng) else empty,
+        bias.new_empty(bias.shape) if (bias is not None and nb) else empty,
+        attn_mask.new_empty(attn_mask.shape) if (attn_mask is not None and nm) else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    tensors = [inputs[i] for i in (0, 1, 2, 6, 7, 8, 9, 10)]  # q k v gate bias kv_lengths mask seed
+    ctx.save_for_backward(out, lse, *tensors)
+    ctx.static_args = (inputs[3], inputs[4], inputs[5]) + tuple(inputs[11:])
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        out, lse, q, k, v, gate, bias, kv_lengths, attn_mask, seed = ctx.saved_tensors
+        q_lens, kv_lens, peers, dropout_p, is_causal, scale, normalize = ctx.static_args
+        needs = [ctx.needs_input_grad[i] for i in GRAD_INPUTS]
+        dq, dk, dv, dgate, dbias, dmask = bwd_op(
+            grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths,
+            attn_mask, seed, dropout_p, is_causal, scale, normalize, needs,
+        )
+        grads = [None] * NUM_PROBLEM_ARGS
+        for slot, grad, needed in zip(GRAD_INPUTS, (dq, dk, dv, dgate, dbias, dmask), needs):
+            if needed:
+                grads[slot] = grad
+        return tuple(grads)
+
+    return backward
+
+
+def define_backend_ops(name: str):
+    """Define NAME_fwd / NAME_bwd with their fake implementations and autograd; idempotent."""
+    if name in _defined:
+        return _defined[name]
+    fwd_name, bwd_name = f"{name}_fwd", f"{name}_bwd"
+    _lib.define(fwd_name + FWD_SCHEMA)
+    _lib.define(bwd_name + BWD_SCHEMA)
+    qualified_fwd, qualified_bwd = f"{NAMESPACE}::{fwd_name}", f"{NAMESPACE}::{bwd_name}"
+    torch.library.register_fake(qualified_fwd, _fake_fwd, lib=_lib)
+    torch.library.register_fake(qualified_bwd, _fake_bwd, lib=_lib)
+    fwd_op = getattr(torch.ops.peer_attention, fwd_name).default
+    bwd_op = getattr(torch.ops.peer_attention, bwd_name).default
+    torch.library.register_autograd(
+        qualified_fwd, _make_backward(bwd_op), setup_context=_setup_context, lib=_lib
+    )
+    _defined[name] = (fwd_op, bwd_op)
+    return fwd_op, bwd_op
+
+
+def register_python_kernels(
+    name: str,
+    forward: Callable[[AttentionProblem], tuple],
+    backward: Callable[..., tuple],
+    dispatch_key: str = "CompositeExplicitAutograd",
+):
+    """Serve NAME_fwd / NAME_bwd with Python functions of the normalised problem.
+
+    forward(problem) -> (out, lse);
+    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask).
+    """
+    define_backend_ops(name)
+
+    def fwd_kernel(*args):
+        return forward(AttentionProblem(*args))
+
+    def bwd_kernel(grad_out, out, lse, *rest):
+        problem, needs_grad = AttentionProblem(*rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
+        return backward(problem, grad_out, out, lse, list(needs_grad))
+
+    _lib.impl(f"{name}_fwd", fwd_kernel, dispatch_key)
+    _lib.impl(f"{name}_bwd", bwd_kernel, dispatch_key)
+
+
+def empty_grad(like: Tensor) -> Tensor:
+    """The placeholder a backward returns for a gradient nobody asked for."""
+    return like.new_empty(0)

@@ -1,0 +1,302 @@
+"""Argument checks of the public API (SPEC section 4), done once, before any kernel runs.
+
+Every message names the argument and says what was expected and what was given. Nothing here
+modifies or copies a tensor; the only device sync is the range check of `kv_lengths`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .problem import NORMALIZE_MODES, PEER
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> str:
+    return f"({', '.join(str(d) for d in t.shape)})"
+
+
+def _fmt(shape) -> str:
+    return f"({', '.join(str(d) for d in shape)})"
+
+
+def check_tensor(name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_dtype(name: str, t: Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+
+
+def check_same(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """Same dtype and device as the reference tensor."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
+
+
+def check_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return scale
+
+
+def check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], target_text: str) -> None:
+    if t.dim() > len(target) or any(
+        have != want and have != 1 for have, want in zip(reversed(t.shape), reversed(target))
+    ):
+        raise ValueError(
+            f"{name}: expected a shape broadcastable to {target_text} = {_fmt(target)}, "
+            f"got {_shape(t)}"
+        )
+
+
+def check_heads(num_q_heads: int, num_kv_heads: int, enable_gqa: bool, where: str) -> None:
+    if num_q_heads == num_kv_heads:
+        return
+    if not enable_gqa:
+        raise ValueError(
+            f"{where}: query has {num_q_heads} heads but key/value have {num_kv_heads}; "
+            "pass enable_gqa=True for grouped-query attention"
+        )
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"{where}: with enable_gqa the query heads Hq={num_q_heads} must be a multiple of "
+            f"the key/value heads H={num_kv_heads}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_dot_product_attention
+# ---------------------------------------------------------------------------------------------
+
+def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Returns (dropout_p, scale) as floats; raises on any bad argument."""
+    check_tensor("query", query)
+    check_tensor("key", key)
+    check_tensor("value", value)
+    check_float_dtype("query", query)
+    check_same("key", key, "query", query)
+    check_same("value", value, "query", query)
+    check_bool("is_causal", is_causal)
+    check_bool("enable_gqa", enable_gqa)
+    dropout_p = check_dropout(dropout_p)
+
+    ndim = query.dim()
+    if ndim < 3:
+        raise ValueError(f"query: expected at least 3 dims (N, ..., Hq, L, E), got {_shape(query)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != ndim:
+            raise ValueError(
+                f"{name}: expected {ndim} dims like query {_shape(query)}, got {_shape(t)}"
+            )
+        if t.shape[:-3] != query.shape[:-3]:
+            raise ValueError(
+                f"{name}: expected leading dims {_fmt(query.shape[:-3])} as query, got {_shape(t)}"
+            )
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"key: expected last dim E={query.shape[-1]} as query, got {_shape(key)}"
+        )
+    if value.shape[-3] != key.shape[-3] or value.shape[-2] != key.shape[-2]:
+        raise ValueError(
+            f"value: expected (..., H={key.shape[-3]}, S={key.shape[-2]}, Ev) as key, "
+            f"got {_shape(value)}"
+        )
+    if query.shape[-1] == 0:
+        raise ValueError(f"query: expected head dim E >= 1, got {_shape(query)}")
+    check_heads(query.shape[-3], key.shape[-3], enable_gqa, "key")
+
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(
+                f"attn_mask: expected dtype torch.bool or {query.dtype} (as query), "
+                f"got {attn_mask.dtype}"
+            )
+        check_device("attn_mask", attn_mask, "query", query)
+        target = tuple(query.shape[:-1]) + (key.shape[-2],)
+        check_broadcastable("attn_mask", attn_mask, target, "(N, ..., Hq, L, S)")
+        if is_causal:
+            raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
+    return dropout_p, check_scale(scale, query.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# peer_attention
+# ---------------------------------------------------------------------------------------------
+
+def _check_streams(name: str, seq) -> List[Tensor]:
+    if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+        raise TypeError(
+            f"{name}: expected a list or tuple of tensors (one per stream), got {type(seq).__name__}"
+        )
+    for i, t in enumerate(seq):
+        check_tensor(f"{name}[{i}]", t)
+    return list(seq)
+
+
+def check_peers(peers, num_streams: int) -> Tuple[int, ...]:
+    """The peer table as S*S ints (row-major)."""
+    if peers is None:
+        return (1,) * (num_streams * num_streams)
+    expected = f"{num_streams}x{num_streams} (one row per stream)"
+    if isinstance(peers, Tensor):
+        if peers.dtype != torch.bool:
+            raise TypeError(f"peers: expected a bool tensor, got dtype {peers.dtype}")
+        if tuple(peers.shape) != (num_streams, num_streams):
+            raise ValueError(f"peers: expected shape {expected}, got {_shape(peers)}")
+        return tuple(int(x) for x in peers.flatten().tolist())
+    if not isinstance(peers, Sequence) or len(peers) != num_streams:
+        got = len(peers) if isinstance(peers, Sequence) else type(peers).__name__
+        raise ValueError(f"peers: expected {expected}, got {got} rows")
+    flat = []
+    for s, row in enumerate(peers):
+        if not isinstance(row, Sequence) or len(row) != num_streams:
+            got = len(row) if isinstance(row, Sequence) else type(row).__name__
+            raise ValueError(f"peers[{s}]: expected {num_streams} entries, got {got}")
+        for p, entry in enumerate(row):
+            if not isinstance(entry, (bool, int)) or entry not in (0, 1):
+                raise TypeError(f"peers[{s}][{p}]: expected a bool, got {entry!r}")
+            flat.append(int(entry))
+    return tuple(flat)
+
+
+def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths, scale,
+               enable_gqa):
+    """Returns (queries, keys, values, peers_flat, scale); raises on any bad argument."""
+    queries = _check_streams("queries", queries)
+    keys = _check_streams("keys", keys)
+    values = _check_streams("values", values)
+    num_streams = len(queries)
+    if num_streams == 0:
+        raise ValueError("queries: expected at least one stream, got an empty sequence")
+    if len(keys) != num_streams or len(values) != num_streams:
+        raise ValueError(
+            f"keys, values: expected {num_streams} streams as queries, "
+            f"got {len(keys)} keys and {len(values)} values"
+        )
+    check_bool("is_causal", is_causal)
+    check_bool("enable_gqa", enable_gqa)
+    if not isinstance(normalize, str) or normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize: expected 'joint' or 'peer', got {normalize!r}")
+
+    q0 = queries[0]
+    check_float_dtype("queries[0]", q0)
+    if q0.dim() != 4:
+        raise ValueError(f"queries[0]: expected 4 dims (B, Hq, L, E), got {_shape(q0)}")
+    batch, num_q_heads, _, head_dim = q0.shape
+    k0 = keys[0]
+    if k0.dim() != 4:
+        raise ValueError(f"keys[0]: expected 4 dims (B, H, M, E), got {_shape(k0)}")
+    num_kv_heads = k0.shape[1]
+    v0 = values[0]
+    if v0.dim() != 4:
+        raise ValueError(f"values[0]: expected 4 dims (B, H, M, Ev), got {_shape(v0)}")
+    value_dim = v0.shape[3]
+    for s in range(num_streams):
+        q, k, v = queries[s], keys[s], values[s]
+        check_same(f"queries[{s}]", q, "queries[0]", q0)
+        check_same(f"keys[{s}]", k, "queries[0]", q0)
+        check_same(f"values[{s}]", v, "queries[0]", q0)
+        if q.dim() != 4 or q.shape[0] != batch or q.shape[1] != num_q_heads or q.shape[3] != head_dim:
+            raise ValueError(
+                f"queries[{s}]: expected (B={batch}, Hq={num_q_heads}, L, E={head_dim}), "
+                f"got {_shape(q)}"
+            )
+        if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != num_kv_heads or k.shape[3] != head_dim:
+            raise ValueError(
+                f"keys[{s}]: expected (B={batch}, H={num_kv_heads}, M, E={head_dim}), got {_shape(k)}"
+            )
+        if (v.dim() != 4 or v.shape[0] != batch or v.shape[1] != num_kv_heads
+                or v.shape[2] != k.shape[2] or v.shape[3] != value_dim):
+            raise ValueError(
+                f"values[{s}]: expected (B={batch}, H={num_kv_heads}, M={k.shape[2]}, "
+                f"Ev={value_dim}), got {_shape(v)}"
+            )
+    if head_dim == 0:
+        raise ValueError(f"queries[0]: expected head dim E >= 1, got {_shape(q0)}")
+    check_heads(num_q_heads, num_kv_heads, enable_gqa, "keys")
+
+    peers_flat = check_peers(peers, num_streams)
+    if gate is not None:
+        check_tensor("gate", gate)
+        if not gate.is_floating_point():
+            raise TypeError(f"gate: expected a floating-point dtype, got {gate.dtype}")
+        check_device("gate", gate, "queries[0]", q0)
+        check_broadcastable("gate", gate, (batch, num_streams, num_streams, num_q_heads, value_dim),
+                            "(B, S, S, Hq, Ev)")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if normalize == PEER:
+            raise ValueError(
+                "bias: not accepted with normalize='peer' (a per-peer constant cancels in a "
+                "per-peer softmax); use normalize='joint'"
+            )
+        if not bias.is_floating_point():
+            raise TypeError(f"bias: expected a floating-point dtype, got {bias.dtype}")
+        check_device("bias", bias, "queries[0]", q0)
+        check_broadcastable("bias", bias, (batch, num_streams, num_streams, num_q_heads),
+                            "(B, S, S, Hq)")
+    if kv_lengths is not None:
+        check_kv_lengths(kv_lengths, batch, [k.shape[2] for k in keys], q0)
+    return queries, keys, values, peers_flat, check_scale(scale, head_dim)
+
+
+def check_kv_lengths(kv_lengths, batch: int, kv_lens: Sequence[int], ref: Tensor) -> None:
+    check_tensor("kv_lengths", kv_lengths)
+    num_streams = len(kv_lens)
+    if kv_lengths.dtype.is_floating_point or kv_lengths.dtype.is_complex or kv_lengths.dtype == torch.bool:
+        raise TypeError(f"kv_lengths: expected an integer dtype, got {kv_lengths.dtype}")
+    if tuple(kv_lengths.shape) != (batch, num_streams):
+        raise ValueError(f"kv_lengths: expected shape (B, S) = ({batch}, {num_streams}), got {_shape(kv_lengths)}")
+    if kv_lengths.device != ref.device and kv_lengths.device.type != "cpu":
+        raise ValueError(
+            f"kv_lengths: expected device {ref.device} (as queries[0]) or cpu, got {kv_lengths.device}"
+        )
+    if torch.compiler.is_compiling() or kv_lengths.numel() == 0:
+        return  # the range check needs the values on the host
+    limits = torch.tensor(list(kv_lens), device=kv_lengths.device)
+    bad = (kv_lengths < 0) | (kv_lengths > limits)
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"kv_lengths: expected 0 <= kv_lengths[b, p] <= M_p (key length of stream p), "
+            f"got kv_lengths[{b}, {p}] = {int(kv_lengths[b, p])} with M_{p} = {kv_lens[p]}"
+        )
