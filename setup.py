@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
@@ -54,7 +54,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["peer_attention", "peer_attention.backends", "peer_attention.triton_kernels"],
+    # triton_kernels/ ships inside the package: a top-level `triton_kernels` is another PyPI project
+    packages=find_packages(include=["peer_attention", "peer_attention.*"]) + ["peer_attention.triton_kernels"],
     package_dir={"peer_attention.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
