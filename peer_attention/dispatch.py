@@ -81,6 +81,8 @@ def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend
             )
         return backend
     for candidate in SPEED_ORDER:
+        if UNAVAILABLE[candidate]:
+            continue  # cannot run on this machine at all: no need to look at the problem
         backend = BACKENDS[candidate]
         if not backend.not_supported_reasons(problem):
             return backend
@@ -98,7 +100,7 @@ def forward_op(name: str):
 def run(problem: AttentionProblem, explicit: Optional[str] = None):
     """Pick a backend for `problem` and run its forward op; returns (out (B, Hq, Tq, Ev), backend name)."""
     backend = select(problem, explicit)
-    out, _lse = forward_op(backend.name)(*problem.op_args())
+    out, _lse = _ops[backend.name][0](*problem)
     return out, backend.name
 
 

@@ -25,8 +25,7 @@ full expanded shape; autograd of the expand sums them down), or empty tensors wh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,9 +34,9 @@ JOINT, PEER = "joint", "peer"
 NORMALIZE_MODES = (JOINT, PEER)
 
 
-@dataclass(frozen=True)
-class AttentionProblem:
+class AttentionProblem(NamedTuple):
     # The field order is the registered ops' argument order (see ops.py): keep them in step.
+    # A NamedTuple: cheap to build on every call, and `op(*problem)` passes it straight to an op.
     q: Tensor
     k: Tensor
     v: Tensor
@@ -55,11 +54,7 @@ class AttentionProblem:
     normalize: str
 
     def op_args(self) -> tuple:
-        return (
-            self.q, self.k, self.v, self.q_lens, self.kv_lens, self.peers, self.gate, self.bias,
-            self.kv_lengths, self.attn_mask, self.dropout_seed, self.dropout_p, self.is_causal,
-            self.scale, self.normalize,
-        )
+        return tuple(self)
 
     @property
     def num_streams(self) -> int:

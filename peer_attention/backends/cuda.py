@@ -6,6 +6,7 @@ autograd are defined in Python (ops.py) like every other backend's.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -14,6 +15,9 @@ from .base import Backend, Capabilities
 
 
 def _extension_error() -> Optional[str]:
+    if importlib.util.find_spec("peer_attention._C") is None:
+        return ("peer_attention._C was not built (this install has no CUDA extension; reinstall "
+                "with a CUDA toolkit and PEER_ATTENTION_BUILD_CUDA=1)")
     try:
         from .. import _C  # noqa: F401  (importing registers the kernels)
     except ImportError as exc:
