@@ -163,7 +163,8 @@ def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 # ---------------------------------------------------------------------------------------------
 
 def _check_streams(name: str, seq) -> List[Tensor]:
-    if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+    if type(seq) is not list and type(seq) is not tuple and (  # fast path first: ABC checks are slow
+            isinstance(seq, Tensor) or not isinstance(seq, Sequence)):
         raise TypeError(
             f"{name}: expected a list or tuple of tensors (one per stream), got {type(seq).__name__}"
         )
@@ -230,22 +231,27 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
     if v0.dim() != 4:
         raise ValueError(f"values[0]: expected 4 dims (B, H, M, Ev), got {_shape(v0)}")
     value_dim = v0.shape[3]
+    dtype, device = q0.dtype, q0.device
     for s in range(num_streams):
         q, k, v = queries[s], keys[s], values[s]
-        check_same(f"queries[{s}]", q, "queries[0]", q0)
-        check_same(f"keys[{s}]", k, "queries[0]", q0)
-        check_same(f"values[{s}]", v, "queries[0]", q0)
-        if q.dim() != 4 or q.shape[0] != batch or q.shape[1] != num_q_heads or q.shape[3] != head_dim:
+        # one cheap comparison per call; the per-tensor checks only to word the error
+        if not (q.dtype == dtype and k.dtype == dtype and v.dtype == dtype
+                and q.device == device and k.device == device and v.device == device):
+            check_same(f"queries[{s}]", q, "queries[0]", q0)
+            check_same(f"keys[{s}]", k, "queries[0]", q0)
+            check_same(f"values[{s}]", v, "queries[0]", q0)
+        qs, ks, vs = q.shape, k.shape, v.shape
+        if len(qs) != 4 or qs[0] != batch or qs[1] != num_q_heads or qs[3] != head_dim:
             raise ValueError(
                 f"queries[{s}]: expected (B={batch}, Hq={num_q_heads}, L, E={head_dim}), "
                 f"got {_shape(q)}"
             )
-        if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != num_kv_heads or k.shape[3] != head_dim:
+        if len(ks) != 4 or ks[0] != batch or ks[1] != num_kv_heads or ks[3] != head_dim:
             raise ValueError(
                 f"keys[{s}]: expected (B={batch}, H={num_kv_heads}, M, E={head_dim}), got {_shape(k)}"
             )
-        if (v.dim() != 4 or v.shape[0] != batch or v.shape[1] != num_kv_heads
-                or v.shape[2] != k.shape[2] or v.shape[3] != value_dim):
+        if (len(vs) != 4 or vs[0] != batch or vs[1] != num_kv_heads
+                or vs[2] != ks[2] or vs[3] != value_dim):
             raise ValueError(
                 f"values[{s}]: expected (B={batch}, H={num_kv_heads}, M={k.shape[2]}, "
                 f"Ev={value_dim}), got {_shape(v)}"
