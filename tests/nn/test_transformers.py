@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from a config: no downloads
 transformers = pytest.importorskip("transformers")
 
 import peer_attention.dispatch as dispatch  # noqa: E402
@@ -15,7 +16,6 @@ VOCAB = 97
 
 @pytest.fixture(scope="module")
 def models():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built from a config: nothing to download
     register()
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -23,11 +23,9 @@ def models():
     )
     torch.manual_seed(0)
     # each model gets its own config: the attention implementation is stored on it
-    sdpa = transformers.LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa",
-                                                      dtype=torch.float64).eval()
-    ours = transformers.LlamaForCausalLM._from_config(copy.deepcopy(config),
-                                                      attn_implementation="peer_attention",
-                                                      dtype=torch.float64).eval()
+    build = transformers.AutoModelForCausalLM.from_config
+    sdpa = build(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.float64).eval()
+    ours = build(copy.deepcopy(config), attn_implementation="peer_attention", dtype=torch.float64).eval()
     ours.load_state_dict(sdpa.state_dict())
     assert sdpa.config._attn_implementation == "sdpa"
     assert ours.config._attn_implementation == "peer_attention"
