@@ -187,3 +187,16 @@ def test_bad_shapes_raise_like_torch():
             module(q, k[:, :, :8], v)
         with pytest.raises(RuntimeError, match="2D attn_mask"):
             module(q, k, v, attn_mask=bool_mask((L + 1, S)))
+
+
+def test_compiles_in_full_graph():
+    theirs, ours = pair(batch_first=True)
+    x = torch.randn(N, L, E, dtype=DT)
+    mask = bool_mask((N, L))
+
+    def fn(x):
+        return ours(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    want, _ = theirs(x, x, x, key_padding_mask=mask, need_weights=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

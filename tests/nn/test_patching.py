@@ -133,3 +133,18 @@ def test_torch_multihead_attention_runs_through_the_patch(served_calls):
         got, _ = mha(x, x, x, need_weights=False)
     assert served_calls
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_patched_function_compiles_in_full_graph(served_calls):
+    q, k, v = (t.float().requires_grad_() for t in qkv())
+
+    def loss_fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+
+    want = torch.autograd.grad(ORIGINAL(q, k, v, is_causal=True).square().sum(), (q, k, v))
+    with pa.patch_torch():
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    assert served_calls  # traced through this package's op, not torch's
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
