@@ -57,7 +57,10 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
 def register(name: str = NAME) -> None:
     """Register `name` ("peer_attention") with transformers' attention and mask interfaces."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(name, peer_attention_forward)
+    try:  # transformers >= 4.53 builds masks per implementation; without this, no padding mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older versions build one mask for every implementation
+        return
     AttentionMaskInterface.register(name, sdpa_mask)

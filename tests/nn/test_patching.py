@@ -95,13 +95,10 @@ def test_gradients_through_the_patched_function(served_calls):
 
 def test_calls_a_backend_cannot_serve_fall_through(served_calls):
     q, k, v = qkv(dtype=torch.float32)
-    # the Triton backend cannot run CPU tensors here: NotImplementedError -> torch's function
-    with pa.patch_torch(), pa.use_backend("triton"):
-        try:
-            dispatch.select(pa.api.sdpa_problem(q, k, v))
-            pytest.skip("the triton backend can serve this call here (TRITON_INTERPRET=1)")
-        except NotImplementedError:
-            pass
+    # the CUDA backend never serves CPU tensors: NotImplementedError -> torch's function
+    with pa.patch_torch(), pa.use_backend("cuda"):
+        with pytest.raises(NotImplementedError):
+            pa.scaled_dot_product_attention(q, k, v)
         got = F.scaled_dot_product_attention(q, k, v)
     assert served_calls == []
     torch.testing.assert_close(got, ORIGINAL(q, k, v), rtol=0, atol=0)
