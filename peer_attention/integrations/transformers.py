@@ -59,7 +59,7 @@ def register(name: str = NAME) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, peer_attention_forward)
-    try:  # transformers >= 4.53 builds masks per implementation; without this, no padding mask
+    try:  # recent transformers build masks per implementation: without this, no padding mask
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:  # older versions build one mask for every implementation
         return
