@@ -61,6 +61,6 @@ def register(name: str = NAME) -> None:
     AttentionInterface.register(name, peer_attention_forward)
     try:  # recent transformers build masks per implementation: without this, no padding mask
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:  # older versions build one mask for every implementation
+    except ImportError:  # no per-implementation mask registry to join in this version
         return
     AttentionMaskInterface.register(name, sdpa_mask)
