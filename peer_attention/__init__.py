@@ -8,6 +8,8 @@ See README.md for the formulas, backends and build notes.
 """
 from .api import peer_attention, scaled_dot_product_attention
 from .dispatch import available_backends, use_backend
+from .patching import patch_torch, unpatch_torch
+from . import nn  # peer_attention.nn.PeerAttention, peer_attention.nn.MultiheadAttention
 
 __version__ = "0.1.0"
 
@@ -16,5 +18,7 @@ __all__ = [
     "peer_attention",
     "available_backends",
     "use_backend",
+    "patch_torch",
+    "unpatch_torch",
     "__version__",
 ]
