@@ -19,6 +19,8 @@ __all__ = ["safe_softmax", "peer_attention_reference", "sdpa_reference", "dropou
 
 def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
     """Softmax that gives 0 (with 0 gradient) on rows whose every entry is -inf."""
+    if scores.shape[dim] == 0:  # no keys at all (S = 0): amax below would raise on the empty dim
+        return scores * 0.0  # an empty tensor that stays in the autograd graph
     row_max = scores.amax(dim, keepdim=True).detach()
     # softmax is shift invariant, so the detached shift changes no gradient; a row of -inf has
     # max -inf, which would make exp(-inf - -inf) = NaN: shift it by 0 instead.
