@@ -180,13 +180,18 @@ def sdpa_reference(
     num_q_heads = query.shape[-3] if query.dim() >= 3 else 1
     num_kv_heads = key.shape[-3] if key.dim() >= 3 else 1
 
+    # the batch size is spelled out: reshape(-1, ...) is ambiguous when a tensor is empty
+    batch = 1
+    for n in query.shape[:-3]:
+        batch *= n
+
     def to_4d(t: Tensor, heads: int) -> Tensor:
-        return t.reshape(-1, heads, t.shape[-2], t.shape[-1])
+        return t.reshape(batch, heads, t.shape[-2], t.shape[-1])
 
     def mask_4d(m: Optional[Tensor]) -> Optional[Tensor]:
         if m is None:
             return None
-        return m.expand(*lead, q_len, kv_len).reshape(-1, num_q_heads, q_len, kv_len)
+        return m.expand(*lead, q_len, kv_len).reshape(batch, num_q_heads, q_len, kv_len)
 
     out = peer_attention_reference(
         [to_4d(query, num_q_heads)],
