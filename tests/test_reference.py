@@ -194,6 +194,16 @@ def test_empty_sequences(sdpa, seq_q, seq_k, is_causal):
         assert t.grad is None or ((t.grad == 0).all() and t.grad.shape == t.shape)
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_empty_batch(sdpa, lead):
+    q, k, v = make_qkv(lead, 2, 2, 3, 4, 4, 5)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    out = sdpa(q, k, v, attn_mask=mask)
+    assert out.shape == (*lead, 2, 3, 5)
+    out.sum().backward()
+    assert q.grad is None or q.grad.shape == q.shape
+
+
 def assert_fully_masked_rows_are_zero(sdpa, mask, masked_row):
     q, k, v = make_qkv((2,), 2, 2, 4, 5, 3, 3)
     out = sdpa(q, k, v, attn_mask=mask)
