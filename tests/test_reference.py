@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import peer_attention as pa
 from peer_attention.reference import sdpa_reference
+from tests.helpers import assert_matches_reference, randn
 
 F64 = torch.float64
 ATOL = 1e-10
@@ -324,3 +325,23 @@ def test_dropout_backward_uses_the_forward_mask(is_causal):
     torch.testing.assert_close(out.detach(), want.detach(), atol=ATOL, rtol=0)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# float32 through the public API (the CPU path): SPEC section 8, within 1e-4 of float64
+# ------------------------------------------------------------------------------------------
+
+def test_float32_sdpa_accuracy():
+    torch.manual_seed(0)
+    q, k, v = randn(2, 4, 9, 8), randn(2, 2, 7, 8), randn(2, 2, 7, 6)
+    mask = randn(9, 7)
+    assert_matches_reference(
+        lambda q, k, v, m: pa.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
+        lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
+        [q, k, v, mask], torch.float32, names=["q", "k", "v", "mask"])
+
+
+def test_float32_output_dtype():
+    q, k, v = (t.detach().float() for t in make_qkv((1,), 1, 1, 3, 4, 2, 5))
+    out = pa.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.float32 and out.shape == (1, 1, 3, 5)

@@ -3,7 +3,6 @@ argument, before anything is computed; the caller's tensors are never modified."
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -75,9 +74,9 @@ SDPA_CASES = [
     ("value_length_differs", sdpa_args(value=t(2, 4, 5, 7)), ValueError, "value"),
     ("value_heads_differ", sdpa_args(value=t(2, 2, 6, 7)), ValueError, "value"),
     ("heads_differ_without_gqa", sdpa_args(key=t(2, 2, 6, 5), value=t(2, 2, 6, 7)), ValueError,
-     "enable_gqa"),
+     ("key", "enable_gqa")),
     ("heads_not_multiple", sdpa_args(key=t(2, 3, 6, 5), value=t(2, 3, 6, 7), enable_gqa=True),
-     ValueError, "Hq=4"),
+     ValueError, ("key", "Hq=4", "H=3")),
     ("dropout_one", sdpa_args(dropout_p=1.0), ValueError, "dropout_p"),
     ("dropout_negative", sdpa_args(dropout_p=-0.1), ValueError, "dropout_p"),
     ("dropout_nan", sdpa_args(dropout_p=float("nan")), ValueError, "dropout_p"),
@@ -86,7 +85,7 @@ SDPA_CASES = [
     ("scale_nan", sdpa_args(scale=float("nan")), ValueError, "scale"),
     ("scale_str", sdpa_args(scale="1"), TypeError, "scale"),
     ("mask_with_causal", sdpa_args(attn_mask=torch.ones(3, 6, dtype=torch.bool), is_causal=True),
-     ValueError, "attn_mask"),
+     ValueError, ("attn_mask", "is_causal")),
     ("mask_int_dtype", sdpa_args(attn_mask=torch.ones(3, 6, dtype=torch.int32)), TypeError,
      "attn_mask"),
     ("mask_float_dtype_differs", sdpa_args(attn_mask=torch.zeros(3, 6, dtype=torch.float32)),
@@ -121,8 +120,9 @@ PEER_CASES = [
     ("device_mismatch", with_stream("values", 1, t(2, 2, 1, 7, device=META)), ValueError,
      "values[1]"),
     ("heads_not_multiple", peer_args(keys=[t(2, 3, 6, 5), t(2, 3, 1, 5)],
-                                     values=[t(2, 3, 6, 7), t(2, 3, 1, 7)]), ValueError, "Hq=4"),
-    ("heads_differ_without_gqa", peer_args(enable_gqa=False), ValueError, "enable_gqa"),
+                                     values=[t(2, 3, 6, 7), t(2, 3, 1, 7)]), ValueError,
+     ("keys", "Hq=4", "H=3")),
+    ("heads_differ_without_gqa", peer_args(enable_gqa=False), ValueError, ("keys", "enable_gqa")),
     ("peers_tensor_not_SxS", peer_args(peers=torch.ones(2, 3, dtype=torch.bool)), ValueError,
      "peers"),
     ("peers_tensor_not_bool", peer_args(peers=torch.ones(2, 2)), TypeError, "peers"),
@@ -142,7 +142,7 @@ PEER_CASES = [
     ("bias_not_broadcastable", peer_args(bias=torch.ones(2, 3, 4, dtype=F64)), ValueError, "bias"),
     ("bias_hq_wrong", peer_args(bias=torch.ones(3, dtype=F64)), ValueError, "bias"),
     ("bias_with_peer_normalize", peer_args(bias=torch.ones(1, dtype=F64), normalize="peer"),
-     ValueError, "bias"),
+     ValueError, ("bias", "normalize='peer'")),
     ("bias_int_dtype", peer_args(bias=torch.ones(4, dtype=torch.int32)), TypeError, "bias"),
     ("bias_device_mismatch", peer_args(bias=torch.ones(4, dtype=F64, device=META)), ValueError,
      "bias"),
@@ -169,6 +169,16 @@ PEER_CASES = [
 ]
 
 
+def assert_names(exc, names):
+    """The message names the argument before its first colon and contains every expected
+    fragment."""
+    names = (names,) if isinstance(names, str) else names
+    message = str(exc)
+    assert names[0] in message.split(":", 1)[0], message
+    for fragment in names[1:]:
+        assert fragment in message, message
+
+
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Fail loudly if a bad call gets as far as dispatch."""
@@ -186,15 +196,17 @@ def nothing_runs(monkeypatch):
 @pytest.mark.parametrize("args,error,name", [c[1:] for c in SDPA_CASES],
                          ids=[c[0] for c in SDPA_CASES])
 def test_sdpa_bad_input(args, error, name, nothing_runs):
-    with pytest.raises(error, match=re.escape(name)):
+    with pytest.raises(error) as info:
         call_sdpa(args)
+    assert_names(info.value, name)
 
 
 @pytest.mark.parametrize("args,error,name", [c[1:] for c in PEER_CASES],
                          ids=[c[0] for c in PEER_CASES])
 def test_peer_bad_input(args, error, name, nothing_runs):
-    with pytest.raises(error, match=re.escape(name)):
+    with pytest.raises(error) as info:
         call_peer(args)
+    assert_names(info.value, name)
 
 
 BACKEND_CASES = [
