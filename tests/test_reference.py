@@ -345,3 +345,36 @@ def test_float32_output_dtype():
     q, k, v = (t.detach().float() for t in make_qkv((1,), 1, 1, 3, 4, 2, 5))
     out = pa.scaled_dot_product_attention(q, k, v)
     assert out.dtype == torch.float32 and out.shape == (1, 1, 3, 5)
+
+
+def test_dropout_backward_with_gqa_mask_and_leading_dims():
+    p, seed = 0.4, 8
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 4, 5, 3, dtype=F64, generator=gen).requires_grad_()
+    k = torch.randn(2, 2, 2, 6, 3, dtype=F64, generator=gen).requires_grad_()
+    v = torch.randn(2, 2, 2, 6, 4, dtype=F64, generator=gen).requires_grad_()
+    mask = torch.rand(2, 1, 5, 6, generator=gen) > 0.3
+    kwargs = dict(attn_mask=mask, enable_gqa=True)
+    keep = (dropout_weights(q, k, p, seed, **kwargs) != 0).double()
+    torch.manual_seed(seed)
+    out = pa.scaled_dot_product_attention(q, k, v, dropout_p=p, **kwargs)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    k_rep, v_rep = (t.repeat_interleave(2, dim=2) for t in leaves[1:])
+    scores = (leaves[0] @ k_rep.transpose(-1, -2) / math.sqrt(3)).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with every key masked give 0
+    want = (weights * keep / (1 - p)) @ v_rep
+    want_grads = torch.autograd.grad(want, leaves, grad_out)
+    torch.testing.assert_close(out.detach(), want.detach(), atol=ATOL, rtol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+    assert 0.45 < keep[weights.detach() > 0].mean().item() < 0.75  # some dropped, most kept
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(0, 4), (3, 0)])
+def test_dropout_on_empty_sequences(seq_q, seq_k):
+    q, k, v = make_qkv((2,), 2, 2, seq_q, seq_k, 3, 3)
+    out = pa.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert out.shape == (2, 2, seq_q, 3) and (out == 0).all()
