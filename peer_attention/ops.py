@@ -53,14 +53,17 @@ def _fake_fwd(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask
 def _fake_bwd(grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths,
               attn_mask, dropout_seed, dropout_p, is_causal, scale, normalize, needs_grad):
     nq, nk, nv, ng, nb, nm = needs_grad
-    empty = q.new_empty(0)
+
+    def empty():  # a new tensor per output: outputs of a custom op must not alias each other
+        return q.new_empty(0)
+
     return (
-        q.new_empty(q.shape) if nq else empty,
-        k.new_empty(k.shape) if nk else empty,
-        v.new_empty(v.shape) if nv else empty,
-        gate.new_empty(gate.shape) if (gate is not None and ng) else empty,
-        bias.new_empty(bias.shape) if (bias is not None and nb) else empty,
-        attn_mask.new_empty(attn_mask.shape) if (attn_mask is not None and nm) else empty,
+        q.new_empty(q.shape) if nq else empty(),
+        k.new_empty(k.shape) if nk else empty(),
+        v.new_empty(v.shape) if nv else empty(),
+        gate.new_empty(gate.shape) if (gate is not None and ng) else empty(),
+        bias.new_empty(bias.shape) if (bias is not None and nb) else empty(),
+        attn_mask.new_empty(attn_mask.shape) if (attn_mask is not None and nm) else empty(),
     )
 
 

@@ -19,6 +19,8 @@ __all__ = ["safe_softmax", "peer_attention_reference", "sdpa_reference", "dropou
 
 def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
     """Softmax that gives 0 (with 0 gradient) on rows whose every entry is -inf."""
+    if scores.shape[dim] == 0:  # no keys at all (S = 0): amax below would raise on the empty dim
+        return scores * 0.0  # an empty tensor that stays in the autograd graph
     row_max = scores.amax(dim, keepdim=True).detach()
     # softmax is shift invariant, so the detached shift changes no gradient; a row of -inf has
     # max -inf, which would make exp(-inf - -inf) = NaN: shift it by 0 instead.
@@ -178,13 +180,18 @@ def sdpa_reference(
     num_q_heads = query.shape[-3] if query.dim() >= 3 else 1
     num_kv_heads = key.shape[-3] if key.dim() >= 3 else 1
 
+    # the batch size is spelled out: reshape(-1, ...) is ambiguous when a tensor is empty
+    batch = 1
+    for n in query.shape[:-3]:
+        batch *= n
+
     def to_4d(t: Tensor, heads: int) -> Tensor:
-        return t.reshape(-1, heads, t.shape[-2], t.shape[-1])
+        return t.reshape(batch, heads, t.shape[-2], t.shape[-1])
 
     def mask_4d(m: Optional[Tensor]) -> Optional[Tensor]:
         if m is None:
             return None
-        return m.expand(*lead, q_len, kv_len).reshape(-1, num_q_heads, q_len, kv_len)
+        return m.expand(*lead, q_len, kv_len).reshape(batch, num_q_heads, q_len, kv_len)
 
     out = peer_attention_reference(
         [to_4d(query, num_q_heads)],
