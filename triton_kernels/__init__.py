@@ -4,16 +4,14 @@ Entry points for the "triton" backend, on the normalised problem of `peer_attent
     forward(problem) -> (out, lse)
     backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask)
     dropout_keep_mask(problem) -> the kernels' dropout keep mask (tests and debugging)
+
+Modules: fwd.py (forward kernel), bwd.py (backward kernels), tiles.py (device helpers shared by
+both), configs.py (launch configs / autotuning), utils.py (host helpers).
 """
-from .forward import forward
+from .bwd import backward
+from .fwd import forward
+from .utils import INTERPRET
 
 AVAILABLE = True
 
-
-def backward(problem, grad_out, out, lse, needs_grad):
-    from .backward import backward as _backward
-
-    return _backward(problem, grad_out, out, lse, needs_grad)
-
-
-__all__ = ["forward", "backward", "AVAILABLE"]
+__all__ = ["forward", "backward", "AVAILABLE", "INTERPRET"]
