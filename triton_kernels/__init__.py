@@ -6,12 +6,14 @@ Entry points for the "triton" backend, on the normalised problem of `peer_attent
     dropout_keep_mask(problem) -> the kernels' dropout keep mask (tests and debugging)
 
 Modules: fwd.py (forward kernel), bwd.py (backward kernels), tiles.py (device helpers shared by
-both), configs.py (launch configs / autotuning), utils.py (host helpers).
+both), configs.py (launch configs / autotuning), dropout.py (the keep mask, for tests),
+utils.py (host helpers).
 """
 from .bwd import backward
+from .dropout import dropout_keep_mask
 from .fwd import forward
 from .utils import INTERPRET
 
 AVAILABLE = True
 
-__all__ = ["forward", "backward", "AVAILABLE", "INTERPRET"]
+__all__ = ["forward", "backward", "dropout_keep_mask", "AVAILABLE", "INTERPRET"]

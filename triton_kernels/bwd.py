@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
 from .fwd import kernel_flags, num_row_tiles, shared_args
-from .tiles import LOG2E, dropout_keep, key_bounds, masked_scores, mma
+from .tiles import LOG2E, dropout_keep, key_bounds, masked_scores, mma, to_io
 from .utils import INTERPRET, dropout_args
 
 
@@ -48,7 +48,7 @@ def _bwd_preprocess(
     num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, NEED_DGATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr, NEED_DGATE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -117,7 +117,7 @@ def _bwd_preprocess(
                     v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
                                 + offs_ev[None, :] * stride_ve,
                                 mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
-                    u += mma(probs.to(v.dtype), v, F32_DOT)
+                    u += mma(to_io(probs, v.dtype, BF16_RTNE), v, F32_DOT)
                 if PEER_MODE:
                     gate = tl.full([EV_PAD], 1.0, tl.float32)
                     if HAS_GATE:
@@ -151,7 +151,7 @@ def _bwd_dq(
     num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -204,7 +204,7 @@ def _bwd_dq(
             if HAS_GATE:
                 gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
                                + offs_ev * stride_ge, mask=ev_ok, other=0.0).to(tl.float32)
-                do_gated = (do.to(tl.float32) * gate[None, :]).to(do.dtype)
+                do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
             dbias = tl.zeros([BLOCK_M], tl.float32)
             for n_start in range(0, kv_end, BLOCK_N):
                 offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -228,12 +228,12 @@ def _bwd_dq(
                     dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
                 ds = probs * (dp - delta[:, None])  # dz, the gradient of the natural-log scores
                 if NEED_DQ:
-                    dq += mma(ds.to(kT.dtype), tl.trans(kT), F32_DOT)
+                    dq += mma(to_io(ds, kT.dtype, BF16_RTNE), tl.trans(kT), F32_DOT)
                 if NEED_DBIAS:
                     dbias += tl.sum(ds, 1)
                 if NEED_DMASK:
                     tl.store(dmask_rows + (kv_start + offs_n)[None, :] * stride_dmk,
-                             ds.to(DMask.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
+                             to_io(ds, DMask.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & key_ok[None, :])
             if NEED_DBIAS:
                 tl.store(DBiasPart + pid_m * stride_pbt + b * stride_pbb + s * stride_pbs
                          + p * stride_pbp + h * stride_pbh, tl.sum(dbias, 0))
@@ -241,7 +241,7 @@ def _bwd_dq(
     if NEED_DQ:
         tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
                  + rows[:, None] * stride_dqt + offs_e[None, :] * stride_dqe,
-                 (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
+                 to_io(dq * scale, DQ.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & (offs_e[None, :] < E))
 
 
 @triton.jit
@@ -262,7 +262,7 @@ def _bwd_dkdv(
     num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -330,7 +330,7 @@ def _bwd_dkdv(
                                      + offs_ev[None, :] * stride_doe,
                                      mask=row_ok[:, None] & ev_ok[None, :], other=0.0)
                         if HAS_GATE:
-                            do = (do.to(tl.float32) * gate[None, :]).to(do.dtype)
+                            do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
                         lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
                         delta = tl.load(Delta + stats_off + rows, mask=row_ok, other=0.0)
                         qk = mma(q, kT, F32_DOT) * scale_log2
@@ -347,17 +347,17 @@ def _bwd_dkdv(
                             keep = dropout_keep(seed, rng_offset, bh, rows, keys, Tq, Tk, dropout_p)
                             probs_kept = tl.where(keep, probs / (1.0 - dropout_p), 0.0)
                             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                        dv += mma(tl.trans(probs_kept.to(do.dtype)), do, F32_DOT)
+                        dv += mma(tl.trans(to_io(probs_kept, do.dtype, BF16_RTNE)), do, F32_DOT)
                         ds = probs * (dp - delta[:, None])
-                        dk += mma(tl.trans(ds.to(q.dtype)), q, F32_DOT)
+                        dk += mma(tl.trans(to_io(ds, q.dtype, BF16_RTNE)), q, F32_DOT)
 
     out_rows = offs_n < kv_len
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + keys[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
-             (dk * scale).to(DK.dtype.element_ty), mask=out_rows[:, None] & (offs_e[None, :] < E))
+             to_io(dk * scale, DK.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & (offs_e[None, :] < E))
     tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
              + keys[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
-             dv.to(DV.dtype.element_ty), mask=out_rows[:, None] & ev_ok[None, :])
+             to_io(dv, DV.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)

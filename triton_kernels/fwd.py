@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
-from .tiles import LN2, LOG2E, dropout_keep, key_bounds, masked_scores, mma
+from .tiles import LN2, LOG2E, dropout_keep, key_bounds, masked_scores, mma, to_io
 from .utils import (INTERPRET, dropout_args, mask_for_kernel, mask_kind, padded_dim,
                     stream_tables, strides_or_zero, use_f32_dot)
 
@@ -32,7 +32,7 @@ def _attn_fwd(
     num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -105,7 +105,7 @@ def _attn_fwd(
                 v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
                             + offs_ev[None, :] * stride_ve,
                             mask=key_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
-                pv = mma(probs.to(v.dtype), v, F32_DOT)
+                pv = mma(to_io(probs, v.dtype, BF16_RTNE), v, F32_DOT)
                 if HAS_GATE:
                     if not PEER_MODE:  # joint: the gate of this peer weighs its share of P.V
                         pv = pv * gate[None, :]
@@ -128,7 +128,7 @@ def _attn_fwd(
                  (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
     o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + (q_start + offs_m)[:, None] * stride_ot + offs_ev[None, :] * stride_oe)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
+    tl.store(o_ptrs, to_io(out, Out.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
 
 
 _attn_fwd_tuned = tuned(_attn_fwd)
@@ -146,6 +146,7 @@ def kernel_flags(problem):
         PEER_MODE=problem.normalize == "peer",
         HAS_DROPOUT=problem.dropout_p > 0,
         F32_DOT=use_f32_dot(q.dtype),
+        BF16_RTNE=INTERPRET and q.dtype == torch.bfloat16,
         E_PAD=padded_dim(problem.head_dim),
         EV_PAD=padded_dim(problem.value_dim),
     )

@@ -77,3 +77,15 @@ def keep_mask_kernel(Keep, seed, rng_offset, dropout_p, Tq, Tk,
     keep = dropout_keep(seed, rng_offset, bh, rows, cols, Tq, Tk, dropout_p)
     ptrs = Keep + (bh.to(tl.int64) * Tq + rows[:, None]) * Tk + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(rows[:, None] < Tq) & (cols[None, :] < Tk))
+
+
+@triton.jit
+def to_io(x, dtype: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """Cast fp32 x to the input/output dtype. The interpreter truncates fp32 -> bf16 instead of
+    rounding to nearest even (GPUs round), which doubles the error: round the bits here first
+    (BF16_RTNE is set only under the interpreter with bf16 inputs)."""
+    if BF16_RTNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
