@@ -48,7 +48,8 @@ def _bwd_preprocess(
     num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr, NEED_DGATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    NEED_DGATE: tl.constexpr, EXACT_DELTA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -71,13 +72,18 @@ def _bwd_preprocess(
     do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + rows[:, None] * stride_dot + offs_ev[None, :] * stride_doe,
                  mask=row_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
-    if not PEER_MODE:  # the FlashAttention identity: Delta = sum_pj P dP = <dO, O>
+    if not PEER_MODE and not EXACT_DELTA:  # the FlashAttention identity: Delta = <dO, O>
         o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                     + rows[:, None] * stride_ot + offs_ev[None, :] * stride_oe,
                     mask=row_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
         tl.store(Delta + b * stride_lb + h * stride_lh + rows, tl.sum(do * o, 1), mask=row_ok)
 
-    if PEER_MODE or NEED_DGATE:  # both need U_p = sum_j P_pj v_pj of every attended peer
+    # U_p = sum_j P_pj v_pj of every attended peer, recomputed in fp32 (P is not rounded to the
+    # input dtype: the gate/bias gradients are long sums that would accumulate that rounding).
+    # EXACT_DELTA ("joint" with a gate or bias gradient): Delta = sum_p <dO * g_p, U_p> instead
+    # of <dO, O> with O rounded to the output dtype.
+    if PEER_MODE or NEED_DGATE or EXACT_DELTA:
+        delta = tl.zeros([BLOCK_M], tl.float32)
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                     + rows[:, None] * stride_qt + offs_e[None, :] * stride_qe,
                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
@@ -117,19 +123,23 @@ def _bwd_preprocess(
                     v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
                                 + offs_ev[None, :] * stride_ve,
                                 mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
-                    u += mma(to_io(probs, v.dtype, BF16_RTNE), v, F32_DOT)
-                if PEER_MODE:
-                    gate = tl.full([EV_PAD], 1.0, tl.float32)
-                    if HAS_GATE:
-                        gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
-                                       + h * stride_gh + offs_ev * stride_ge,
-                                       mask=ev_ok, other=0.0).to(tl.float32)
+                    u += mma(probs, v.to(tl.float32), True)
+                gate = tl.full([EV_PAD], 1.0, tl.float32)
+                if HAS_GATE:
+                    gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
+                                   + h * stride_gh + offs_ev * stride_ge,
+                                   mask=ev_ok, other=0.0).to(tl.float32)
+                if PEER_MODE:  # Delta_p = <dO * g_p, U_p>
                     tl.store(Delta + b * stride_lb + h * stride_lh + p * stride_ls + rows,
                              tl.sum(do * gate[None, :] * u, 1), mask=row_ok)
+                else:
+                    delta += tl.sum(do * gate[None, :] * u, 1)
                 if NEED_DGATE:  # dg_p = sum over rows of dO * U_p, one partial per tile
                     tl.store(DGatePart + pid_m * stride_pgt + b * stride_pgb + s * stride_pgs
                              + p * stride_pgp + h * stride_pgh + offs_ev,
                              tl.sum(do * u, 0), mask=ev_ok)
+        if EXACT_DELTA:
+            tl.store(Delta + b * stride_lb + h * stride_lh + rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -412,7 +422,8 @@ def backward(problem, grad_out, out, lse, needs_grad):
             seed, rng_offset, dropout_p, scale_log2,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
             *stats_strides, *part_strides(dgate_part), *strides, *sizes,
-            **flags, NEED_DGATE=need_gate, **meta,
+            **flags, NEED_DGATE=need_gate,
+            EXACT_DELTA=not peer_mode and (need_gate or need_bias) and problem.dropout_p == 0, **meta,
         )
         if need_q or need_bias or need_mask:
             _bwd_dq_tuned[row_grid](

@@ -15,8 +15,9 @@ def randn(gen, *shape, requires_grad=True):
 
 def peer_case(*, q_lens, kv_lens, batch=1, q_heads=2, kv_heads=2, head_dim=20, value_dim=12,
               peers=None, gate_shape=None, bias_shape=None, kv_lengths=None, normalize="joint",
-              is_causal=False, seed=0):
-    """(kernel_fn, reference_fn, inputs, names) for assert_matches_reference on peer_attention."""
+              is_causal=False, seed=0, reference_peers=None):
+    """(kernel_fn, reference_fn, inputs, names) for assert_matches_reference on peer_attention.
+    `reference_peers`: a peer table for the reference only (an equivalent problem)."""
     gen = torch.Generator().manual_seed(seed)
     n = len(q_lens)
     queries = [randn(gen, batch, q_heads, L, head_dim) for L in q_lens]
@@ -47,7 +48,8 @@ def peer_case(*, q_lens, kv_lens, batch=1, q_heads=2, kv_heads=2, head_dim=20, v
 
     def reference_fn(*args):
         qs, ks, vs, gate, bias = split(args)
-        return peer_attention_reference(qs, ks, vs, gate=gate, bias=bias, **kw)
+        ref_kw = dict(kw, peers=reference_peers) if reference_peers is not None else kw
+        return peer_attention_reference(qs, ks, vs, gate=gate, bias=bias, **ref_kw)
 
     return kernel_fn, reference_fn, inputs, names
 
