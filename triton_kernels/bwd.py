@@ -309,7 +309,7 @@ def _bwd_dkdv(
             if tl.load(Peers + s * num_streams + p) != 0:  # every stream that attends to p
                 q_start = tl.load(QOff + s)
                 q_len = tl.load(QOff + s + 1) - q_start
-                m_lo = 0
+                m_lo = n_start * 0  # (a tensor, like the value the branch below may give)
                 if IS_CAUSAL:
                     if s == p:  # query tiles wholly above the diagonal see none of these keys
                         m_lo = (n_start // BLOCK_M) * BLOCK_M

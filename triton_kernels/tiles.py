@@ -6,11 +6,12 @@ scale*log2(e) is folded into one multiplier and bias/float masks are multiplied 
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+# globals read by jit code must be tl.constexpr instances
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
-MASK_BOOL: tl.constexpr = 1
-MASK_FLOAT: tl.constexpr = 2
+MASK_BOOL = tl.constexpr(1)
+MASK_FLOAT = tl.constexpr(2)
 
 
 @triton.jit
