@@ -1,6 +1,6 @@
 """Compile the kernels for GPU targets without a GPU (ptxas ships with triton): catches code that
 only the real compiler rejects (the interpreter runs anything Python can). Run as
-`python -m peer_attention.triton_kernels.compile_check [80 90]` with TRITON_INTERPRET unset."""
+`python -m peer_attention.triton_kernels.compile_check [--quick] [80 90]` with TRITON_INTERPRET unset."""
 from __future__ import annotations
 
 import itertools
@@ -30,7 +30,8 @@ def _signature(fn, constexprs, dtype):
     return sig
 
 
-def compile_all(archs=(80, 90), verbose=True):
+def compile_all(archs=(80, 90), quick=False, verbose=True):
+    """Compile every kernel for each arch (quick: two feature variants instead of all)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -48,6 +49,8 @@ def compile_all(archs=(80, 90), verbose=True):
             continue
         variants.append(dict(base, PEER_MODE=peer_mode, MASK_KIND=mask_kind, HAS_DROPOUT=dropout))
     variants.append(dict(base, F32_DOT=True, E_PAD=256, EV_PAD=256, BLOCK_M=32, BLOCK_N=32))
+    if quick:  # every joint feature at once, and the peer mode
+        variants = [dict(base, MASK_KIND=2, HAS_DROPOUT=True), dict(base, PEER_MODE=True)]
     kernels = [
         (fwd._attn_fwd, {}),
         (bwd._bwd_preprocess, dict(NEED_DGATE=True, EXACT_DELTA=True)),
@@ -76,5 +79,7 @@ def compile_all(archs=(80, 90), verbose=True):
 
 
 if __name__ == "__main__":
-    archs = tuple(int(a) for a in sys.argv[1:]) or (80, 90)
-    print(f"compiled {compile_all(archs)} kernel variants for sm{archs}")
+    args = sys.argv[1:]
+    quick = "--quick" in args
+    archs = tuple(int(a) for a in args if a != "--quick") or (80, 90)
+    print(f"compiled {compile_all(archs, quick=quick)} kernel variants for sm{archs}")

@@ -37,45 +37,49 @@ def _arch_and_smem(device_index: int):
     return props.major * 10 + props.minor, smem
 
 
-def _candidates(arch: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried on this architecture."""
+def _candidates(backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for every architecture; the pruner
+    keeps those meant for the device at hand (no CUDA query at import)."""
     if backward:  # the dK/dV kernel keeps two key-tile accumulators: smaller tiles
         blocks = [(64, 64), (128, 64), (64, 128), (32, 64), (64, 32), (32, 32)]
-        stages = [2, 3] if arch >= 90 else [1, 2]
     else:
         blocks = [(128, 128), (128, 64), (64, 64), (64, 32), (128, 32), (32, 32)]
-        stages = [2, 3, 4] if arch >= 90 else [2, 3]
-    warps = [4, 8]
-    return [(bm, bn, w, st) for bm, bn in blocks for w in warps for st in stages]
+    return [(bm, bn, w, st) for bm, bn in blocks for w in (4, 8) for st in (1, 2, 3, 4)]
+
+
+def _stages_for(arch: int, backward: bool):
+    """Software-pipelining depths worth trying: Hopper (TMA/wgmma) pipelines deeper."""
+    if backward:
+        return (2, 3) if arch >= 90 else (1, 2)
+    return (2, 3, 4) if arch >= 90 else (2, 3)
+
+
+MAX_REGS_PER_THREAD = 192  # of the 255 a thread may hold: leave room for addresses and temps
 
 
 def _fits(bm, bn, warps, stages, e_pad, ev_pad, elem, smem, backward):
-    """Rough resource model: streamed K/V tiles per stage plus the resident Q/O tiles in shared
-    memory; the fp32 accumulators in registers (at most ~128 fp32 per thread of 32*warps)."""
-    resident = bm * (e_pad + ev_pad) * elem
-    streamed = max(stages, 1) * bn * (e_pad + ev_pad) * elem
-    if backward:
+    """Rough resource model. Shared memory: the streamed tiles (one per pipeline stage) plus the
+    resident ones. Registers (32-bit words per thread): fp32 accumulators, the fp32 score tiles
+    and the resident input tiles."""
+    if backward:  # dK/dV: resident K/V tiles, streamed Q/dO tiles; dK, dV and two score tiles
         resident = bn * (e_pad + ev_pad) * elem
-        streamed = max(stages, 1) * bm * (e_pad + ev_pad) * elem + bm * bn * 4
-    acc_regs = (bn if backward else bm) * (e_pad + ev_pad) + bm * bn
+        streamed = max(stages, 1) * bm * (e_pad + ev_pad) * elem
+        words = bn * (e_pad + ev_pad) + 2 * bm * bn + resident // 4
+    else:  # forward-like: resident Q (and dO), streamed K/V tiles; the output and score tiles
+        resident = bm * (e_pad + ev_pad) * elem
+        streamed = max(stages, 1) * bn * (e_pad + ev_pad) * elem
+        words = bm * ev_pad + bm * bn + bm * e_pad * elem // 4
     if resident + streamed > smem:
         return False
-    if acc_regs > 128 * 32 * warps:
-        return False
-    if bm * bn >= 128 * 128 and warps < 8:
-        return False
-    return True
+    return words <= MAX_REGS_PER_THREAD * 32 * warps
 
 
 def autotune_configs(backward: bool = False):
     """All candidate configs; the pruning hook keeps those that fit (see prune)."""
     if INTERPRET:
         return [triton.Config(interpreter_meta(), num_warps=1, num_stages=1)]
-    arch = 90
-    if torch.cuda.is_available():
-        arch, _ = _arch_and_smem(torch.cuda.current_device())
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
-            for bm, bn, w, st in _candidates(arch, backward)]
+            for bm, bn, w, st in _candidates(backward)]
 
 
 def make_pruner(backward: bool):
@@ -85,11 +89,13 @@ def make_pruner(backward: bool):
         e_pad = kwargs.get("E_PAD", named_args.get("E_PAD"))
         ev_pad = kwargs.get("EV_PAD", named_args.get("EV_PAD"))
         q = named_args["Q"]
-        _, smem = _arch_and_smem(q.device.index if q.device.index is not None else 0)
+        arch, smem = _arch_and_smem(q.device.index if q.device.index is not None else 0)
         elem = q.element_size()
+        stages = _stages_for(arch, backward)
         kept = [c for c in configs
-                if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                         e_pad, ev_pad, elem, smem, backward)]
+                if c.num_stages in stages
+                and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                          e_pad, ev_pad, elem, smem, backward)]
         if not kept:  # always leave the smallest one
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         return kept
