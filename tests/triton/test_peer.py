@@ -81,3 +81,15 @@ def test_gate_and_bias_in_another_dtype():
     sum(o.float().sum() for o in outs).backward()
     assert gate.grad.dtype == torch.float64 and gate.grad.shape == gate.shape
     assert bias.grad.dtype == torch.float32 and torch.isfinite(bias.grad).all()
+
+
+@pytest.mark.parametrize("wanted", [("q0", "q1"), ("k0", "v1"), ("v0",), ("gate",), ("bias",)])
+def test_gradient_subsets(wanted):
+    """Only the gradients asked for are computed (the backward skips kernels and stores);
+    each one still matches the reference."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        q_lens=[5, 9], kv_lens=[7, 4], peers=[[1, 1], [0, 1]], gate_shape=(2, 2, 1, 12),
+        bias_shape=(2, 2, 2), is_causal=True)
+    inputs = [t.detach().requires_grad_(n in wanted) for t, n in zip(inputs, names)]
+    assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float32,
+                             names=[n for n in names if n in wanted])

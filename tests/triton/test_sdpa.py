@@ -16,6 +16,13 @@ def _float_mask(gen, shape, requires_grad):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(requires_grad)
 
 
+def _float_mask_with_inf_rows(gen):
+    mask = torch.randn(1, 2, 5, 7, generator=gen, dtype=torch.float64)
+    mask[0, 0, 1] = float("-inf")  # a row with nothing to attend to
+    mask[0, 1, :, 3] = float("-inf")
+    return mask.requires_grad_()
+
+
 G = torch.Generator().manual_seed(1)
 SCENARIOS = {
     "odd-sizes": dict(q_len=5, kv_len=7),
@@ -28,6 +35,10 @@ SCENARIOS = {
     "float-mask-grad": dict(q_len=7, kv_len=9, lead=(2, 2), mask=_float_mask(G, (2, 2, 7, 9), True)),
     "float-mask-broadcast": dict(q_len=6, kv_len=9, lead=(2, 2), mask=_float_mask(G, (2, 1, 1, 9), True)),
     "head-dims-pow2-large": dict(q_len=4, kv_len=6, head_dim=64, value_dim=33),
+    "head-dims-256": dict(q_len=3, kv_len=5, head_dim=256, value_dim=256),
+    "bool-mask-gqa-batch": dict(q_len=6, kv_len=9, lead=(2, 4), kv_heads=2,
+                                mask=_bool_mask(G, (2, 4, 6, 9))),
+    "float-mask-with-masked-rows": dict(q_len=5, kv_len=7, mask=_float_mask_with_inf_rows(G)),
 }
 
 
