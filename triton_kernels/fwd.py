@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
+from .configs import interpreter_meta, tune_len, tuned
 from .tiles import LN2, LOG2E, dropout_keep, key_bounds, masked_scores, mma, to_io
 from .utils import (INTERPRET, dropout_args, mask_for_kernel, mask_kind, padded_dim,
                     stream_tables, strides_or_zero, use_f32_dot)
