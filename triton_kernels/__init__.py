@@ -3,5 +3,17 @@
 Entry points for the "triton" backend, on the normalised problem of `peer_attention.problem`:
     forward(problem) -> (out, lse)
     backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask)
+    dropout_keep_mask(problem) -> the kernels' dropout keep mask (tests and debugging)
+
+Modules: fwd.py (forward kernel), bwd.py (backward kernels), tiles.py (device helpers shared by
+both), configs.py (launch configs / autotuning), dropout.py (the keep mask, for tests),
+utils.py (host helpers).
 """
-AVAILABLE = False
+from .bwd import backward
+from .dropout import dropout_keep_mask
+from .fwd import forward
+from .utils import INTERPRET
+
+AVAILABLE = True
+
+__all__ = ["forward", "backward", "dropout_keep_mask", "AVAILABLE", "INTERPRET"]
