@@ -1,16 +1,27 @@
-"""The CUDA C++ backend: kernels compiled into `peer_attention._C` (see csrc/).
+"""The CUDA C++ backend: kernels compiled into `peer_attention._C` (see csrc/ and docs/cuda.md).
 
 The extension registers its kernels for the ops `peer_attention::cuda_fwd` / `cuda_bwd`
 (`TORCH_LIBRARY_IMPL(peer_attention, CUDA, m)`); their schemas, fake implementations and
 autograd are defined in Python (ops.py) like every other backend's.
+
+What the kernels serve: float16/bfloat16 on CUDA devices, any S <= 16 streams with peer table,
+gate, bias, joint/peer normalisation, self-pair causal, kv_lengths, GQA, any lengths, head dims up
+to 256 forward. Not served (auto then picks another backend): attn_mask, dropout, more than 16
+streams, and the backward (any input requiring grad) for head dims above 128.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
+from ..problem import AttentionProblem
 from .base import Backend, Capabilities
+
+MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
+MAX_BACKWARD_HEAD_DIM = 128  # kMaxBackwardHeadDim in csrc/launch.h
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
+MAX_ELEMENTS = 2**31 - 1  # the kernels index each tensor with 32-bit row offsets
 
 
 def _extension_error() -> Optional[str]:
@@ -22,6 +33,19 @@ def _extension_error() -> Optional[str]:
     return None
 
 
+def kernel_head_dim(problem: AttentionProblem) -> int:
+    """The head dim of the kernel that serves `problem` (E and Ev padded to 8, then up)."""
+    dim = max(-(-problem.head_dim // 8) * 8, -(-problem.value_dim // 8) * 8)
+    return next((d for d in KERNEL_HEAD_DIMS if dim <= d), dim)
+
+
+def _needs_backward(problem: AttentionProblem) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    inputs = (problem.q, problem.k, problem.v, problem.gate, problem.bias)
+    return any(t is not None and t.requires_grad for t in inputs)
+
+
 class CudaBackend(Backend):
     name = "cuda"
     python_kernels = False
@@ -29,6 +53,11 @@ class CudaBackend(Backend):
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
+        bool_mask=False,
+        float_mask=False,
+        float_mask_grad=False,
+        dropout=False,
+        max_streams=MAX_STREAMS,
     )
 
     def unavailable_reason(self) -> Optional[str]:
@@ -38,3 +67,13 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "no CUDA device is visible"
         return None
+
+    def extra_reasons(self, problem: AttentionProblem) -> List[str]:
+        reasons = []
+        if _needs_backward(problem) and kernel_head_dim(problem) > MAX_BACKWARD_HEAD_DIM:
+            reasons.append(f"backward for head dims above {MAX_BACKWARD_HEAD_DIM} "
+                           f"(E={problem.head_dim}, Ev={problem.value_dim}) not supported")
+        for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
+            if t.numel() > MAX_ELEMENTS:
+                reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")
+        return reasons
