@@ -6,6 +6,8 @@
 //                stream s that attends to p (causal self pair: only tiles at or below the
 //                diagonal): S^T = K Q^T, P^T, dP^T = V (dO * gate[s, p])^T, dS^T, then
 //                dV += P^T (dO * gate[s, p]), dK += dS^T Q.
+// D = 256: dK and dV of 16 keys x 256 channels per warp would not fit in registers, so the dK/dV
+// grid has one block per 128-channel part of them (S^T and dP^T are formed in full by each).
 // delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
 // (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
 // several query heads add into one key head (atomicAdd), else each element is stored once.
@@ -15,17 +17,24 @@
 namespace peer_attention {
 
 template <int D>
-struct BackwardConfig {
-  static_assert(D <= 128, "the backward kernels keep dK and dV of 16 rows x D in registers");
-  static constexpr int kBlockM = 64;  // queries per tile
-  static constexpr int kBlockN = 64;  // keys per tile
+struct DqConfig {
+  static constexpr int kBlockM = 64;                  // queries per block (4 warps x 16)
+  static constexpr int kBlockN = D <= 128 ? 64 : 32;  // keys per tile
   template <typename T>
-  static constexpr int dq_smem_bytes() {
+  static constexpr int smem_bytes() {
     return (2 * kBlockM * D + 4 * kBlockN * D) * sizeof(T) + D * sizeof(float) +
            2 * kMaxStreams * sizeof(int);
   }
+};
+
+template <int D>
+struct DkdvConfig {
+  static constexpr int kBlockN = 64;                  // keys per block (4 warps x 16)
+  static constexpr int kBlockM = D <= 128 ? 64 : 32;  // queries per tile
+  static constexpr int kAccDim = D <= 128 ? D : 128;  // dK/dV channels one block accumulates
+  static constexpr int kParts = D / kAccDim;
   template <typename T>
-  static constexpr int dkdv_smem_bytes() {
+  static constexpr int smem_bytes() {
     return (2 * kBlockN * D + 4 * kBlockM * D) * sizeof(T) + (D + 4 * kBlockM) * sizeof(float) +
            2 * kMaxStreams * sizeof(int);
   }
@@ -40,7 +49,7 @@ __device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, int b
 
 template <int D, typename T>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p) {
-  using Cfg = BackwardConfig<D>;
+  using Cfg = DqConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_tile = reinterpret_cast<T*>(smem);
@@ -167,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
     }
     uint32_t dsf[BN / 16][4];
     pack_a<BN, T>(dsf, sc);
-    gemm_rs<BN, D, T>(dq, dsf, k_tile, nullptr, lane);
+    gemm_rs<BN, D, D, T>(dq, dsf, k_tile, 0, nullptr, lane);
 
     if (p.dbias != nullptr && tile == ntiles_s[peer] - 1) {
       const float total = warp_sum(dbias_part);
@@ -196,8 +205,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
 
 template <int D, typename T>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
-  using Cfg = BackwardConfig<D>;
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  using Cfg = DkdvConfig<D>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_tile = reinterpret_cast<T*>(smem);
   T* v_tile = k_tile + BN * D;
@@ -210,7 +219,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   int* end_s = first_s + kMaxStreams;
 
   const int S = p.num_streams;
-  const int b = blockIdx.z, h = blockIdx.y;
+  const int b = blockIdx.z, h = blockIdx.y / Cfg::kParts;
+  const int channel0 = (blockIdx.y % Cfg::kParts) * NACC;  // the dK/dV channels of this block
   const int kp = stream_of_tile(p.kv_tile_offsets, S, blockIdx.x);  // the key stream
   const int key_row0 = (blockIdx.x - p.kv_tile_offsets[kp]) * BN;
   const int kv_len = p.kv_offsets[kp + 1] - p.kv_offsets[kp];
@@ -254,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     }
   };
 
-  float dk[D / 8][4], dv[D / 8][4];
+  float dk[NACC / 8][4], dv[NACC / 8][4];
   zero(dk);
   zero(dv);
   float bias_log2 = 0.f;
@@ -325,10 +335,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     }
     uint32_t pf[BM / 16][4];
     pack_a<BM, T>(pf, st);
-    gemm_rs<BM, D, T>(dv, pf, do_tile, gate, lane);
+    gemm_rs<BM, D, NACC, T>(dv, pf, do_tile, channel0, gate, lane);
     uint32_t dsf[BM / 16][4];
     pack_a<BM, T>(dsf, dpt);
-    gemm_rs<BM, D, T>(dk, dsf, q_tile, nullptr, lane);
+    gemm_rs<BM, D, NACC, T>(dk, dsf, q_tile, channel0, nullptr, lane);
 
     __syncthreads();
     qs = next;
@@ -344,8 +354,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     const int64_t row = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.total_kv +
                         p.kv_offsets[kp] + j;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const int col = dt * 8 + t2;
+    for (int dt = 0; dt < NACC / 8; ++dt) {
+      const int col = channel0 + dt * 8 + t2;
       if (col < p.head_dim) {
         float* at = p.dk_accum + row * p.head_dim + col;
         const float x = dk[dt][2 * r] * p.scale, y = dk[dt][2 * r + 1] * p.scale;
@@ -371,11 +381,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
 
 template <int D, typename T>
 cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) {
-  using Cfg = BackwardConfig<D>;
+  using Cfg = DqConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template dq_smem_bytes<T>();
+  constexpr int smem = Cfg::template smem_bytes<T>();
   auto kernel = dq_kernel<D, T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -385,16 +395,16 @@ cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) 
 
 template <int D, typename T>
 cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream) {
-  using Cfg = BackwardConfig<D>;
+  using Cfg = DkdvConfig<D>;
   AttentionParams p = params;
   const int tiles =
       fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template dkdv_smem_bytes<T>();
+  constexpr int smem = Cfg::template smem_bytes<T>();
   auto kernel = dkdv_kernel<D, T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(tiles, p.q_heads, p.batch), kThreads, smem, stream>>>(p);
+  kernel<<<dim3(tiles, p.q_heads * Cfg::kParts, p.batch), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

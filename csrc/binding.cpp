@@ -169,6 +169,8 @@ cudaError_t backward_for(int d, bool dq, const AttentionParams& p, cudaStream_t 
     case 96: return dq ? run_backward_dq<96, T>(p, stream) : run_backward_dkdv<96, T>(p, stream);
     case 128:
       return dq ? run_backward_dq<128, T>(p, stream) : run_backward_dkdv<128, T>(p, stream);
+    case 256:
+      return dq ? run_backward_dq<256, T>(p, stream) : run_backward_dkdv<256, T>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -226,8 +228,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const bool need_dbias = needs_grad[4] && bias.has_value();
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
                           dropout_p, is_causal, scale, normalize);
-  TORCH_CHECK(prep.head_dim_kernel <= kMaxBackwardHeadDim, kWho, "backward supports head dims up to ",
-              kMaxBackwardHeadDim, ", got E=", prep.E, ", Ev=", prep.Ev);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = q.size(0), Hq = q.size(1), H = k.size(1), Tq = q.size(2), Tk = k.size(2);

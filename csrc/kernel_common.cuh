@@ -202,20 +202,21 @@ __device__ __forceinline__ void pack_a(uint32_t (&a)[K / 16][4], const float (&c
   }
 }
 
-// acc (16 x D) += A (16 x K, registers) * B (b_tile rows 0..K-1, [k][n], all D columns).
-// n_scale (null for none): a factor per n column (output channel) applied to B.
-template <int K, int D, typename T>
-__device__ __forceinline__ void gemm_rs(float (&acc)[D / 8][4], const uint32_t (&a)[K / 16][4],
-                                        const T* b_tile, const float* n_scale, int lane) {
+// acc (16 x NOUT) += A (16 x K, registers) * B (b_tile rows 0..K-1, [k][n] with D columns, the
+// NOUT columns from n_base). n_scale (null for none): a factor per tile column applied to B.
+template <int K, int D, int NOUT, typename T>
+__device__ __forceinline__ void gemm_rs(float (&acc)[NOUT / 8][4], const uint32_t (&a)[K / 16][4],
+                                        const T* b_tile, int n_base, const float* n_scale,
+                                        int lane) {
   const int g = lane >> 2;
 #pragma unroll
-  for (int n0 = 0; n0 < D; n0 += 16) {
+  for (int n0 = 0; n0 < NOUT; n0 += 16) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
       uint32_t b[4];
-      load_b_from_kn<D>(b, b_tile, kk * 16, n0, lane);
+      load_b_from_kn<D>(b, b_tile, kk * 16, n_base + n0, lane);
       if (n_scale != nullptr) {  // b[0], b[1] hold column n0 + g; b[2], b[3] column n0 + 8 + g
-        const float s0 = n_scale[n0 + g], s8 = n_scale[n0 + 8 + g];
+        const float s0 = n_scale[n_base + n0 + g], s8 = n_scale[n_base + n0 + 8 + g];
         b[0] = scale_pair<T>(b[0], s0, s0);
         b[1] = scale_pair<T>(b[1], s0, s0);
         b[2] = scale_pair<T>(b[2], s8, s8);

@@ -6,8 +6,8 @@ autograd are defined in Python (ops.py) like every other backend's.
 
 What the kernels serve: float16/bfloat16 on CUDA devices, any S <= 16 streams with peer table,
 gate, bias, joint/peer normalisation, self-pair causal, kv_lengths, GQA, any lengths, head dims up
-to 256 forward. Not served (auto then picks another backend): attn_mask, dropout, more than 16
-streams, and the backward (any input requiring grad) for head dims above 128.
+to 256, forward and backward. Not served (auto then picks another backend): attn_mask, dropout,
+float32, more than 16 streams.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from ..problem import AttentionProblem
 from .base import Backend, Capabilities
 
 MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
-MAX_BACKWARD_HEAD_DIM = 128  # kMaxBackwardHeadDim in csrc/launch.h
 KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
 MAX_ELEMENTS = 2**31 - 1  # the kernels index each tensor with 32-bit row offsets
 
@@ -37,13 +36,6 @@ def kernel_head_dim(problem: AttentionProblem) -> int:
     """The head dim of the kernel that serves `problem` (E and Ev padded to 8, then up)."""
     dim = max(-(-problem.head_dim // 8) * 8, -(-problem.value_dim // 8) * 8)
     return next((d for d in KERNEL_HEAD_DIMS if dim <= d), dim)
-
-
-def _needs_backward(problem: AttentionProblem) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    inputs = (problem.q, problem.k, problem.v, problem.gate, problem.bias)
-    return any(t is not None and t.requires_grad for t in inputs)
 
 
 class CudaBackend(Backend):
@@ -70,9 +62,6 @@ class CudaBackend(Backend):
 
     def extra_reasons(self, problem: AttentionProblem) -> List[str]:
         reasons = []
-        if _needs_backward(problem) and kernel_head_dim(problem) > MAX_BACKWARD_HEAD_DIM:
-            reasons.append(f"backward for head dims above {MAX_BACKWARD_HEAD_DIM} "
-                           f"(E={problem.head_dim}, Ev={problem.value_dim}) not supported")
         for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
             if t.numel() > MAX_ELEMENTS:
                 reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")

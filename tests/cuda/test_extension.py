@@ -48,15 +48,20 @@ def _problem(e=64, ev=64, requires_grad=False, **kw):
     return AttentionProblem(**fields)
 
 
-def test_capabilities_decline_masks_dropout_and_large_backward():
+def test_capabilities_decline_masks_dropout_float32_and_many_streams():
     backend = CudaBackend()
     mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
     assert "bool attn_mask not supported" in backend.not_supported_reasons(_problem(attn_mask=mask))
+    float_mask = torch.zeros(1, 2, 5, 5, dtype=torch.float16)
+    assert "float attn_mask not supported" in backend.not_supported_reasons(
+        _problem(attn_mask=float_mask))
     assert "dropout not supported" in backend.not_supported_reasons(_problem(dropout_p=0.1))
-    big = _problem(e=200, ev=200, requires_grad=True)
-    assert any("backward for head dims above 128" in r for r in backend.not_supported_reasons(big))
-    with torch.no_grad():
-        assert not any("backward" in r for r in backend.not_supported_reasons(big))
+    q = torch.randn(1, 2, 5, 64)
+    assert any("dtype" in r for r in backend.not_supported_reasons(_problem(q=q, k=q, v=q)))
+    many = _problem(q_lens=(1,) * 17, kv_lens=(1,) * 17, peers=(1,) * 17 * 17)
+    assert "17 streams > 16" in backend.not_supported_reasons(many)
+    big = _problem(e=256, ev=256, requires_grad=True)
+    assert [r for r in backend.not_supported_reasons(big) if "device" not in r] == []
 
 
 def test_kernel_head_dims():

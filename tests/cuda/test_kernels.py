@@ -84,10 +84,16 @@ def test_single_stream_padded_head_dims(dtype, E, Ev):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("E", [160, 256])
-def test_forward_large_head_dims(dtype, E):
-    with torch.no_grad():
-        check_peer(dtype, q_lens=[100], kv_lens=[77], E=E, Ev=E, grad=False)
+@pytest.mark.parametrize("E,Ev", [(160, 160), (256, 256), (256, 64), (136, 200)])
+def test_large_head_dims(dtype, E, Ev):
+    check_peer(dtype, q_lens=[100], kv_lens=[77], E=E, Ev=Ev, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_head_dim_256(dtype, normalize):
+    check_peer(dtype, q_lens=[100, 40], kv_lens=[77, 90], E=256, Ev=256, Hq=4, H=2,
+               gate_shape=(2, 2, 2, 4, 256), normalize=normalize, is_causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
