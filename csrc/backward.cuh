@@ -167,10 +167,15 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const int j = key0 + nt * 8 + t2 + (e & 1);
         const int i = q_row0 + local_row[r];
         const bool masked = j >= limit || (causal_pair && j > i);
-        const float prob =
-            masked ? 0.f : exp2f(sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r]);
+        float x = sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r];
+        if (p.mask != nullptr && !masked && row_ok[r])
+          x += mask_log2(p, b, h, q_first + local_row[r], p.kv_offsets[peer] + j);
+        const float prob = masked ? 0.f : exp2f(x);
         const float ds = prob * (dp[nt][e] - row_delta[r]);
         dbias_part += ds;
+        if (p.dmask != nullptr && !masked && row_ok[r])  // d mask = dS, in full (B, Hq, Tq, Tk)
+          p.dmask[((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first +
+                   local_row[r]) * p.total_kv + p.kv_offsets[peer] + j] = ds;
         sc[nt][e] = ds;
       }
     }
@@ -319,6 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
 
     const bool causal_pair = p.causal && qs == kp;
     const int q_row0 = tile * BM;
+    const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
@@ -327,8 +333,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
         const int j = key_row0 + local_key[e >> 1];
         const int i = q_row0 + col;
         const bool masked = j >= limit || (causal_pair && j > i);
-        const float prob =
-            masked ? 0.f : exp2f(st[nt][e] * p.scale_log2 + bias_log2 - offsets[col]);
+        float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
+        if (p.mask != nullptr && !masked && i < q_len_qs)
+          x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
+        const float prob = masked ? 0.f : exp2f(x);
         st[nt][e] = prob;
         dpt[nt][e] = prob * (dpt[nt][e] - deltas[col]);
       }

@@ -30,6 +30,19 @@ constexpr char kWho[] = "peer_attention cuda backend: ";
 
 int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
 
+// attn_mask (B, Hq, Tq, Tk), usually an expanded view, as float32 scores to add (bool: 0 where
+// allowed, -inf elsewhere), converted on its un-broadcast part and expanded back (stride 0).
+Tensor additive_mask(const Tensor& mask) {
+  Tensor compact = mask;
+  for (int64_t d = 0; d < mask.dim(); ++d)
+    if (mask.stride(d) == 0 && mask.size(d) > 1) compact = compact.narrow(d, 0, 1);
+  Tensor additive = mask.scalar_type() == at::kBool
+                        ? at::where(compact, at::zeros({}, compact.options().dtype(at::kFloat)),
+                                    at::full({}, -INFINITY, compact.options().dtype(at::kFloat)))
+                        : compact.to(at::kFloat);
+  return additive.expand(mask.sizes());
+}
+
 bool rows_aligned(const Tensor& t) {
   if (t.stride(-1) != 1) return false;
   for (int d = 0; d + 1 < t.dim(); ++d)
@@ -53,7 +66,7 @@ void check_cuda(cudaError_t err, const char* what) {
 
 struct Prepared {
   AttentionParams params{};
-  Tensor q, k, v, gate, bias, kv_lengths;  // keep the prepared copies alive
+  Tensor q, k, v, gate, bias, kv_lengths, mask;  // keep the prepared copies alive
   int64_t E = 0, Ev = 0, E8 = 0, Ev8 = 0;
   int head_dim_kernel = 0;
   bool per_peer = false;
@@ -69,7 +82,6 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArray
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kWho,
               "q, k, v must share a dtype");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kWho, "q, k, v must be 4-d");
-  TORCH_CHECK(!attn_mask.has_value(), kWho, "attn_mask is not supported");
   TORCH_CHECK(dropout_p == 0.0, kWho, "dropout is not supported");
   const int64_t S = static_cast<int64_t>(q_lens.size());
   TORCH_CHECK(S >= 1 && S <= kMaxStreams, kWho, "1..", kMaxStreams, " streams supported, got ", S);
@@ -104,6 +116,13 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArray
   if (bias.has_value()) out.bias = bias->to(at::kFloat).contiguous();
   if (kv_lengths.has_value())
     out.kv_lengths = kv_lengths->to(q.device(), at::kInt).contiguous();
+  if (attn_mask.has_value()) {
+    TORCH_CHECK(attn_mask->dim() == 4 && attn_mask->size(0) == q.size(0) &&
+                    attn_mask->size(1) == q.size(1) && attn_mask->size(2) == q.size(2) &&
+                    attn_mask->size(3) == k.size(2),
+                kWho, "attn_mask must be (B, Hq, Tq, Tk), got ", attn_mask->sizes());
+    out.mask = additive_mask(attn_mask->to(q.device()));
+  }
 
   AttentionParams& p = out.params;
   p.q = out.q.data_ptr();
@@ -136,6 +155,8 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArray
   p.gate = out.gate.defined() ? out.gate.data_ptr<float>() : nullptr;
   p.bias = out.bias.defined() ? out.bias.data_ptr<float>() : nullptr;
   p.kv_lengths = out.kv_lengths.defined() ? out.kv_lengths.data_ptr<int>() : nullptr;
+  p.mask = out.mask.defined() ? out.mask.data_ptr<float>() : nullptr;
+  for (int d = 0; d < 4; ++d) p.mask_strides[d] = out.mask.defined() ? out.mask.stride(d) : 0;
   p.causal = is_causal;
   p.per_peer = out.per_peer;
   p.scale = static_cast<float>(scale);
@@ -226,6 +247,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const bool need_dq = needs_grad[0], need_dk = needs_grad[1], need_dv = needs_grad[2];
   const bool need_dgate = needs_grad[3] && gate.has_value();
   const bool need_dbias = needs_grad[4] && bias.has_value();
+  const bool need_dmask =
+      needs_grad[5] && attn_mask.has_value() && attn_mask->is_floating_point();
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
                           dropout_p, is_causal, scale, normalize);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -271,8 +294,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     p.dgate = nullptr;
   }
 
-  Tensor dq_padded, dbias_accum;
-  if (need_dq || need_dbias) {
+  Tensor dq_padded, dbias_accum, dmask;
+  if (need_dmask) {
+    dmask = at::zeros({B, Hq, Tq, Tk}, f32);
+    p.dmask = dmask.data_ptr<float>();
+  }
+  if (need_dq || need_dbias || need_dmask) {
     dq_padded = at::empty({B, Hq, Tq, prep.E8}, q.options());
     p.dq = dq_padded.data_ptr();
     if (need_dbias) {
@@ -297,7 +324,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   Tensor dgate =
       need_dgate ? dgate_accum.narrow(4, 0, prep.Ev).to(gate->scalar_type()).contiguous() : none;
   Tensor dbias = need_dbias ? dbias_accum.to(bias->scalar_type()) : none;
-  return {dq, dk, dv, dgate, dbias, none};
+  if (need_dmask) dmask = dmask.to(attn_mask->scalar_type());
+  return {dq, dk, dv, dgate, dbias, need_dmask ? dmask : none};
 }
 
 }  // namespace

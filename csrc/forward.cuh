@@ -158,7 +158,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
         const int j = key0 + nt * 8 + t2 + (e & 1);
         const int i = q_row0 + local_row[e >> 1];
         const bool masked = j >= limit || (causal_pair && j > i);
-        sc[nt][e] = masked ? -INFINITY : sc[nt][e] * p.scale_log2 + bias_log2;
+        float x = masked ? -INFINITY : sc[nt][e] * p.scale_log2 + bias_log2;
+        if (p.mask != nullptr && !masked && q_row0 + local_row[e >> 1] < q_len)  // rows past the stream: no mask entry
+          x += mask_log2(p, b, h, q_first + local_row[e >> 1], p.kv_offsets[peer] + j);
+        sc[nt][e] = x;
       }
     }
 

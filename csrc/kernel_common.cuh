@@ -278,6 +278,14 @@ __device__ __forceinline__ int key_limit(const AttentionParams& p, int b, int st
   return limit;
 }
 
+// The attn_mask term of the score of (packed query row, packed key row), log2 domain.
+__device__ __forceinline__ float mask_log2(const AttentionParams& p, int b, int h, int row,
+                                           int key) {
+  const float m = p.mask[b * p.mask_strides[0] + h * p.mask_strides[1] +
+                         row * p.mask_strides[2] + key * p.mask_strides[3]];
+  return m * kLog2e;
+}
+
 __device__ __forceinline__ int64_t pair_index(const AttentionParams& p, int b, int s, int peer,
                                               int h) {
   return ((static_cast<int64_t>(b) * p.num_streams + s) * p.num_streams + peer) * p.q_heads + h;

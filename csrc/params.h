@@ -29,6 +29,10 @@ struct AttentionParams {
   const float* gate;      // (B, S, S, Hq, value_dim) float32, contiguous, or null
   const float* bias;      // (B, S, S, Hq) float32, contiguous, or null
   const int* kv_lengths;  // (B, S) int32, or null
+  // attn_mask as float32 added to the scores (-inf = may not attend), indexed [b, h, packed query
+  // row, packed key row] with these strides (0 on broadcast dims), or null
+  const float* mask;
+  int64_t mask_strides[4];
   bool causal;            // top-left causal on the self pairs
   bool per_peer;          // normalize == "peer"
   float scale;
@@ -48,6 +52,7 @@ struct AttentionParams {
   float* delta;      // (B, Hq, Tq) joint / (B, Hq, S, Tq) peer
   float* dgate;      // (B, S, S, Hq, value_dim) float32 accumulator (zeroed), or null
   float* dbias;      // (B, S, S, Hq) float32 accumulator (zeroed), or null
+  float* dmask;      // (B, Hq, Tq, Tk) float32 (zeroed): dS of every visited score, or null
   void* dq;          // (B, Hq, Tq, head_dim) contiguous, input dtype
   float* dk_accum;   // (B, H, Tk, head_dim) float32 (zeroed)
   float* dv_accum;   // (B, H, Tk, value_dim) float32 (zeroed)

@@ -5,9 +5,9 @@ The extension registers its kernels for the ops `peer_attention::cuda_fwd` / `cu
 autograd are defined in Python (ops.py) like every other backend's.
 
 What the kernels serve: float16/bfloat16 on CUDA devices, any S <= 16 streams with peer table,
-gate, bias, joint/peer normalisation, self-pair causal, kv_lengths, GQA, any lengths, head dims up
-to 256, forward and backward. Not served (auto then picks another backend): attn_mask, dropout,
-float32, more than 16 streams.
+gate, bias, joint/peer normalisation, self-pair causal, kv_lengths, GQA, bool and float attn_mask
+(with its gradient), any lengths, head dims up to 256, forward and backward. Not served (auto then
+picks another backend): dropout, float32, more than 16 streams.
 """
 from __future__ import annotations
 
@@ -63,9 +63,6 @@ class CudaBackend(Backend):
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
-        bool_mask=False,
-        float_mask=False,
-        float_mask_grad=False,
         dropout=False,
         max_streams=MAX_STREAMS,
     )

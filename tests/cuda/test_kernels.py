@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peer_attention
-from peer_attention.reference import peer_attention_reference
+from peer_attention.reference import peer_attention_reference, sdpa_reference
 from tests.helpers import assert_matches_reference
 
 pytestmark = [
@@ -178,6 +178,29 @@ def test_streams_head_dims(dtype, normalize):
     for E, Ev in ((32, 32), (96, 96), (128, 128), (48, 80)):
         check_peer(dtype, q_lens=[50, 70], kv_lens=[60, 45], E=E, Ev=Ev, normalize=normalize,
                    gate_shape=(1, 2, 2, 2, Ev))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["bool", "float", "float_broadcast"])
+def test_sdpa_attn_mask(dtype, kind):
+    gen = torch.Generator().manual_seed(2)
+    B, H, L, M, E = 2, 3, 70, 90, 64
+    q = _randn(B, H, L, E, gen=gen)
+    k, v = _randn(B, H, M, E, gen=gen), _randn(B, H, M, E, gen=gen)
+    if kind == "bool":
+        mask = torch.rand(B, 1, L, M, generator=gen) > 0.3
+        mask[:, :, 5] = False  # a row that may attend to nothing: output and gradients 0
+        mask = mask.to(DEVICE)
+    elif kind == "float":
+        mask = _randn(B, H, L, M, gen=gen)  # a float mask that requires grad
+    else:
+        mask = _randn(1, 1, L, M, gen=gen)
+
+    def kernel(q, k, v, mask):
+        return peer_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           backend="cuda")
+
+    assert_matches_reference(kernel, sdpa_reference, [q, k, v, mask], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
