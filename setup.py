@@ -40,6 +40,8 @@ def _extensions():
             sys.exit(f"peer_attention: PEER_ATTENTION_BUILD_CUDA=1 but {message}")
         print(f"peer_attention: {message}; installing the Triton and reference backends only")
         return [], {}
+    # PEP 517 builds (pip) do not put the project root on sys.path; build_cuda.py lives there
+    sys.path.insert(0, str(ROOT))
     from build_cuda import cuda_extension  # csrc build logic, kept out of this file
 
     return cuda_extension(sources, required=(flag == "1"))

@@ -25,7 +25,9 @@ ENV_VAR = "PEER_ATTENTION_BACKEND"
 AUTO = "auto"
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), ReferenceBackend())}
-SPEED_ORDER = ("cuda", "triton", "reference")
+# "cuda" after "triton": the CUDA kernels have not yet been run on hardware; they must be validated
+# on a GPU (tests/cuda) before auto prefers them. An explicit backend="cuda" still uses them.
+SPEED_ORDER = ("triton", "cuda", "reference")
 
 _ops: Dict[str, tuple] = {}
 for _backend in BACKENDS.values():

@@ -1,17 +1,31 @@
-"""The CUDA C++ backend: kernels compiled into `peer_attention._C` (see csrc/).
+"""The CUDA C++ backend: kernels compiled into `peer_attention._C` (see csrc/ and docs/cuda.md).
 
 The extension registers its kernels for the ops `peer_attention::cuda_fwd` / `cuda_bwd`
 (`TORCH_LIBRARY_IMPL(peer_attention, CUDA, m)`); their schemas, fake implementations and
 autograd are defined in Python (ops.py) like every other backend's.
+
+What the kernels serve: float16/bfloat16 on CUDA devices, any S <= 16 streams with peer table,
+gate, bias, joint/peer normalisation, self-pair causal, kv_lengths, GQA, bool and float attn_mask
+(with its gradient), any lengths, head dims up to 256, forward and backward. Not served (auto then
+picks another backend): dropout, float32, more than 16 streams.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-from .base import Backend, Capabilities
+from ..problem import AttentionProblem
+from .base import UNAVAILABLE, Backend, Capabilities
+
+MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
+MAX_ELEMENTS = 2**31 - 1  # the kernels index each tensor with 32-bit row offsets
+# dynamic shared memory of the head-dim-256 backward kernels (DkdvConfig<256>::smem_bytes in
+# csrc/backward.cuh); sm_86/sm_89 allow only 99 KiB per block
+BACKWARD_256_SMEM_BYTES = 132736
 
 
 def _extension_error() -> Optional[str]:
@@ -26,6 +40,26 @@ def _extension_error() -> Optional[str]:
     return None
 
 
+def kernel_head_dim(problem: AttentionProblem) -> int:
+    """The head dim of the kernel that serves `problem` (E and Ev padded to 8, then up)."""
+    dim = max(-(-problem.head_dim // 8) * 8, -(-problem.value_dim // 8) * 8)
+    return next((d for d in KERNEL_HEAD_DIMS if dim <= d), dim)
+
+
+def _needs_backward(problem: AttentionProblem) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    inputs = (problem.q, problem.k, problem.v, problem.gate, problem.bias)
+    return any(t is not None and t.requires_grad for t in inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int):
+    """(compute capability, opt-in shared memory per block in bytes or None) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), getattr(props, "shared_memory_per_block_optin", None)
+
+
 class CudaBackend(Backend):
     name = "cuda"
     python_kernels = False
@@ -33,6 +67,8 @@ class CudaBackend(Backend):
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
+        dropout=False,
+        max_streams=MAX_STREAMS,
     )
 
     def unavailable_reason(self) -> Optional[str]:
@@ -42,3 +78,21 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "no CUDA device is visible"
         return None
+
+    def extra_reasons(self, problem: AttentionProblem) -> List[str]:
+        reasons = []
+        q = problem.q
+        if q.device.type == "cuda" and UNAVAILABLE.get(self.name) is None:
+            capability, smem = _device_limits(q.device.index if q.device.index is not None
+                                              else torch.cuda.current_device())
+            if capability < (8, 0):
+                reasons.append(f"compute capability {capability[0]}.{capability[1]} < 8.0 "
+                               "(mma.sync bf16, cp.async)")
+            if (_needs_backward(problem) and kernel_head_dim(problem) == 256 and smem is not None
+                    and smem < BACKWARD_256_SMEM_BYTES):
+                reasons.append(f"backward for head dims above 128 needs {BACKWARD_256_SMEM_BYTES} "
+                               f"bytes of shared memory per block, the device has {smem}")
+        for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
+            if t.numel() > MAX_ELEMENTS:
+                reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")
+        return reasons

@@ -1,0 +1,419 @@
+// Backward kernels (FlashAttention-2 style, two passes, no atomics on dQ):
+//   dq_kernel:   query-major, like the forward: for each peer's key tiles recompute
+//                P = exp(z - lse), dP = (dO * gate[s, p]) V^T, dS = P (dP - delta), then
+//                dQ += dS K, and dbias[s, p] += sum dS.
+//   dkdv_kernel: key-major: one block per key tile of stream p walks the query tiles of every
+//                stream s that attends to p (causal self pair: only tiles at or below the
+//                diagonal): S^T = K Q^T, P^T, dP^T = V (dO * gate[s, p])^T, dS^T, then
+//                dV += P^T (dO * gate[s, p]), dK += dS^T Q.
+// D = 256: dK and dV of 16 keys x 256 channels per warp would not fit in registers, so the dK/dV
+// grid has one block per 128-channel part of them (S^T and dP^T are formed in full by each).
+// delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
+// (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
+// several query heads add into one key head (atomicAdd), else each element is stored once.
+#pragma once
+#include "kernel_common.cuh"
+
+namespace peer_attention {
+
+template <int D>
+struct DqConfig {
+  static constexpr int kBlockM = 64;                  // queries per block (4 warps x 16)
+  static constexpr int kBlockN = D <= 128 ? 64 : 32;  // keys per tile
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return (2 * kBlockM * D + 4 * kBlockN * D) * sizeof(T) + D * sizeof(float) +
+           2 * kMaxStreams * sizeof(int);
+  }
+};
+
+template <int D>
+struct DkdvConfig {
+  static constexpr int kBlockN = 64;                  // keys per block (4 warps x 16)
+  static constexpr int kBlockM = D <= 128 ? 64 : 32;  // queries per tile
+  static constexpr int kAccDim = D <= 128 ? D : 128;  // dK/dV channels one block accumulates
+  static constexpr int kParts = D / kAccDim;
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return (2 * kBlockN * D + 4 * kBlockM * D) * sizeof(T) + (D + 4 * kBlockM) * sizeof(float) +
+           2 * kMaxStreams * sizeof(int);
+  }
+};
+
+__device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, int b, int h, int peer,
+                                                 int packed_row) {
+  const int64_t bh = static_cast<int64_t>(b) * p.q_heads + h;
+  return p.per_peer ? (bh * p.num_streams + peer) * p.total_q + packed_row
+                    : bh * p.total_q + packed_row;
+}
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p) {
+  using Cfg = DqConfig<D>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_tile = reinterpret_cast<T*>(smem);
+  T* do_tile = q_tile + BM * D;
+  T* k_tiles = do_tile + BM * D;   // 2 stages
+  T* v_tiles = k_tiles + 2 * BN * D;  // 2 stages
+  float* gate_s = reinterpret_cast<float*>(v_tiles + 2 * BN * D);
+  int* limit_s = reinterpret_cast<int*>(gate_s + D);
+  int* ntiles_s = limit_s + kMaxStreams;
+
+  const int S = p.num_streams;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int s = stream_of_tile(p.q_tile_offsets, S, blockIdx.x);
+  const int q_row0 = (blockIdx.x - p.q_tile_offsets[s]) * BM;
+  const int q_len = p.q_offsets[s + 1] - p.q_offsets[s];
+  const int q_first = p.q_offsets[s] + q_row0;
+  const int hk = h / (p.q_heads / p.kv_heads);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t2 = (lane & 3) * 2;
+
+  if (tid < S) {
+    const int limit = key_limit(p, b, tid);
+    int reach = limit;
+    if (p.causal && tid == s) reach = min(reach, q_row0 + BM);
+    limit_s[tid] = limit;
+    ntiles_s[tid] = ((p.peer_rows[s] >> tid) & 1u) ? (reach + BN - 1) / BN : 0;
+  }
+  __syncthreads();
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+  const T* do_base = static_cast<const T*>(p.dout) +
+                     (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q * p.value_dim;
+
+  auto load_kv = [&](int peer, int tile, int stage) {
+    const int row0 = p.kv_offsets[peer] + tile * BN;
+    const int rows = limit_s[peer] - tile * BN;
+    load_tile_async<BN, D>(k_tiles + stage * BN * D, k_base + row0 * p.k_strides[2],
+                           p.k_strides[2], rows, p.head_dim, static_cast<const T*>(p.k));
+    load_tile_async<BN, D>(v_tiles + stage * BN * D, v_base + row0 * p.v_strides[2],
+                           p.v_strides[2], rows, p.value_dim, static_cast<const T*>(p.v));
+  };
+  auto next_peer = [&](int from) {
+    while (from < S && ntiles_s[from] == 0) ++from;
+    return from;
+  };
+
+  const int local_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  bool row_ok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) row_ok[r] = q_row0 + local_row[r] < q_len;
+
+  float dq[D / 8][4];
+  zero(dq);
+  float row_offset[2], row_delta[2];
+  float bias_log2 = 0.f, dbias_part = 0.f;
+
+  int peer = next_peer(0), tile = 0, stage = 0;
+  if (peer < S) {
+    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
+                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
+    load_tile_async<BM, D>(do_tile, do_base + static_cast<int64_t>(q_first) * p.value_dim,
+                           p.value_dim, q_len - q_row0, p.value_dim,
+                           static_cast<const T*>(p.dout));
+    load_kv(peer, 0, 0);
+    cp_async_commit();
+  }
+
+  while (peer < S) {
+    int next = peer, next_tile = tile + 1;
+    if (next_tile >= ntiles_s[peer]) {
+      next = next_peer(peer + 1);
+      next_tile = 0;
+    }
+    if (tile == 0) {
+      const int64_t pair = pair_index(p, b, s, peer, h);
+      for (int c = tid; c < D; c += kThreads)
+        gate_s[c] = (p.gate != nullptr && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      bias_log2 = p.bias != nullptr ? p.bias[pair] * kLog2e : 0.f;
+      dbias_part = 0.f;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = lse_row_index(p, b, h, peer, q_first + local_row[r]);
+        row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[at]) : INFINITY;
+        row_delta[r] = row_ok[r] ? p.delta[at] : 0.f;
+      }
+    }
+    if (next < S) {
+      load_kv(next, next_tile, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const T* k_tile = k_tiles + stage * BN * D;
+    const T* v_tile = v_tiles + stage * BN * D;
+    float sc[BN / 8][4];
+    zero(sc);
+    gemm_nt<BN, D, T>(sc, q_tile, warp * 16, nullptr, k_tile, nullptr, lane);
+    float dp[BN / 8][4];
+    zero(dp);
+    gemm_nt<BN, D, T>(dp, do_tile, warp * 16, p.gate != nullptr ? gate_s : nullptr, v_tile,
+                      nullptr, lane);
+
+    const int key0 = tile * BN, limit = limit_s[peer];
+    const bool causal_pair = p.causal && peer == s;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int j = key0 + nt * 8 + t2 + (e & 1);
+        const int i = q_row0 + local_row[r];
+        const bool masked = j >= limit || (causal_pair && j > i);
+        float x = sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r];
+        if (p.mask != nullptr && !masked && row_ok[r])
+          x += mask_log2(p, b, h, q_first + local_row[r], p.kv_offsets[peer] + j);
+        const float prob = masked ? 0.f : exp2f(x);
+        const float ds = prob * (dp[nt][e] - row_delta[r]);
+        dbias_part += ds;
+        if (p.dmask != nullptr && !masked && row_ok[r])  // d mask = dS, in full (B, Hq, Tq, Tk)
+          p.dmask[((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first +
+                   local_row[r]) * p.total_kv + p.kv_offsets[peer] + j] = ds;
+        sc[nt][e] = ds;
+      }
+    }
+    uint32_t dsf[BN / 16][4];
+    pack_a<BN, T>(dsf, sc);
+    gemm_rs<BN, D, D, T>(dq, dsf, k_tile, 0, nullptr, lane);
+
+    if (p.dbias != nullptr && tile == ntiles_s[peer] - 1) {
+      const float total = warp_sum(dbias_part);
+      if (lane == 0) atomicAdd(p.dbias + pair_index(p, b, s, peer, h), total);
+    }
+    __syncthreads();
+    peer = next;
+    tile = next_tile;
+    stage ^= 1;
+  }
+
+  T* dq_out = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!row_ok[r]) continue;
+    const int64_t row = (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first + local_row[r];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int col = dt * 8 + t2;
+      if (col < p.head_dim)
+        *reinterpret_cast<uint32_t*>(dq_out + row * p.head_dim + col) =
+            DTypeOps<T>::pack(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
+    }
+  }
+}
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
+  using Cfg = DkdvConfig<D>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_tile = reinterpret_cast<T*>(smem);
+  T* v_tile = k_tile + BN * D;
+  T* q_tiles = v_tile + BN * D;      // 2 stages of BM x D
+  T* do_tiles = q_tiles + 2 * BM * D;  // 2 stages
+  float* gate_s = reinterpret_cast<float*>(do_tiles + 2 * BM * D);
+  float* offset_s = gate_s + D;      // 2 stages x BM: log2-domain lse of the query rows
+  float* delta_s = offset_s + 2 * BM;  // 2 stages x BM
+  int* first_s = reinterpret_cast<int*>(delta_s + 2 * BM);  // query tiles [first, end) per stream
+  int* end_s = first_s + kMaxStreams;
+
+  const int S = p.num_streams;
+  const int b = blockIdx.z, h = blockIdx.y / Cfg::kParts;
+  const int channel0 = (blockIdx.y % Cfg::kParts) * NACC;  // the dK/dV channels of this block
+  const int kp = stream_of_tile(p.kv_tile_offsets, S, blockIdx.x);  // the key stream
+  const int key_row0 = (blockIdx.x - p.kv_tile_offsets[kp]) * BN;
+  const int kv_len = p.kv_offsets[kp + 1] - p.kv_offsets[kp];
+  const int limit = key_limit(p, b, kp);
+  const int group = p.q_heads / p.kv_heads;
+  const int hk = h / group;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t2 = (lane & 3) * 2;
+
+  if (tid < S) {
+    const int q_len = p.q_offsets[tid + 1] - p.q_offsets[tid];
+    const bool on = ((p.peer_rows[tid] >> kp) & 1u) && key_row0 < limit;
+    first_s[tid] = (p.causal && tid == kp) ? key_row0 / BM : 0;
+    end_s[tid] = on ? (q_len + BM - 1) / BM : 0;
+  }
+  __syncthreads();
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* do_base = static_cast<const T*>(p.dout) +
+                     (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q * p.value_dim;
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+
+  auto next_stream = [&](int from) {
+    while (from < S && first_s[from] >= end_s[from]) ++from;
+    return from;
+  };
+  auto load_q = [&](int qs, int tile, int stage) {
+    const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
+    const int row0 = tile * BM, packed0 = p.q_offsets[qs] + row0;
+    load_tile_async<BM, D>(q_tiles + stage * BM * D, q_base + packed0 * p.q_strides[2],
+                           p.q_strides[2], q_len - row0, p.head_dim, static_cast<const T*>(p.q));
+    load_tile_async<BM, D>(do_tiles + stage * BM * D,
+                           do_base + static_cast<int64_t>(packed0) * p.value_dim, p.value_dim,
+                           q_len - row0, p.value_dim, static_cast<const T*>(p.dout));
+    for (int i = tid; i < BM; i += kThreads) {
+      const bool ok = row0 + i < q_len;
+      const int64_t at = lse_row_index(p, b, h, kp, packed0 + i);
+      offset_s[stage * BM + i] = ok ? lse_to_log2_offset(p.lse[at]) : INFINITY;
+      delta_s[stage * BM + i] = ok ? p.delta[at] : 0.f;
+    }
+  };
+
+  float dk[NACC / 8][4], dv[NACC / 8][4];
+  zero(dk);
+  zero(dv);
+  float bias_log2 = 0.f;
+  const int local_key[2] = {warp * 16 + g, warp * 16 + g + 8};
+
+  int qs = next_stream(0), tile = 0, stage = 0;
+  if (qs < S) {
+    tile = first_s[qs];
+    const int rows = limit - key_row0;
+    const int row0 = p.kv_offsets[kp] + key_row0;
+    load_tile_async<BN, D>(k_tile, k_base + row0 * p.k_strides[2], p.k_strides[2], rows,
+                           p.head_dim, static_cast<const T*>(p.k));
+    load_tile_async<BN, D>(v_tile, v_base + row0 * p.v_strides[2], p.v_strides[2], rows,
+                           p.value_dim, static_cast<const T*>(p.v));
+    load_q(qs, tile, 0);
+    cp_async_commit();
+  }
+
+  while (qs < S) {
+    int next = qs, next_tile = tile + 1;
+    if (next_tile >= end_s[qs]) {
+      next = next_stream(qs + 1);
+      next_tile = next < S ? first_s[next] : 0;
+    }
+    if (tile == first_s[qs]) {  // a new query stream: its gate and bias on this key stream
+      const int64_t pair = pair_index(p, b, qs, kp, h);
+      for (int c = tid; c < D; c += kThreads)
+        gate_s[c] = (p.gate != nullptr && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      bias_log2 = p.bias != nullptr ? p.bias[pair] * kLog2e : 0.f;
+    }
+    if (next < S) {
+      load_q(next, next_tile, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const T* q_tile = q_tiles + stage * BM * D;
+    const T* do_tile = do_tiles + stage * BM * D;
+    const float* offsets = offset_s + stage * BM;
+    const float* deltas = delta_s + stage * BM;
+    const float* gate = p.gate != nullptr ? gate_s : nullptr;
+
+    float st[BM / 8][4];  // S^T: rows = keys, columns = queries
+    zero(st);
+    gemm_nt<BM, D, T>(st, k_tile, warp * 16, nullptr, q_tile, nullptr, lane);
+    float dpt[BM / 8][4];
+    zero(dpt);
+    gemm_nt<BM, D, T>(dpt, v_tile, warp * 16, nullptr, do_tile, gate, lane);
+
+    const bool causal_pair = p.causal && qs == kp;
+    const int q_row0 = tile * BM;
+    const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + t2 + (e & 1);
+        const int j = key_row0 + local_key[e >> 1];
+        const int i = q_row0 + col;
+        const bool masked = j >= limit || (causal_pair && j > i);
+        float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
+        if (p.mask != nullptr && !masked && i < q_len_qs)
+          x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
+        const float prob = masked ? 0.f : exp2f(x);
+        st[nt][e] = prob;
+        dpt[nt][e] = prob * (dpt[nt][e] - deltas[col]);
+      }
+    }
+    uint32_t pf[BM / 16][4];
+    pack_a<BM, T>(pf, st);
+    gemm_rs<BM, D, NACC, T>(dv, pf, do_tile, channel0, gate, lane);
+    uint32_t dsf[BM / 16][4];
+    pack_a<BM, T>(dsf, dpt);
+    gemm_rs<BM, D, NACC, T>(dk, dsf, q_tile, channel0, nullptr, lane);
+
+    __syncthreads();
+    qs = next;
+    tile = next_tile;
+    stage ^= 1;
+  }
+
+  // every key row of the tile gets its gradient written (zero when no query saw it)
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = key_row0 + local_key[r];
+    if (j >= kv_len) continue;
+    const int64_t row = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.total_kv +
+                        p.kv_offsets[kp] + j;
+#pragma unroll
+    for (int dt = 0; dt < NACC / 8; ++dt) {
+      const int col = channel0 + dt * 8 + t2;
+      if (col < p.head_dim) {
+        float* at = p.dk_accum + row * p.head_dim + col;
+        const float x = dk[dt][2 * r] * p.scale, y = dk[dt][2 * r + 1] * p.scale;
+        if (group > 1) {
+          atomicAdd(at, x);
+          atomicAdd(at + 1, y);
+        } else {
+          *reinterpret_cast<float2*>(at) = make_float2(x, y);
+        }
+      }
+      if (col < p.value_dim) {
+        float* at = p.dv_accum + row * p.value_dim + col;
+        if (group > 1) {
+          atomicAdd(at, dv[dt][2 * r]);
+          atomicAdd(at + 1, dv[dt][2 * r + 1]);
+        } else {
+          *reinterpret_cast<float2*>(at) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+        }
+      }
+    }
+  }
+}
+
+template <int D, typename T>
+cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) {
+  using Cfg = DqConfig<D>;
+  AttentionParams p = params;
+  const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
+  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto kernel = dq_kernel<D, T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(tiles, p.q_heads, p.batch), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream) {
+  using Cfg = DkdvConfig<D>;
+  AttentionParams p = params;
+  const int tiles =
+      fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
+  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto kernel = dkdv_kernel<D, T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(tiles, p.q_heads * Cfg::kParts, p.batch), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace peer_attention

@@ -1,0 +1,345 @@
+// Registers the CUDA kernels for the ops peer_attention::cuda_fwd / cuda_bwd (schemas, fake
+// implementations and autograd live in peer_attention/ops.py) and turns tensors into
+// AttentionParams. Importing the module peer_attention._C runs the registration.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "launch.h"
+#include "params.h"
+
+namespace peer_attention {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr char kWho[] = "peer_attention cuda backend: ";
+
+int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
+
+// attn_mask (B, Hq, Tq, Tk), usually an expanded view, as float32 scores to add (bool: 0 where
+// allowed, -inf elsewhere), converted on its un-broadcast part and expanded back (stride 0).
+Tensor additive_mask(const Tensor& mask) {
+  Tensor compact = mask;
+  for (int64_t d = 0; d < mask.dim(); ++d)
+    if (mask.stride(d) == 0 && mask.size(d) > 1) compact = compact.narrow(d, 0, 1);
+  Tensor additive = mask.scalar_type() == at::kBool
+                        ? at::where(compact, at::zeros({}, compact.options().dtype(at::kFloat)),
+                                    at::full({}, -INFINITY, compact.options().dtype(at::kFloat)))
+                        : compact.to(at::kFloat);
+  return additive.expand(mask.sizes());
+}
+
+bool rows_aligned(const Tensor& t) {
+  if (t.stride(-1) != 1) return false;
+  for (int d = 0; d + 1 < t.dim(); ++d)
+    if (t.stride(d) % 8 != 0) return false;
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// t (.., C) with its channels zero-padded to `cols` and 16-byte aligned rows (a copy only when
+// needed); dense=true also asks for a contiguous layout (the kernels index those directly).
+Tensor prepared(const Tensor& t, int64_t cols, bool dense) {
+  Tensor x = t;
+  if (x.size(-1) != cols) x = at::constant_pad_nd(x, {0, cols - x.size(-1)});
+  if (dense) x = x.contiguous();
+  if (!rows_aligned(x) || (dense && !x.is_contiguous())) x = x.clone(at::MemoryFormat::Contiguous);
+  return x;
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, kWho, what, " failed: ", cudaGetErrorString(err));
+}
+
+struct Prepared {
+  AttentionParams params{};
+  Tensor q, k, v, gate, bias, kv_lengths, mask;  // keep the prepared copies alive
+  int64_t E = 0, Ev = 0, E8 = 0, Ev8 = 0;
+  int head_dim_kernel = 0;
+  bool per_peer = false;
+};
+
+Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
+                 at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate,
+                 const OptTensor& bias, const OptTensor& kv_lengths, const OptTensor& attn_mask,
+                 double dropout_p, bool is_causal, double scale, c10::string_view normalize) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), kWho, "q, k, v must be CUDA tensors");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kWho,
+              "dtype must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kWho,
+              "q, k, v must share a dtype");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kWho, "q, k, v must be 4-d");
+  TORCH_CHECK(dropout_p == 0.0, kWho, "dropout is not supported");
+  const int64_t S = static_cast<int64_t>(q_lens.size());
+  TORCH_CHECK(S >= 1 && S <= kMaxStreams, kWho, "1..", kMaxStreams, " streams supported, got ", S);
+  TORCH_CHECK(static_cast<int64_t>(kv_lens.size()) == S &&
+                  static_cast<int64_t>(peers.size()) == S * S,
+              kWho, "q_lens, kv_lens, peers do not describe ", S, " streams");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.size(1) == v.size(1), kWho, "bad head counts");
+  TORCH_CHECK(q.numel() < (int64_t(1) << 31) && k.numel() < (int64_t(1) << 31) &&
+                  v.numel() < (int64_t(1) << 31),
+              kWho, "tensors of 2^31 elements or more are not supported");
+
+  Prepared out;
+  out.E = q.size(3);
+  out.Ev = v.size(3);
+  TORCH_CHECK(k.size(3) == out.E, kWho, "q and k head dims differ");
+  out.E8 = round_up8(out.E);
+  out.Ev8 = round_up8(out.Ev);
+  out.head_dim_kernel = kernel_head_dim(static_cast<int>(std::max(out.E8, out.Ev8)));
+  TORCH_CHECK(out.head_dim_kernel > 0, kWho, "head dims up to 256 supported, got E=", out.E,
+              ", Ev=", out.Ev);
+  TORCH_CHECK(normalize == "joint" || normalize == "peer", kWho, "unknown normalize");
+  out.per_peer = normalize == "peer";
+
+  out.q = prepared(q, out.E8, false);
+  out.k = prepared(k, out.E8, false);
+  out.v = prepared(v, out.Ev8, false);
+  if (gate.has_value()) {
+    out.gate = gate->to(at::kFloat).contiguous();
+    if (out.Ev8 != out.Ev) out.gate = at::constant_pad_nd(out.gate, {0, out.Ev8 - out.Ev});
+    out.gate = out.gate.contiguous();
+  }
+  if (bias.has_value()) out.bias = bias->to(at::kFloat).contiguous();
+  if (kv_lengths.has_value())
+    out.kv_lengths = kv_lengths->to(q.device(), at::kInt).contiguous();
+  if (attn_mask.has_value()) {
+    TORCH_CHECK(attn_mask->dim() == 4 && attn_mask->size(0) == q.size(0) &&
+                    attn_mask->size(1) == q.size(1) && attn_mask->size(2) == q.size(2) &&
+                    attn_mask->size(3) == k.size(2),
+                kWho, "attn_mask must be (B, Hq, Tq, Tk), got ", attn_mask->sizes());
+    out.mask = additive_mask(attn_mask->to(q.device()));
+  }
+
+  AttentionParams& p = out.params;
+  p.q = out.q.data_ptr();
+  p.k = out.k.data_ptr();
+  p.v = out.v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = out.q.stride(d);
+    p.k_strides[d] = out.k.stride(d);
+    p.v_strides[d] = out.v.stride(d);
+  }
+  p.batch = static_cast<int>(q.size(0));
+  p.q_heads = static_cast<int>(q.size(1));
+  p.kv_heads = static_cast<int>(k.size(1));
+  p.head_dim = static_cast<int>(out.E8);
+  p.value_dim = static_cast<int>(out.Ev8);
+  p.total_q = static_cast<int>(q.size(2));
+  p.total_kv = static_cast<int>(k.size(2));
+  p.num_streams = static_cast<int>(S);
+  p.q_offsets[0] = p.kv_offsets[0] = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    p.q_offsets[s + 1] = p.q_offsets[s] + static_cast<int>(q_lens[s]);
+    p.kv_offsets[s + 1] = p.kv_offsets[s] + static_cast<int>(kv_lens[s]);
+    uint32_t row = 0;
+    for (int64_t t = 0; t < S; ++t)
+      if (peers[s * S + t]) row |= 1u << t;
+    p.peer_rows[s] = row;
+  }
+  TORCH_CHECK(p.q_offsets[S] == p.total_q && p.kv_offsets[S] == p.total_kv, kWho,
+              "stream lengths do not add up to the packed lengths");
+  p.gate = out.gate.defined() ? out.gate.data_ptr<float>() : nullptr;
+  p.bias = out.bias.defined() ? out.bias.data_ptr<float>() : nullptr;
+  p.kv_lengths = out.kv_lengths.defined() ? out.kv_lengths.data_ptr<int>() : nullptr;
+  p.mask = out.mask.defined() ? out.mask.data_ptr<float>() : nullptr;
+  for (int d = 0; d < 4; ++d) p.mask_strides[d] = out.mask.defined() ? out.mask.stride(d) : 0;
+  p.causal = is_causal;
+  p.per_peer = out.per_peer;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  return out;
+}
+
+template <typename T>
+cudaError_t forward_for(int d, const AttentionParams& p, cudaStream_t stream) {
+  switch (d) {
+    case 32: return run_forward<32, T>(p, stream);
+    case 64: return run_forward<64, T>(p, stream);
+    case 96: return run_forward<96, T>(p, stream);
+    case 128: return run_forward<128, T>(p, stream);
+    case 256: return run_forward<256, T>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t forward_dispatch(at::ScalarType dtype, int d, const AttentionParams& p,
+                             cudaStream_t stream) {
+  return dtype == at::kHalf ? forward_for<__half>(d, p, stream)
+                            : forward_for<__nv_bfloat16>(d, p, stream);
+}
+
+template <typename T>
+cudaError_t backward_for(int d, bool dq, const AttentionParams& p, cudaStream_t stream) {
+  switch (d) {
+    case 32: return dq ? run_backward_dq<32, T>(p, stream) : run_backward_dkdv<32, T>(p, stream);
+    case 64: return dq ? run_backward_dq<64, T>(p, stream) : run_backward_dkdv<64, T>(p, stream);
+    case 96: return dq ? run_backward_dq<96, T>(p, stream) : run_backward_dkdv<96, T>(p, stream);
+    case 128:
+      return dq ? run_backward_dq<128, T>(p, stream) : run_backward_dkdv<128, T>(p, stream);
+    case 256:
+      return dq ? run_backward_dq<256, T>(p, stream) : run_backward_dkdv<256, T>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t backward_dispatch(at::ScalarType dtype, int d, bool dq, const AttentionParams& p,
+                              cudaStream_t stream) {
+  return dtype == at::kHalf ? backward_for<__half>(d, dq, p, stream)
+                            : backward_for<__nv_bfloat16>(d, dq, p, stream);
+}
+
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
+                                   at::IntArrayRef peers, const OptTensor& gate,
+                                   const OptTensor& bias, const OptTensor& kv_lengths,
+                                   const OptTensor& attn_mask, const OptTensor& dropout_seed,
+                                   double dropout_p, bool is_causal, double scale,
+                                   c10::string_view normalize) {
+  (void)dropout_seed;
+  Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
+                          dropout_p, is_causal, scale, normalize);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), S = q_lens.size();
+  const auto f32 = q.options().dtype(at::kFloat);
+  AttentionParams& p = prep.params;
+  Tensor out, out_accum, lse;
+  if (prep.per_peer) {
+    out_accum = at::zeros({B, Hq, Tq, prep.Ev8}, f32);
+    lse = at::full({B, Hq, S, Tq}, -INFINITY, f32);
+    p.out_accum = out_accum.data_ptr<float>();
+  } else {
+    out = at::empty({B, Hq, Tq, prep.Ev8}, q.options());
+    lse = at::empty({B, Hq, Tq}, f32);
+    p.out = out.data_ptr();
+  }
+  p.lse = lse.data_ptr<float>();
+  check_cuda(forward_dispatch(q.scalar_type(), prep.head_dim_kernel, p,
+                              at::cuda::getCurrentCUDAStream()),
+             "forward kernel");
+  if (prep.per_peer) out = out_accum.to(q.scalar_type());
+  if (prep.Ev8 != prep.Ev) out = out.narrow(3, 0, prep.Ev).contiguous();
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q,
+    const Tensor& k, const Tensor& v, at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
+    at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
+    const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
+    double dropout_p, bool is_causal, double scale, c10::string_view normalize,
+    c10::List<bool> needs_grad) {
+  (void)dropout_seed;
+  TORCH_CHECK(needs_grad.size() == 6, kWho, "needs_grad must have 6 entries");
+  const bool need_dq = needs_grad[0], need_dk = needs_grad[1], need_dv = needs_grad[2];
+  const bool need_dgate = needs_grad[3] && gate.has_value();
+  const bool need_dbias = needs_grad[4] && bias.has_value();
+  const bool need_dmask =
+      needs_grad[5] && attn_mask.has_value() && attn_mask->is_floating_point();
+  Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
+                          dropout_p, is_causal, scale, normalize);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t B = q.size(0), Hq = q.size(1), H = k.size(1), Tq = q.size(2), Tk = k.size(2);
+  const int64_t S = q_lens.size();
+  const auto f32 = q.options().dtype(at::kFloat);
+  const at::ScalarType dtype = q.scalar_type();
+  const int d = prep.head_dim_kernel;
+  AttentionParams& p = prep.params;
+
+  Tensor dout = prepared(grad_out.to(dtype), prep.Ev8, true);
+  Tensor lse_c = lse.to(at::kFloat).contiguous();
+  p.dout = dout.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+
+  Tensor delta;
+  if (prep.per_peer) {
+    delta = at::zeros({B, Hq, S, Tq}, f32);
+  } else {
+    Tensor out_c = prepared(out.to(dtype), prep.Ev8, true);
+    delta = at::empty({B, Hq, Tq}, f32);
+    check_cuda(dtype == at::kHalf
+                   ? run_delta_rowdot<__half>(dout.data_ptr(), out_c.data_ptr(),
+                                              delta.data_ptr<float>(), B * Hq * Tq, p.value_dim,
+                                              stream)
+                   : run_delta_rowdot<__nv_bfloat16>(dout.data_ptr(), out_c.data_ptr(),
+                                                     delta.data_ptr<float>(), B * Hq * Tq,
+                                                     p.value_dim, stream),
+               "delta preprocess");
+  }
+  p.delta = delta.data_ptr<float>();
+
+  Tensor dgate_accum;
+  if (need_dgate) {
+    dgate_accum = at::zeros({B, S, S, Hq, prep.Ev8}, f32);
+    p.dgate = dgate_accum.data_ptr<float>();
+  }
+  if (prep.per_peer || need_dgate) {  // U_p: per-peer delta and the gate gradient
+    p.recompute = true;
+    check_cuda(forward_dispatch(dtype, d, p, stream), "backward recompute");
+    p.recompute = false;
+    p.dgate = nullptr;
+  }
+
+  Tensor dq_padded, dbias_accum, dmask;
+  if (need_dmask) {
+    dmask = at::zeros({B, Hq, Tq, Tk}, f32);
+    p.dmask = dmask.data_ptr<float>();
+  }
+  if (need_dq || need_dbias || need_dmask) {
+    dq_padded = at::empty({B, Hq, Tq, prep.E8}, q.options());
+    p.dq = dq_padded.data_ptr();
+    if (need_dbias) {
+      dbias_accum = at::zeros({B, S, S, Hq}, f32);
+      p.dbias = dbias_accum.data_ptr<float>();
+    }
+    check_cuda(backward_dispatch(dtype, d, true, p, stream), "dq kernel");
+  }
+  Tensor dk_accum, dv_accum;
+  if (need_dk || need_dv) {
+    dk_accum = at::zeros({B, H, Tk, prep.E8}, f32);
+    dv_accum = at::zeros({B, H, Tk, prep.Ev8}, f32);
+    p.dk_accum = dk_accum.data_ptr<float>();
+    p.dv_accum = dv_accum.data_ptr<float>();
+    check_cuda(backward_dispatch(dtype, d, false, p, stream), "dk/dv kernel");
+  }
+
+  const Tensor none = at::empty({0}, q.options());
+  Tensor dq = need_dq ? dq_padded.narrow(3, 0, prep.E).contiguous() : none;
+  Tensor dk = need_dk ? dk_accum.narrow(3, 0, prep.E).to(k.scalar_type()).contiguous() : none;
+  Tensor dv = need_dv ? dv_accum.narrow(3, 0, prep.Ev).to(v.scalar_type()).contiguous() : none;
+  Tensor dgate =
+      need_dgate ? dgate_accum.narrow(4, 0, prep.Ev).to(gate->scalar_type()).contiguous() : none;
+  Tensor dbias = need_dbias ? dbias_accum.to(bias->scalar_type()) : none;
+  if (need_dmask) dmask = dmask.to(attn_mask->scalar_type());
+  return {dq, dk, dv, dgate, dbias, need_dmask ? dmask : none};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) {
+  m.impl("cuda_fwd", &forward);
+  m.impl("cuda_bwd", &backward);
+}
+
+}  // namespace peer_attention
+
+// The Python module peer_attention._C: empty; importing it loads the library, which registers
+// the kernels above.
+static struct PyModuleDef peer_attention_module = {PyModuleDef_HEAD_INIT, "_C",
+                                                   "CUDA kernels of peer_attention", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&peer_attention_module); }

@@ -1,0 +1,304 @@
+// Device building blocks shared by the forward and backward kernels: dtype ops, mma.sync
+// m16n8k16 (fp32 accumulate), ldmatrix, cp.async, the swizzled shared-memory tile layout and
+// the fragment-level matrix products.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit inputs), lane = 4 * g + t:
+//   A (16x16, row major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16x8, k x n):      b0 = (k = 2t..2t+1, n = g), b1 = (k = 2t+8.., n = g)
+//   C (16x8, fp32):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// so the C fragments of two adjacent n-tiles are, once packed to 16 bits, the A fragment of the
+// next product (P of S = QK^T becomes the A operand of P V without touching shared memory).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "params.h"
+
+namespace peer_attention {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+
+template <typename T>
+struct DTypeOps;
+
+template <>
+struct DTypeOps<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t x) {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct DTypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t x) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// 16-byte asynchronous copy; when !valid nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
+               "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Element offset of (row, col) in a rows x D tile of 16-bit values. The 16-byte chunk index is
+// XORed with the row (within aligned groups of 8 chunks, or 4 when D/8 is not a multiple of 8)
+// so that the 8 row addresses of one ldmatrix phase fall in different banks.
+template <int D>
+__device__ __forceinline__ int swizzle(int row, int col) {
+  constexpr int kChunks = D / 8;
+  constexpr int kMask = (kChunks % 8 == 0) ? 7 : 3;
+  static_assert(kChunks % (kMask + 1) == 0, "the swizzle must stay inside the row");
+  return row * D + ((((col >> 3) ^ (row & kMask)) << 3) | (col & 7));
+}
+
+// Copy a ROWS x D tile (row stride `row_stride` elements) into swizzled shared memory; rows >=
+// valid_rows and columns >= valid_cols are zero-filled (never read). `safe` is any valid address.
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t row_stride,
+                                                int valid_rows, int valid_cols, const T* safe) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+    const int row = idx / kChunks, col = (idx % kChunks) * 8;
+    const bool valid = row < valid_rows && col < valid_cols;
+    const T* src = valid ? gmem + row * row_stride + col : safe;
+    cp_async_16(tile + swizzle<D>(row, col), src, valid);
+  }
+}
+
+// A fragment: rows row0..row0+15, columns k0..k0+15 of a tile.
+template <int D, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0,
+                                       int lane) {
+  const int row = row0 + (lane & 15), col = k0 + ((lane >> 4) << 3);
+  ldmatrix_x4(a, tile + swizzle<D>(row, col));
+}
+
+// B fragments of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8..n0+15 -> b[2], b[3]) for k0..k0+15,
+// from a tile stored as [n][k] (B = tile^T).
+template <int D, typename T>
+__device__ __forceinline__ void load_b_from_nk(uint32_t (&b)[4], const T* tile, int n0, int k0,
+                                               int lane) {
+  const int row = n0 + (lane & 7) + ((lane >> 4) << 3);
+  const int col = k0 + (((lane >> 3) & 1) << 3);
+  ldmatrix_x4(b, tile + swizzle<D>(row, col));
+}
+
+// The same two n-tiles from a tile stored as [k][n] (B = tile), via the transposing ldmatrix.
+template <int D, typename T>
+__device__ __forceinline__ void load_b_from_kn(uint32_t (&b)[4], const T* tile, int k0, int n0,
+                                               int lane) {
+  const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3);
+  const int col = n0 + ((lane >> 4) << 3);
+  ldmatrix_x4_trans(b, tile + swizzle<D>(row, col));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t scale_pair(uint32_t x, float lo, float hi) {
+  const float2 f = DTypeOps<T>::unpack(x);
+  return DTypeOps<T>::pack(f.x * lo, f.y * hi);
+}
+
+// acc (16 x N) += A (rows a_row0.. of a_tile, all D columns) * B^T (b_tile rows 0..N-1, [n][k]).
+// a_scale / b_scale (null for none): a factor per k column, applied to the operand fragments.
+template <int N, int D, typename T>
+__device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* a_tile, int a_row0,
+                                        const float* a_scale, const T* b_tile,
+                                        const float* b_scale, int lane) {
+  const int t2 = (lane & 3) * 2;
+#pragma unroll
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    uint32_t a[4];
+    load_a<D>(a, a_tile, a_row0, k0, lane);
+    if (a_scale != nullptr) {
+      const float s0 = a_scale[k0 + t2], s1 = a_scale[k0 + t2 + 1];
+      const float s8 = a_scale[k0 + t2 + 8], s9 = a_scale[k0 + t2 + 9];
+      a[0] = scale_pair<T>(a[0], s0, s1);
+      a[1] = scale_pair<T>(a[1], s0, s1);
+      a[2] = scale_pair<T>(a[2], s8, s9);
+      a[3] = scale_pair<T>(a[3], s8, s9);
+    }
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 16) {
+      uint32_t b[4];
+      load_b_from_nk<D>(b, b_tile, n0, k0, lane);
+      if (b_scale != nullptr) {
+        const float s0 = b_scale[k0 + t2], s1 = b_scale[k0 + t2 + 1];
+        const float s8 = b_scale[k0 + t2 + 8], s9 = b_scale[k0 + t2 + 9];
+        b[0] = scale_pair<T>(b[0], s0, s1);
+        b[2] = scale_pair<T>(b[2], s0, s1);
+        b[1] = scale_pair<T>(b[1], s8, s9);
+        b[3] = scale_pair<T>(b[3], s8, s9);
+      }
+      DTypeOps<T>::mma(acc[n0 / 8], a, b[0], b[1]);
+      DTypeOps<T>::mma(acc[n0 / 8 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// C fragments of 16 x K (fp32) -> A fragments of the same 16 x K matrix in 16 bits.
+template <int K, typename T>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[K / 16][4], const float (&c)[K / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    a[kk][0] = DTypeOps<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = DTypeOps<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = DTypeOps<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = DTypeOps<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// acc (16 x NOUT) += A (16 x K, registers) * B (b_tile rows 0..K-1, [k][n] with D columns, the
+// NOUT columns from n_base). n_scale (null for none): a factor per tile column applied to B.
+template <int K, int D, int NOUT, typename T>
+__device__ __forceinline__ void gemm_rs(float (&acc)[NOUT / 8][4], const uint32_t (&a)[K / 16][4],
+                                        const T* b_tile, int n_base, const float* n_scale,
+                                        int lane) {
+  const int g = lane >> 2;
+#pragma unroll
+  for (int n0 = 0; n0 < NOUT; n0 += 16) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      uint32_t b[4];
+      load_b_from_kn<D>(b, b_tile, kk * 16, n_base + n0, lane);
+      if (n_scale != nullptr) {  // b[0], b[1] hold column n0 + g; b[2], b[3] column n0 + 8 + g
+        const float s0 = n_scale[n_base + n0 + g], s8 = n_scale[n_base + n0 + 8 + g];
+        b[0] = scale_pair<T>(b[0], s0, s0);
+        b[1] = scale_pair<T>(b[1], s0, s0);
+        b[2] = scale_pair<T>(b[2], s8, s8);
+        b[3] = scale_pair<T>(b[3], s8, s8);
+      }
+      DTypeOps<T>::mma(acc[n0 / 8], a[kk], b[0], b[1]);
+      DTypeOps<T>::mma(acc[n0 / 8 + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+  }
+}
+
+// Sum / max over the 4 lanes of a quad (the lanes holding one row of a C fragment).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+// Sum over the 8 lanes sharing a column of a C fragment (same lane & 3).
+__device__ __forceinline__ float column_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+
+// A saved log-sum-exp (natural log) as the log2-domain row offset of P = exp2(s2 - offset):
+// rows with nothing to attend to (lse = -inf) get +inf so that every P of theirs is 0.
+__device__ __forceinline__ float lse_to_log2_offset(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+// Which stream a block of a packed grid belongs to: the s with tile_offsets[s] <= x < [s + 1].
+__device__ __forceinline__ int stream_of_tile(const int* tile_offsets, int num_streams, int x) {
+  int s = 0;
+  while (s + 1 < num_streams && tile_offsets[s + 1] <= x) ++s;
+  return s;
+}
+
+// Keys of stream p that exist for batch b: kv_lens[p], cut by kv_lengths[b, p].
+__device__ __forceinline__ int key_limit(const AttentionParams& p, int b, int stream) {
+  int limit = p.kv_offsets[stream + 1] - p.kv_offsets[stream];
+  if (p.kv_lengths != nullptr) limit = min(limit, max(p.kv_lengths[b * p.num_streams + stream], 0));
+  return limit;
+}
+
+// The attn_mask term of the score of (packed query row, packed key row), log2 domain.
+__device__ __forceinline__ float mask_log2(const AttentionParams& p, int b, int h, int row,
+                                           int key) {
+  const float m = p.mask[b * p.mask_strides[0] + h * p.mask_strides[1] +
+                         row * p.mask_strides[2] + key * p.mask_strides[3]];
+  return m * kLog2e;
+}
+
+__device__ __forceinline__ int64_t pair_index(const AttentionParams& p, int b, int s, int peer,
+                                              int h) {
+  return ((static_cast<int64_t>(b) * p.num_streams + s) * p.num_streams + peer) * p.q_heads + h;
+}
+
+// Host side: the tile prefix sums of a packed grid (one block per tile of each stream).
+inline int fill_tile_offsets(int* tile_offsets, const int* offsets, int num_streams, int tile) {
+  tile_offsets[0] = 0;
+  for (int s = 0; s < num_streams; ++s) {
+    const int len = offsets[s + 1] - offsets[s];
+    tile_offsets[s + 1] = tile_offsets[s] + (len + tile - 1) / tile;
+  }
+  return tile_offsets[num_streams];
+}
+
+}  // namespace peer_attention

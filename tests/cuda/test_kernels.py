@@ -1,0 +1,221 @@
+"""The CUDA kernels against the reference (SPEC section 8), forward and backward, for every
+feature the cuda backend claims. Skipped without a GPU or without the built extension."""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import peer_attention
+from peer_attention.reference import peer_attention_reference, sdpa_reference
+from tests.helpers import assert_matches_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("peer_attention._C") is None,
+                       reason="peer_attention._C was not built"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16]
+DEVICE = "cuda"
+
+
+def _randn(*shape, gen, requires_grad=True):
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(DEVICE).requires_grad_(
+        requires_grad)
+
+
+def check_peer(dtype, *, q_lens, kv_lens, B=2, Hq=2, H=2, E=64, Ev=64, peers=None,
+               gate_shape=None, bias_shape=None, normalize="joint", is_causal=False,
+               kv_lengths=None, scale=None, grad=True, seed=0):
+    """Compare peer_attention(backend="cuda") with the reference on random streams."""
+    gen = torch.Generator().manual_seed(seed)
+    S = len(q_lens)
+    qs = [_randn(B, Hq, n, E, gen=gen) for n in q_lens]
+    ks = [_randn(B, H, m, E, gen=gen) for m in kv_lens]
+    vs = [_randn(B, H, m, Ev, gen=gen) for m in kv_lens]
+    inputs = qs + ks + vs
+    gate = bias = None
+    if gate_shape is not None:
+        gate = (torch.rand(*gate_shape, dtype=torch.float64, generator=gen) + 0.5).to(DEVICE)
+        inputs.append(gate.requires_grad_(grad))
+    if bias_shape is not None:
+        bias = torch.randn(*bias_shape, dtype=torch.float64, generator=gen).to(DEVICE)
+        inputs.append(bias.requires_grad_(grad))
+    if kv_lengths is not None:
+        kv_lengths = torch.tensor(kv_lengths, device=DEVICE)
+
+    def split(args):
+        args = list(args)
+        q, k, v = args[:S], args[S:2 * S], args[2 * S:3 * S]
+        rest = args[3 * S:]
+        g = rest.pop(0) if gate is not None else None
+        b = rest.pop(0) if bias is not None else None
+        return q, k, v, g, b
+
+    common = dict(peers=peers, normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
+                  scale=scale)
+
+    def kernel(*args):
+        q, k, v, g, b = split(args)
+        return peer_attention.peer_attention(q, k, v, gate=g, bias=b, backend="cuda",
+                                             enable_gqa=Hq != H, **common)
+
+    def reference(*args):
+        q, k, v, g, b = split(args)
+        return peer_attention_reference(q, k, v, gate=g, bias=b, **common)
+
+    assert_matches_reference(kernel, reference, inputs, dtype, grad=grad, seed=seed)
+
+
+# --- one stream: the SDPA case --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [32, 64, 96, 128])
+def test_single_stream_head_dims(dtype, E):
+    check_peer(dtype, q_lens=[128], kv_lens=[128], E=E, Ev=E)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,Ev", [(8, 8), (40, 40), (80, 80), (72, 24), (16, 120)])
+def test_single_stream_padded_head_dims(dtype, E, Ev):
+    check_peer(dtype, q_lens=[70], kv_lens=[90], E=E, Ev=Ev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,Ev", [(160, 160), (256, 256), (256, 64), (136, 200)])
+def test_large_head_dims(dtype, E, Ev):
+    check_peer(dtype, q_lens=[100], kv_lens=[77], E=E, Ev=Ev, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_head_dim_256(dtype, normalize):
+    check_peer(dtype, q_lens=[100, 40], kv_lens=[77, 90], E=256, Ev=256, Hq=4, H=2,
+               gate_shape=(2, 2, 2, 4, 256), normalize=normalize, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,M", [(1, 1), (1, 200), (200, 1), (63, 65), (129, 257), (300, 17)])
+def test_single_stream_lengths(dtype, L, M):
+    check_peer(dtype, q_lens=[L], kv_lens=[M], B=1, E=64, Ev=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,M", [(128, 128), (100, 100), (64, 200), (200, 64)])
+def test_single_stream_causal(dtype, L, M):
+    check_peer(dtype, q_lens=[L], kv_lens=[M], is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gqa(dtype):
+    check_peer(dtype, q_lens=[96, 40], kv_lens=[80, 50], Hq=6, H=2, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale(dtype):
+    check_peer(dtype, q_lens=[64], kv_lens=[64], scale=0.3)
+
+
+# --- several streams ------------------------------------------------------------------------
+
+PEERS3 = [[True, True, False], [False, True, True], [True, False, True]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_peer_table(dtype, normalize):
+    check_peer(dtype, q_lens=[70, 33, 128], kv_lens=[50, 140, 64], peers=PEERS3,
+               normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_gate(dtype, normalize):
+    check_peer(dtype, q_lens=[70, 33], kv_lens=[50, 100], gate_shape=(2, 2, 2, 2, 64),
+               normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_broadcast_gate(dtype, normalize):
+    check_peer(dtype, q_lens=[40, 90], kv_lens=[65, 30], gate_shape=(1, 2, 2, 1, 1),
+               normalize=normalize, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streams_bias(dtype):
+    check_peer(dtype, q_lens=[70, 33], kv_lens=[50, 100], bias_shape=(2, 2, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streams_gate_bias_causal(dtype):
+    check_peer(dtype, q_lens=[130, 64, 20], kv_lens=[130, 30, 20], bias_shape=(1, 3, 3, 1),
+               gate_shape=(2, 3, 3, 2, 64), is_causal=True, peers=PEERS3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_kv_lengths(dtype, normalize):
+    check_peer(dtype, q_lens=[70, 64], kv_lens=[90, 64], kv_lengths=[[90, 0], [17, 64]],
+               normalize=normalize, is_causal=True, gate_shape=(2, 2, 2, 1, 64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_empty_rows_and_streams(dtype, normalize):
+    # stream 1 attends to nobody; stream 2 is empty; in "joint" mode rows of stream 0 also see
+    # the empty stream 2 (the reference cannot take an attended empty key stream in "peer" mode:
+    # its per-peer softmax reduces over zero keys)
+    peers = [[True, False, normalize == "joint"], [False, False, False], [True, True, True]]
+    check_peer(dtype, q_lens=[20, 30, 0], kv_lens=[10, 40, 0], peers=peers, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_streams_head_dims(dtype, normalize):
+    for E, Ev in ((32, 32), (96, 96), (128, 128), (48, 80)):
+        check_peer(dtype, q_lens=[50, 70], kv_lens=[60, 45], E=E, Ev=Ev, normalize=normalize,
+                   gate_shape=(1, 2, 2, 2, Ev))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["bool", "float", "float_broadcast"])
+def test_sdpa_attn_mask(dtype, kind):
+    gen = torch.Generator().manual_seed(2)
+    B, H, L, M, E = 2, 3, 70, 90, 64
+    q = _randn(B, H, L, E, gen=gen)
+    k, v = _randn(B, H, M, E, gen=gen), _randn(B, H, M, E, gen=gen)
+    if kind == "bool":
+        mask = torch.rand(B, 1, L, M, generator=gen) > 0.3
+        mask[:, :, 5] = False  # a row that may attend to nothing: output and gradients 0
+        mask = mask.to(DEVICE)
+    elif kind == "float":
+        mask = _randn(B, H, L, M, gen=gen)  # a float mask that requires grad
+    else:
+        mask = _randn(1, 1, L, M, gen=gen)
+
+    def kernel(q, k, v, mask):
+        return peer_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           backend="cuda")
+
+    assert_matches_reference(kernel, sdpa_reference, [q, k, v, mask], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_drop_in(dtype):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 77, 64, generator=gen, dtype=torch.float64).to(DEVICE)
+               .requires_grad_() for _ in range(3))
+
+    def kernel(q, k, v):
+        return peer_attention.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           backend="cuda")
+
+    def reference(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+    assert_matches_reference(kernel, reference, [q, k, v], dtype)
