@@ -86,6 +86,9 @@ def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend
         if UNAVAILABLE[candidate]:
             continue  # cannot run on this machine at all: no need to look at the problem
         backend = BACKENDS[candidate]
+        auto_devices = backend.capabilities.auto_devices
+        if auto_devices is not None and problem.q.device.type not in auto_devices:
+            continue
         if not backend.not_supported_reasons(problem):
             return backend
     raise NotImplementedError(  # unreachable while the reference serves every valid problem

@@ -33,7 +33,8 @@ def two_streams(**kwargs):
 
 def test_available_backends_keys_and_reasons():
     available = pa.available_backends()
-    assert list(available) == ["cuda", "triton", "reference"]
+    assert sorted(available) == ["cuda", "reference", "triton"]
+    assert list(available) == list(dispatch.SPEED_ORDER)  # listed in auto's order of preference
     assert available["reference"] is None
     for name, reason in available.items():
         assert reason is None or (isinstance(reason, str) and reason.strip()), name
@@ -304,3 +305,12 @@ def test_limited_capability_does_not_block_problems_without_the_feature(case, fa
     plain = api.sdpa_problem(*qkv())
     assert fake.not_supported_reasons(plain) == []
     assert dispatch.select(plain).name == FAKE
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu(no_env):
+    q, k, v = (t.float() for t in qkv())
+    problem = api.sdpa_problem(q, k, v)
+    assert dispatch.BACKENDS["triton"].capabilities.auto_devices == frozenset({"cuda"})
+    assert dispatch.select(problem).name == "reference"
+    if not dispatch.BACKENDS["triton"].not_supported_reasons(problem):  # interpreter on
+        assert dispatch.select(problem, "triton").name == "triton"  # explicit still may

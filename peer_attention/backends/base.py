@@ -41,6 +41,8 @@ class Capabilities:
     kv_lengths: bool = True
     max_streams: Optional[int] = None            # None = any S
     normalize: FrozenSet[str] = field(default_factory=lambda: frozenset({"joint", "peer"}))
+    # devices where auto may pick it (None = all of `devices`); an explicit request may use any
+    auto_devices: Optional[FrozenSet[str]] = None
 
 
 class Backend:

@@ -30,7 +30,7 @@ BACKWARD_256_SMEM_BYTES = 132736
 
 def _extension_error() -> Optional[str]:
     if importlib.util.find_spec("peer_attention._C") is None:
-        return ("peer_attention._C was not built (this install has no CUDA extension; reinstall "
+        return ("peer_attention._C is not built (this install has no CUDA extension; reinstall "
                 "with a CUDA toolkit and PEER_ATTENTION_BUILD_CUDA=1)")
     try:
         from .. import _C  # noqa: F401  (importing registers the kernels)

@@ -1,7 +1,7 @@
 """The reference backend: the plain-PyTorch oracle served through the same seam as the kernels.
 
-It runs anywhere torch runs (CPU included), in every float dtype. Its backward recomputes the
-forward under autograd, so its gradients are exactly the oracle's.
+It runs anywhere torch runs (CPU included), in every float dtype (float16/bfloat16 computed in
+float32). Its backward recomputes the forward under autograd, so its gradients are the oracle's.
 """
 from __future__ import annotations
 
@@ -22,20 +22,29 @@ def _dropout_mask(problem: AttentionProblem):
 
 
 def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, return_lse):
-    queries = q.split(list(problem.q_lens), dim=2)
-    keys = k.split(list(problem.kv_lens), dim=2)
-    values = v.split(list(problem.kv_lens), dim=2)
+    # float16/bfloat16 are computed in float32 and rounded once at the end, as torch's math SDPA
+    # does on the CPU: the CPU path is then as accurate as a fused kernel
+    io_dtype = q.dtype
+    compute = torch.float32 if io_dtype in (torch.float16, torch.bfloat16) else io_dtype
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
     if gate is not None:
-        gate = gate.to(v.dtype)
+        gate = gate.to(compute)
     if bias is not None:
-        bias = bias.to(q.dtype)
-    return peer_attention_reference(
-        queries, keys, values,
+        bias = bias.to(compute)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(compute)
+    result = peer_attention_reference(
+        q.split(list(problem.q_lens), dim=2),
+        k.split(list(problem.kv_lens), dim=2),
+        v.split(list(problem.kv_lens), dim=2),
         peers=problem.peers_nested(), gate=gate, bias=bias, normalize=problem.normalize,
         is_causal=problem.is_causal, kv_lengths=problem.kv_lengths, scale=problem.scale,
         attn_mask=attn_mask, dropout_mask=_dropout_mask(problem), dropout_p=problem.dropout_p,
         return_lse=return_lse,
     )
+    outs, lses = result if return_lse else (result, None)
+    outs = [o.to(io_dtype) for o in outs]
+    return (outs, lses) if return_lse else outs
 
 
 class ReferenceBackend(Backend):

@@ -38,6 +38,8 @@ class TritonBackend(Backend):
     name = "triton"
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
+        # the interpreter is for testing kernels, far slower than the reference: never auto on CPU
+        auto_devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=256,
     )
