@@ -64,6 +64,7 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
+        "transformers": ["transformers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
