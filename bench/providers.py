@@ -300,6 +300,21 @@ def _flex_peer_packed(case: Case, x: Inputs, flex) -> Built:
     return run, "one flex call over the packed streams"
 
 
+# Closures, not default arguments: flex_attention ignores a mod's default arguments (seen in
+# torch 2.11: every pair got the first pair's bias).
+def _pair_mask_mod(causal: bool, kv_lengths: Optional[torch.Tensor]):
+    def mask_mod(b, h, qi, ki):
+        ok = (qi >= ki) if causal else (ki >= 0)
+        return ok if kv_lengths is None else ok & (ki < kv_lengths[b])
+    return mask_mod
+
+
+def _head_bias_score_mod(head_bias: torch.Tensor):
+    def score_mod(score, b, h, qi, ki):
+        return score + head_bias[h]
+    return score_mod
+
+
 def _flex_peer_pairs(case: Case, x: Inputs, flex) -> Built:
     """Gates (not expressible in flex) or per-peer softmax: one flex call per attended pair, then
     the gated sum; joint mode merges the pairs with their log-sum-exps."""
@@ -308,15 +323,11 @@ def _flex_peer_pairs(case: Case, x: Inputs, flex) -> Built:
     masks = {}
     for s, p in case.attended_pairs():
         causal = case.is_causal and s == p
-        lens = x.kv_lengths
+        lens = None if x.kv_lengths is None else x.kv_lengths[:, p]
         if not causal and lens is None:
             masks[(s, p)] = None
             continue
-
-        def mask_mod(b, h, qi, ki, causal=causal, p=p, lens=lens):
-            ok = (qi >= ki) if causal else (ki >= 0)
-            return ok & (ki < lens[b, p]) if lens is not None else ok
-        masks[(s, p)] = _block_mask(mask_mod, case.batch if lens is not None else None,
+        masks[(s, p)] = _block_mask(_pair_mask_mod(causal, lens), case.batch if lens is not None else None,
                                     case.q_lens[s], case.kv_lens[p], device)
     bias = x.bias
     scale = case.head_dim ** -0.5
@@ -328,9 +339,7 @@ def _flex_peer_pairs(case: Case, x: Inputs, flex) -> Built:
             for p in range(case.num_streams):
                 if not table[s][p]:
                     continue
-                score_mod = None
-                if bias is not None:
-                    score_mod = lambda score, b, h, qi, ki, s=s, p=p: score + bias[0, s, p, h]  # noqa: E731
+                score_mod = None if bias is None else _head_bias_score_mod(bias[0, s, p])
                 out, lse = _flex_call(flex, q, x.keys[p], x.values[p], score_mod, masks[(s, p)], scale,
                                       _gqa(case), joint)
                 if x.gate is not None:
