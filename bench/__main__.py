@@ -72,8 +72,8 @@ def parse_args(argv=None):
 
 def _settings(quick: bool) -> RunSettings:
     if quick:
-        return RunSettings(TimingSettings(warmup=1, repeats=5, budget_s=0.2, warmup_ms=5, rep_ms=20),
-                           overhead_calls=100, overhead_samples=15)
+        return RunSettings(TimingSettings(warmup=1, repeats=5, budget_s=0.1, warmup_ms=5, rep_ms=20),
+                           overhead_calls=50, overhead_samples=31)
     return RunSettings()
 
 

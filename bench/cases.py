@@ -102,7 +102,7 @@ def sdpa_suite(dtype: str, device: str, quick: bool) -> List[Case]:
     """Causal and non-causal, E in {64,128,256}, L = 512..16k at 16k tokens per batch; then GQA,
     bool/float masks and dropout at E = 128."""
     if quick:
-        lens, head_dims, tokens, hidden, main_dim = (64, 128), (32, 64), 256, 128, 32
+        lens, head_dims, tokens, hidden, main_dim = (32, 64), (16, 32), 128, 64, 16
     else:
         lens, head_dims, tokens, hidden, main_dim = (512, 1024, 2048, 4096, 8192, 16384), (64, 128, 256), \
             TOKENS_PER_BATCH, HIDDEN, 128
@@ -136,7 +136,7 @@ def peer_suite(dtype: str, device: str, quick: bool) -> List[Case]:
     """2-4 streams of different lengths (longest L, others L/2, L/4), dense and sparse peer
     tables, joint and per-peer normalisation, gates, bias, causal self pairs, kv_lengths."""
     if quick:
-        lens, heads, head_dim, tokens = (64, 128), 2, 32, 256
+        lens, heads, head_dim, tokens = (32, 64), 2, 16, 128
     else:
         lens, heads, head_dim, tokens = (512, 1024, 2048, 4096, 8192, 16384), 16, 64, TOKENS_PER_BATCH
     cases = []
@@ -152,7 +152,7 @@ def peer_suite(dtype: str, device: str, quick: bool) -> List[Case]:
 def memory_suite(dtype: str, device: str, quick: bool) -> List[Case]:
     """Peak memory against sequence length: batch 1, fixed heads, growing L."""
     if quick:
-        lens, heads, head_dim = (64, 128, 256), 2, 32
+        lens, heads, head_dim = (32, 64, 128), 2, 16
     else:
         lens, heads, head_dim = (1024, 2048, 4096, 8192, 16384), 16, 128
     cases = []

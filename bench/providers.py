@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .cases import Case, Inputs
 
 PACKAGE_BACKENDS = ("triton", "cuda", "reference")
+CUDA_ONLY_SDPA = ("efficient", "cudnn")
 
 
 class Unavailable(Exception):
@@ -82,6 +83,8 @@ def _torch_sdpa(label: str, backend_attr: str) -> Provider:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = getattr(SDPBackend, backend_attr)
+        if label in CUDA_ONLY_SDPA and x.queries[0].device.type != "cuda":
+            raise Unsupported(f"torch SDPA {label} runs on CUDA tensors only")
 
         def run():
             with sdpa_kernel([backend]):
