@@ -14,6 +14,7 @@ outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, neve
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -99,10 +100,16 @@ def _torch_sdpa(label: str, backend_attr: str) -> Provider:
             except RuntimeError as exc:
                 if "No viable backend" not in str(exc) and "No available kernel" not in str(exc):
                     raise
-                why = "; ".join(str(w.message).strip().splitlines()[0] for w in caught) or str(exc)
+                why = "; ".join(_torch_warning_text(w.message) for w in caught) or str(exc)
                 raise Unsupported(f"torch SDPA {label} cannot run this case: {why}") from None
         return run, ""
     return Provider(f"torch.{label}", False, ("sdpa",), build, materializes_scores=(label == "math"))
+
+
+def _torch_warning_text(message) -> str:
+    """torch's refusal reason without its '(Triggered internally at file:line.)' tails."""
+    text = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(message))
+    return " ".join(text.split())
 
 
 # ---- plain-PyTorch compositions for peer attention -----------------------------------------
