@@ -17,9 +17,9 @@ import time
 import torch
 
 from .cases import DTYPES, MODE_ALIASES, MODES, SUITES, build_cases
-from .providers import Provider, Unavailable, all_providers
+from .providers import Provider, all_providers
 from .report import complete, format_table, metadata, write_csv, write_json, write_plots
-from .runner import RunSettings, count_rows, run_cases
+from .runner import RunSettings, Skipped, count_rows, run_cases
 from .timing import TimingSettings
 
 DEFAULT_OUT = os.path.join("bench", "out")
@@ -80,8 +80,8 @@ def _settings(quick: bool) -> RunSettings:
 def _quick_gpu_flex(providers):
     """Compiling FlexAttention for each shape would take longer than --quick's minute or two."""
     def build(case, inputs):
-        raise Unavailable("skipped in --quick on a GPU: compiling FlexAttention per shape takes "
-                          "minutes; run without --quick")
+        raise Skipped("in --quick on a GPU: compiling FlexAttention per shape takes minutes; "
+                      "run without --quick or name it with --provider")
     return [Provider(p.name, p.package, p.kinds, build) if p.name == "flex" else p for p in providers]
 
 

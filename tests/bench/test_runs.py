@@ -167,3 +167,35 @@ def test_profile_writes_a_trace(tmp_path, capsys):
     files = os.listdir(tmp_path)
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".txt") for f in files)
     assert "Self CPU" in capsys.readouterr().out
+
+
+PEER_VARIANTS = [dict(), dict(gate=True, kv_padding=True, is_causal=True),
+                 dict(normalize="peer", bias=False, gate=True, kv_padding=True, is_causal=True)]
+
+
+@pytest.mark.parametrize("variant", range(len(PEER_VARIANTS)))
+def test_peer_compositions_and_flex_match_the_reference(variant):
+    """Every family of the peer suite, with extra options, through flex and the compositions:
+    whatever can run passes the check (forward; the compositions also backward)."""
+    import dataclasses
+
+    from bench.check import Oracle
+    from bench.providers import Unsupported
+
+    cases = _smallest_per_family(build_cases(["peer"], ["float32"], "cpu", quick=True), limit=10)
+    cases = [dataclasses.replace(c, batch=1, **PEER_VARIANTS[variant]) for c in cases]
+    cases = [dataclasses.replace(c, bias=False) if c.normalize == "peer" else c for c in cases]
+    checked = 0
+    for case in cases:
+        for with_grads, names in ((False, ["flex", "compose.pairs", "compose.concat"]),
+                                  (True, ["compose.pairs", "compose.concat"])):
+            oracle = Oracle(case, with_grads)
+            for provider in _providers(names):
+                try:
+                    run, _ = provider.build(case, oracle.inputs)
+                except Unsupported:
+                    continue
+                correct, err, failure = oracle.compare(run)
+                assert correct, (case.case_id, provider.name, with_grads, failure)
+                checked += 1
+    assert checked >= 3 * len(cases)  # flex + one composition forward, that composition backward
