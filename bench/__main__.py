@@ -1,0 +1,149 @@
+"""python -m bench: time this package's kernels against torch SDPA, FlexAttention and compositions.
+
+    python -m bench --quick                      # a minute or two, any machine (CPU: tiny shapes)
+    python -m bench --suite sdpa --mode fwd --dtype bfloat16
+    python -m bench --list --suite peer          # the case ids
+    python -m bench --profile --case sdpa/E=128,causal=True/B4/L4096 --provider pa.triton --mode fwd
+
+See bench/README.md for the figures and their formulas.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from .cases import DTYPES, MODE_ALIASES, MODES, SUITES, build_cases
+from .providers import Provider, all_providers
+from .report import complete, format_table, metadata, write_csv, write_json, write_plots
+from .runner import RunSettings, Skipped, count_rows, run_cases
+from .timing import TimingSettings
+
+DEFAULT_OUT = os.path.join("bench", "out")
+
+
+def _csv_list(text: str, allowed, aliases=None):
+    items = [aliases.get(t, t) if aliases else t for t in (s.strip() for s in text.split(",")) if t]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (a minute or two)")
+    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    parser.add_argument("--mode", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} "
+                        "(or forward, backward, forward+backward)")
+    parser.add_argument("--dtype", default=None, help="comma list of float16, bfloat16, float32 "
+                        "(default: float16,bfloat16 on GPU; float32 on CPU)")
+    parser.add_argument("--provider", default=None, help="comma list of provider names (default: all)")
+    parser.add_argument("--case", default=None, help="only cases whose id contains this text")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out)")
+    parser.add_argument("--list", action="store_true", help="print the selected case ids and providers, run nothing")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one case (chosen with --case, --provider, --mode, --dtype): "
+                             "torch.profiler trace + per-kernel table in --out")
+    args = parser.parse_args(argv)
+    try:
+        args.suites = _csv_list(args.suite, SUITES)
+        args.modes = _csv_list(args.mode, MODES, MODE_ALIASES)
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        default_dtypes = "float16,bfloat16" if args.device == "cuda" else "float32"
+        if args.quick and args.device == "cuda":
+            default_dtypes = "float16"
+        args.dtypes = _csv_list(args.dtype or default_dtypes, tuple(DTYPES))
+        providers = all_providers()
+        names = _csv_list(args.provider, tuple(providers)) if args.provider else list(providers)
+        args.providers = [providers[n] for n in names]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def _settings(quick: bool) -> RunSettings:
+    if quick:
+        return RunSettings(TimingSettings(warmup=1, repeats=5, budget_s=0.1, warmup_ms=5, rep_ms=20),
+                           overhead_calls=50, overhead_samples=31)
+    return RunSettings()
+
+
+def _quick_gpu_flex(providers):
+    """Compiling FlexAttention for each shape would take longer than --quick's minute or two."""
+    def build(case, inputs):
+        raise Skipped("in --quick on a GPU: compiling FlexAttention per shape takes minutes; "
+                      "run without --quick or name it with --provider")
+    return [Provider(p.name, p.package, p.kinds, build) if p.name == "flex" else p for p in providers]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cases = build_cases(args.suites, args.dtypes, args.device, args.quick)
+    if args.case:
+        cases = [c for c in cases if args.case in c.case_id]
+    providers = args.providers
+    if args.quick and args.device == "cuda" and not (args.provider and "flex" in args.provider):
+        providers = _quick_gpu_flex(providers)
+    if args.list:
+        print("\n".join(c.case_id for c in cases))
+        print("providers:", ", ".join(p.name for p in providers))
+        return 0
+    if not cases:
+        print("no case matches the filters", file=sys.stderr)
+        return 2
+    if args.profile:
+        from .profile import profile_case
+
+        case, provider = cases[0], providers[0]
+        if len(cases) > 1:
+            print(f"{len(cases)} cases match; profiling the first: {case.case_id} (narrow with --case)")
+        print(profile_case(case, provider, args.modes[0], args.out))
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    meta = metadata()
+    print(f"device: {meta['device_name']} | torch {meta['torch_version']} | triton {meta['triton_version']} "
+          f"| CUDA {meta['cuda_version']} | commit {meta['git_commit']}")
+    import peer_attention as pa
+    print("package backends:", ", ".join(f"{n}: {why or 'available'}" for n, why in pa.available_backends().items()))
+    start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+        progress = tqdm(total=count_rows(cases, providers, args.modes), unit="row", file=sys.stderr)
+    except ImportError:
+        progress = None
+    try:
+        rows = run_cases(cases, providers, args.modes, _settings(args.quick), progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    elapsed = time.perf_counter() - start
+    rows = complete(rows, meta)
+    print(format_table(rows))
+    write_csv(rows, os.path.join(args.out, "results.csv"))
+    settings = {"argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
+                "device": args.device, "elapsed_s": round(elapsed, 1)}
+    write_json(rows, meta, settings, os.path.join(args.out, "results.json"))
+    plots = [] if args.no_plots else write_plots(rows, meta, args.out)
+    for r in rows:
+        if r["suite"] == "overhead" and r["status"] == "ok":
+            print(f"overhead {r['family']} {r['provider']}: API {r['ms'] * 1e3:.1f} us, op {r['op_us']:.1f} us, "
+                  f"difference {r['overhead_us']:.1f} us (target <= 20 us)")
+    wrong = [r for r in rows if r["correct"] is False]
+    if wrong:
+        print(f"WARNING: {len(wrong)} rows failed the reference check (column correct=False)")
+    print(f"{len(rows)} rows in {elapsed:.1f} s; wrote {args.out}/results.csv, results.json and {len(plots)} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The Python cost of a call (issue 2, "Performance"): the public API against the backend's op.
+
+On a prebuilt problem (api.sdpa_problem / api.peer_problem), the direct call is
+`dispatch.forward_op(name)(*problem.op_args())`: the registered op and the kernel, nothing
+else. The API call adds validation, layout normalisation, backend selection and the output
+views. Both are timed in loops of `calls` calls, alternating API and op loops `samples` times.
+Each figure is the fastest loop's time per call (as timeit recommends: slower loops measure
+other processes, not the code), and the overhead is fastest API loop - fastest op loop, in
+microseconds per call. Target: <= 20 us.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Dict, List
+
+import torch
+
+from .cases import Case, make_inputs
+
+TARGET_US = 20.0
+
+
+def _calls(case: Case, backend):
+    import peer_attention as pa
+    from peer_attention import api, dispatch
+
+    x = make_inputs(case)
+    if case.kind == "sdpa":
+        q, k, v = x.queries[0], x.keys[0], x.values[0]
+        problem = api.sdpa_problem(q, k, v)
+
+        def api_call():
+            return pa.scaled_dot_product_attention(q, k, v, backend=backend)
+    else:
+        opts = dict(peers=case.peer_table(), gate=x.gate, bias=x.bias, normalize=case.normalize,
+                    is_causal=case.is_causal, kv_lengths=x.kv_lengths)
+        problem = api.peer_problem(x.queries, x.keys, x.values, **opts)
+
+        def api_call():
+            return pa.peer_attention(x.queries, x.keys, x.values, backend=backend, **opts)
+    served_by = dispatch.select(problem, backend).name
+    op = dispatch.forward_op(served_by)
+
+    def op_call():
+        return op(*problem.op_args())
+    return api_call, op_call, served_by
+
+
+def _loop_us(fn, calls: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(case: Case, backend, calls: int = 100, samples: int = 41) -> Dict[str, float]:
+    """{'api_us', 'op_us', 'overhead_us', 'served_by'} for one backend (None = auto)."""
+    api_call, op_call, served_by = _calls(case, backend)
+    with torch.no_grad():
+        for fn in (api_call, op_call):  # warm-up (first calls pay for imports and caches)
+            _loop_us(fn, max(10, calls // 10), case.device)
+        api_us: List[float] = []
+        op_us: List[float] = []
+        for _ in range(samples):
+            api_us.append(_loop_us(api_call, calls, case.device))
+            op_us.append(_loop_us(op_call, calls, case.device))
+    return {
+        "api_us": min(api_us),
+        "op_us": min(op_us),
+        "overhead_us": min(api_us) - min(op_us),
+        "api_median_us": statistics.median(api_us),
+        "op_median_us": statistics.median(op_us),
+        "served_by": served_by,
+    }

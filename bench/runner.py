@@ -1,0 +1,203 @@
+"""Run cases x providers x modes; one result row (a dict, see report.COLUMNS) per combination."""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import overhead
+from .cases import Case, Inputs, make_inputs
+from .check import Oracle, check_case, score_elements
+from .flops import case_flops, tflops_per_s
+from .providers import PACKAGE_BACKENDS, Provider, Unavailable, Unsupported
+from .timing import TimingSettings, median_ms, peak_memory_mb
+
+BACKWARD_MODES = ("bwd", "fwd+bwd")
+
+
+@dataclass
+class RunSettings:
+    timing: TimingSettings = field(default_factory=TimingSettings)
+    overhead_calls: int = 100
+    overhead_samples: int = 41
+
+
+class Skipped(Exception):
+    pass
+
+
+def case_fields(case: Case) -> Dict[str, object]:
+    return {
+        "suite": case.suite, "case_id": case.case_id, "family": case.family, "kind": case.kind,
+        "dtype": case.dtype, "device_type": case.device, "batch": case.batch, "q_heads": case.q_heads,
+        "kv_heads": case.kv_heads, "head_dim": case.head_dim, "value_dim": case.value_dim,
+        "q_lens": "x".join(map(str, case.q_lens)), "kv_lens": "x".join(map(str, case.kv_lens)),
+        "seq_len": case.seq_len, "num_streams": case.num_streams, "is_causal": case.is_causal,
+        "mask": case.mask or "", "dropout_p": case.dropout_p,
+        "peers": "" if case.peers is None else "/".join("".join("1" if v else "0" for v in row) for row in case.peers),
+        "gate": case.gate, "bias": case.bias, "kv_padding": case.kv_padding, "normalize": case.normalize,
+    }
+
+
+def _score_limit_bytes(device: str) -> float:
+    if device == "cuda":
+        return 0.5 * torch.cuda.get_device_properties(0).total_memory
+    return 4 * 2**30
+
+
+def _timed(fn: Callable, x: Inputs, mode: str) -> Callable[[], object]:
+    """The function one timed run calls: the forward, the backward alone (of one retained
+    forward graph), or both."""
+    if mode == "fwd":
+        return fn
+    wanted = x.differentiable()
+
+    def grads(outs):
+        pairs = [(o, g) for o, g in zip(outs, x.grad_outputs) if o.requires_grad]
+        return torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                   retain_graph=(mode == "bwd"), allow_unused=True)
+    if mode == "fwd+bwd":
+        return lambda: grads(fn())
+    outs = fn()
+    return lambda: grads(outs)
+
+
+def _error_status(exc: BaseException):
+    if isinstance(exc, Unavailable):
+        return "unavailable", str(exc)
+    if isinstance(exc, (Unsupported, NotImplementedError)):
+        return "unsupported", str(exc)
+    if isinstance(exc, Skipped):
+        return "skipped", str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "oom", "out of memory"
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return "error", f"{type(exc).__name__}: {first_line}"[:300]
+
+
+def run_provider(case: Case, provider: Provider, oracle: Oracle, inputs: Inputs,
+                 modes: Sequence[str], settings: RunSettings) -> List[Dict[str, object]]:
+    """Check `provider` once on the oracle's case, then time it on `case` in each mode."""
+    base = dict(case_fields(case), provider=provider.name, package=provider.package)
+    rows = []
+    try:
+        if provider.materializes_scores:
+            need = score_elements(case) * 4 * (4 if oracle.with_grads else 2)
+            if need > _score_limit_bytes(case.device):
+                raise Skipped(f"it materialises the L x M scores (about {need / 2**30:.1f} GiB)")
+        run_check, note = provider.build(oracle.case, oracle.inputs)
+        correct, err, failure = oracle.compare(run_check)
+        run = run_check if oracle.inputs is inputs else provider.build(case, inputs)[0]
+    except Exception as exc:  # reported in the table, never dropped
+        status, reason = _error_status(exc)
+        return [dict(base, mode=m, status=status, note=reason) for m in modes]
+    notes = [n for n in (note, oracle.note, failure) if n]
+    for mode in modes:
+        row = dict(base, mode=mode, correct=correct, max_err=err)
+        try:
+            timed = _timed(run, inputs, mode)
+            ms = median_ms(timed, case.device, settings.timing)
+            flops = case_flops(case, mode)
+            row.update(status="ok", ms=ms, flops=flops, tflops=tflops_per_s(flops, ms),
+                       peak_mb=peak_memory_mb(timed, case.device))
+            del timed
+        except Exception as exc:
+            status, reason = _error_status(exc)
+            row.update(status=status)
+            notes_mode = notes + [reason]
+            rows.append(dict(row, note="; ".join(notes_mode)))
+            continue
+        rows.append(dict(row, note="; ".join(notes)))
+    return rows
+
+
+def add_speedups(rows: List[Dict[str, object]]) -> None:
+    """speedup = (ms of the best correct non-package provider of the same case and mode) / ms."""
+    best: Dict[tuple, float] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("correct") is True and not r["package"] and r.get("ms"):
+            key = (r["case_id"], r["mode"])
+            best[key] = min(best.get(key, float("inf")), r["ms"])
+    for r in rows:
+        key = (r["case_id"], r["mode"])
+        if r.get("status") == "ok" and r.get("ms") and key in best:
+            r["speedup"] = best[key] / r["ms"]
+
+
+def run_overhead(case: Case, backends: Sequence[Optional[str]], settings: RunSettings):
+    import peer_attention as pa
+
+    rows = []
+    for backend in backends:
+        name = f"pa.{backend or 'auto'}"
+        base = dict(case_fields(case), provider=name, package=True, mode="fwd")
+        reason = pa.available_backends().get(backend) if backend else None
+        if reason:
+            rows.append(dict(base, status="unavailable", note=reason))
+            continue
+        try:
+            m = overhead.measure(case, backend, settings.overhead_calls, settings.overhead_samples)
+        except Exception as exc:
+            status, why = _error_status(exc)
+            rows.append(dict(base, status=status, note=why))
+            continue
+        met = "met" if m["overhead_us"] <= overhead.TARGET_US else "NOT met"
+        served = f"auto chose {m['served_by']}; " if backend is None else ""
+        rows.append(dict(base, status="ok", ms=m["api_us"] / 1e3, op_us=m["op_us"],
+                         overhead_us=m["overhead_us"],
+                         note=f"{served}target <= {overhead.TARGET_US:g} us {met}; fastest of "
+                              f"{settings.overhead_samples} loops of {settings.overhead_calls} calls; medians: "
+                              f"API {m['api_median_us']:.1f} us, op {m['op_median_us']:.1f} us"))
+    return rows
+
+
+def run_cases(cases: Sequence[Case], providers: Sequence[Provider], modes: Sequence[str],
+              settings: RunSettings, progress=None) -> List[Dict[str, object]]:
+    rows: List[Dict[str, object]] = []
+    for case in cases:
+        if case.suite == "overhead":
+            backends = [b for b in PACKAGE_BACKENDS if f"pa.{b}" in {p.name for p in providers}] + [None]
+            rows += run_overhead(case, backends, settings)
+            if progress is not None:
+                progress.update(len(backends))
+            continue
+        case_rows: List[Dict[str, object]] = []
+        applicable = [p for p in providers if case.kind in p.kinds]
+        groups = [(False, [m for m in modes if m == "fwd"]), (True, [m for m in modes if m in BACKWARD_MODES])]
+        for with_grads, group_modes in groups:
+            if not group_modes:
+                continue
+            checked, check_note = check_case(case)
+            oracle = Oracle(checked, with_grads)
+            oracle.note = check_note
+            inputs = oracle.inputs if checked == case else make_inputs(case, requires_grad=with_grads)
+            for provider in applicable:
+                if progress is not None:
+                    progress.set_postfix_str(f"{case.case_id} {provider.name}"[-60:], refresh=False)
+                case_rows += run_provider(case, provider, oracle, inputs, group_modes, settings)
+                if progress is not None:
+                    progress.update(len(group_modes))
+                _release(case.device)
+            del oracle, inputs
+            _release(case.device)
+        add_speedups(case_rows)
+        rows += case_rows
+    return rows
+
+
+def count_rows(cases: Sequence[Case], providers: Sequence[Provider], modes: Sequence[str]) -> int:
+    total = 0
+    for case in cases:
+        if case.suite == "overhead":
+            total += len([p for p in providers if p.name.startswith("pa.")]) + 1
+        else:
+            total += len([p for p in providers if case.kind in p.kinds]) * len(modes)
+    return total
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
