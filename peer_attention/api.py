@@ -79,7 +79,7 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
     if kv_lengths is not None and kv_lengths.device != q.device:
         kv_lengths = kv_lengths.to(q.device)
     return AttentionProblem(
-        q, k, v, tuple(t.shape[2] for t in queries), tuple(t.shape[2] for t in keys), peers_flat,
+        q, k, v, tuple([t.shape[2] for t in queries]), tuple([t.shape[2] for t in keys]), peers_flat,
         gate, bias, kv_lengths, None, None, 0.0, is_causal, scale, normalize,
     )
 
@@ -96,4 +96,4 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
     out, _ = dispatch.run(problem, backend)
     if problem.num_streams == 1:
         return [out]
-    return list(out.split(list(problem.q_lens), dim=2))
+    return list(out.split_with_sizes(problem.q_lens, dim=2))
