@@ -7,6 +7,7 @@ Figures per row (one row per case x provider x mode):
   speedup   ms of the best correct non-package provider of the same case and mode / ms
   correct   the provider matched the float64 reference once before timing (check.py)
   op_us, overhead_us   overhead suite only: the backend's op called directly, and API - op
+  python_us  overhead suite only: the API's own Python cost (the op stubbed out, overhead.py)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ CASE_COLUMNS = ["suite", "case_id", "family", "kind", "dtype", "device_type", "b
                 "kv_heads", "head_dim", "value_dim", "q_lens", "kv_lens", "seq_len", "num_streams",
                 "is_causal", "mask", "dropout_p", "peers", "gate", "bias", "kv_padding", "normalize"]
 RESULT_COLUMNS = ["mode", "provider", "package", "status", "correct", "max_err", "ms", "flops", "tflops",
-                  "peak_mb", "speedup", "op_us", "overhead_us", "note"]
+                  "peak_mb", "speedup", "op_us", "overhead_us", "python_us", "note"]
 META_COLUMNS = ["device_name", "torch_version", "triton_version", "cuda_version", "git_commit"]
 COLUMNS = CASE_COLUMNS + RESULT_COLUMNS + META_COLUMNS
 STATUSES = ("ok", "unavailable", "unsupported", "skipped", "oom", "error")

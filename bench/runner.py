@@ -143,11 +143,11 @@ def run_overhead(case: Case, backends: Sequence[Optional[str]], settings: RunSet
             status, why = _error_status(exc)
             rows.append(dict(base, status=status, note=why))
             continue
-        met = "met" if m["overhead_us"] <= overhead.TARGET_US else "NOT met"
+        met = "met" if m["python_us"] <= overhead.TARGET_US else "NOT met"
         served = f"auto chose {m['served_by']}; " if backend is None else ""
         rows.append(dict(base, status="ok", ms=m["api_us"] / 1e3, op_us=m["op_us"],
-                         overhead_us=m["overhead_us"],
-                         note=f"{served}target <= {overhead.TARGET_US:g} us {met}; fastest of "
+                         overhead_us=m["overhead_us"], python_us=m["python_us"],
+                         note=f"{served}Python side target <= {overhead.TARGET_US:g} us {met}; fastest of "
                               f"{settings.overhead_samples} loops of {settings.overhead_calls} calls; medians: "
                               f"API {m['api_median_us']:.1f} us, op {m['op_median_us']:.1f} us"))
     return rows
