@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
 from .fwd import kernel_flags, num_row_tiles, shared_args
-from .tiles import LOG2E, dropout_keep, key_bounds, masked_scores, mma, to_io
+from .tiles import LOG2E, dropout_keep, key_bounds, masked_scores, mma, row_tile, to_io
 from .utils import INTERPRET, dropout_args
 
 
@@ -52,16 +52,9 @@ def _bwd_preprocess(
     NEED_DGATE: tl.constexpr, EXACT_DELTA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    kvh = h // group_size
-    q_start = tl.load(QOff + s)
-    q_len = tl.load(QOff + s + 1) - q_start
-    m_start = pid_m * BLOCK_M
-    if m_start >= q_len:
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h, kvh, s, q_start, q_len, m_start = row_tile(QOff, num_q_heads, group_size, BLOCK_M)
+    if m_start >= q_len:  # the grid covers the longest stream
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, E_PAD)
@@ -165,16 +158,9 @@ def _bwd_dq(
     NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    kvh = h // group_size
-    q_start = tl.load(QOff + s)
-    q_len = tl.load(QOff + s + 1) - q_start
-    m_start = pid_m * BLOCK_M
-    if m_start >= q_len:
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h, kvh, s, q_start, q_len, m_start = row_tile(QOff, num_q_heads, group_size, BLOCK_M)
+    if m_start >= q_len:  # the grid covers the longest stream
         return
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, E_PAD)

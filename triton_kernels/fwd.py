@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .configs import interpreter_meta, tune_len, tuned
-from .tiles import LN2, LOG2E, dropout_keep, key_bounds, masked_scores, mma, to_io
+from .tiles import LN2, LOG2E, dropout_keep, key_bounds, masked_scores, mma, row_tile, to_io
 from .utils import (INTERPRET, dropout_args, mask_for_kernel, mask_kind, padded_dim,
                     stream_tables, strides_or_zero, use_f32_dot)
 
@@ -35,15 +35,8 @@ def _attn_fwd(
     HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    s = tl.program_id(2)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    kvh = h // group_size  # GQA: the shared key/value head, read in place
-    q_start = tl.load(QOff + s)
-    q_len = tl.load(QOff + s + 1) - q_start
-    m_start = pid_m * BLOCK_M
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h, kvh, s, q_start, q_len, m_start = row_tile(QOff, num_q_heads, group_size, BLOCK_M)
     if m_start >= q_len:  # the grid covers the longest stream
         return
 

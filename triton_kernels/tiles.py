@@ -15,6 +15,20 @@ MASK_FLOAT = tl.constexpr(2)
 
 
 @triton.jit
+def row_tile(QOff, num_q_heads, group_size, BLOCK_M: tl.constexpr):
+    """Where a program of a row-major kernel (grid: query tile, batch*head, stream) stands:
+    (b, h, kv head, s, the stream's first packed row, its length, the tile's first row)."""
+    bh = tl.program_id(1)
+    s = tl.program_id(2)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    q_start = tl.load(QOff + s)
+    q_len = tl.load(QOff + s + 1) - q_start
+    # GQA: query head h reads the shared key/value head h // group_size in place
+    return b, h, h // group_size, s, q_start, q_len, tl.program_id(0) * BLOCK_M
+
+
+@triton.jit
 def mma(a, b, F32_DOT: tl.constexpr):
     """a @ b with fp32 accumulation. F32_DOT: fp32 inputs (IEEE, not TF32) or the interpreter,
     whose bf16 dot is wrong; callers round operands to the input dtype first either way."""
