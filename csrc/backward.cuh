@@ -70,13 +70,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t2 = (lane & 3) * 2;
 
-  if (tid < S) {
-    const int limit = key_limit(p, b, tid);
-    int reach = limit;
-    if (p.causal && tid == s) reach = min(reach, q_row0 + BM);
-    limit_s[tid] = limit;
-    ntiles_s[tid] = ((p.peer_rows[s] >> tid) & 1u) ? (reach + BN - 1) / BN : 0;
-  }
+  plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
   __syncthreads();
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];

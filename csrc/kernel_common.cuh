@@ -278,6 +278,20 @@ __device__ __forceinline__ int key_limit(const AttentionParams& p, int b, int st
   return limit;
 }
 
+// Query-major blocks (forward, dQ): thread `tid` < S plans peer `tid` of stream s for the block
+// whose first row (within s) is q_row0: its key count, and how many key tiles of BN the block
+// visits (0 for a pair the peer table leaves out; a causal self pair stops at the diagonal).
+__device__ __forceinline__ void plan_peer_tiles(const AttentionParams& p, int b, int s, int q_row0,
+                                                int block_rows, int block_keys, int tid,
+                                                int* limit_s, int* ntiles_s) {
+  if (tid >= p.num_streams) return;
+  const int limit = key_limit(p, b, tid);
+  int reach = limit;
+  if (p.causal && tid == s) reach = min(reach, q_row0 + block_rows);
+  limit_s[tid] = limit;
+  ntiles_s[tid] = ((p.peer_rows[s] >> tid) & 1u) ? (reach + block_keys - 1) / block_keys : 0;
+}
+
 // The attn_mask term of the score of (packed query row, packed key row), log2 domain.
 __device__ __forceinline__ float mask_log2(const AttentionParams& p, int b, int h, int row,
                                            int key) {
