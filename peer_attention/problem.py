@@ -76,27 +76,11 @@ class AttentionProblem(NamedTuple):
     def num_kv_heads(self) -> int:
         return self.k.shape[1]
 
-    def attends(self, s: int, p: int) -> bool:
-        return bool(self.peers[s * self.num_streams + p])
-
-    def pairs(self):
-        """The attended (s, p) pairs, row-major."""
-        n = self.num_streams
-        return [(s, p) for s in range(n) for p in range(n) if self.peers[s * n + p]]
-
     def stream_offsets(self, lens: Tuple[int, ...]):
         offsets = [0]
         for n in lens:
             offsets.append(offsets[-1] + n)
         return offsets
-
-    def unpack(self):
-        """Per-stream views (queries, keys, values) of the packed buffers."""
-        return (
-            self.q.split(list(self.q_lens), dim=2),
-            self.k.split(list(self.kv_lens), dim=2),
-            self.v.split(list(self.kv_lens), dim=2),
-        )
 
     def peers_nested(self):
         n = self.num_streams
@@ -107,8 +91,8 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lse_shape(problem_or_q: Tensor, num_streams: int, normalize: str) -> Tuple[int, ...]:
-    batch, heads, q_total = problem_or_q.shape[:3]
+def lse_shape(q: Tensor, num_streams: int, normalize: str) -> Tuple[int, ...]:
+    batch, heads, q_total = q.shape[:3]
     if normalize == PEER:
         return (batch, heads, num_streams, q_total)
     return (batch, heads, q_total)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import empty_grad
-from ..problem import AttentionProblem
+from ..problem import AttentionProblem, lse_dtype
 from ..reference import dropout_keep_mask, peer_attention_reference
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
 
@@ -57,8 +57,7 @@ class ReferenceBackend(Backend):
         outs, lses = _run(p, p.q, p.k, p.v, p.gate, p.bias, p.attn_mask, return_lse=True)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=-1) if len(lses) > 1 else lses[0]
-        lse_type = torch.float64 if p.q.dtype == torch.float64 else torch.float32
-        return out.contiguous(), lse.to(lse_type).contiguous()
+        return out.contiguous(), lse.to(lse_dtype(p.q.dtype)).contiguous()
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
         p = problem
