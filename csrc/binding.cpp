@@ -72,6 +72,15 @@ struct Prepared {
   bool per_peer = false;
 };
 
+// The SPEC section 9 variants are not in these kernels yet: the Python backend declines them
+// (backends/cuda.py); this is the last line of defence.
+void check_no_variants(int64_t window_left, int64_t window_right, bool bottom_right,
+                       double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks) {
+  TORCH_CHECK(window_left < 0 && window_right < 0 && !bottom_right && softcap == 0.0 &&
+                  !alibi_slopes.has_value() && !sinks.has_value(),
+              kWho, "windows, bottom-right alignment, softcap, ALiBi and sinks are not supported");
+}
+
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
                  at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate,
                  const OptTensor& bias, const OptTensor& kv_lengths, const OptTensor& attn_mask,
@@ -208,8 +217,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
                                    const OptTensor& bias, const OptTensor& kv_lengths,
                                    const OptTensor& attn_mask, const OptTensor& dropout_seed,
                                    double dropout_p, bool is_causal, double scale,
-                                   c10::string_view normalize) {
+                                   c10::string_view normalize, int64_t window_left,
+                                   int64_t window_right, bool bottom_right, double softcap,
+                                   const OptTensor& alibi_slopes, const OptTensor& sinks) {
   (void)dropout_seed;
+  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
                           dropout_p, is_causal, scale, normalize);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -235,15 +247,17 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q,
     const Tensor& k, const Tensor& v, at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
     at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
     const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
     double dropout_p, bool is_causal, double scale, c10::string_view normalize,
-    c10::List<bool> needs_grad) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const OptTensor& alibi_slopes, const OptTensor& sinks, c10::List<bool> needs_grad) {
   (void)dropout_seed;
-  TORCH_CHECK(needs_grad.size() == 6, kWho, "needs_grad must have 6 entries");
+  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+  TORCH_CHECK(needs_grad.size() == 7, kWho, "needs_grad must have 7 entries");
   const bool need_dq = needs_grad[0], need_dk = needs_grad[1], need_dv = needs_grad[2];
   const bool need_dgate = needs_grad[3] && gate.has_value();
   const bool need_dbias = needs_grad[4] && bias.has_value();
@@ -325,7 +339,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
       need_dgate ? dgate_accum.narrow(4, 0, prep.Ev).to(gate->scalar_type()).contiguous() : none;
   Tensor dbias = need_dbias ? dbias_accum.to(bias->scalar_type()) : none;
   if (need_dmask) dmask = dmask.to(attn_mask->scalar_type());
-  return {dq, dk, dv, dgate, dbias, need_dmask ? dmask : none};
+  return {dq, dk, dv, dgate, dbias, need_dmask ? dmask : none, at::empty({0}, q.options())};
 }
 
 }  // namespace

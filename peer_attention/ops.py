@@ -4,7 +4,7 @@ For each backend NAME there are two ops in the `peer_attention` namespace:
 
     peer_attention::NAME_fwd(<problem>) -> (Tensor out, Tensor lse)
     peer_attention::NAME_bwd(Tensor grad_out, Tensor out, Tensor lse, <problem>, bool[] needs_grad)
-        -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask)
+        -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask, Tensor dsinks)
 
 where <problem> is the argument list below, in the order of AttentionProblem's fields. The schema,
 the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd) live here, once
@@ -28,31 +28,34 @@ NAMESPACE = "peer_attention"
 PROBLEM_SCHEMA = (
     "Tensor q, Tensor k, Tensor v, SymInt[] q_lens, SymInt[] kv_lens, int[] peers, "
     "Tensor? gate, Tensor? bias, Tensor? kv_lengths, Tensor? attn_mask, Tensor? dropout_seed, "
-    "float dropout_p, bool is_causal, float scale, str normalize"
+    "float dropout_p, bool is_causal, float scale, str normalize, "
+    "int window_left, int window_right, bool bottom_right, float softcap, "
+    "Tensor? alibi_slopes, Tensor? sinks"
 )
 FWD_SCHEMA = f"({PROBLEM_SCHEMA}) -> (Tensor, Tensor)"
 BWD_SCHEMA = (
     f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA}, bool[] needs_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-NUM_PROBLEM_ARGS = 15
+NUM_PROBLEM_ARGS = 21
 # positions, within the problem arguments, of the inputs that can receive a gradient
-GRAD_INPUTS = (0, 1, 2, 6, 7, 9)  # q, k, v, gate, bias, attn_mask
+GRAD_INPUTS = (0, 1, 2, 6, 7, 9, 20)  # q, k, v, gate, bias, attn_mask, sinks
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 _defined: dict = {}
 
 
 def _fake_fwd(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_seed,
-              dropout_p, is_causal, scale, normalize):
+              dropout_p, is_causal, scale, normalize, *variants):
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
     lse = q.new_empty(lse_shape(q, len(q_lens), normalize), dtype=lse_dtype(q.dtype))
     return out, lse
 
 
 def _fake_bwd(grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths,
-              attn_mask, dropout_seed, dropout_p, is_causal, scale, normalize, needs_grad):
-    nq, nk, nv, ng, nb, nm = needs_grad
+              attn_mask, dropout_seed, dropout_p, is_causal, scale, normalize, window_left,
+              window_right, bottom_right, softcap, alibi_slopes, sinks, needs_grad):
+    nq, nk, nv, ng, nb, nm, ns = needs_grad
 
     def empty():  # a new tensor per output: outputs of a custom op must not alias each other
         return q.new_empty(0)
@@ -64,28 +67,42 @@ def _fake_bwd(grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, k
         gate.new_empty(gate.shape) if (gate is not None and ng) else empty(),
         bias.new_empty(bias.shape) if (bias is not None and nb) else empty(),
         attn_mask.new_empty(attn_mask.shape) if (attn_mask is not None and nm) else empty(),
+        sinks.new_empty(sinks.shape) if (sinks is not None and ns) else empty(),
     )
+
+
+# problem arguments saved as tensors: q k v gate bias kv_lengths mask seed alibi_slopes sinks
+_SAVED_TENSORS = (0, 1, 2, 6, 7, 8, 9, 10, 19, 20)
 
 
 def _setup_context(ctx, inputs, output):
     out, lse = output
-    tensors = [inputs[i] for i in (0, 1, 2, 6, 7, 8, 9, 10)]  # q k v gate bias kv_lengths mask seed
+    tensors = [inputs[i] for i in _SAVED_TENSORS]
     ctx.save_for_backward(out, lse, *tensors)
-    ctx.static_args = (inputs[3], inputs[4], inputs[5]) + tuple(inputs[11:])
+    ctx.static_args = [inputs[i] for i in range(NUM_PROBLEM_ARGS) if i not in _SAVED_TENSORS]
     ctx.mark_non_differentiable(lse)
+
+
+
+def _problem_from_ctx(ctx):
+    out, lse, *tensors = ctx.saved_tensors
+    args = [None] * NUM_PROBLEM_ARGS
+    for i, t in zip(_SAVED_TENSORS, tensors):
+        args[i] = t
+    statics = iter(ctx.static_args)
+    for i in range(NUM_PROBLEM_ARGS):
+        if i not in _SAVED_TENSORS:
+            args[i] = next(statics)
+    return out, lse, args
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
-        out, lse, q, k, v, gate, bias, kv_lengths, attn_mask, seed = ctx.saved_tensors
-        q_lens, kv_lens, peers, dropout_p, is_causal, scale, normalize = ctx.static_args
+        out, lse, args = _problem_from_ctx(ctx)
         needs = [ctx.needs_input_grad[i] for i in GRAD_INPUTS]
-        dq, dk, dv, dgate, dbias, dmask = bwd_op(
-            grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths,
-            attn_mask, seed, dropout_p, is_causal, scale, normalize, needs,
-        )
+        result = bwd_op(grad_out, out, lse, *args, needs)
         grads = [None] * NUM_PROBLEM_ARGS
-        for slot, grad, needed in zip(GRAD_INPUTS, (dq, dk, dv, dgate, dbias, dmask), needs):
+        for slot, grad, needed in zip(GRAD_INPUTS, result, needs):
             if needed:
                 grads[slot] = grad
         return tuple(grads)
@@ -121,7 +138,7 @@ def register_python_kernels(
     """Serve NAME_fwd / NAME_bwd with Python functions of the normalised problem.
 
     forward(problem) -> (out, lse);
-    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask).
+    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks).
     """
     define_backend_ops(name)
 

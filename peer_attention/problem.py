@@ -13,14 +13,25 @@ Both public operations reduce to this (SDPA is the one-stream case):
     attn_mask (B, Hq, Tq, Tk) or None (S == 1 only): bool (True = may attend) or float (added),
                             usually an expand()ed view
     dropout_seed            None, or an int64 CPU tensor [seed, offset] (S == 1 only)
-    dropout_p, is_causal (self pairs, top-left), scale, normalize ("joint" | "peer")
+    dropout_p, is_causal (self pairs), scale, normalize ("joint" | "peer")
+    window_left, window_right  band on the self pairs (-1 = unbounded; is_causal = right 0)
+    bottom_right            alignment of causal/window/ALiBi on the self pairs: with
+                            off = M_s - L_s (bottom-right) or 0 (top-left), query i of stream s
+                            may see key j of s iff i + off - left <= j <= i + off + right
+    softcap                 0, or z = softcap * tanh(scale * q.k / softcap) before bias and masks
+    alibi_slopes (B, Hq)    or None: float32 view, - slope * |i + off - j| added on the self pairs
+    sinks (Hq,)             or None ("joint" only): a per-head logit in every row's normaliser
+                            with no value; the saved lse includes it
+
+The peer table may be empty: `peers == ()` with S > 1 means the diagonal table (stream s attends
+to itself only), the varlen case, so that thousands of sequences cost no S*S table.
 
 GQA is implied by Hq != H: query head h reads key/value head h // (Hq / H).
 
 A backend's forward returns (out (B, Hq, Tq, Ev) in q's dtype, lse), where lse is the natural-log
 sum-exp of each row's scores, float32 (float64 for float64 inputs): (B, Hq, Tq) for "joint",
 (B, Hq, S, Tq) for "peer" (-inf where a row has nothing to attend to). Its backward returns the
-six gradients (dq, dk, dv, dgate, dbias, dmask) shaped like those inputs (gate/bias/mask in their
+seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) shaped like those inputs (gate/bias/mask in their
 full expanded shape; autograd of the expand sums them down), or empty tensors where not needed.
 """
 from __future__ import annotations
@@ -52,6 +63,13 @@ class AttentionProblem(NamedTuple):
     is_causal: bool
     scale: float
     normalize: str
+    # variants (SPEC section 9); the defaults are plain attention
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
+    sinks: Optional[Tensor] = None
 
     def op_args(self) -> tuple:
         return tuple(self)
@@ -82,9 +100,40 @@ class AttentionProblem(NamedTuple):
             offsets.append(offsets[-1] + n)
         return offsets
 
+    @property
+    def diagonal_peers(self) -> bool:
+        """The varlen table: every stream attends to itself only (stored as peers == ())."""
+        return len(self.peers) == 0
+
+    def attends(self, s: int, p: int) -> bool:
+        if not self.peers:
+            return s == p
+        return bool(self.peers[s * self.num_streams + p])
+
+    def peers_flat(self) -> Tuple[int, ...]:
+        """The S*S table, the diagonal one spelled out."""
+        if self.peers:
+            return self.peers
+        n = self.num_streams
+        return tuple(int(s == p) for s in range(n) for p in range(n))
+
     def peers_nested(self):
         n = self.num_streams
-        return [[bool(self.peers[s * n + p]) for p in range(n)] for s in range(n)]
+        return [[self.attends(s, p) for p in range(n)] for s in range(n)]
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+    @property
+    def has_variants(self) -> bool:
+        """Any SPEC section 9 option beyond plain attention."""
+        return (self.has_window or self.bottom_right or self.softcap > 0
+                or self.alibi_slopes is not None or self.sinks is not None)
+
+    def self_offset(self, s: int) -> int:
+        """Diagonal offset of stream s's self pair: M_s - L_s bottom-right, 0 top-left."""
+        return self.kv_lens[s] - self.q_lens[s] if self.bottom_right else 0
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -65,6 +65,11 @@ def peer_attention_reference(
     dropout_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    window=(-1, -1),
+    bottom_right: bool = False,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ):
     """Multi-stream peer attention, SPEC section 3, straight from the formulas.
 
@@ -74,6 +79,14 @@ def peer_attention_reference(
     Two extras serve the one-stream (SDPA) case only: `attn_mask` broadcastable to
     (B, Hq, L, M), bool (True = may attend) or float (added to the scores), and dropout given
     as an explicit `dropout_mask` of kept weights (B, Hq, L, M) with its rate `dropout_p`.
+
+    Variants (SPEC section 9): `softcap` > 0 caps the scaled scores, z = softcap *
+    tanh(scale * q.k / softcap), before bias and masks. On the self pairs (s == p), with the
+    diagonal offset off = M_s - L_s when `bottom_right` else 0: `window=(left, right)` lets query
+    i see key j iff i + off - left <= j <= i + off + right (-1 unbounded; `is_causal` means
+    right = 0) and `alibi_slopes` (B, Hq) adds - slope * |i + off - j|. `sinks` (Hq,), joint
+    only: a per-head logit that joins every row's normaliser and carries no value (the returned
+    lse includes it).
 
     Returns the list of S outputs (B, Hq, L_s, Ev); with `return_lse` also the log-sum-exp of
     the scores per row: (B, Hq, L_s) for "joint", (B, Hq, S, L_s) for "peer" (-inf for peers
@@ -104,11 +117,26 @@ def peer_attention_reference(
             value = _repeat_kv_heads(values[p], num_q_heads)
             kv_len = key.shape[2]
             z = scale * (query @ key.transpose(-1, -2))  # (B, Hq, L, M)
+            if softcap > 0:
+                z = softcap * torch.tanh(z / softcap)
             if bias is not None:
                 z = z + bias[:, s, p, :, None, None]
             allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
-            if is_causal and s == p:
-                allowed = torch.tril(allowed)  # top-left aligned: key j allowed iff j <= i
+            if s == p:
+                # d = j - (i + off): the key's distance from the (aligned) diagonal
+                off = kv_len - q_len if bottom_right else 0
+                d = (torch.arange(kv_len, device=query.device)[None, :]
+                     - torch.arange(q_len, device=query.device)[:, None] - off)
+                left, right = window
+                if is_causal:
+                    right = 0 if right < 0 else min(right, 0)
+                if right >= 0:
+                    allowed = allowed & (d <= right)
+                if left >= 0:
+                    allowed = allowed & (d >= -left)
+                if alibi_slopes is not None:
+                    slopes = alibi_slopes.expand(batch, num_q_heads).to(z.dtype)
+                    z = z - slopes[:, :, None, None] * d.abs().to(z.dtype)
             allowed = allowed.expand(batch, num_q_heads, q_len, kv_len)
             if kv_lengths is not None:
                 positions = torch.arange(kv_len, device=query.device)
@@ -127,7 +155,13 @@ def peer_attention_reference(
 
         empty_out = query.new_zeros(batch, num_q_heads, q_len, value_dim)
         if normalize == "joint":
-            if scores:
+            if sinks is not None:  # a value-less column in every row's softmax
+                sink = sinks.to(query.dtype)[None, :, None, None].expand(batch, -1, q_len, 1)
+                z = torch.cat(scores + [sink], dim=-1)
+                weights = safe_softmax(z)[..., :-1]
+                out = weights @ torch.cat(peer_values, dim=2) if scores else empty_out
+                lse = _logsumexp(z)
+            elif scores:
                 z = torch.cat(scores, dim=-1)
                 weights = safe_softmax(z)
                 if dropout_mask is not None:

@@ -60,7 +60,7 @@ def test_opcheck_reference_bwd(name):
     out, lse = dispatch.forward_op("reference")(*problem.op_args())
     grad_out = torch.randn_like(out)
     needs = [True, True, True, problem.gate is not None, problem.bias is not None,
-             problem.attn_mask is not None]
+             problem.attn_mask is not None, problem.sinks is not None]
     bwd = torch.ops.peer_attention.reference_bwd.default
     args = (grad_out, out.detach(), lse, *problem.op_args(), needs)
     result = torch.library.opcheck(bwd, args, test_utils=("test_schema", "test_faketensor"))
@@ -74,7 +74,8 @@ def test_fake_shapes_equal_real_shapes(name):
     fwd = dispatch.forward_op("reference")
     bwd = torch.ops.peer_attention.reference_bwd.default
     needs = [True, True, True, problem.gate is not None, problem.bias is not None,
-             problem.attn_mask is not None and problem.attn_mask.is_floating_point()]
+             problem.attn_mask is not None and problem.attn_mask.is_floating_point(),
+             problem.sinks is not None]
     real = fwd(*args)
     real_grads = bwd(torch.ones_like(real[0]), real[0].detach(), real[1], *args, needs)
     with FakeTensorMode() as mode:

@@ -41,8 +41,29 @@ class Capabilities:
     kv_lengths: bool = True
     max_streams: Optional[int] = None            # None = any S
     normalize: FrozenSet[str] = field(default_factory=lambda: frozenset({"joint", "peer"}))
+    # SPEC section 9 variants: self-pair window, bottom-right alignment, softcap, ALiBi, sinks,
+    # and the diagonal (varlen) peer table
+    window: bool = False
+    bottom_right: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    sinks: bool = False
+    diagonal_peers: bool = False
     # devices where auto may pick it (None = all of `devices`); an explicit request may use any
     auto_devices: Optional[FrozenSet[str]] = None
+
+
+def _variant_reasons(caps: Capabilities, problem: AttentionProblem) -> List[str]:
+    wanted = (
+        ("sliding window", problem.has_window, caps.window),
+        ("bottom-right aligned causal/window", problem.bottom_right, caps.bottom_right),
+        ("softcap", problem.softcap > 0, caps.softcap),
+        ("ALiBi", problem.alibi_slopes is not None, caps.alibi),
+        ("attention sinks", problem.sinks is not None, caps.sinks),
+        ("varlen (diagonal peer table)", problem.diagonal_peers and problem.num_streams > 1,
+         caps.diagonal_peers),
+    )
+    return [f"{what} not supported" for what, asked, served in wanted if asked and not served]
 
 
 class Backend:
@@ -96,6 +117,8 @@ class Backend:
             reasons.append(f"{problem.num_streams} streams > {caps.max_streams}")
         if problem.normalize not in caps.normalize:
             reasons.append(f"normalize={problem.normalize!r} not supported")
+        if problem.has_variants or problem.diagonal_peers:
+            reasons.extend(_variant_reasons(caps, problem))
         reasons.extend(self.extra_reasons(problem))
         return reasons
 

@@ -21,7 +21,7 @@ def _dropout_mask(problem: AttentionProblem):
     return dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)
 
 
-def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, return_lse):
+def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, sinks, return_lse):
     # float16/bfloat16 are computed in float32 and rounded once at the end, as torch's math SDPA
     # does on the CPU: the CPU path is then as accurate as a fused kernel
     io_dtype = q.dtype
@@ -33,6 +33,8 @@ def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, return_lse):
         bias = bias.to(compute)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(compute)
+    if sinks is not None:
+        sinks = sinks.to(compute)
     result = peer_attention_reference(
         q.split(list(problem.q_lens), dim=2),
         k.split(list(problem.kv_lens), dim=2),
@@ -40,7 +42,9 @@ def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, return_lse):
         peers=problem.peers_nested(), gate=gate, bias=bias, normalize=problem.normalize,
         is_causal=problem.is_causal, kv_lengths=problem.kv_lengths, scale=problem.scale,
         attn_mask=attn_mask, dropout_mask=_dropout_mask(problem), dropout_p=problem.dropout_p,
-        return_lse=return_lse,
+        return_lse=return_lse, window=(problem.window_left, problem.window_right),
+        bottom_right=problem.bottom_right, softcap=problem.softcap,
+        alibi_slopes=problem.alibi_slopes, sinks=sinks,
     )
     outs, lses = result if return_lse else (result, None)
     outs = [o.to(io_dtype) for o in outs]
@@ -50,18 +54,19 @@ def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, return_lse):
 class ReferenceBackend(Backend):
     name = "reference"
     capabilities = Capabilities(devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
-                                dtypes=ALL_FLOAT_DTYPES)
+                                dtypes=ALL_FLOAT_DTYPES, window=True, bottom_right=True,
+                                softcap=True, alibi=True, sinks=True, diagonal_peers=True)
 
     def forward(self, problem: AttentionProblem):
         p = problem
-        outs, lses = _run(p, p.q, p.k, p.v, p.gate, p.bias, p.attn_mask, return_lse=True)
+        outs, lses = _run(p, p.q, p.k, p.v, p.gate, p.bias, p.attn_mask, p.sinks, return_lse=True)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=-1) if len(lses) > 1 else lses[0]
         return out.contiguous(), lse.to(lse_dtype(p.q.dtype)).contiguous()
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
         p = problem
-        originals = (p.q, p.k, p.v, p.gate, p.bias, p.attn_mask)
+        originals = (p.q, p.k, p.v, p.gate, p.bias, p.attn_mask, p.sinks)
         with torch.enable_grad():
             leaves = [
                 t.detach().requires_grad_(bool(need)) if t is not None else None
