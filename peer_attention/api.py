@@ -18,6 +18,18 @@ def _as_4d(t: Tensor, lead_numel: int) -> Tensor:
     return t.reshape(lead_numel, t.shape[-3], t.shape[-2], t.shape[-1])
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def broadcast_in_fp32(t: Tensor, shape) -> Tensor:
+    """t expanded to `shape`. A 16-bit t that requires grad and is broadcast is first cast to
+    float32 (a copy of the small tensor only): the backward's sum over the broadcast dims then runs
+    in float32 and is rounded once, not term by term."""
+    if t.requires_grad and t.dtype in _LOW_PRECISION and tuple(t.shape) != tuple(shape):
+        t = t.float()
+    return t.expand(shape)
+
+
 def sdpa_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False) -> AttentionProblem:
     """Validate an SDPA call and express it as the one-stream normalised problem."""
@@ -33,7 +45,8 @@ def sdpa_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     mask = None
     if attn_mask is not None:
         full = tuple(query.shape[:-1]) + (key.shape[-2],)
-        mask = attn_mask.expand(full)
+        mask = (broadcast_in_fp32(attn_mask, full) if attn_mask.dtype != torch.bool
+                else attn_mask.expand(full))
         if len(full) != 4:  # merging expanded leading dims copies only when strides forbid a view
             mask = mask.reshape(lead_numel, *full[-3:])
     return AttentionProblem(
@@ -73,9 +86,9 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
     else:  # one packed buffer per role; the caller's tensors are only read
         q, k, v = torch.cat(queries, dim=2), torch.cat(keys, dim=2), torch.cat(values, dim=2)
     if gate is not None:
-        gate = gate.expand(batch, num_streams, num_streams, num_q_heads, value_dim)
+        gate = broadcast_in_fp32(gate, (batch, num_streams, num_streams, num_q_heads, value_dim))
     if bias is not None:
-        bias = bias.expand(batch, num_streams, num_streams, num_q_heads)
+        bias = broadcast_in_fp32(bias, (batch, num_streams, num_streams, num_q_heads))
     if kv_lengths is not None and kv_lengths.device != q.device:
         kv_lengths = kv_lengths.to(q.device)
     return AttentionProblem(
