@@ -7,6 +7,7 @@
 See README.md for the formulas, backends and build notes.
 """
 from .api import peer_attention, scaled_dot_product_attention
+from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .dispatch import available_backends, use_backend
 from .patching import patch_torch, unpatch_torch
 from . import nn  # peer_attention.nn.PeerAttention, peer_attention.nn.MultiheadAttention
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "scaled_dot_product_attention",
     "peer_attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "available_backends",
     "use_backend",
     "patch_torch",

@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from .flash_attn import causal_band
 from .problem import AttentionProblem
-from .validation import check_peer, check_sdpa
+from .validation import check_peer, check_peer_variants, check_sdpa
 
 
 def _as_4d(t: Tensor, lead_numel: int) -> Tensor:
@@ -71,12 +72,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
 
 def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, normalize="joint",
-                 is_causal=False, kv_lengths=None, scale=None, enable_gqa=False) -> AttentionProblem:
+                 is_causal=False, kv_lengths=None, scale=None, enable_gqa=False, softcap=0.0,
+                 window=None, sinks=None) -> AttentionProblem:
     """Validate a peer_attention call and pack its streams into the normalised problem."""
     queries, keys, values, peers_flat, scale = check_peer(
         queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths, scale,
         enable_gqa,
     )
+    softcap, window, sinks = check_peer_variants(softcap, window, sinks, normalize,
+                                                 queries[0].shape[1], queries[0])
+    is_causal, window_left, window_right = causal_band(is_causal, window)
     num_streams = len(queries)
     q0 = queries[0]
     batch, num_q_heads = q0.shape[0], q0.shape[1]
@@ -94,6 +99,7 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
     return AttentionProblem(
         q, k, v, tuple([t.shape[2] for t in queries]), tuple([t.shape[2] for t in keys]), peers_flat,
         gate, bias, kv_lengths, None, None, 0.0, is_causal, scale, normalize,
+        window_left, window_right, False, softcap, None, sinks,
     )
 
 
@@ -101,11 +107,18 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
                    peers=None, gate: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    normalize: str = "joint", is_causal: bool = False,
                    kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
-                   enable_gqa: bool = False, backend: Optional[str] = None) -> List[Tensor]:
-    """Multi-stream peer attention (SPEC section 3); returns S tensors (B, Hq, L_s, Ev)."""
+                   enable_gqa: bool = False, backend: Optional[str] = None, softcap: float = 0.0,
+                   window=None, sinks: Optional[Tensor] = None) -> List[Tensor]:
+    """Multi-stream peer attention (SPEC section 3); returns S tensors (B, Hq, L_s, Ev).
+
+    Variants (SPEC section 9): `softcap` > 0 caps every pair's scores, z = softcap *
+    tanh(scale * q.k / softcap); `window=(left, right)` bands the self pairs, top-left aligned
+    like is_causal (query i sees key j iff i - left <= j <= i + right, -1 = unbounded);
+    `sinks` (Hq,), normalize="joint" only: a per-head logit in every row's softmax, no value."""
     problem = peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
                            normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
-                           scale=scale, enable_gqa=enable_gqa)
+                           scale=scale, enable_gqa=enable_gqa, softcap=softcap, window=window,
+                           sinks=sinks)
     out, _ = dispatch.run(problem, backend)
     if problem.num_streams == 1:
         return [out]

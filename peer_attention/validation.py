@@ -306,3 +306,190 @@ def check_kv_lengths(kv_lengths, batch: int, kv_lens: Sequence[int], ref: Tensor
             f"kv_lengths: expected 0 <= kv_lengths[b, p] <= M_p (key length of stream p), "
             f"got kv_lengths[{b}, {p}] = {int(kv_lengths[b, p])} with M_{p} = {kv_lens[p]}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# variants (SPEC section 9): shared by flash_attn_func, flash_attn_varlen_func and peer_attention
+# ---------------------------------------------------------------------------------------------
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_window(name: str, window) -> Tuple[int, int]:
+    """(left, right), two ints >= -1 (-1 = unbounded on that side)."""
+    if isinstance(window, Tensor) or not isinstance(window, Sequence) or len(window) != 2:
+        got = len(window) if isinstance(window, Sequence) and not isinstance(window, str) \
+            else type(window).__name__
+        raise TypeError(f"{name}: expected (left, right), two ints >= -1, got {got!r}")
+    left = check_int(f"{name}[0]", window[0], -1)
+    right = check_int(f"{name}[1]", window[1], -1)
+    return left, right
+
+
+def check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a float >= 0, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):  # also rejects NaN
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap}")
+    return softcap
+
+
+def check_sinks(sinks, num_q_heads: int, ref: Tensor, ref_name: str) -> Optional[Tensor]:
+    """One logit per query head, (Hq,), floating point, on ref's device."""
+    if sinks is None:
+        return None
+    check_tensor("sinks", sinks)
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks: expected a floating-point dtype, got {sinks.dtype}")
+    if tuple(sinks.shape) != (num_q_heads,):
+        raise ValueError(f"sinks: expected shape (Hq,) = ({num_q_heads},), got {_shape(sinks)}")
+    check_device("sinks", sinks, ref_name, ref)
+    return sinks
+
+
+def check_alibi_slopes(alibi_slopes, batch: int, num_q_heads: int, ref: Tensor,
+                       ref_name: str) -> Optional[Tensor]:
+    """float32 (Hq,) or (B, Hq); returns the (B, Hq) view (no copy)."""
+    if alibi_slopes is None:
+        return None
+    check_tensor("alibi_slopes", alibi_slopes)
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((num_q_heads,), (batch, num_q_heads)):
+        raise ValueError(
+            f"alibi_slopes: expected shape (Hq,) = ({num_q_heads},) or (B, Hq) = "
+            f"({batch}, {num_q_heads}), got {_shape(alibi_slopes)}"
+        )
+    check_device("alibi_slopes", alibi_slopes, ref_name, ref)
+    return alibi_slopes.expand(batch, num_q_heads)
+
+
+def _check_flash_common(q, k, v, dims: int, layout: str, kv_layout: str, v_layout: str):
+    check_tensor("q", q)
+    check_tensor("k", k)
+    check_tensor("v", v)
+    check_float_dtype("q", q)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    for name, t, text in (("q", q, layout), ("k", k, kv_layout), ("v", v, v_layout)):
+        if t.dim() != dims:
+            raise ValueError(f"{name}: expected {dims} dims {text}, got {_shape(t)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected head dim E={q.shape[-1]} as q, got {_shape(k)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q: expected head dim E >= 1, got {_shape(q)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v: expected {_fmt(tuple(k.shape[:-1]) + ('Ev',))} as k, got {_shape(v)}")
+    num_q_heads, num_kv_heads = q.shape[-2], k.shape[-2]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"k: the query heads Hq={num_q_heads} must be a multiple of the key/value heads "
+            f"H={num_kv_heads} (q {_shape(q)}, k {_shape(k)})"
+        )
+
+
+def check_flash_options(q, batch, dropout_p, softmax_scale, causal, window_size, softcap,
+                        alibi_slopes, deterministic, return_attn_probs, sinks):
+    """The options shared by flash_attn_func and flash_attn_varlen_func.
+    Returns (dropout_p, scale, (left, right), softcap, alibi_slopes (B, Hq) view or None)."""
+    dropout_p = check_dropout(dropout_p)
+    try:  # the same rule as `scale`, under flash-attn's name for it
+        scale = check_scale(softmax_scale, q.shape[-1])
+    except (TypeError, ValueError) as err:
+        raise type(err)("softmax_" + str(err)) from None
+    check_bool("causal", causal)
+    check_bool("deterministic", deterministic)
+    check_bool("return_attn_probs", return_attn_probs)
+    window = check_window("window_size", window_size)
+    softcap = check_softcap(softcap)
+    num_q_heads = q.shape[-2]
+    slopes = check_alibi_slopes(alibi_slopes, batch, num_q_heads, q, "q")
+    check_sinks(sinks, num_q_heads, q, "q")
+    if sinks is not None and dropout_p > 0:
+        raise ValueError(f"dropout_p: must be 0 with sinks (dropout of a sink row is not "
+                         f"supported), got {dropout_p}")
+    return dropout_p, scale, window, softcap, slopes
+
+
+def check_flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                     alibi_slopes, deterministic, return_attn_probs, sinks):
+    """flash_attn_func: q (B, L, Hq, E), k (B, S, H, E), v (B, S, H, Ev).
+    Returns (dropout_p, scale, window, softcap, alibi_slopes (B, Hq) view or None)."""
+    _check_flash_common(q, k, v, 4, "(B, L, Hq, E)", "(B, S, H, E)", "(B, S, H, Ev)")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch B={q.shape[0]} as q, got {_shape(k)}")
+    return check_flash_options(q, q.shape[0], dropout_p, softmax_scale, causal, window_size,
+                               softcap, alibi_slopes, deterministic, return_attn_probs, sinks)
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, total_name: str) -> List[int]:
+    """int32 (batch + 1,) prefix sums starting at 0, non-decreasing, ending at `total`.
+    Returns the per-sequence lengths (one host sync)."""
+    check_tensor(name, cu_seqlens)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{name}: expected shape (batch + 1,) with batch >= 1, got {_shape(cu_seqlens)}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] = 0, got {offsets[0]}")
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"{name}: expected non-decreasing offsets, got {name}[{i + 1}] = "
+                             f"{offsets[i + 1]} < {name}[{i}] = {offsets[i]}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name}: expected the last offset to be {total_name} = {total}, "
+                         f"got {offsets[-1]}")
+    return lengths
+
+
+def check_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                            deterministic, return_attn_probs, sinks):
+    """flash_attn_varlen_func: q (total_q, Hq, E), k (total_k, H, E), v (total_k, H, Ev).
+    Returns (q_lens, kv_lens, dropout_p, scale, window, softcap, alibi_slopes (1, Hq) or None)."""
+    _check_flash_common(q, k, v, 3, "(total_q, Hq, E)", "(total_k, H, E)", "(total_k, H, Ev)")
+    q_lens = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "total_q")
+    kv_lens = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "total_k")
+    if len(q_lens) != len(kv_lens):
+        raise ValueError(f"cu_seqlens_k: expected {len(q_lens) + 1} offsets (batch + 1) as "
+                         f"cu_seqlens_q, got {len(kv_lens) + 1}")
+    for name, value, lens in (("max_seqlen_q", max_seqlen_q, q_lens),
+                              ("max_seqlen_k", max_seqlen_k, kv_lens)):
+        check_int(name, value, 0)
+        if value < max(lens):
+            raise ValueError(f"{name}: expected at least the longest sequence, {max(lens)}, "
+                             f"got {value}")
+    batch = len(q_lens)
+    dropout_p, scale, window, softcap, slopes = check_flash_options(
+        q, batch, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs, sinks)
+    if dropout_p > 0:
+        raise ValueError(f"dropout_p: must be 0 in flash_attn_varlen_func (dropout is served "
+                         f"for one sequence only; use flash_attn_func), got {dropout_p}")
+    if slopes is not None:
+        # the sequences are streams of one batch entry: one slope row serves them all
+        if batch > 1 and alibi_slopes.dim() == 2 and not bool((alibi_slopes == alibi_slopes[:1]).all()):
+            raise ValueError("alibi_slopes: per-sequence slopes (different rows of (batch, Hq)) "
+                             "are not supported by flash_attn_varlen_func; pass (Hq,) slopes")
+        slopes = slopes[:1]
+    return q_lens, kv_lens, dropout_p, scale, window, softcap, slopes
+
+
+def check_peer_variants(softcap, window, sinks, normalize: str, num_q_heads: int, ref: Tensor):
+    """peer_attention's SPEC section 9 options. Returns (softcap, (left, right), sinks)."""
+    softcap = check_softcap(softcap)
+    window = (-1, -1) if window is None else check_window("window", window)
+    if sinks is not None:
+        if normalize != "joint":
+            raise ValueError(f"sinks: only with normalize='joint' (a sink joins the one joint "
+                             f"softmax), got normalize={normalize!r}")
+        check_sinks(sinks, num_q_heads, ref, "queries[0]")
+    return softcap, window, sinks
