@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-SUITES = ("sdpa", "peer", "memory", "overhead")
+SUITES = ("sdpa", "peer", "memory", "overhead", "variants")
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd",
                 "fwd_bwd": "fwd+bwd", "both": "fwd+bwd"}
@@ -173,7 +173,13 @@ def overhead_suite(dtype: str, device: str, quick: bool) -> List[Case]:
     ]
 
 
-SUITE_BUILDERS = {"sdpa": sdpa_suite, "peer": peer_suite, "memory": memory_suite, "overhead": overhead_suite}
+def _variants_suite(dtype: str, device: str, quick: bool) -> List[Case]:
+    from .variants import variants_suite  # bench/variants.py imports this module
+    return variants_suite(dtype, device, quick)
+
+
+SUITE_BUILDERS = {"sdpa": sdpa_suite, "peer": peer_suite, "memory": memory_suite, "overhead": overhead_suite,
+                  "variants": _variants_suite}
 
 
 def build_cases(suites, dtypes, device: str, quick: bool) -> List[Case]:

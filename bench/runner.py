@@ -163,6 +163,10 @@ def run_cases(cases: Sequence[Case], providers: Sequence[Provider], modes: Seque
             if progress is not None:
                 progress.update(len(backends))
             continue
+        if case.suite == "variants":  # flash-attn style calls: bench/variants.py
+            from .variants import run_variant_case
+            rows += run_variant_case(case, providers, modes, settings, progress)
+            continue
         case_rows: List[Dict[str, object]] = []
         applicable = [p for p in providers if case.kind in p.kinds]
         groups = [(False, [m for m in modes if m == "fwd"]), (True, [m for m in modes if m in BACKWARD_MODES])]
