@@ -42,7 +42,7 @@ CHECK_MAX_TOKENS = 256
 
 @dataclass(frozen=True)
 class VariantCase(Case):
-    """A Case with the section 9 options. kind "flash": one sequence per batch entry; kind
+    """A Case with the section 9 options. kind "sdpa": one sequence per batch entry; kind
     "varlen": batch 1 packed with documents of lengths q_lens (== kv_lens)."""
     window: Tuple[int, int] = (-1, -1)
     softcap: float = 0.0
@@ -131,7 +131,7 @@ def variants_suite(dtype: str, device: str, quick: bool) -> List[Case]:
             if "window" in opts and n <= window:
                 continue  # a window as long as the sequence is plain causal
             cases.append(VariantCase(SUITE, name, max(1, tokens // n), heads, kv_heads, head_dim,
-                                     head_dim, (n,), (n,), dtype, device, "flash", **opts))
+                                     head_dim, (n,), (n,), dtype, device, "sdpa", **opts))
     docs = document_lengths(tokens, seed=0)
     for name, opts in (("varlen,causal", dict(is_causal=True)),
                        (f"varlen,window={window},causal", dict(is_causal=True, window=(window - 1, 0)))):
@@ -225,7 +225,7 @@ def _package(backend: str) -> Provider:
                 return [pa.flash_attn_func(x.q, x.k, x.v, **kwargs)]
         run()  # a backend that declines says why here (NotImplementedError -> "unsupported")
         return run, ""
-    return Provider(f"pa.{backend}", True, ("flash", "varlen"), build,
+    return Provider(f"pa.{backend}", True, ("sdpa", "varlen"), build,
                     materializes_scores=(backend == "reference"))
 
 
@@ -269,10 +269,10 @@ def _torch_sdpa(label: str, backend_attr: str) -> Provider:
     def build(case: VariantCase, x: VariantInputs) -> Built:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        if case.softcap > 0:
-            raise Unsupported("torch SDPA has no softcap (a tanh of the scores)")
         if label in ("efficient", "cudnn", "flash") and x.q.device.type != "cuda":
             raise Unsupported(f"torch SDPA {label} runs on CUDA tensors only")
+        if case.softcap > 0:
+            raise Unsupported("torch SDPA has no softcap (a tanh of the scores)")
         if label == "flash":
             raise Unsupported("torch SDPA flash takes no attn_mask (band, ALiBi, documents need one)")
         limit = 0.25 * (torch.cuda.get_device_properties(0).total_memory if x.q.device.type == "cuda"
@@ -302,7 +302,7 @@ def _torch_sdpa(label: str, backend_attr: str) -> Provider:
             out = out.transpose(1, 2)
             return [out[0] if case.varlen else out]
         return run, "explicit additive mask"
-    return Provider(f"torch.{label}", False, ("flash", "varlen"), build, materializes_scores=True)
+    return Provider(f"torch.{label}", False, ("sdpa", "varlen"), build, materializes_scores=True)
 
 
 def _flex(case: VariantCase, x: VariantInputs) -> Built:
@@ -412,7 +412,7 @@ def _flash_attn_package(label: str, module: str) -> Provider:
             def run():
                 return [first(lib.flash_attn_func(x.q, x.k, x.v, **kwargs))]
         return run, ""
-    return Provider(label, False, ("flash", "varlen"), build)
+    return Provider(label, False, ("sdpa", "varlen"), build)
 
 
 def variant_providers() -> Dict[str, Provider]:
@@ -422,7 +422,7 @@ def variant_providers() -> Dict[str, Provider]:
     providers += [_torch_sdpa(label, attr) for label, attr in (
         ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
         ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"))]
-    providers += [Provider("flex", False, ("flash", "varlen"), _flex),
+    providers += [Provider("flex", False, ("sdpa", "varlen"), _flex),
                   _flash_attn_package("flash_attn4", "flash_attn.cute"),
                   _flash_attn_package("flash_attn2", "flash_attn")]
     return {p.name: p for p in providers}

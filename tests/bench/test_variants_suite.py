@@ -26,7 +26,7 @@ def test_full_suite_shapes():
     median = lens[len(lens) // 2]
     assert lens[-1] > 4 * median and lens[0] < median / 3  # long-tailed on both sides
     assert {"softcap=30,causal", "alibi,causal", "sinks,causal"} <= set(by_family)
-    assert all(c.batch * c.seq_len == 16 * 1024 for c in cases if c.kind == "flash")
+    assert all(c.batch * c.seq_len == 16 * 1024 for c in cases if c.kind == "sdpa")
 
 
 def test_document_lengths_sum_and_minimum():
@@ -59,7 +59,7 @@ def test_quick_suite_runs_and_is_correct_on_cpu():
 
 
 def test_a_wrong_provider_is_flagged(monkeypatch):
-    case = VariantCase("variants", "softcap", 1, 2, 1, 8, 8, (12,), (12,), "float32", "cpu", "flash",
+    case = VariantCase("variants", "softcap", 1, 2, 1, 8, 8, (12,), (12,), "float32", "cpu", "sdpa",
                        is_causal=True, softcap=1.0)
     good = variant_providers()["pa.reference"]
 
