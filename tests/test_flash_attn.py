@@ -150,28 +150,36 @@ VARLEN_CASES = [
 
 @pytest.mark.parametrize("name, options", VARLEN_CASES, ids=[c[0] for c in VARLEN_CASES])
 def test_varlen_equals_per_sequence_loop(name, options):
-    q, k, v, cu_q, cu_k = packed()
+    q64, k64, v64, cu_q, cu_k = packed()
     options = dict(options)
-    inputs = [q, k, v]
+    with_sinks = options.pop("sinks", False)
     if options.pop("alibi_slopes", False):
         options["alibi_slopes"] = slopes_for(4)
-    if options.pop("sinks", False):
-        options["sinks"] = sinks_for(4)
-        inputs.append(options["sinks"])
-    want, want_lse = per_sequence(q, k, v, cu_q, cu_k, **options)
-    max_q, max_k = max(Q_LENS), max(K_LENS)
-    for backend in serving_backends(lambda b: pa.flash_attn_varlen_func(
-            q, k, v, cu_q, cu_k, max_q, max_k, backend=b, **options)):
-        out, lse, probs = pa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
-                                                    return_attn_probs=True, backend=backend,
-                                                    **options)
-        assert probs is None and out.shape == (q.shape[0], 4, 6) and lse.shape == (4, q.shape[0])
-        torch.testing.assert_close(out, want, rtol=0, atol=ATOL)
-        torch.testing.assert_close(lse, want_lse, rtol=0, atol=ATOL)
-        assert_close_all(grads([out], inputs), grads([want], inputs), ATOL, f"{backend} grad")
+    sinks64 = sinks_for(4) if with_sinks else None
+    inputs64 = [q64, k64, v64] + ([sinks64] if with_sinks else [])
+    want, want_lse = per_sequence(q64, k64, v64, cu_q, cu_k, sinks=sinks64, **options)
+    want_grads = grads([want], inputs64)
     # the rows of the last sequence that see no key (causal, L > S) are exactly 0
     if options.get("causal"):
         assert torch.equal(want[-4:-1], torch.zeros_like(want[-4:-1])) and want[-1].abs().sum() > 0
+    max_q, max_k = max(Q_LENS), max(K_LENS)
+    for dtype, atol in ((F64, ATOL), (torch.float32, 1e-4)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
+        q, k, v = inputs[:3]
+        sinks = inputs[3] if with_sinks else None
+
+        def call(backend, **extra):
+            return pa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, sinks=sinks,
+                                             backend=backend, **options, **extra)
+
+        for backend in serving_backends(call):
+            out, lse, probs = call(backend, return_attn_probs=True)
+            what = f"{backend} {dtype}"
+            assert probs is None and out.shape == (q.shape[0], 4, 6) and lse.shape == (4, q.shape[0])
+            torch.testing.assert_close(out.double(), want, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=atol,
+                                       msg=lambda m: f"{what} lse: {m}")
+            assert_close_all(grads([out], inputs), want_grads, atol, f"{what} grad")
 
 
 def test_varlen_one_sequence_is_flash_attn_func():
