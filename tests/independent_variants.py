@@ -42,7 +42,7 @@ def attention(q, k, v, *, scale, allowed=None, additive=None, softcap=0.0, sinks
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
     if additive is not None:
-        z = z + additive
+        z = z + additive.to(z.dtype)
     if allowed is not None:
         z = z.masked_fill(~allowed, NEG_INF)
     sink = (sinks.to(z.dtype)[None, :, None, None].expand(batch, num_q_heads, q_len, 1)

@@ -300,3 +300,24 @@ def test_bad_input_leaves_tensors_untouched():
         pa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, 5)
     for t, b in zip((q, k, v, cu_q, cu_k), before):
         assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_torchs_own_error(dtype):
+    # SPEC section 8: at most 2x the error of the same formula computed by torch in `dtype`
+    from tests.helpers import assert_matches_reference
+
+    q, k, v = flash_inputs(q_len=6, kv_len=9)
+    sinks = sinks_for(4)
+    slopes = slopes_for(4)
+    options = dict(causal=True, window_size=(4, -1), softcap=2.0)
+
+    def ours(q, k, v, sinks):
+        return pa.flash_attn_func(q, k, v, alibi_slopes=slopes, sinks=sinks, **options)
+
+    def formula(q, k, v, sinks):
+        return ind.flash_layout_attention(q, k, v, alibi_slopes=slopes, sinks=sinks,
+                                          causal=True, window=(4, -1), softcap=2.0)[0]
+
+    assert_matches_reference(ours, formula, [q, k, v, sinks], dtype,
+                             names=["q", "k", "v", "sinks"])
