@@ -167,3 +167,19 @@ def test_packed_batch_goes_through_varlen(pairs, served):
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
     assert served and all(p.peers == () and p.q_lens == tuple(lengths) for p in served)
     assert all(p.window_left == WINDOW - 1 and p.is_causal for p in served)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_greedy_generation_matches_eager(name, pairs, served):
+    eager, ours = pairs(name)
+    prompt = ids(batch=1, length=6)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    want = eager.generate(prompt, **kwargs)
+    got = ours.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step_got, step_want in zip(got.logits, want.logits):
+        torch.testing.assert_close(step_got, step_want, rtol=0, atol=ATOL)
+    # the decoding steps (one query, a cache of keys) ran without a mask
+    decode = [p for p in served if p.q_lens == (1,)]
+    assert decode and all(p.attn_mask is None for p in decode)
