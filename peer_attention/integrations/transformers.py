@@ -5,9 +5,9 @@
     model = AutoModelForCausalLM.from_config(config, attn_implementation="peer_attention")
 
 `register()` adds an attention function named "peer_attention" to transformers'
-AttentionInterface, and the same mask builder as "sdpa" (boolean masks, True = may attend, which
-is this package's convention too) to AttentionMaskInterface, so padding and causal masks reach
-the kernel. The function is transformers' SDPA path with the call replaced by
+AttentionInterface, and a mask builder to AttentionMaskInterface (`peer_attention_mask`: "sdpa"'s
+boolean masks, True = may attend, which is this package's convention too), so padding and custom
+masks reach the kernel. The function is transformers' SDPA path with the call replaced by
 peer_attention.scaled_dot_product_attention: GQA runs natively (enable_gqa, no repeated key/value
 heads), is_causal is used when there is no mask and more than one query token.
 
