@@ -321,3 +321,19 @@ def test_low_precision_within_twice_torchs_own_error(dtype):
 
     assert_matches_reference(ours, formula, [q, k, v, sinks], dtype,
                              names=["q", "k", "v", "sinks"])
+
+
+def test_torch_compile_fullgraph_traces_flash_attn_func():
+    q, k, v = flash_inputs(batch=1, q_len=5, kv_len=7, dtype=torch.float32)
+    sinks = sinks_for(4, dtype=torch.float32)
+    slopes = slopes_for(4)
+
+    def fn(q, k, v, sinks):
+        return pa.flash_attn_func(q, k, v, causal=True, window_size=(3, -1), softcap=2.0,
+                                  alibi_slopes=slopes, sinks=sinks)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, want = compiled(q, k, v, sinks), fn(q, k, v, sinks)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    inputs = [q, k, v, sinks]
+    assert_close_all(grads([got], inputs), grads([want], inputs), 0.0, "compiled grad")
