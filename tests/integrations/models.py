@@ -16,6 +16,7 @@ class TinyModel:
     build: Callable[[], torch.nn.Module]             # float32 parameters, seeded
     inputs: Callable[[torch.dtype, bool], Dict]      # forward kwargs (float ones as leaves)
     replaced: int                                    # processors apply() must replace
+    peer_calls: int                                  # of them, peer_attention calls per forward
 
 
 def _rand(gen, *shape, dtype, grad):
@@ -43,7 +44,7 @@ def sd3(layers: int = 2, tokens: int = 8, text: int = 5, batch: int = 2) -> Tiny
                     pooled_projections=_rand(gen, batch, 8, dtype=dtype, grad=False),
                     timestep=torch.tensor([3.0, 700.0][:batch]).to(dtype))
 
-    return TinyModel("sd3", build, inputs, replaced=layers + 1)
+    return TinyModel("sd3", build, inputs, replaced=layers + 1, peer_calls=layers)
 
 
 def flux(double: int = 1, single: int = 1, tokens: int = 12, text: int = 6, batch: int = 2,
@@ -74,18 +75,18 @@ def flux(double: int = 1, single: int = 1, tokens: int = 12, text: int = 6, batc
             kwargs["joint_attention_kwargs"] = {"attention_mask": mask}
         return kwargs
 
-    return TinyModel("flux", build, inputs, replaced=double + single)
+    return TinyModel("flux", build, inputs, replaced=double + single, peer_calls=double)
 
 
 def wan_i2v(frames: int = 2, side: int = 4, image_tokens: int = 5, batch: int = 1) -> TinyModel:
-    """Wan 2.1 I2V: image_dim set, so every cross-attention has the image key/value projections."""
+    """Wan 2.1 I2V: image_dim and added_kv_proj_dim set, so cross-attention has image keys/values."""
     def build():
         from diffusers import WanTransformer3DModel
 
         torch.manual_seed(0)
         return WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-            out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, image_dim=8,
+            out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, image_dim=8, added_kv_proj_dim=16,
             rope_max_seq_len=32)
 
     def inputs(dtype, grad):
@@ -95,4 +96,4 @@ def wan_i2v(frames: int = 2, side: int = 4, image_tokens: int = 5, batch: int = 
                     encoder_hidden_states=_rand(gen, batch, WAN_TEXT_TOKENS, 16, dtype=dtype, grad=grad),
                     encoder_hidden_states_image=_rand(gen, batch, image_tokens, 8, dtype=dtype, grad=grad))
 
-    return TinyModel("wan_i2v", build, inputs, replaced=2)
+    return TinyModel("wan_i2v", build, inputs, replaced=2, peer_calls=1)
