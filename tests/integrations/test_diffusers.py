@@ -63,10 +63,12 @@ def _run(model, inputs):
     return out.detach(), grads
 
 
-def _compare(tiny, backend, dtype, rtol, atol, arm=None, monkeypatch=None):
+def _compare(tiny, backend, dtype, rtol, atol, arm=None, monkeypatch=None, fused=False):
     """`ours` (apply()'d) against diffusers' processors; with `monkeypatch`, also counts the
     multi-stream peer_attention calls of one forward."""
     model = tiny.build().to(dtype)
+    if fused:
+        model.fuse_qkv_projections()
     ours = copy.deepcopy(model)
     assert pa_diffusers.apply(ours, backend=backend) == tiny.replaced
     expected, expected_grads = _run(model, tiny.inputs(dtype, True))
@@ -110,6 +112,25 @@ def test_triton_interpreter_float32(make, forbid_torch_attention, monkeypatch):
     if pa.available_backends()["triton"] is not None:
         pytest.skip(f"triton: {pa.available_backends()['triton']}")
     _compare(make(), "triton", torch.float32, 2e-4, 2e-5, arm=forbid_torch_attention, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("make", [flux, wan_i2v], ids=["flux", "wan_i2v"])
+def test_fused_projections(make, monkeypatch):
+    """fuse_qkv_projections() keeps Flux's and Wan's processors; ours read the fused weights."""
+    _compare(make(), "reference", torch.float64, 1e-10, 1e-11, monkeypatch=monkeypatch, fused=True)
+
+
+def test_bfloat16_keeps_dtypes():
+    """A bfloat16 model stays bfloat16 through our processors, within bfloat16 rounding of diffusers'."""
+    tiny = sd3(layers=2, tokens=4, text=3, batch=1)
+    model = tiny.build().to(torch.bfloat16)
+    ours = copy.deepcopy(model)
+    pa_diffusers.apply(ours, backend="reference")
+    with torch.no_grad():
+        expected = model(**tiny.inputs(torch.bfloat16, False), return_dict=False)[0]
+        out = ours(**tiny.inputs(torch.bfloat16, False), return_dict=False)[0]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
 
 
 def test_padded_caption_becomes_kv_lengths(monkeypatch):
