@@ -68,7 +68,7 @@ def right_padding_lengths(mask: Optional[Tensor], batch: int, lengths: Sequence[
             return None
         counts.append(kept)
         start += n
-    return torch.stack(counts, dim=1).expand(batch, len(lengths)).to(torch.int64)
+    return torch.stack(counts, dim=1).expand(batch, len(lengths)).to(torch.int64).contiguous()
 
 
 def _as_sdpa_mask(mask: Optional[Tensor], batch: int, num_keys: int) -> Optional[Tensor]:

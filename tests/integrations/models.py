@@ -48,9 +48,10 @@ def sd3(layers: int = 2, tokens: int = 8, text: int = 5, batch: int = 2) -> Tiny
 
 
 def flux(double: int = 1, single: int = 1, tokens: int = 12, text: int = 6, batch: int = 2,
-         text_padding: bool = False) -> TinyModel:
-    """Flux: RoPE over text then image ids; with `text_padding`, a caption mask (True = token)
-    whose last tokens of batch element 1 are padding, passed as diffusers passes one."""
+         text_padding: str = "") -> TinyModel:
+    """Flux: RoPE over text then image ids. `text_padding`: "right", a caption mask (True =
+    token) whose last 2 tokens of the last batch element are padding, passed as diffusers passes
+    one; "inside", the same 2 masked tokens in the middle of the caption."""
     def build():
         from diffusers import FluxTransformer2DModel
 
@@ -70,7 +71,8 @@ def flux(double: int = 1, single: int = 1, tokens: int = 12, text: int = 6, batc
                       img_ids=img_ids.to(dtype), txt_ids=torch.zeros(text, 3, dtype=dtype))
         if text_padding:
             caption = torch.ones(batch, text, dtype=torch.bool)
-            caption[-1, text - 2:] = False
+            first = text - 2 if text_padding == "right" else 1
+            caption[-1, first:first + 2] = False
             mask = torch.cat([caption, torch.ones(batch, tokens, dtype=torch.bool)], dim=1)
             kwargs["joint_attention_kwargs"] = {"attention_mask": mask}
         return kwargs

@@ -2,6 +2,7 @@
 Wan I2V models give the same outputs and the same gradient for every parameter and input, and the
 replaced processors never call torch's SDPA (or diffusers' attention dispatch)."""
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -136,8 +137,26 @@ def test_bfloat16_keeps_dtypes():
 def test_padded_caption_becomes_kv_lengths(monkeypatch):
     """Flux with a caption mask: the double-stream blocks pass kv_lengths (no mask), and the
     numbers (forward and backward) are those of diffusers' masked SDPA."""
-    calls = _compare(flux(text_padding=True), "reference", torch.float64, 1e-10, 1e-12, monkeypatch=monkeypatch)
+    calls = _compare(flux(text_padding="right"), "reference", torch.float64, 1e-10, 1e-12, monkeypatch=monkeypatch)
     assert calls[0]["kv_lengths"].tolist() == [[6, 12], [4, 12]]
+
+
+def test_other_caption_mask_goes_through_as_a_mask(monkeypatch):
+    """Masked tokens inside the caption are no right padding: the double-stream block runs the
+    drop-in SDPA with the mask over the joint sequence, with diffusers' numbers."""
+    from peer_attention.integrations import diffusers as module
+
+    masks = []
+    real = module.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "scaled_dot_product_attention", spy)
+    tiny = dataclasses.replace(flux(text_padding="inside"), peer_calls=0)
+    _compare(tiny, "reference", torch.float64, 1e-10, 1e-12, monkeypatch=monkeypatch)
+    assert len(masks) == 2 and all(m is not None and m.shape == (2, 1, 1, 18) for m in masks)
 
 
 def test_right_padding_lengths():
