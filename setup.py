@@ -65,6 +65,7 @@ setup(
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
         "transformers": ["transformers"],
+        "diffusers": ["diffusers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -11,7 +11,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-SUITES = ("sdpa", "peer", "memory", "overhead", "variants")
+from .mmdit import mmdit_cases  # SD3 / Flux / Wan I2V attention shapes (bench/mmdit.py)
+
+SUITES = ("sdpa", "peer", "memory", "overhead", "variants", "mmdit")
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd",
                 "fwd_bwd": "fwd+bwd", "both": "fwd+bwd"}
@@ -179,7 +181,7 @@ def _variants_suite(dtype: str, device: str, quick: bool) -> List[Case]:
 
 
 SUITE_BUILDERS = {"sdpa": sdpa_suite, "peer": peer_suite, "memory": memory_suite, "overhead": overhead_suite,
-                  "variants": _variants_suite}
+                  "variants": _variants_suite, "mmdit": mmdit_cases}
 
 
 def build_cases(suites, dtypes, device: str, quick: bool) -> List[Case]:
