@@ -1,0 +1,139 @@
+"""Low-level forward/backward pairs for frameworks that run their own context parallelism.
+
+Ring attention in other frameworks (diffusers' templated ring attention, torch's context
+parallel, ring-flash-attention) needs exactly two things of a kernel: a forward that returns the
+output with its log-sum-exp, and a backward that takes (grad_out, out, lse). These functions
+give both for SDPA and for peer attention, through the same validation, dispatch and registered
+ops (`peer_attention::NAME_fwd` / `NAME_bwd`) as the public API:
+
+    out, lse = sdpa_forward(q, k, v, is_causal=False)                 # lse (N, ..., Hq, L)
+    dq, dk, dv = sdpa_backward(grad_out, out, lse, q, k, v)
+    outs, lses = peer_forward(queries, keys, values, gate=g, bias=b)  # lses[s] (B, Hq, L_s)
+                                                                      # or (B, Hq, S, L_s) "peer"
+    dqs, dks, dvs, dgate, dbias = peer_backward(grad_outs, outs, lses, queries, keys, values,
+                                                gate=g, bias=b)
+
+The forward runs without autograd (the caller owns the graph); lse is float32 (float64 for
+float64 inputs), the natural log of each row's softmax normaliser, -inf for a row with nothing
+to attend to.
+
+Merged statistics (the ring-attention contract): `out` and `lse` given to a backward may be the
+merged results of a larger attention of which this call's keys are one part; the gradients are
+then this part's contributions (sum them over the parts). The reference backend honours this in
+both modes (in "peer" mode when each row attends one peer); the Triton and CUDA kernels honour
+it in "joint" mode without gate/bias gradients (they take Delta = <grad_out, out>) and recompute
+Delta from their own keys otherwise, which is right only for a call's own statistics:
+`check_merged_statistics` says so with a NotImplementedError.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import api, dispatch, ops
+from ..problem import PEER, AttentionProblem
+
+# backends whose backward recomputes Delta from their own keys in these cases
+_OWN_DELTA_BACKENDS = ("triton", "cuda")
+
+
+def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
+    return dispatch.select(problem, backend).name
+
+
+def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad) -> None:
+    """Raise if `backend`'s backward cannot take merged (out, lse) for this problem."""
+    if backend not in _OWN_DELTA_BACKENDS:
+        return
+    needs_gate = problem.gate is not None and needs_grad[3]
+    needs_bias = problem.bias is not None and needs_grad[4]
+    if problem.normalize == PEER or needs_gate or needs_bias:
+        raise NotImplementedError(
+            f"backend {backend!r}: its backward recomputes Delta from the call's own keys for "
+            "normalize='peer' and for gate/bias gradients, so it cannot take the merged (out, lse) "
+            "of ring attention there; use method='ulysses' or backend='reference'")
+
+
+def problem_forward(problem: AttentionProblem, backend: str) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of the registered forward op, outside autograd."""
+    with torch.no_grad():
+        return dispatch.forward_op(backend)(*problem)
+
+
+def problem_backward(problem: AttentionProblem, backend: str, grad_out: Tensor, out: Tensor,
+                     lse: Tensor, needs_grad: Sequence[bool]):
+    """The seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) of the registered backward
+    op; empty tensors where not needed."""
+    bwd_op = ops.define_backend_ops(backend)[1]
+    with torch.no_grad():
+        return bwd_op(grad_out.contiguous(), out.contiguous(), lse.contiguous(), *problem,
+                      [bool(n) for n in needs_grad])
+
+
+def _needs(*tensors) -> List[bool]:
+    return [t is not None for t in tensors]
+
+
+def sdpa_forward(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,
+                 scale: Optional[float] = None, enable_gqa: bool = False,
+                 backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """SDPA's (out (N, ..., Hq, L, Ev), lse (N, ..., Hq, L)); no mask, no dropout."""
+    problem = api.sdpa_problem(query, key, value, None, 0.0, is_causal, scale, enable_gqa)
+    out, lse = problem_forward(problem, select_backend(problem, backend))
+    return out.view(*query.shape[:-1], value.shape[-1]), lse.view(query.shape[:-1])
+
+
+def sdpa_backward(grad_out: Tensor, out: Tensor, lse: Tensor, query: Tensor, key: Tensor,
+                  value: Tensor, *, is_causal: bool = False, scale: Optional[float] = None,
+                  enable_gqa: bool = False, backend: Optional[str] = None):
+    """(dq, dk, dv) of SDPA given (grad_out, out, lse); see the module note on merged stats."""
+    problem = api.sdpa_problem(query, key, value, None, 0.0, is_causal, scale, enable_gqa)
+    name = select_backend(problem, backend)
+    needs = [True, True, True, False, False, False, False]
+    check_merged_statistics(name, problem, needs)
+    rows = problem.q.shape[:3]
+    dq, dk, dv = problem_backward(
+        problem, name, grad_out.reshape(*rows, value.shape[-1]),
+        out.reshape(*rows, value.shape[-1]), lse.reshape(rows), needs)[:3]
+    return dq.view(query.shape), dk.view(key.shape), dv.view(value.shape)
+
+
+def peer_forward(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Sequence[Tensor], *,
+                 peers=None, gate: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                 normalize: str = "joint", is_causal: bool = False,
+                 kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
+                 enable_gqa: bool = False, backend: Optional[str] = None):
+    """peer_attention's outputs and, per stream, the lse: (B, Hq, L_s) for "joint",
+    (B, Hq, S, L_s) for "peer" (-inf for peers the stream does not attend)."""
+    problem = api.peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
+                               normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
+                               scale=scale, enable_gqa=enable_gqa)
+    out, lse = problem_forward(problem, select_backend(problem, backend))
+    lens = list(problem.q_lens)
+    return list(out.split(lens, dim=2)), list(lse.split(lens, dim=-1))
+
+
+def peer_backward(grad_outs: Sequence[Tensor], outs: Sequence[Tensor], lses: Sequence[Tensor],
+                  queries: Sequence[Tensor], keys: Sequence[Tensor], values: Sequence[Tensor], *,
+                  peers=None, gate: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  normalize: str = "joint", is_causal: bool = False,
+                  kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
+                  enable_gqa: bool = False, backend: Optional[str] = None):
+    """(dqueries, dkeys, dvalues, dgate, dbias) given per-stream (grad_out, out, lse); dgate and
+    dbias have the shapes of `gate` and `bias` (None when those are None)."""
+    problem = api.peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
+                               normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
+                               scale=scale, enable_gqa=enable_gqa)
+    name = select_backend(problem, backend)
+    needs = [True, True, True, gate is not None, bias is not None, False, False]
+    check_merged_statistics(name, problem, needs)
+    dq, dk, dv, dgate, dbias = problem_backward(
+        problem, name, torch.cat(list(grad_outs), dim=2), torch.cat(list(outs), dim=2),
+        torch.cat(list(lses), dim=-1), needs)[:5]
+    dgate = dgate.sum_to_size(gate.shape).to(gate.dtype) if gate is not None else None
+    dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias is not None else None
+    return (list(dq.split(list(problem.q_lens), dim=2)),
+            list(dk.split(list(problem.kv_lens), dim=2)),
+            list(dv.split(list(problem.kv_lens), dim=2)), dgate, dbias)
