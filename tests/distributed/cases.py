@@ -15,7 +15,6 @@ METHOD_LAYOUTS = (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "conti
 
 SDPA_OPTIONS = {
     "causal": dict(is_causal=True),
-    "full": dict(is_causal=False),
     "gqa_causal": dict(is_causal=True, enable_gqa=True),
     "cross_lengths": dict(is_causal=False, kv_factor=2),  # S = 2 L
 }
@@ -24,8 +23,7 @@ PEER_OPTIONS = {
     # joint: gate and bias with broadcast shapes and gradients, kv_lengths, sparse peers, causal
     "joint_all": dict(normalize="joint", gate=True, bias=True, kv_lengths=True, sparse=True,
                       is_causal=True),
-    "joint_plain": dict(normalize="joint"),
-    "joint_gqa_gate": dict(normalize="joint", gate=True, is_causal=True, enable_gqa=True),
+    "joint_gqa_gate": dict(normalize="joint", gate=True, enable_gqa=True),
     "peer_all": dict(normalize="peer", gate=True, kv_lengths=True, sparse=True, is_causal=True),
     "peer_plain": dict(normalize="peer", enable_gqa=True),
 }
