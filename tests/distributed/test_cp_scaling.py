@@ -1,12 +1,14 @@
 """The arithmetic of scripts/cp_scaling.py, checked by hand on a small case."""
 import importlib.util
 import os
+import sys
 
 import pytest
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "cp_scaling.py")
 _spec = importlib.util.spec_from_file_location("cp_scaling", _PATH)
 cp_scaling = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("cp_scaling", cp_scaling)  # dataclasses look their module up there
 _spec.loader.exec_module(cp_scaling)
 
 # 2 streams x 8 tokens, all pairs, causal, Hq=2, H=1, E=4, Ev=2, 2-byte dtype, on 2 ranks:
