@@ -21,8 +21,8 @@ def test_ring_step_by_hand():
     zigzag = cp_scaling.ring_cost(SIZES, 2, "zigzag")
     assert zigzag.step_flops == 2 * 384 / 2 + 2 * 384  # self blocks halved, cross blocks whole
     assert cp_scaling.ring_cost(SIZES, 2, "contiguous").step_flops == 4 * 384
-    assert zigzag.step_bytes == 1 * 1 * 2 * 4 * 6 * 2  # B H S (N/W) (E+Ev) bytes = 192
-    assert zigzag.bwd_step_bytes == 192 + 96 * 4       # + fp32 dK/dV
+    assert zigzag.step_bytes == 1 * 1 * 2 * 4 * 6 * 2  # B H S (N/W) (E+Ev) bytes = 96
+    assert zigzag.bwd_step_bytes == 96 + 48 * 4        # + fp32 dK/dV (48 elements)
     assert zigzag.bwd_step_flops == 2.5 * zigzag.step_flops
     assert cp_scaling.ring_cost(SIZES, 1).step_bytes == 0
 
