@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..problem import PEER, AttentionProblem, lse_dtype
 from . import layout as lay
@@ -214,6 +215,7 @@ class RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_out):
         q, k, v, gate, bias, out, lse, parts = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:5])

@@ -7,8 +7,13 @@ head counts (Hq = 2W, H = W: GQA) divide W so that Ulysses applies.
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
+
+# local kernels to run the cases with (float64 on the CPU): the reference by default; add others
+# with PEER_ATTENTION_CP_TEST_BACKENDS=reference,torch
+BACKENDS = tuple(os.environ.get("PEER_ATTENTION_CP_TEST_BACKENDS", "reference").split(","))
 
 METHOD_LAYOUTS = (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous"),
                   ("ulysses", "zigzag"))

@@ -2,7 +2,8 @@
 
 One spawned group per world size runs every case (tests/distributed/cases.py) and writes, per
 rank, the largest error of the outputs and of every gradient (shards, gate, bias); each test
-below reads its case. Float64 with the reference backend as the local kernel.
+below reads its case. Float64; the local kernel is a parameter (cases.BACKENDS, the reference
+by default).
 """
 import json
 import os
@@ -10,7 +11,7 @@ import os
 import pytest
 import torch.multiprocessing as mp
 
-from .cases import CASES, ERROR_CASES, TOLERANCE
+from .cases import BACKENDS, CASES, ERROR_CASES, TOLERANCE
 from .workers import worker
 
 WORLD_SIZES = (2, 4)
@@ -21,11 +22,11 @@ TIMEOUT_S = 600
 def results(tmp_path_factory):
     cache = {}
 
-    def run(world):
-        if world not in cache:
-            out_dir = tmp_path_factory.mktemp(f"cp{world}")
+    def run(world, backend=BACKENDS[0]):
+        if (world, backend) not in cache:
+            out_dir = tmp_path_factory.mktemp(f"cp{world}{backend}")
             context = mp.start_processes(
-                worker, args=(world, str(out_dir / "store"), str(out_dir), list(CASES)),
+                worker, args=(world, str(out_dir / "store"), str(out_dir), list(CASES), backend),
                 nprocs=world, join=False, start_method="spawn")
             try:
                 while not context.join(timeout=TIMEOUT_S):
@@ -38,16 +39,17 @@ def results(tmp_path_factory):
             for rank in range(world):
                 with open(out_dir / f"rank{rank}.json") as f:
                     per_rank.append(json.load(f))
-            cache[world] = per_rank
-        return cache[world]
+            cache[world, backend] = per_rank
+        return cache[world, backend]
 
     return run
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_one_process(results, world, name):
-    for rank, found in enumerate(results(world)):
+def test_matches_one_process(results, world, name, backend):
+    for rank, found in enumerate(results(world, backend)):
         value = found[name]
         assert not isinstance(value, str), f"rank {rank} raised:\n{value}"
         assert value <= TOLERANCE, f"rank {rank}: max error {value:.3g}"

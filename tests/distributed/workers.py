@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .cases import CASES, ERROR_CASES, build_inputs
 
-BACKEND = "reference"
+BACKEND = "reference"  # for the bad calls, which fail before any kernel runs
 
 
 def _max_error(got, want) -> float:
@@ -101,7 +101,7 @@ def run_error_case(name: str, rank: int, world: int):
     return None
 
 
-def worker(rank: int, world: int, store_path: str, out_dir: str, names):
+def worker(rank: int, world: int, store_path: str, out_dir: str, names, backend: str):
     torch.set_num_threads(1)  # W processes share a few cores: more threads only contend
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -109,7 +109,7 @@ def worker(rank: int, world: int, store_path: str, out_dir: str, names):
     try:
         for index, name in enumerate(names):
             try:
-                results[name] = run_case(CASES[name], rank, world, 1000 + index, BACKEND)
+                results[name] = run_case(CASES[name], rank, world, 1000 + index, backend)
             except Exception:  # recorded per case: the test of that case fails with it
                 results[name] = traceback.format_exc(limit=6)
         for name in ERROR_CASES:
