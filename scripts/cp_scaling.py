@@ -126,6 +126,10 @@ def rows(sizes: Sizes, worlds: Sequence[int], tflops: float, links: Dict[str, fl
                     fwd_ms=ring.steps * max(compute, comm),
                     bwd_ms=ring.steps * max(bwd_compute, bwd_comm),
                     step_mb=ring.step_bytes / 1e6)
+            if sizes.q_heads % world or sizes.kv_heads % world:
+                row["ulysses"] = None  # it needs Hq and H divisible by W
+                out.append(row)
+                continue
             row["ulysses"] = dict(compute_ms=ms(uly.flops, rate), comm_ms=ms(uly.bytes, bw),
                                   fwd_ms=ms(uly.flops, rate) + ms(uly.bytes, bw),
                                   bwd_ms=ms(uly.bwd_flops, rate) + ms(uly.bwd_bytes, bw),
@@ -149,12 +153,14 @@ def markdown(sizes: Sizes, table: List[dict], tflops: float) -> str:
     ]
     for row in table:
         z, c, u = row["zigzag"], row["contiguous"], row["ulysses"]
+        ulysses = ("n/a (heads not divisible by W)" if u is None else
+                   f"{u['compute_ms']:.1f} + {u['comm_ms']:.1f} ({u['mb']:.0f})")
         lines.append(
             f"| {row['world']} | {row['link']} | {z['step_compute_ms']:.2f} "
             f"| {z['step_comm_ms']:.2f} ({z['step_mb']:.0f}) "
             f"| {'yes' if z['hidden'] else 'no'} ({'yes' if z['bwd_hidden'] else 'no'}) "
             f"| {z['fwd_ms']:.1f} ({z['bwd_ms']:.1f}) | {c['fwd_ms']:.1f} ({c['bwd_ms']:.1f}) "
-            f"| {u['compute_ms']:.1f} + {u['comm_ms']:.1f} ({u['mb']:.0f}) |")
+            f"| {ulysses} |")
     return "\n".join(lines)
 
 

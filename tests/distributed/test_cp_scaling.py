@@ -51,3 +51,7 @@ def test_script_prints_the_table(capsys):
     cp_scaling.main(["--world", "8"])
     text = capsys.readouterr().out
     assert "3 stream(s) x 65536 tokens" in text and "| 8 | InfiniBand |" in text
+
+
+def test_ulysses_is_not_applicable_when_heads_do_not_divide():
+    assert cp_scaling.rows(SIZES, [2], 300.0, {"link": 50.0})[0]["ulysses"] is None  # H = 1
