@@ -20,7 +20,7 @@ BACKEND = "reference"  # for the bad calls, which fail before any kernel runs
 
 
 def _max_error(got, want) -> float:
-    return float((got.detach() - want.detach()).abs().max()) if want.numel() else 0.0
+    return float((got.detach().double() - want.detach()).abs().max()) if want.numel() else 0.0
 
 
 def _one_process(case, tensors, options, backend):
@@ -40,11 +40,14 @@ def _one_process(case, tensors, options, backend):
     return outs, inputs, globals_
 
 
-def run_case(case, rank: int, world: int, seed: int, backend: str) -> float:
+def run_case(case, rank: int, world: int, seed: int, backend: str,
+             dtype: torch.dtype = torch.float64) -> float:
+    """Largest error of this rank's outputs and gradients against the one-process call of the
+    reference in float64 (the context-parallel call runs `backend` in `dtype`)."""
     from peer_attention import distributed as cp
 
     tensors, options = build_inputs(case, world, seed)
-    outs, inputs, globals_ = _one_process(case, tensors, options, backend)
+    outs, inputs, globals_ = _one_process(case, tensors, options, "reference")
     gen = torch.Generator().manual_seed(seed + 1)
     grad_outs = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
     want_grads = torch.autograd.grad(outs, inputs + globals_, grad_outs)
@@ -52,10 +55,10 @@ def run_case(case, rank: int, world: int, seed: int, backend: str) -> float:
     layout, method = case["layout"], case["method"]
 
     def cut(t):
-        return cp.shard(t.detach(), rank, world, layout).requires_grad_()
+        return cp.shard(t.detach().to(dtype), rank, world, layout).requires_grad_()
 
     shards = [cut(t) for t in inputs]
-    extras = {k: (v.clone().requires_grad_() if k in ("gate", "bias") else v)
+    extras = {k: (v.to(dtype).requires_grad_() if k in ("gate", "bias") else v)
               for k, v in options.items()}
     mine_globals = [extras[k] for k in ("gate", "bias") if k in extras]
     if case["kind"] == "sdpa":
@@ -67,7 +70,7 @@ def run_case(case, rank: int, world: int, seed: int, backend: str) -> float:
             shards[:num], shards[num:2 * num], shards[2 * num:], method=method, layout=layout,
             backend=backend, **extras)
     got_grads = torch.autograd.grad(
-        got, shards + mine_globals, [cp.shard(g, rank, world, layout) for g in grad_outs])
+        got, shards + mine_globals, [cp.shard(g.to(dtype), rank, world, layout) for g in grad_outs])
     errors = [_max_error(o, cp.shard(w.detach(), rank, world, layout)) for o, w in zip(got, outs)]
     for index, (g, w) in enumerate(zip(got_grads, want_grads)):
         # shards get this rank's part of the gradient, gate and bias the whole of it
@@ -101,7 +104,8 @@ def run_error_case(name: str, rank: int, world: int):
     return None
 
 
-def worker(rank: int, world: int, store_path: str, out_dir: str, names, backend: str):
+def worker(rank: int, world: int, store_path: str, out_dir: str, names, backend: str,
+           dtype_name: str = "float64", error_cases=ERROR_CASES):
     torch.set_num_threads(1)  # W processes share a few cores: more threads only contend
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -109,10 +113,11 @@ def worker(rank: int, world: int, store_path: str, out_dir: str, names, backend:
     try:
         for index, name in enumerate(names):
             try:
-                results[name] = run_case(CASES[name], rank, world, 1000 + index, backend)
+                results[name] = run_case(CASES[name], rank, world, 1000 + index, backend,
+                                         getattr(torch, dtype_name))
             except Exception:  # recorded per case: the test of that case fails with it
                 results[name] = traceback.format_exc(limit=6)
-        for name in ERROR_CASES:
+        for name in error_cases:
             results["error:" + name] = run_error_case(name, rank, world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
