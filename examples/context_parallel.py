@@ -67,7 +67,8 @@ def main() -> None:
 
     # the one-process call on the full tensors, and everyone's shards gathered
     leaves = [[t.clone().requires_grad_() for t in role] for role in full]
-    gate_ref, bias_ref = gate.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    gate_ref = gate.detach().clone().requires_grad_()
+    bias_ref = bias.detach().clone().requires_grad_()
     want = pa.peer_attention(*leaves, **{**options, "gate": gate_ref, "bias": bias_ref})
     sum(o.float().square().sum() for o in want).backward()
 

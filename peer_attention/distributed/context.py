@@ -59,8 +59,9 @@ def _check_ranks_agree(problem: AttentionProblem, method: str, layout: str, kv_l
              any(t is not None and t.requires_grad for t in (problem.gate, problem.bias)))
     header = [problem.num_streams, problem.q.shape[0], problem.num_q_heads, problem.num_kv_heads,
               problem.head_dim, problem.value_dim, METHODS.index(method), lay.LAYOUTS.index(layout),
-              int(problem.normalize == "peer"), int(problem.is_causal), int(problem.gate is not None),
-              int(problem.bias is not None), int(kv_lengths is not None), table, *map(int, grads)]
+              int(problem.normalize == "peer"), int(problem.is_causal),
+              int(problem.gate is not None), int(problem.bias is not None),
+              int(kv_lengths is not None), table, *map(int, grads)]
     device = problem.q.device
     everyone = gather_signatures(header, group, device)
     for rank, theirs in enumerate(everyone):

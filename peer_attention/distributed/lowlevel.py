@@ -27,7 +27,7 @@ Delta from their own keys otherwise, which is right only for a call's own statis
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -70,10 +70,6 @@ def problem_backward(problem: AttentionProblem, backend: str, grad_out: Tensor, 
     with torch.no_grad():
         return bwd_op(grad_out.contiguous(), out.contiguous(), lse.contiguous(), *problem,
                       [bool(n) for n in needs_grad])
-
-
-def _needs(*tensors) -> List[bool]:
-    return [t is not None for t in tensors]
 
 
 def sdpa_forward(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,

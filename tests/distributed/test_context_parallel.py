@@ -6,7 +6,6 @@ below reads its case. Float64; the local kernel is a parameter (cases.BACKENDS, 
 by default).
 """
 import json
-import os
 
 import pytest
 import torch.multiprocessing as mp
