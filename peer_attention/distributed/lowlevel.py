@@ -19,11 +19,12 @@ to attend to.
 
 Merged statistics (the ring-attention contract): `out` and `lse` given to a backward may be the
 merged results of a larger attention of which this call's keys are one part; the gradients are
-then this part's contributions (sum them over the parts). The reference backend honours this in
-both modes (in "peer" mode when each row attends one peer); the Triton and CUDA kernels honour
-it in "joint" mode without gate/bias gradients (they take Delta = <grad_out, out>) and recompute
-Delta from their own keys otherwise, which is right only for a call's own statistics:
-`check_merged_statistics` says so with a NotImplementedError.
+then this part's contributions (sum them over the parts). Which backends honour this where is
+the table MERGED_STATISTICS: the reference in both modes (in "peer" mode when each row attends
+one peer); the torch backend in "joint" mode; the Triton and CUDA kernels in "joint" mode without
+gate/bias gradients (they take Delta = <grad_out, out>, and recompute it from their own keys for
+those). Elsewhere the result is right only for a call's own statistics, and
+`check_merged_statistics` raises NotImplementedError (also for a backend not in the table).
 """
 from __future__ import annotations
 
@@ -35,8 +36,15 @@ from torch import Tensor
 from .. import api, dispatch, ops
 from ..problem import PEER, AttentionProblem
 
-# backends whose backward recomputes Delta from their own keys in these cases
-_OWN_DELTA_BACKENDS = ("triton", "cuda")
+# where each backend's backward takes merged (out, lse): "any" problem, "joint" mode, or "joint"
+# mode without gate/bias gradients (elsewhere it recomputes Delta or U_p from its own keys)
+ANY, JOINT_ONLY, JOINT_WITHOUT_GATE_BIAS_GRADS = "any", "joint", "joint without gate/bias grads"
+MERGED_STATISTICS = {
+    "reference": ANY,
+    "torch": JOINT_ONLY,
+    "triton": JOINT_WITHOUT_GATE_BIAS_GRADS,
+    "cuda": JOINT_WITHOUT_GATE_BIAS_GRADS,
+}
 
 
 def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
@@ -45,15 +53,26 @@ def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
 
 def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad) -> None:
     """Raise if `backend`'s backward cannot take merged (out, lse) for this problem."""
-    if backend not in _OWN_DELTA_BACKENDS:
-        return
+    served = MERGED_STATISTICS.get(backend)
+    if served is None:
+        raise NotImplementedError(
+            f"backend {backend!r} has not declared whether its backward takes merged (out, lse) "
+            "(add it to peer_attention.distributed.lowlevel.MERGED_STATISTICS once tested); "
+            "use method='ulysses' or another backend")
     needs_gate = problem.gate is not None and needs_grad[3]
     needs_bias = problem.bias is not None and needs_grad[4]
-    if problem.normalize == PEER or needs_gate or needs_bias:
-        raise NotImplementedError(
-            f"backend {backend!r}: its backward recomputes Delta from the call's own keys for "
-            "normalize='peer' and for gate/bias gradients, so it cannot take the merged (out, lse) "
-            "of ring attention there; use method='ulysses' or backend='reference'")
+    if served == ANY:
+        return
+    if problem.normalize == PEER:
+        why = "normalize='peer'"
+    elif served == JOINT_WITHOUT_GATE_BIAS_GRADS and (needs_gate or needs_bias):
+        why = "gate/bias gradients"
+    else:
+        return
+    raise NotImplementedError(
+        f"backend {backend!r}: for {why} its backward recomputes from the call's own keys, so it "
+        "cannot take the merged (out, lse) of ring attention; use method='ulysses' or "
+        "backend='reference'")
 
 
 def problem_forward(problem: AttentionProblem, backend: str) -> Tuple[Tensor, Tensor]:
@@ -83,12 +102,14 @@ def sdpa_forward(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool =
 
 def sdpa_backward(grad_out: Tensor, out: Tensor, lse: Tensor, query: Tensor, key: Tensor,
                   value: Tensor, *, is_causal: bool = False, scale: Optional[float] = None,
-                  enable_gqa: bool = False, backend: Optional[str] = None):
-    """(dq, dk, dv) of SDPA given (grad_out, out, lse); see the module note on merged stats."""
+                  enable_gqa: bool = False, backend: Optional[str] = None, merged: bool = True):
+    """(dq, dk, dv) of SDPA given (grad_out, out, lse). `merged`: out/lse may be merged over
+    more keys than this call's (see the module note); False when they are the call's own."""
     problem = api.sdpa_problem(query, key, value, None, 0.0, is_causal, scale, enable_gqa)
     name = select_backend(problem, backend)
     needs = [True, True, True, False, False, False, False]
-    check_merged_statistics(name, problem, needs)
+    if merged:
+        check_merged_statistics(name, problem, needs)
     rows = problem.q.shape[:3]
     dq, dk, dv = problem_backward(
         problem, name, grad_out.reshape(*rows, value.shape[-1]),
@@ -116,15 +137,17 @@ def peer_backward(grad_outs: Sequence[Tensor], outs: Sequence[Tensor], lses: Seq
                   peers=None, gate: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                   normalize: str = "joint", is_causal: bool = False,
                   kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
-                  enable_gqa: bool = False, backend: Optional[str] = None):
+                  enable_gqa: bool = False, backend: Optional[str] = None, merged: bool = True):
     """(dqueries, dkeys, dvalues, dgate, dbias) given per-stream (grad_out, out, lse); dgate and
-    dbias have the shapes of `gate` and `bias` (None when those are None)."""
+    dbias have the shapes of `gate` and `bias` (None when those are None). `merged` as in
+    sdpa_backward."""
     problem = api.peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
                                normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
                                scale=scale, enable_gqa=enable_gqa)
     name = select_backend(problem, backend)
     needs = [True, True, True, gate is not None, bias is not None, False, False]
-    check_merged_statistics(name, problem, needs)
+    if merged:
+        check_merged_statistics(name, problem, needs)
     dq, dk, dv, dgate, dbias = problem_backward(
         problem, name, torch.cat(list(grad_outs), dim=2), torch.cat(list(outs), dim=2),
         torch.cat(list(lses), dim=-1), needs)[:5]

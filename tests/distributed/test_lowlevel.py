@@ -134,10 +134,14 @@ def test_peer_pair_peer_mode_own_statistics():
 def test_kernels_that_recompute_delta_refuse_merged_statistics():
     queries, keys, values = _streams()
     problem = api.peer_problem(queries, keys, values, normalize="peer")
-    with pytest.raises(NotImplementedError, match="'triton'.*normalize='peer'"):
-        lowlevel.check_merged_statistics("triton", problem, [True] * 3 + [False] * 4)
+    for backend in ("triton", "torch"):
+        with pytest.raises(NotImplementedError, match=f"'{backend}': for normalize='peer'"):
+            lowlevel.check_merged_statistics(backend, problem, [True] * 3 + [False] * 4)
     joint = api.peer_problem(queries, keys, values, gate=torch.ones(3))
     with pytest.raises(NotImplementedError, match="gate/bias"):
         lowlevel.check_merged_statistics("cuda", joint, [True] * 4 + [False] * 3)
     lowlevel.check_merged_statistics("cuda", joint, [True] * 3 + [False] * 4)  # Delta from out
+    lowlevel.check_merged_statistics("torch", joint, [True] * 4 + [False] * 3)
     lowlevel.check_merged_statistics("reference", problem, [True] * 7)
+    with pytest.raises(NotImplementedError, match="has not declared"):
+        lowlevel.check_merged_statistics("new_backend", joint, [True] * 7)
