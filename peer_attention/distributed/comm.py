@@ -40,12 +40,14 @@ class RingExchange:
 
     def __init__(self, tensors: Sequence[Tensor], group):
         rank, world = rank_and_world(group)
-        self.received = [torch.empty_like(t) for t in tensors]
+        # contiguous buffers, kept alive until the transfers are waited for
+        self.sent = [t.contiguous() for t in tensors]
+        self.received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         send_to = dist.get_global_rank(group, (rank + 1) % world)
         recv_from = dist.get_global_rank(group, (rank - 1) % world)
         ops = []
-        for out, into in zip(tensors, self.received):
-            ops.append(dist.P2POp(dist.isend, out.contiguous(), send_to, group))
+        for out, into in zip(self.sent, self.received):
+            ops.append(dist.P2POp(dist.isend, out, send_to, group))
             ops.append(dist.P2POp(dist.irecv, into, recv_from, group))
         self.requests = dist.batch_isend_irecv(ops)
 
