@@ -21,7 +21,8 @@ METHOD_LAYOUTS = (("ring", "contiguous"), ("ring", "zigzag"), ("ulysses", "conti
 SDPA_OPTIONS = {
     "causal": dict(is_causal=True),
     "gqa_causal": dict(is_causal=True, enable_gqa=True),
-    "cross_lengths": dict(is_causal=False, kv_factor=2),  # S = 2 L
+    # S = 2 L, tensors laid out (B, L, H, E) and transposed: non-contiguous shards
+    "cross_lengths": dict(is_causal=False, kv_factor=2, transposed=True),
 }
 
 PEER_OPTIONS = {
@@ -63,8 +64,12 @@ def build_inputs(case: dict, world: int, seed: int):
     if case["kind"] == "sdpa":
         length = 4 * world
         kv_length = length * case.get("kv_factor", 1)
-        tensors = [rand(batch, q_heads, length, e_dim), rand(batch, kv_heads, kv_length, e_dim),
-                   rand(batch, kv_heads, kv_length, v_dim)]
+        shapes = [(batch, q_heads, length, e_dim), (batch, kv_heads, kv_length, e_dim),
+                  (batch, kv_heads, kv_length, v_dim)]
+        if case.get("transposed"):
+            tensors = [rand(b, n, h, d).transpose(1, 2) for b, h, n, d in shapes]
+        else:
+            tensors = [rand(*shape) for shape in shapes]
         options = dict(is_causal=case["is_causal"], enable_gqa=gqa)
         return tensors, options
     lengths = (2 * world, 4 * world, 2 * world)
