@@ -83,7 +83,7 @@ def _check_ranks_agree(problem: AttentionProblem, method: str, layout: str, kv_l
 
 
 def _run(problem: AttentionProblem, *, group, method: str, layout: str, kv_lengths,
-         backend: Optional[str], label) -> Tensor:
+         backend: Optional[str], check_ranks: bool, label) -> Tensor:
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     lay.check_layout(layout)
@@ -94,7 +94,8 @@ def _run(problem: AttentionProblem, *, group, method: str, layout: str, kv_lengt
     if kv_lengths is not None:
         check_kv_lengths(kv_lengths, problem.q.shape[0], global_kv, problem.q)
         kv_lengths = kv_lengths.to(problem.q.device)
-    _check_ranks_agree(problem, method, layout, kv_lengths, group, label)
+    if check_ranks:
+        _check_ranks_agree(problem, method, layout, kv_lengths, group, label)
     if method == ULYSSES:
         check_heads(problem.num_q_heads, problem.num_kv_heads, world)
     name = select_backend(problem._replace(kv_lengths=kv_lengths), backend)
@@ -117,7 +118,7 @@ def context_parallel_peer_attention(
         gate: Optional[Tensor] = None, bias: Optional[Tensor] = None, normalize: str = "joint",
         is_causal: bool = False, kv_lengths: Optional[Tensor] = None,
         scale: Optional[float] = None, enable_gqa: bool = False,
-        backend: Optional[str] = None) -> List[Tensor]:
+        backend: Optional[str] = None, check_ranks: bool = True) -> List[Tensor]:
     """peer_attention over sequence shards (SPEC section 10).
 
     Each rank passes its shard of every stream (dim -2; `layout` "contiguous": positions
@@ -125,13 +126,15 @@ def context_parallel_peer_attention(
     one-process outputs; gradients flow to its shards. `gate`, `bias`, `peers`, `kv_lengths` are
     global (the same on every rank, kv_lengths counting global positions); their gradients are
     complete on every rank. `is_causal` is the global top-left mask on the self pairs.
-    `method`: "ring" or "ulysses" (heads divisible by the group size).
+    `method`: "ring" or "ulysses" (heads divisible by the group size). `check_ranks`: compare
+    shapes and options between ranks first (one small all_gather and a host sync per call; turn
+    it off in a loop whose shapes are known to agree).
     """
     problem = api.peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
                                normalize=normalize, is_causal=is_causal, kv_lengths=None,
                                scale=scale, enable_gqa=enable_gqa)
     out = _run(problem, group=group, method=method, layout=layout, kv_lengths=kv_lengths,
-               backend=backend, label=_labels(False))
+               backend=backend, check_ranks=check_ranks, label=_labels(False))
     if problem.num_streams == 1:
         return [out]
     return list(out.split_with_sizes(problem.q_lens, dim=2))
@@ -140,11 +143,13 @@ def context_parallel_peer_attention(
 def context_parallel_sdpa(query: Tensor, key: Tensor, value: Tensor, *, group=None,
                           method: str = RING, layout: str = lay.CONTIGUOUS,
                           is_causal: bool = False, scale: Optional[float] = None,
-                          enable_gqa: bool = False, backend: Optional[str] = None) -> Tensor:
+                          enable_gqa: bool = False, backend: Optional[str] = None,
+                          check_ranks: bool = True) -> Tensor:
     """scaled_dot_product_attention over sequence shards (no mask, no dropout): query
     (N, ..., Hq, L/W, E), key (N, ..., H, S/W, E), value (N, ..., H, S/W, Ev) on each rank ->
-    this rank's (N, ..., Hq, L/W, Ev) of the one-process result."""
+    this rank's (N, ..., Hq, L/W, Ev) of the one-process result. Options as in
+    context_parallel_peer_attention."""
     problem = api.sdpa_problem(query, key, value, None, 0.0, is_causal, scale, enable_gqa)
     out = _run(problem, group=group, method=method, layout=layout, kv_lengths=None,
-               backend=backend, label=_labels(True))
+               backend=backend, check_ranks=check_ranks, label=_labels(True))
     return out.view(*query.shape[:-1], value.shape[-1])
