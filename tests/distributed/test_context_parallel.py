@@ -67,3 +67,11 @@ def test_bad_calls_raise_on_every_rank(results, world, name):
         message = found["error:" + name]
         assert message is not None, f"rank {rank}: no error raised"
         assert message.startswith("ValueError") and expected in message, message
+
+
+def test_subgroups_run_their_own_rings(results):
+    """4 ranks as two groups of 2, each with its own sequence and group= argument."""
+    for rank, found in enumerate(results(4)):
+        value = found["subgroups"]
+        assert not isinstance(value, str), f"rank {rank} raised:\n{value}"
+        assert value <= TOLERANCE, f"rank {rank}: max error {value:.3g}"

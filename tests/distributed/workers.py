@@ -13,6 +13,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .cases import CASES, ERROR_CASES, build_inputs
 
@@ -79,6 +80,30 @@ def run_case(case, rank: int, world: int, seed: int, backend: str,
     return max(errors)
 
 
+def run_subgroup_case(rank: int, world: int) -> float:
+    """Two halves of the world, each a group of its own running its own call: `group=` and the
+    mapping of group ranks to global ranks."""
+    from peer_attention import distributed as cp
+
+    half = world // 2
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))]
+    group, group_rank = groups[rank // half], rank % half
+    case = dict(kind="sdpa", method="ring", layout="zigzag", is_causal=True)
+    (q, k, v), _ = build_inputs(case, half, seed=77 + rank // half)  # each half its own data
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    grad_out = torch.ones_like(want)
+    want_grads = torch.autograd.grad(want, leaves, grad_out)
+    shards = [cp.shard(t, group_rank, half, "zigzag").requires_grad_() for t in (q, k, v)]
+    got = cp.context_parallel_sdpa(*shards, group=group, layout="zigzag", is_causal=True,
+                                   backend="reference")
+    got_grads = torch.autograd.grad(got, shards, cp.shard(grad_out, group_rank, half, "zigzag"))
+    errors = [_max_error(got, cp.shard(want, group_rank, half, "zigzag"))]
+    errors += [_max_error(g, cp.shard(w, group_rank, half, "zigzag"))
+               for g, w in zip(got_grads, want_grads)]
+    return max(errors)
+
+
 def run_error_case(name: str, rank: int, world: int):
     """Bad calls: return the message of the error raised (None if none was)."""
     from peer_attention import distributed as cp
@@ -119,6 +144,11 @@ def worker(rank: int, world: int, store_path: str, out_dir: str, names, backend:
                 results[name] = traceback.format_exc(limit=6)
         for name in error_cases:
             results["error:" + name] = run_error_case(name, rank, world)
+        if world == 4 and error_cases:
+            try:
+                results["subgroups"] = run_subgroup_case(rank, world)
+            except Exception:
+                results["subgroups"] = traceback.format_exc(limit=6)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
