@@ -53,9 +53,8 @@ def _check_ranks_agree(problem: AttentionProblem, method: str, layout: str, kv_l
                        label) -> None:
     """Shapes and options that must be the same on every rank (else a collective would hang or
     the result be wrong): one all_gather of a few ints, two when the header agrees."""
-    table = sum(bit << i for i, bit in enumerate(problem.peers_flat()[:62]))
-    grads = (any(t.requires_grad for t in (problem.q,)),
-             any(t.requires_grad for t in (problem.k, problem.v)),
+    table = sum(bit << i for i, bit in enumerate(problem.peers_flat()[:62]))  # fits an int64
+    grads = (problem.q.requires_grad, problem.k.requires_grad or problem.v.requires_grad,
              any(t is not None and t.requires_grad for t in (problem.gate, problem.bias)))
     header = [problem.num_streams, problem.q.shape[0], problem.num_q_heads, problem.num_kv_heads,
               problem.head_dim, problem.value_dim, METHODS.index(method), lay.LAYOUTS.index(layout),
