@@ -32,8 +32,13 @@ def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
 
 
 def _logsumexp(scores: Tensor, dim: int = -1) -> Tensor:
-    """log-sum-exp that is -inf (not NaN) on rows of all -inf."""
-    return torch.logsumexp(scores, dim)
+    """log-sum-exp that is -inf on rows of all -inf, with a 0 (not NaN) gradient there: the
+    reference backend's backward differentiates it (see backends/reference.py)."""
+    if scores.shape[dim] == 0:
+        return scores.sum(dim) - float("inf")
+    live = torch.isfinite(scores.amax(dim, keepdim=True).detach())
+    total = torch.logsumexp(scores.masked_fill(~live, 0.0), dim)
+    return total.masked_fill(~live.squeeze(dim), float("-inf"))
 
 
 def dropout_keep_mask(shape, dropout_p: float, seed: int, device) -> Tensor:

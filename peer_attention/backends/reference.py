@@ -65,6 +65,10 @@ class ReferenceBackend(Backend):
         return out.contiguous(), lse.to(lse_dtype(p.q.dtype)).contiguous()
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
+        """Honours the given (out, lse) as FlashAttention's backward does: they may be the merged
+        statistics of a larger attention of which this call's keys are one part (ring attention
+        merges such parts), and the gradients are then this part's contributions. With the call's
+        own (out, lse) they are the plain gradients."""
         p = problem
         originals = (p.q, p.k, p.v, p.gate, p.bias, p.attn_mask, p.sinks)
         with torch.enable_grad():
@@ -72,11 +76,10 @@ class ReferenceBackend(Backend):
                 t.detach().requires_grad_(bool(need)) if t is not None else None
                 for t, need in zip(originals, needs_grad)
             ]
-            outs = _run(p, *leaves, return_lse=False)
-            out_again = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            surrogate = _surrogate(p, leaves, out.detach(), lse.detach()).to(grad_out.dtype)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(out_again, wanted, grad_out, allow_unused=True)
-                         if wanted and out_again.requires_grad else [None] * len(wanted))
+            grads = iter(torch.autograd.grad(surrogate, wanted, grad_out, allow_unused=True)
+                         if wanted and surrogate.requires_grad else [None] * len(wanted))
         result = []
         for original, leaf in zip(originals, leaves):
             if leaf is None or not leaf.requires_grad:
@@ -85,3 +88,49 @@ class ReferenceBackend(Backend):
             grad = next(grads)
             result.append(torch.zeros_like(original) if grad is None else grad.contiguous())
         return tuple(result)
+
+
+def _share(own_lse, given_lse):
+    """exp(own - given): the part of the given normaliser that this call's keys hold (1 when the
+    given lse is the call's own; 0 where the given lse is -inf)."""
+    given = given_lse.to(own_lse.dtype)
+    live = torch.isfinite(given)
+    share = torch.exp(own_lse - torch.where(live, given, torch.zeros_like(given)))
+    return share.masked_fill(~live, 0.0)
+
+
+def _surrogate(problem: AttentionProblem, leaves, out, lse):
+    """A function of the inputs whose gradient (times grad_out) is the FlashAttention backward
+    with the given statistics: P = exp(z - lse) and Delta = <grad_out, out>. With the call's own
+    normaliser L_own, share * (O_own - out) has d/dz_j = P_j (g v_j - out), which is that
+    gradient; its value is 0 and out is a constant."""
+    def packed(outs, lses):
+        own_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        own_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
+        return own_out, own_lse
+
+    if problem.normalize != "peer":
+        own_out, own_lse = packed(*_run(problem, *leaves, return_lse=True))
+        share = _share(own_lse, lse)[..., None]
+        return share * (own_out - out).to(share.dtype)
+    # "peer": one softmax per peer, so one share per peer: run each peer column on its own.
+    # The given out is that peer's (gated) part where a row attends one peer only (what ring
+    # attention passes); rows attending several peers need their own statistics.
+    num_streams, table = problem.num_streams, problem.peers_flat()
+    single = [sum(table[s * num_streams:(s + 1) * num_streams]) == 1 for s in range(num_streams)]
+    single_rows = torch.cat([torch.full((n,), flag, dtype=torch.bool, device=out.device)
+                             for flag, n in zip(single, problem.q_lens)])[:, None]
+    total = None
+    for col in range(num_streams):
+        column = tuple(int(bool(table[i]) and i % num_streams == col) for i in range(len(table)))
+        if not any(column):
+            continue
+        own_out, own_lse = packed(*_run(problem._replace(peers=column), *leaves, return_lse=True))
+        share = _share(own_lse[:, :, col], lse[:, :, col])[..., None]
+        given = torch.where(single_rows, out, own_out.detach())
+        term = share * (own_out - given).to(share.dtype)
+        total = term if total is None else total + term
+    if total is None:  # no pair attended: a zero that stays in the graph
+        outs = _run(problem, *leaves, return_lse=False)
+        return torch.cat(outs, dim=2) * 0.0
+    return total
