@@ -77,7 +77,7 @@ def sanitizer_text(path: Path) -> str:
     if not path.exists():
         return "no log"
     text = path.read_text(errors="replace")
-    found = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: ([^\n]+)", text)
+    found = re.findall(r"((?:ERROR|RACECHECK) SUMMARY: [^\n]+)", text)
     return found[-1].strip() if found else "no summary line (did the run finish?)"
 
 
