@@ -123,3 +123,22 @@ def test_sanitize_workload_lists_every_cuda_kernel():
     for feature in ("peer-per-peer-gate-bias-kvlen", "sdpa-float-mask-grad", "bottom-right-causal"):
         assert any(feature in l for l in lines)
     assert any(l.startswith("triton ") for l in lines)
+
+
+def test_autotune_switch_keeps_one_config(monkeypatch):
+    """PEER_ATTENTION_TRITON_AUTOTUNE=0 (set by gpu_check.sh test): the pruner keeps one config
+    that fits the device; unset, it keeps every fitting candidate (as on a GPU, faked here)."""
+    import torch
+    from peer_attention.triton_kernels import configs
+
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    monkeypatch.setattr(configs, "_arch_and_smem", lambda index: (90, 227 * 1024))
+    q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
+    for backward in (False, True):
+        candidates = configs.autotune_configs(backward)
+        prune = configs.make_pruner(backward)
+        monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
+        tuned = prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128)
+        assert len(tuned) > 1
+        monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+        assert prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128) == tuned[:1]
