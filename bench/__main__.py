@@ -164,11 +164,13 @@ def main(argv=None) -> int:
         progress = tqdm(total=count_rows(cases, providers, args.modes), unit="row", file=sys.stderr)
     except ImportError:
         progress = None
-    rows = []
+    rows, interrupted = [], False
     try:
         for case in cases:  # results are written after every case: a run cut short keeps them
             rows += complete(run_cases([case], providers, args.modes, _settings(args.quick), progress), meta)
             write_csv(rows, csv_path)
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT: report what was measured
+        interrupted = True
     finally:
         if progress is not None:
             progress.close()
@@ -176,13 +178,17 @@ def main(argv=None) -> int:
         write_json(rows, meta, settings, json_path)
     if args.full_table:
         print(format_table(rows))
+    if interrupted:
+        print(f"INTERRUPTED after {len({r['case_id'] for r in rows})} of {len(cases)} cases")
+        settings["interrupted"] = True
+        write_json(rows, meta, settings, json_path)
     print(newcomer_summary(rows))
     if args.preset:
         print(headline_table(rows))
     plots = [] if args.no_plots else write_plots(rows, meta, args.out)
     print(f"{len(rows)} rows in {settings['elapsed_s']:.1f} s; every row (with the reasons) in {csv_path}; "
           f"also results.json and {len(plots)} plots in {args.out}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -113,3 +113,22 @@ def test_headline_preset_runs_on_tiny_shapes(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "best other" in out and "reference/best" in out
+
+
+def test_an_interrupted_run_keeps_and_reports_what_it_measured(tmp_path, capsys, monkeypatch):
+    real = cli.run_cases
+    calls = []
+
+    def stop_at_the_second_case(cases, *args, **kwargs):
+        calls.append(cases[0].case_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what gpu_check.sh's time limit sends
+        return real(cases, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_cases", stop_at_the_second_case)
+    code = cli.main(["--quick", "--suite", "sdpa", "--case", "E=16/", "--provider", "torch.math",
+                     "--mode", "fwd", "--no-plots", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 130 and "INTERRUPTED after 1 of 2 cases" in out and "sdpa: 1 cases" in out
+    assert (tmp_path / "results.csv").read_text().count("\n") == 2
+    assert '"interrupted": true' in (tmp_path / "results.json").read_text()
