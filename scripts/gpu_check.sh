@@ -21,8 +21,8 @@
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST
 # (default: the visible GPU's), PEER_ATTENTION_GPU_TIER (1 default, 2 = more tests/gpu cases),
 # GPU_CHECK_COMMIT (the commit to name when the tree has no .git), GPU_CHECK_DEADLINE (s for the
-# whole call: 540, or 1080 for bench after test/sanitize), GPU_CHECK_TEST_TIMEOUT (s, 300),
-# GPU_CHECK_SANITIZE_TIMEOUT (s per tool and backend, 45), GPU_CHECK_BENCH_TIMEOUT (s, 540),
+# whole call: 540, or 1080 for bench after test/sanitize), GPU_CHECK_TEST_TIMEOUT (s, 240),
+# GPU_CHECK_SANITIZE_TIMEOUT (s per tool, 75), GPU_CHECK_BENCH_TIMEOUT (s, 540),
 # GPU_CHECK_TEST_WORKERS (pytest-xdist workers, 8), GPU_CHECK_DRY_RUN=1 (print the steps only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +49,8 @@ fi
 
 PYTHON=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-300}
-SANITIZE_TIMEOUT=${GPU_CHECK_SANITIZE_TIMEOUT:-45}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-240}
+SANITIZE_TIMEOUT=${GPU_CHECK_SANITIZE_TIMEOUT:-75}
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-540}
 export PYTHONUNBUFFERED=1
 
@@ -174,18 +174,16 @@ do_sanitize() {
     printf 'sanitize\t127\t0\tcompute-sanitizer is not on PATH\n' >> "$DIR/steps.tsv"
     return 1
   fi
-  local tool backend steps=8
+  local tool steps=4 share
   for tool in memcheck racecheck synccheck initcheck; do
-    for backend in cuda triton; do
-      local share=$(( $(time_left) / steps ))
-      steps=$(( steps - 1 ))
-      [ "$share" -gt "$SANITIZE_TIMEOUT" ] && share=$SANITIZE_TIMEOUT
-      # no caching allocator: memcheck then sees every out-of-bounds access of a tensor
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 PEER_ATTENTION_TRITON_AUTOTUNE=0 \
-        run_step "sanitize $tool $backend" "sanitize_${tool}_${backend}.out" "$share" \
-        compute-sanitizer --tool "$tool" --error-exitcode 3 --log-file "$DIR/sanitize_${tool}_${backend}.log" \
-        "$PYTHON" scripts/sanitize_workload.py --backend "$backend"
-    done
+    share=$(( $(time_left) / steps ))
+    steps=$(( steps - 1 ))
+    [ "$share" -gt "$SANITIZE_TIMEOUT" ] && share=$SANITIZE_TIMEOUT
+    # no caching allocator: memcheck then sees every out-of-bounds access of a tensor
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 PEER_ATTENTION_TRITON_AUTOTUNE=0 \
+      run_step "sanitize $tool" "sanitize_${tool}.out" "$share" \
+      compute-sanitizer --tool "$tool" --error-exitcode 3 --log-file "$DIR/sanitize_${tool}.log" \
+      "$PYTHON" scripts/sanitize_workload.py --backend all
   done
 }
 

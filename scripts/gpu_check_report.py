@@ -6,7 +6,7 @@
         -> the summary table of a gpu_check.sh run (also written to DIR/summary.txt)
 
 The summary reads what the script leaves in DIR: steps.tsv (step, exit status, seconds, note),
-junit_*.xml (pytest), sanitize_<tool>_<backend>.log (compute-sanitizer) and bench/results.csv.
+junit_tests.xml (pytest), sanitize_<tool>.log (compute-sanitizer) and bench/results.csv.
 """
 from __future__ import annotations
 
@@ -118,9 +118,8 @@ def _headline_figure(rows: List[Dict[str, str]]) -> str:
 def _details(step: str, folder: Path) -> str:
     if step == "tests":
         return junit_text(folder / "junit_tests.xml")
-    if step.startswith("sanitize"):
-        _, tool, backend = (step.split() + ["", ""])[:3]
-        return sanitizer_text(folder / f"sanitize_{tool}_{backend}.log")
+    if step.startswith("sanitize "):
+        return sanitizer_text(folder / f"sanitize_{step.split()[1]}.log")
     if step.startswith("bench"):
         return bench_text(folder / "bench" / "results.csv")
     return ""

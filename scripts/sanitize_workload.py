@@ -118,19 +118,28 @@ def feature_calls(backend: str):
     return calls
 
 
+def dtypes_for(feature_index: int, all_dtypes: bool):
+    """Both dtypes, or one per feature, alternating: every (head dim, dtype) kernel instantiation
+    still runs several times, at half the sanitizer time."""
+    return DTYPES if all_dtypes else (DTYPES[feature_index % 2],)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("cuda", "triton", "all"), default="all")
     parser.add_argument("--list", action="store_true", help="print the calls, run nothing")
+    parser.add_argument("--all-dtypes", action="store_true",
+                        help="every feature in both dtypes (default: alternate per feature)")
     parser.add_argument("--tolerance", type=float, default=0.25,
                         help="largest accepted max-abs gap to the float32 reference")
     args = parser.parse_args(argv)
     backends = ("cuda", "triton") if args.backend == "all" else (args.backend,)
     if args.list:
         for b in backends:
-            for name, _ in feature_calls(b):
+            for index, (name, _) in enumerate(feature_calls(b)):
+                dtypes = ",".join(str(t)[6:] for t in dtypes_for(index, args.all_dtypes))
                 for d in HEAD_DIMS[b]:
-                    print(f"{b} {name} E={d} float16,bfloat16")
+                    print(f"{b} {name} E={d} {dtypes}")
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device is visible", file=sys.stderr)
@@ -144,9 +153,9 @@ def main(argv=None) -> int:
             print(f"{backend}: unavailable ({why})")
             failures += 1
             continue
-        for name, fn in feature_calls(backend):
+        for index, (name, fn) in enumerate(feature_calls(backend)):
             for head_dim in HEAD_DIMS[backend]:
-                for dtype in DTYPES:
+                for dtype in dtypes_for(index, args.all_dtypes):
                     label = f"{backend} {name} E={head_dim} {str(dtype)[6:]}"
                     try:
                         gap = fn(dtype, head_dim)

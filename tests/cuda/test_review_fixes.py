@@ -2,6 +2,8 @@
 need the backward, the deterministic-algorithms decline, bottom-right alignment claimed, and the
 gradient of a broadcast 16-bit gate summed in float32 (SPEC section 8) on the CPU backends.
 The kernels themselves are checked on a GPU (tests/cuda/test_kernels.py, tests/gpu/)."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -110,3 +112,11 @@ def test_broadcast_gate_gradient_keeps_the_gate_dtype():
     (grad,) = torch.autograd.grad(sum(o.float().sum() for o in outs), [args[6]])
     assert grad.dtype == torch.float16 and grad.shape == (1, 2, 2, 1, 1)
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peer_attention._C") is None,
+                    reason="peer_attention._C was not built")
+def test_extension_exposes_the_kernel_image_probe():
+    from peer_attention import _C
+
+    assert callable(_C.kernel_image_error)  # backends/cuda.py asks it per device

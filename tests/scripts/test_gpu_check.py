@@ -33,16 +33,15 @@ def test_all_runs_every_step_in_order_with_autotune_off_except_the_bench(tmp_pat
     assert done.returncode == 0, done.stderr
     steps = [line.split(" (")[0].removeprefix("[dry run] ")
              for line in done.stdout.splitlines() if line.startswith("[dry run]")]
-    tools = [f"sanitize {t} {b}" for t in ("memcheck", "racecheck", "synccheck", "initcheck")
-             for b in ("cuda", "triton")]
+    tools = [f"sanitize {t}" for t in ("memcheck", "racecheck", "synccheck", "initcheck")]
     assert steps == ["build", "tests"] + tools + ["bench headline"]
     lines = {line.split(" (")[0].removeprefix("[dry run] "): line
              for line in done.stdout.splitlines() if line.startswith("[dry run]")}
     assert "(autotune=0)" in lines["tests"] and "--junitxml" in lines["tests"]
     assert lines["tests"].rstrip().endswith(" tests")  # the whole suite
     assert "(autotune=1)" in lines["bench headline"] and "--preset headline" in lines["bench headline"]
-    assert "--tool racecheck" in lines["sanitize racecheck cuda"]
-    assert "scripts/sanitize_workload.py --backend triton" in lines["sanitize initcheck triton"]
+    assert "--tool racecheck" in lines["sanitize racecheck"]
+    assert "scripts/sanitize_workload.py --backend all" in lines["sanitize initcheck"]
     assert "PEER_ATTENTION_BUILD_CUDA" not in lines["build"] and "--no-index" in lines["build"]
     # the results land in $OUT with the summary table last
     assert (tmp_path / "env.txt").exists() and (tmp_path / "summary.txt").exists()
@@ -76,10 +75,10 @@ CSV_HEADER = ("suite,case_id,family,kind,head_dim,mode,is_causal,mask,seq_len,pr
 
 def test_summary_table(tmp_path):
     (tmp_path / "steps.tsv").write_text(
-        "build\t0\t140\t\ntests\t1\t250\t\nsanitize memcheck cuda\t0\t30\t\n"
-        "sanitize racecheck triton\t124\t45\t\nbench headline\tskip\t0\tno time left\n")
+        "build\t0\t140\t\ntests\t1\t250\t\nsanitize memcheck\t0\t30\t\n"
+        "sanitize racecheck\t124\t45\t\nbench headline\tskip\t0\tno time left\n")
     (tmp_path / "junit_tests.xml").write_text(JUNIT)
-    (tmp_path / "sanitize_memcheck_cuda.log").write_text(
+    (tmp_path / "sanitize_memcheck.log").write_text(
         "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "results.csv").write_text(
@@ -96,8 +95,8 @@ def test_summary_table(tmp_path):
     assert "FAILED (1)" in by_step["tests"]
     assert "4 passed, 2 failed, 1 errors, 3 skipped" in by_step["tests"]
     assert "test_sdpa[triton-L4096]" in by_step["tests"]
-    assert "ERROR SUMMARY: 0 errors" in by_step["sanitize memcheck cuda"]
-    assert "TIMEOUT" in by_step["sanitize racecheck triton"] and "no log" in by_step["sanitize racecheck triton"]
+    assert "ERROR SUMMARY: 0 errors" in by_step["sanitize memcheck"]
+    assert "TIMEOUT" in by_step["sanitize racecheck"] and "no log" in by_step["sanitize racecheck"]
     bench = by_step["bench headline"]
     assert "skipped" in bench and "no time left" in bench
     assert "4 rows, 4 timed, 1 failed the reference check" in bench
@@ -118,8 +117,9 @@ def test_sanitize_workload_lists_every_cuda_kernel():
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    for head_dim in (32, 64, 96, 128, 256):  # every kernel instantiation, both dtypes per line
-        assert any(l.startswith("cuda ") and f"E={head_dim} " in l for l in lines)
+    for head_dim in (32, 64, 96, 128, 256):  # every kernel instantiation: head dim x dtype
+        for dtype in ("float16", "bfloat16"):
+            assert any(l.startswith("cuda ") and f"E={head_dim} " in l and dtype in l for l in lines)
     for feature in ("peer-per-peer-gate-bias-kvlen", "sdpa-float-mask-grad", "bottom-right-causal"):
         assert any(feature in l for l in lines)
     assert any(l.startswith("triton ") for l in lines)
