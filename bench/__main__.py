@@ -43,7 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="a fixed case list with its providers and modes (headline: the README's "
                              "numbers); --mode, --dtype, --provider, --case still narrow it")
-    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    parser.add_argument("--suite", default=None, help=f"comma list of {', '.join(SUITES)} (default: "
+                        "all; --quick on the CPU leaves out memory, whose peak memory is measured on "
+                        "GPUs only)")
     parser.add_argument("--mode", default=None, help=f"comma list of {', '.join(MODES)} "
                         "(or forward, backward, forward+backward; default: all, a preset's own)")
     parser.add_argument("--dtype", default=None, help="comma list of float16, bfloat16, float32 "
@@ -54,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out)")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and providers, run nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--plots", action="store_true",
+                        help="draw the plots in --quick on the CPU too (skipped there by default: "
+                             "tiny shapes give noise-level TFLOP/s)")
     parser.add_argument("--full-table", action="store_true",
                         help="also print every row in the terminal (results.csv always has them)")
     parser.add_argument("--profile", action="store_true",
@@ -61,8 +66,9 @@ def parse_args(argv=None):
                              "torch.profiler trace + per-kernel table in --out")
     args = parser.parse_args(argv)
     try:
-        args.suites = _csv_list(args.suite, SUITES)
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        default_suites = [s for s in SUITES if not (args.quick and args.device == "cpu" and s == "memory")]
+        args.suites = _csv_list(args.suite or ",".join(default_suites), SUITES)
         default_modes, default_dtypes = ",".join(MODES), "float16,bfloat16"
         if args.device != "cuda":
             default_dtypes = "float32"
@@ -87,7 +93,9 @@ def parse_args(argv=None):
 
 def _settings(quick: bool) -> RunSettings:
     if quick:
-        return RunSettings(TimingSettings(warmup=1, repeats=5, budget_s=0.05, warmup_ms=5, rep_ms=20),
+        # CPU: the reference check has already run each provider once (the warm-up)
+        return RunSettings(TimingSettings(warmup=0, repeats=5, budget_s=0.05, min_repeats=2,
+                                          warmup_ms=5, rep_ms=20),
                            overhead_calls=30, overhead_samples=15)
     return RunSettings()
 
@@ -185,7 +193,8 @@ def main(argv=None) -> int:
     print(newcomer_summary(rows))
     if args.preset:
         print(headline_table(rows))
-    plots = [] if args.no_plots else write_plots(rows, meta, args.out)
+    skip_plots = args.no_plots or (args.quick and args.device == "cpu" and not args.plots)
+    plots = [] if skip_plots else write_plots(rows, meta, args.out)
     print(f"{len(rows)} rows in {settings['elapsed_s']:.1f} s; every row (with the reasons) in {csv_path}; "
           f"also results.json and {len(plots)} plots in {args.out}")
     return 130 if interrupted else 0

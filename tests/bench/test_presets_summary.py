@@ -132,3 +132,9 @@ def test_an_interrupted_run_keeps_and_reports_what_it_measured(tmp_path, capsys,
     assert code == 130 and "INTERRUPTED after 1 of 2 cases" in out and "sdpa: 1 cases" in out
     assert (tmp_path / "results.csv").read_text().count("\n") == 2
     assert '"interrupted": true' in (tmp_path / "results.json").read_text()
+
+
+def test_quick_on_the_cpu_leaves_out_the_memory_suite():
+    assert cli.parse_args(["--quick", "--device", "cpu"]).suites == ["sdpa", "peer", "overhead"]
+    assert "memory" in cli.parse_args(["--device", "cpu"]).suites
+    assert cli.parse_args(["--quick", "--device", "cpu", "--suite", "memory"]).suites == ["memory"]
