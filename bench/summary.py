@@ -30,8 +30,8 @@ def _is_false(value) -> bool:
 def _ratio_text(values: Sequence[float]) -> str:
     values = sorted(values)
     if values[0] == values[-1]:
-        return f"{values[0]:.2f}x"
-    return f"median {statistics.median(values):.2f}x (from {values[0]:.2f}x to {values[-1]:.2f}x)"
+        return f"{values[0]:.3g}x"
+    return f"median {statistics.median(values):.3g}x (from {values[0]:.3g}x to {values[-1]:.3g}x)"
 
 
 def _common_reason(rows: Sequence[Dict]) -> str:

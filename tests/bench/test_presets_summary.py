@@ -89,7 +89,7 @@ def test_newcomer_summary_is_short_and_says_why():
     assert lines[0] == "sdpa: 2 cases x fwd, fwd+bwd"
     assert "ran: flex, pa.reference, torch.math" in text
     assert "WRONG: flex in 1 rows" in text
-    assert "pa.reference vs the fastest provider outside the package: 0.50x" in text
+    assert "pa.reference vs the fastest provider outside the package: 0.5x" in text
     assert "    pa.cuda: unavailable, no CUDA device is visible" in lines
     assert "    torch.flash: unsupported, torch SDPA flash cannot run this case: no CUDA" in lines
     assert len(lines) <= 10
