@@ -102,9 +102,9 @@ def test_sdpa(backend, case):
                               enable_gqa=gqa)
 
     from peer_attention.api import sdpa_problem
+    low = [t.detach().to(case["dtype"]) if t.is_floating_point() else t for t in inputs]
     _declined(backend, lambda: sdpa_problem(
-        q.detach().to(case["dtype"]).requires_grad_(), k.detach().to(case["dtype"]),
-        v.detach().to(case["dtype"]), attn_mask=inputs[3] if mask else None,
+        low[0].requires_grad_(), low[1], low[2], attn_mask=low[3] if mask else None,
         is_causal=case["causal"], enable_gqa=gqa))
     assert_matches_reference(kernel, reference, inputs, case["dtype"])
 
