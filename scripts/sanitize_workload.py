@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HEAD_DIMS = {"cuda": (32, 64, 96, 128, 256), "triton": (64, 128)}
+DEVICE = "cuda"  # the tests run the workload's logic on the CPU with the reference backend
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -33,7 +34,7 @@ def feature_calls(backend: str):
     from peer_attention.problem import AttentionProblem
 
     def rand(*shape, dtype):
-        return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_()
+        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()
 
     def compare(fn, reference, inputs):
         outs = fn(*inputs)
@@ -55,7 +56,7 @@ def feature_calls(backend: str):
                 inputs.append(rand(1, 1, L, M, dtype=dtype))
             keep = None
             if mask == "bool":
-                keep = torch.rand(2, 1, L, M, device="cuda") > 0.3
+                keep = torch.rand(2, 1, L, M, device=DEVICE) > 0.3
 
             def call(impl):
                 def f(q, k, v, *m):
@@ -72,19 +73,23 @@ def feature_calls(backend: str):
             qs = [rand(2, 2, n, E, dtype=dtype) for n in lens]
             ks = [rand(2, 2, n, E, dtype=dtype) for n in lens]
             vs = [rand(2, 2, n, E, dtype=dtype) for n in lens]
-            gate = (torch.rand(2, S, S, 2, E, device="cuda") + 0.5).requires_grad_()
-            bias = torch.randn(1, S, S, 2, device="cuda").requires_grad_()
+            gate = (torch.rand(2, S, S, 2, E, device=DEVICE) + 0.5).requires_grad_()
+            # a bias cancels in a per-peer softmax: the API takes it in joint mode only
+            with_bias = normalize == "joint"
+            bias = torch.randn(1, S, S, 2, device=DEVICE).requires_grad_() if with_bias else None
             # batch 0: a full, a half and an empty key stream; batch 1: a third, then full
             kv_lengths = torch.tensor([[lens[0], lens[1] // 2, 0], [lens[0] // 3, lens[1], lens[2]]],
-                                      device="cuda")[:, :S]
+                                      device=DEVICE)[:, :S]
 
             def call(b):
                 def f(*args):
-                    q, k, v, g, bi = args[:S], args[S:2 * S], args[2 * S:3 * S], args[-2], args[-1]
+                    q, k, v, g = args[:S], args[S:2 * S], args[2 * S:3 * S], args[3 * S]
+                    bi = args[3 * S + 1] if with_bias else None
                     return pa.peer_attention(q, k, v, gate=g, bias=bi, normalize=normalize,
                                              kv_lengths=kv_lengths, backend=b, **opts)
                 return f
-            return compare(call(backend), call("reference"), qs + ks + vs + [gate, bias])
+            extra = [gate, bias] if with_bias else [gate]
+            return compare(call(backend), call("reference"), qs + ks + vs + extra)
         return run
 
     def bottom_right(L, M):
@@ -109,7 +114,7 @@ def feature_calls(backend: str):
         ("sdpa-bool-mask", sdpa(40, 90, mask="bool")),
         ("sdpa-float-mask-grad", sdpa(40, 90, mask="float")),
         ("peer-joint-gate-bias-kvlen", peer("joint")),
-        ("peer-per-peer-gate-bias-kvlen", peer("peer")),
+        ("peer-per-peer-gate-kvlen", peer("peer")),
         ("peer-joint-causal-sparse", peer("joint", is_causal=True,
                                           peers=[[1, 1, 0], [0, 1, 1], [1, 0, 1]])),
     ]

@@ -120,7 +120,7 @@ def test_sanitize_workload_lists_every_cuda_kernel():
     for head_dim in (32, 64, 96, 128, 256):  # every kernel instantiation: head dim x dtype
         for dtype in ("float16", "bfloat16"):
             assert any(l.startswith("cuda ") and f"E={head_dim} " in l and dtype in l for l in lines)
-    for feature in ("peer-per-peer-gate-bias-kvlen", "sdpa-float-mask-grad", "bottom-right-causal"):
+    for feature in ("peer-per-peer-gate-kvlen", "sdpa-float-mask-grad", "bottom-right-causal"):
         assert any(feature in l for l in lines)
     assert any(l.startswith("triton ") for l in lines)
 
@@ -142,3 +142,21 @@ def test_autotune_switch_keeps_one_config(monkeypatch):
         assert len(tuned) > 1
         monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
         assert prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128) == tuned[:1]
+
+
+def test_sanitize_workload_calls_run_and_compare(monkeypatch):
+    """The workload's own logic (inputs, calls, the comparison with the float32 reference) on the
+    CPU: served by the reference backend, every feature agrees; a wrong kernel is caught."""
+    import torch
+
+    import sanitize_workload as workload
+
+    monkeypatch.setattr(workload, "DEVICE", "cpu")
+    calls = dict(workload.feature_calls("reference"))
+    for name in ("sdpa-causal-ragged", "sdpa-float-mask-grad", "peer-per-peer-gate-kvlen",
+                 "peer-joint-causal-sparse"):
+        assert calls[name](torch.float32, 16) < 1e-4, name
+    import peer_attention as pa
+    real = pa.scaled_dot_product_attention
+    monkeypatch.setattr(pa, "scaled_dot_product_attention", lambda *a, **kw: real(*a, **kw) * 1.5)
+    assert calls["sdpa-gqa"](torch.float32, 16) > 0.1
