@@ -10,7 +10,8 @@ It finds its way on a fresh machine by itself:
   misleads torch's own guess, which then fails at link time), else /usr/local/cuda*;
 - headers torch's CUDA headers need (ATen/cuda/CUDAContext.h pulls cusparse.h) that a pip
   installed torch ships in site-packages/nvidia/*/include;
-- architectures: TORCH_CUDA_ARCH_LIST, else the visible GPU's, else "8.0;9.0a";
+- architectures: TORCH_CUDA_ARCH_LIST, else the visible GPU's, else "8.0;9.0a"; PTX of the newest
+  portable one is embedded too (with_ptx);
 - parallelism: MAX_JOBS (read by torch's ninja build).
 Wheels get a local version naming the CUDA and torch versions, e.g. 0.1.0+cu130torch2.11.
 """
@@ -102,6 +103,21 @@ def _arch_list(torch) -> str:
     return DEFAULT_ARCHS
 
 
+def with_ptx(archs: str) -> str:
+    """The arch list with PTX for its newest portable architecture ("8.0;9.0a" -> "8.0+PTX;9.0a"),
+    so that newer GPUs (sm_100, sm_120) JIT-compile the kernels instead of failing at the first
+    launch. Arch-specific targets ("9.0a") have no forward-compatible PTX; a list that already
+    names +PTX, or holds only such targets, is left as it is."""
+    entries = [a.strip() for a in archs.replace(" ", ";").split(";") if a.strip()]
+    if any(a.endswith("+PTX") for a in entries):
+        return ";".join(entries)
+    portable = [a for a in entries if re.fullmatch(r"\d+\.\d+", a)]
+    if not portable:
+        return ";".join(entries)
+    newest = max(portable, key=lambda a: tuple(int(x) for x in a.split(".")))
+    return ";".join(a + "+PTX" if a == newest else a for a in entries)
+
+
 def local_version(torch) -> str:
     cuda = (torch.version.cuda or "").replace(".", "")
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
@@ -156,7 +172,7 @@ def cuda_extension(sources, required: bool = False):
         return _give_up("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)", required)
     # torch.utils.cpp_extension reads CUDA_HOME when imported: set it first, and again after
     os.environ["CUDA_HOME"] = str(home)
-    archs = _arch_list(torch)
+    archs = with_ptx(_arch_list(torch))
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     from torch.utils import cpp_extension
 

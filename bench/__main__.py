@@ -1,6 +1,7 @@
 """python -m bench: time this package's kernels against torch SDPA, FlexAttention and compositions.
 
     python -m bench --quick                      # a minute or two, any machine (CPU: tiny shapes)
+    python -m bench --preset headline            # the README's numbers (GPU, about 6 minutes)
     python -m bench --suite sdpa --mode fwd --dtype bfloat16
     python -m bench --list --suite peer          # the case ids
     python -m bench --profile --case sdpa/E=128,causal=True/B4/L4096 --provider pa.triton --mode fwd
@@ -17,9 +18,11 @@ import time
 import torch
 
 from .cases import DTYPES, MODE_ALIASES, MODES, SUITES, build_cases
+from .presets import HEADLINE_MODES, HEADLINE_PROVIDERS, PRESETS, flex_runs
 from .providers import Provider, all_providers
 from .report import complete, format_table, metadata, write_csv, write_json, write_plots
 from .runner import RunSettings, Skipped, count_rows, run_cases
+from .summary import headline_table, newcomer_summary
 from .timing import TimingSettings
 
 DEFAULT_OUT = os.path.join("bench", "out")
@@ -37,9 +40,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (a minute or two)")
-    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
-    parser.add_argument("--mode", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} "
-                        "(or forward, backward, forward+backward)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="a fixed case list with its providers and modes (headline: the README's "
+                             "numbers); --mode, --dtype, --provider, --case still narrow it")
+    parser.add_argument("--suite", default=None, help=f"comma list of {', '.join(SUITES)} (default: "
+                        "all; --quick on the CPU leaves out memory, whose peak memory is measured on "
+                        "GPUs only)")
+    parser.add_argument("--mode", default=None, help=f"comma list of {', '.join(MODES)} "
+                        "(or forward, backward, forward+backward; default: all, a preset's own)")
     parser.add_argument("--dtype", default=None, help="comma list of float16, bfloat16, float32 "
                         "(default: float16,bfloat16 on GPU; float32 on CPU)")
     parser.add_argument("--provider", default=None, help="comma list of provider names (default: all)")
@@ -48,20 +56,33 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out)")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and providers, run nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--plots", action="store_true",
+                        help="draw the plots in --quick on the CPU too (skipped there by default: "
+                             "tiny shapes give noise-level TFLOP/s)")
+    parser.add_argument("--full-table", action="store_true",
+                        help="also print every row in the terminal (results.csv always has them)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one case (chosen with --case, --provider, --mode, --dtype): "
                              "torch.profiler trace + per-kernel table in --out")
     args = parser.parse_args(argv)
     try:
-        args.suites = _csv_list(args.suite, SUITES)
-        args.modes = _csv_list(args.mode, MODES, MODE_ALIASES)
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        default_dtypes = "float16,bfloat16" if args.device == "cuda" else "float32"
-        if args.quick and args.device == "cuda":
+        default_suites = [s for s in SUITES if not (args.quick and args.device == "cpu" and s == "memory")]
+        args.suites = _csv_list(args.suite or ",".join(default_suites), SUITES)
+        default_modes, default_dtypes = ",".join(MODES), "float16,bfloat16"
+        if args.device != "cuda":
+            default_dtypes = "float32"
+        elif args.quick:
             default_dtypes = "float16"
-        args.dtypes = _csv_list(args.dtype or default_dtypes, tuple(DTYPES))
         providers = all_providers()
-        names = _csv_list(args.provider, tuple(providers)) if args.provider else list(providers)
+        default_providers = list(providers)
+        if args.preset:
+            default_modes = ",".join(HEADLINE_MODES)
+            default_dtypes = "bfloat16" if args.device == "cuda" else "float32"
+            default_providers = [n for n in HEADLINE_PROVIDERS if n in providers]
+        args.modes = _csv_list(args.mode or default_modes, MODES, MODE_ALIASES)
+        args.dtypes = _csv_list(args.dtype or default_dtypes, tuple(DTYPES))
+        names = _csv_list(args.provider, tuple(providers)) if args.provider else default_providers
         args.providers = [providers[n] for n in names]
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
@@ -72,8 +93,10 @@ def parse_args(argv=None):
 
 def _settings(quick: bool) -> RunSettings:
     if quick:
-        return RunSettings(TimingSettings(warmup=1, repeats=5, budget_s=0.1, warmup_ms=5, rep_ms=20),
-                           overhead_calls=50, overhead_samples=31)
+        # CPU: the reference check has already run each provider once (the warm-up)
+        return RunSettings(TimingSettings(warmup=0, repeats=5, budget_s=0.05, min_repeats=2,
+                                          warmup_ms=5, rep_ms=20),
+                           overhead_calls=30, overhead_samples=15)
     return RunSettings()
 
 
@@ -85,13 +108,38 @@ def _quick_gpu_flex(providers):
     return [Provider(p.name, p.package, p.kinds, build) if p.name == "flex" else p for p in providers]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cases = build_cases(args.suites, args.dtypes, args.device, args.quick)
+def _preset_flex(providers, quick: bool):
+    """FlexAttention compiles per shape: in a preset it runs the cases flex_runs() names."""
+    def wrap(provider):
+        def build(case, inputs):
+            if not flex_runs(case, quick):
+                raise Skipped("in the headline preset FlexAttention runs at E=128, L=4k and 16k and "
+                              "on the peer cases only (a compile per shape); run --suite sdpa "
+                              "--provider flex for the rest")
+            return provider.build(case, inputs)
+        return Provider(provider.name, provider.package, provider.kinds, build,
+                        provider.materializes_scores)
+    return [wrap(p) if p.name == "flex" else p for p in providers]
+
+
+def select_cases(args):
+    if args.preset:
+        cases = [c for dtype in args.dtypes
+                 for c in PRESETS[args.preset](dtype, args.device, args.quick)]
+    else:
+        cases = build_cases(args.suites, args.dtypes, args.device, args.quick)
     if args.case:
         cases = [c for c in cases if args.case in c.case_id]
+    return cases
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cases = select_cases(args)
     providers = args.providers
-    if args.quick and args.device == "cuda" and not (args.provider and "flex" in args.provider):
+    if args.preset:
+        providers = _preset_flex(providers, args.quick)
+    elif args.quick and args.device == "cuda" and not (args.provider and "flex" in args.provider):
         providers = _quick_gpu_flex(providers)
     if args.list:
         print("\n".join(c.case_id for c in cases))
@@ -115,35 +163,41 @@ def main(argv=None) -> int:
           f"| CUDA {meta['cuda_version']} | commit {meta['git_commit']}")
     import peer_attention as pa
     print("package backends:", ", ".join(f"{n}: {why or 'available'}" for n, why in pa.available_backends().items()))
+    settings = {"argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
+                "preset": args.preset, "device": args.device}
+    csv_path, json_path = os.path.join(args.out, "results.csv"), os.path.join(args.out, "results.json")
     start = time.perf_counter()
     try:
         from tqdm import tqdm
         progress = tqdm(total=count_rows(cases, providers, args.modes), unit="row", file=sys.stderr)
     except ImportError:
         progress = None
+    rows, interrupted = [], False
     try:
-        rows = run_cases(cases, providers, args.modes, _settings(args.quick), progress)
+        for case in cases:  # results are written after every case: a run cut short keeps them
+            rows += complete(run_cases([case], providers, args.modes, _settings(args.quick), progress), meta)
+            write_csv(rows, csv_path)
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT: report what was measured
+        interrupted = True
     finally:
         if progress is not None:
             progress.close()
-    elapsed = time.perf_counter() - start
-    rows = complete(rows, meta)
-    print(format_table(rows))
-    write_csv(rows, os.path.join(args.out, "results.csv"))
-    settings = {"argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
-                "device": args.device, "elapsed_s": round(elapsed, 1)}
-    write_json(rows, meta, settings, os.path.join(args.out, "results.json"))
-    plots = [] if args.no_plots else write_plots(rows, meta, args.out)
-    for r in rows:
-        if r["suite"] == "overhead" and r["status"] == "ok":
-            print(f"overhead {r['family']} {r['provider']}: API {r['ms'] * 1e3:.1f} us, op {r['op_us']:.1f} us, "
-                  f"difference {r['overhead_us']:.1f} us; Python side alone {r['python_us']:.1f} us "
-                  "(target <= 20 us)")
-    wrong = [r for r in rows if r["correct"] is False]
-    if wrong:
-        print(f"WARNING: {len(wrong)} rows failed the reference check (column correct=False)")
-    print(f"{len(rows)} rows in {elapsed:.1f} s; wrote {args.out}/results.csv, results.json and {len(plots)} plots")
-    return 0
+        settings["elapsed_s"] = round(time.perf_counter() - start, 1)
+        write_json(rows, meta, settings, json_path)
+    if args.full_table:
+        print(format_table(rows))
+    if interrupted:
+        print(f"INTERRUPTED after {len({r['case_id'] for r in rows})} of {len(cases)} cases")
+        settings["interrupted"] = True
+        write_json(rows, meta, settings, json_path)
+    print(newcomer_summary(rows))
+    if args.preset:
+        print(headline_table(rows))
+    skip_plots = args.no_plots or (args.quick and args.device == "cpu" and not args.plots)
+    plots = [] if skip_plots else write_plots(rows, meta, args.out)
+    print(f"{len(rows)} rows in {settings['elapsed_s']:.1f} s; every row (with the reasons) in {csv_path}; "
+          f"also results.json and {len(plots)} plots in {args.out}")
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, neve
   compose.pairs                      peer mode as a user writes it: SDPA per pair, then the gated sum
   compose.concat                     joint mode as a user writes it: SDPA over the concatenated keys of
                                      the attended peers with an additive mask, the gate folded into V
+  fa4                                FlashAttention-4 (flash_attn.cute), Hopper/Blackwell, when installed
 """
 from __future__ import annotations
 
@@ -389,6 +390,27 @@ def _build_flex(case: Case, x: Inputs) -> Built:
     return run, note
 
 
+# ---- FlashAttention-4 (CuTe DSL), when installed -----------------------------------------
+
+def _build_fa4(case: Case, x: Inputs) -> Built:
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as exc:
+        raise Unavailable(f"flash_attn.cute (FlashAttention-4) is not importable ({exc})") from None
+    q = x.queries[0]
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] not in (9, 10):
+        raise Unsupported("flash_attn.cute runs on Hopper and Blackwell GPUs only")
+    if case.mask or case.dropout_p:
+        raise Unsupported("attn_mask and dropout are not in flash_attn.cute's SDPA-like call")
+
+    def run():  # (B, H, L, E) -> its (B, L, H, E) layout and back
+        out = flash_attn_func(q.transpose(1, 2), x.keys[0].transpose(1, 2),
+                              x.values[0].transpose(1, 2), causal=case.is_causal)
+        out = out[0] if isinstance(out, tuple) else out
+        return [out.transpose(1, 2)]
+    return run, ""
+
+
 # ---- the registry --------------------------------------------------------------------------
 
 def all_providers() -> Dict[str, Provider]:
@@ -400,5 +422,6 @@ def all_providers() -> Dict[str, Provider]:
         Provider("flex", False, ("sdpa", "peer"), _build_flex),
         Provider("compose.pairs", False, ("peer",), _build_pairs),
         Provider("compose.concat", False, ("peer",), _build_concat),
+        Provider("fa4", False, ("sdpa",), _build_fa4),
     ]
     return {p.name: p for p in providers}

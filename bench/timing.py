@@ -21,7 +21,8 @@ import torch
 class TimingSettings:
     warmup: int = 3            # CPU: warm-up calls; GPU: do_bench warm-up in ms is warmup_ms
     repeats: int = 20          # CPU: at most this many timed calls ...
-    budget_s: float = 1.0      # ... or until this much time is spent (at least 3 calls)
+    budget_s: float = 1.0      # ... or until this much time is spent (at least min_repeats calls)
+    min_repeats: int = 3
     warmup_ms: int = 25        # GPU (do_bench)
     rep_ms: int = 100          # GPU (do_bench)
 
@@ -42,7 +43,8 @@ def median_ms(fn: Callable[[], object], device: str, settings: TimingSettings) -
     for _ in range(settings.warmup):
         fn()
     samples, start = [], time.perf_counter()
-    while len(samples) < settings.repeats and (len(samples) < 3 or time.perf_counter() - start < settings.budget_s):
+    while len(samples) < settings.repeats and (len(samples) < settings.min_repeats
+                                                 or time.perf_counter() - start < settings.budget_s):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)

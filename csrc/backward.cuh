@@ -61,9 +61,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   int* ntiles_s = limit_s + kMaxStreams;
 
   const int S = p.num_streams;
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int s = stream_of_tile(p.q_tile_offsets, S, blockIdx.x);
-  const int q_row0 = (blockIdx.x - p.q_tile_offsets[s]) * BM;
+  const BlockCoord blk = unflatten_block(p.q_tile_offsets[S], p.q_heads);
+  const int b = blk.batch, h = blk.head;
+  const int s = stream_of_tile(p.q_tile_offsets, S, blk.tile);
+  const int q_row0 = (blk.tile - p.q_tile_offsets[s]) * BM;
   const int q_len = p.q_offsets[s + 1] - p.q_offsets[s];
   const int q_first = p.q_offsets[s] + q_row0;
   const int hk = h / (p.q_heads / p.kv_heads);
@@ -153,6 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
 
     const int key0 = tile * BN, limit = limit_s[peer];
     const bool causal_pair = p.causal && peer == s;
+    const int diag = causal_offset(p, s);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const int r = e >> 1;
         const int j = key0 + nt * 8 + t2 + (e & 1);
         const int i = q_row0 + local_row[r];
-        const bool masked = j >= limit || (causal_pair && j > i);
+        const bool masked = j >= limit || (causal_pair && j > i + diag);
         float x = sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r];
         if (p.mask != nullptr && !masked && row_ok[r])
           x += mask_log2(p, b, h, q_first + local_row[r], p.kv_offsets[peer] + j);
@@ -218,10 +220,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   int* end_s = first_s + kMaxStreams;
 
   const int S = p.num_streams;
-  const int b = blockIdx.z, h = blockIdx.y / Cfg::kParts;
-  const int channel0 = (blockIdx.y % Cfg::kParts) * NACC;  // the dK/dV channels of this block
-  const int kp = stream_of_tile(p.kv_tile_offsets, S, blockIdx.x);  // the key stream
-  const int key_row0 = (blockIdx.x - p.kv_tile_offsets[kp]) * BN;
+  const BlockCoord blk = unflatten_block(p.kv_tile_offsets[S], p.q_heads * Cfg::kParts);
+  const int b = blk.batch, h = blk.head / Cfg::kParts;
+  const int channel0 = (blk.head % Cfg::kParts) * NACC;  // the dK/dV channels of this block
+  const int kp = stream_of_tile(p.kv_tile_offsets, S, blk.tile);  // the key stream
+  const int key_row0 = (blk.tile - p.kv_tile_offsets[kp]) * BN;
   const int kv_len = p.kv_offsets[kp + 1] - p.kv_offsets[kp];
   const int limit = key_limit(p, b, kp);
   const int group = p.q_heads / p.kv_heads;
@@ -232,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   if (tid < S) {
     const int q_len = p.q_offsets[tid + 1] - p.q_offsets[tid];
     const bool on = ((p.peer_rows[tid] >> kp) & 1u) && key_row0 < limit;
-    first_s[tid] = (p.causal && tid == kp) ? key_row0 / BM : 0;
+    // a causal self pair starts at the first query tile that sees key key_row0 (i >= j - off)
+    first_s[tid] = (p.causal && tid == kp) ? max(key_row0 - causal_offset(p, kp), 0) / BM : 0;
     end_s[tid] = on ? (q_len + BM - 1) / BM : 0;
   }
   __syncthreads();
@@ -317,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     gemm_nt<BM, D, T>(dpt, v_tile, warp * 16, nullptr, do_tile, gate, lane);
 
     const bool causal_pair = p.causal && qs == kp;
+    const int diag = causal_offset(p, kp);
     const int q_row0 = tile * BM;
     const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
 #pragma unroll
@@ -326,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
         const int col = nt * 8 + t2 + (e & 1);
         const int j = key_row0 + local_key[e >> 1];
         const int i = q_row0 + col;
-        const bool masked = j >= limit || (causal_pair && j > i);
+        const bool masked = j >= limit || (causal_pair && j > i + diag);
         float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
         if (p.mask != nullptr && !masked && i < q_len_qs)
           x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
@@ -391,7 +396,9 @@ cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) 
   auto kernel = dq_kernel<D, T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(tiles, p.q_heads, p.batch), kThreads, smem, stream>>>(p);
+  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
+  if (blocks == 0) return cudaErrorInvalidConfiguration;
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -406,7 +413,9 @@ cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream
   auto kernel = dkdv_kernel<D, T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(tiles, p.q_heads * Cfg::kParts, p.batch), kThreads, smem, stream>>>(p);
+  const unsigned blocks = flat_grid(tiles, p.q_heads * Cfg::kParts, p.batch);
+  if (blocks == 0) return cudaErrorInvalidConfiguration;
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -72,19 +72,20 @@ struct Prepared {
   bool per_peer = false;
 };
 
-// The SPEC section 9 variants are not in these kernels yet: the Python backend declines them
-// (backends/cuda.py); this is the last line of defence.
-void check_no_variants(int64_t window_left, int64_t window_right, bool bottom_right,
-                       double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks) {
-  TORCH_CHECK(window_left < 0 && window_right < 0 && !bottom_right && softcap == 0.0 &&
+// Of the SPEC section 9 variants the kernels serve bottom-right causal alignment; the Python
+// backend declines the others (backends/cuda.py), this is the last line of defence.
+void check_variants(int64_t window_left, int64_t window_right, double softcap,
+                    const OptTensor& alibi_slopes, const OptTensor& sinks) {
+  TORCH_CHECK(window_left < 0 && window_right < 0 && softcap == 0.0 &&
                   !alibi_slopes.has_value() && !sinks.has_value(),
-              kWho, "windows, bottom-right alignment, softcap, ALiBi and sinks are not supported");
+              kWho, "windows, softcap, ALiBi and sinks are not supported");
 }
 
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
                  at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate,
                  const OptTensor& bias, const OptTensor& kv_lengths, const OptTensor& attn_mask,
-                 double dropout_p, bool is_causal, double scale, c10::string_view normalize) {
+                 double dropout_p, bool is_causal, bool bottom_right, double scale,
+                 c10::string_view normalize) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), kWho, "q, k, v must be CUDA tensors");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kWho,
               "dtype must be float16 or bfloat16, got ", q.scalar_type());
@@ -167,6 +168,7 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArray
   p.mask = out.mask.defined() ? out.mask.data_ptr<float>() : nullptr;
   for (int d = 0; d < 4; ++d) p.mask_strides[d] = out.mask.defined() ? out.mask.stride(d) : 0;
   p.causal = is_causal;
+  p.bottom_right = bottom_right;
   p.per_peer = out.per_peer;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
@@ -221,9 +223,9 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
                                    int64_t window_right, bool bottom_right, double softcap,
                                    const OptTensor& alibi_slopes, const OptTensor& sinks) {
   (void)dropout_seed;
-  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+  check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
-                          dropout_p, is_causal, scale, normalize);
+                          dropout_p, is_causal, bottom_right, scale, normalize);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), S = q_lens.size();
   const auto f32 = q.options().dtype(at::kFloat);
@@ -256,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const OptTensor& alibi_slopes, const OptTensor& sinks, c10::List<bool> needs_grad) {
   (void)dropout_seed;
-  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+  check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
   TORCH_CHECK(needs_grad.size() == 7, kWho, "needs_grad must have 7 entries");
   const bool need_dq = needs_grad[0], need_dk = needs_grad[1], need_dv = needs_grad[2];
   const bool need_dgate = needs_grad[3] && gate.has_value();
@@ -264,7 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const bool need_dmask =
       needs_grad[5] && attn_mask.has_value() && attn_mask->is_floating_point();
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
-                          dropout_p, is_causal, scale, normalize);
+                          dropout_p, is_causal, bottom_right, scale, normalize);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = q.size(0), Hq = q.size(1), H = k.size(1), Tq = q.size(2), Tk = k.size(2);
@@ -331,15 +333,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     check_cuda(backward_dispatch(dtype, d, false, p, stream), "dk/dv kernel");
   }
 
-  const Tensor none = at::empty({0}, q.options());
-  Tensor dq = need_dq ? dq_padded.narrow(3, 0, prep.E).contiguous() : none;
-  Tensor dk = need_dk ? dk_accum.narrow(3, 0, prep.E).to(k.scalar_type()).contiguous() : none;
-  Tensor dv = need_dv ? dv_accum.narrow(3, 0, prep.Ev).to(v.scalar_type()).contiguous() : none;
+  // a fresh empty tensor per gradient nobody asked for: outputs of a custom op must not alias
+  auto none = [&] { return at::empty({0}, q.options()); };
+  Tensor dq = need_dq ? dq_padded.narrow(3, 0, prep.E).contiguous() : none();
+  Tensor dk = need_dk ? dk_accum.narrow(3, 0, prep.E).to(k.scalar_type()).contiguous() : none();
+  Tensor dv = need_dv ? dv_accum.narrow(3, 0, prep.Ev).to(v.scalar_type()).contiguous() : none();
+  // gate, bias and a float mask may be float32 with 16-bit q (the API upcasts broadcast ones so
+  // that autograd sums their gradient in float32): their gradients keep their own dtype
   Tensor dgate =
-      need_dgate ? dgate_accum.narrow(4, 0, prep.Ev).to(gate->scalar_type()).contiguous() : none;
-  Tensor dbias = need_dbias ? dbias_accum.to(bias->scalar_type()) : none;
-  if (need_dmask) dmask = dmask.to(attn_mask->scalar_type());
-  return {dq, dk, dv, dgate, dbias, need_dmask ? dmask : none, at::empty({0}, q.options())};
+      need_dgate ? dgate_accum.narrow(4, 0, prep.Ev).to(gate->scalar_type()).contiguous() : none();
+  Tensor dbias = need_dbias ? dbias_accum.to(bias->scalar_type()) : none();
+  Tensor dmask_out = need_dmask ? dmask.to(attn_mask->scalar_type()) : none();
+  return {dq, dk, dv, dgate, dbias, dmask_out, none()};
 }
 
 }  // namespace
@@ -351,9 +356,30 @@ TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) {
 
 }  // namespace peer_attention
 
-// The Python module peer_attention._C: empty; importing it loads the library, which registers
-// the kernels above.
+// The Python module peer_attention._C: importing it loads the library, which registers the
+// kernels above. Its one function:
+// kernel_image_error(device_index) -> str: "" when this build holds machine code or PTX for the
+// device, else the CUDA error (backends/cuda.py then declines the device with it instead of
+// failing at the first launch).
+static PyObject* kernel_image_error(PyObject*, PyObject* arg) {
+  const long index = PyLong_AsLong(arg);
+  if (index == -1 && PyErr_Occurred()) return nullptr;
+  cudaError_t err;
+  {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
+    err = peer_attention::probe_kernel_image();
+  }
+  (void)cudaGetLastError();  // not sticky; clear it so that torch's next check does not see it
+  return PyUnicode_FromString(err == cudaSuccess ? "" : cudaGetErrorString(err));
+}
+
+static PyMethodDef peer_attention_methods[] = {
+    {"kernel_image_error", kernel_image_error, METH_O,
+     "'' when the kernels can run on the device of this index, else why not"},
+    {nullptr, nullptr, 0, nullptr}};
+
 static struct PyModuleDef peer_attention_module = {PyModuleDef_HEAD_INIT, "_C",
-                                                   "CUDA kernels of peer_attention", -1, nullptr};
+                                                   "CUDA kernels of peer_attention", -1,
+                                                   peer_attention_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&peer_attention_module); }

@@ -42,9 +42,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
   int* ntiles_s = limit_s + kMaxStreams;             // key tiles this block visits per peer
 
   const int S = p.num_streams;
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int s = stream_of_tile(p.q_tile_offsets, S, blockIdx.x);
-  const int q_row0 = (blockIdx.x - p.q_tile_offsets[s]) * BM;  // within stream s
+  const BlockCoord blk = unflatten_block(p.q_tile_offsets[S], p.q_heads);
+  const int b = blk.batch, h = blk.head;
+  const int s = stream_of_tile(p.q_tile_offsets, S, blk.tile);
+  const int q_row0 = (blk.tile - p.q_tile_offsets[s]) * BM;  // within stream s
   const int q_len = p.q_offsets[s + 1] - p.q_offsets[s];
   const int q_first = p.q_offsets[s] + q_row0;                // within the packed Tq
   const int hk = h / (p.q_heads / p.kv_heads);
@@ -145,13 +146,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
     // scores in the log2 domain, masked
     const int key0 = tile * BN, limit = limit_s[peer];
     const bool causal_pair = p.causal && peer == s;
+    const int diag = causal_offset(p, s);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = key0 + nt * 8 + t2 + (e & 1);
         const int i = q_row0 + local_row[e >> 1];
-        const bool masked = j >= limit || (causal_pair && j > i);
+        const bool masked = j >= limit || (causal_pair && j > i + diag);
         float x = masked ? -INFINITY : sc[nt][e] * p.scale_log2 + bias_log2;
         if (p.mask != nullptr && !masked && q_row0 + local_row[e >> 1] < q_len)  // rows past the stream: no mask entry
           x += mask_log2(p, b, h, q_first + local_row[e >> 1], p.kv_offsets[peer] + j);
@@ -315,7 +317,9 @@ cudaError_t run_forward(const AttentionParams& params, cudaStream_t stream) {
   auto kernel = forward_kernel<D, T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(tiles, p.q_heads, p.batch), kThreads, smem, stream>>>(p);
+  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
+  if (blocks == 0) return cudaErrorInvalidConfiguration;
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -278,6 +278,12 @@ __device__ __forceinline__ int key_limit(const AttentionParams& p, int b, int st
   return limit;
 }
 
+// Diagonal offset of stream s's causal self pair: key j visible to query i iff j <= i + off.
+__device__ __forceinline__ int causal_offset(const AttentionParams& p, int s) {
+  if (!p.bottom_right) return 0;
+  return (p.kv_offsets[s + 1] - p.kv_offsets[s]) - (p.q_offsets[s + 1] - p.q_offsets[s]);
+}
+
 // Query-major blocks (forward, dQ): thread `tid` < S plans peer `tid` of stream s for the block
 // whose first row (within s) is q_row0: its key count, and how many key tiles of BN the block
 // visits (0 for a pair the peer table leaves out; a causal self pair stops at the diagonal).
@@ -287,7 +293,7 @@ __device__ __forceinline__ void plan_peer_tiles(const AttentionParams& p, int b,
   if (tid >= p.num_streams) return;
   const int limit = key_limit(p, b, tid);
   int reach = limit;
-  if (p.causal && tid == s) reach = min(reach, q_row0 + block_rows);
+  if (p.causal && tid == s) reach = max(min(reach, q_row0 + block_rows + causal_offset(p, s)), 0);
   limit_s[tid] = limit;
   ntiles_s[tid] = ((p.peer_rows[s] >> tid) & 1u) ? (reach + block_keys - 1) / block_keys : 0;
 }
@@ -303,6 +309,24 @@ __device__ __forceinline__ float mask_log2(const AttentionParams& p, int b, int 
 __device__ __forceinline__ int64_t pair_index(const AttentionParams& p, int b, int s, int peer,
                                               int h) {
   return ((static_cast<int64_t>(b) * p.num_streams + s) * p.num_streams + peer) * p.q_heads + h;
+}
+
+// Blocks of a grid flattened into x (gridDim.y and .z are capped at 65535, x at 2^31 - 1):
+// x = tile + tiles * (head + heads * batch), tile fastest so neighbouring blocks share K/V.
+struct BlockCoord {
+  int tile, head, batch;
+};
+__device__ __forceinline__ BlockCoord unflatten_block(int tiles, int heads) {
+  const int64_t x = blockIdx.x;
+  const int64_t rest = x / tiles;
+  return {static_cast<int>(x % tiles), static_cast<int>(rest % heads),
+          static_cast<int>(rest / heads)};
+}
+
+// Host side: the flat grid size, or 0 when it does not fit gridDim.x.
+inline unsigned flat_grid(int tiles, int heads, int batch) {
+  const int64_t blocks = static_cast<int64_t>(tiles) * heads * batch;
+  return blocks <= 0x7fffffff ? static_cast<unsigned>(blocks) : 0u;
 }
 
 // Host side: the tile prefix sums of a packed grid (one block per tile of each stream).

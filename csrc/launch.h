@@ -33,4 +33,8 @@ template <typename T>
 cudaError_t run_delta_rowdot(const void* dout, const void* out, float* delta, int64_t rows,
                              int cols, cudaStream_t stream);
 
+// cudaSuccess when this build holds machine code or PTX the current device can run, else the
+// error a launch would give (cudaErrorNoKernelImageForDevice).
+cudaError_t probe_kernel_image();
+
 }  // namespace peer_attention

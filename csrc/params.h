@@ -33,7 +33,10 @@ struct AttentionParams {
   // row, packed key row] with these strides (0 on broadcast dims), or null
   const float* mask;
   int64_t mask_strides[4];
-  bool causal;            // top-left causal on the self pairs
+  bool causal;            // causal on the self pairs
+  // causal alignment on the self pairs: off = kv_len_s - q_len_s (bottom-right) or 0 (top-left);
+  // key j of stream s is visible to its query i iff j <= i + off
+  bool bottom_right;
   bool per_peer;          // normalize == "peer"
   float scale;
   float scale_log2;       // scale * log2(e)

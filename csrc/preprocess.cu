@@ -28,6 +28,12 @@ cudaError_t run_delta_rowdot(const void* dout, const void* out, float* delta, in
   return cudaGetLastError();
 }
 
+cudaError_t probe_kernel_image() {
+  // every translation unit is compiled for the same architectures: one kernel answers for all
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, delta_rowdot_kernel<__half>);
+}
+
 template cudaError_t run_delta_rowdot<__half>(const void*, const void*, float*, int64_t, int,
                                               cudaStream_t);
 template cudaError_t run_delta_rowdot<__nv_bfloat16>(const void*, const void*, float*, int64_t,

@@ -7,12 +7,16 @@ Configs that cannot fit the device's shared memory or registers are pruned befor
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 
 from .utils import INTERPRET
 
+# PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
+# (nothing is benchmarked; scripts/gpu_check.sh sets it so that compile time stays small)
+AUTOTUNE_ENV = "PEER_ATTENTION_TRITON_AUTOTUNE"
 INTERPRETER_BLOCK = 16
 # partial buffers (gate/bias gradients) are indexed by query tile: size them for the smallest tile
 MIN_BLOCK_M = INTERPRETER_BLOCK
@@ -98,6 +102,8 @@ def make_pruner(backward: bool):
                           e_pad, ev_pad, elem, smem, backward)]
         if not kept:  # always leave the smallest one
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        if os.environ.get(AUTOTUNE_ENV, "1") == "0":  # one fixed config: no tuning (GPU tests)
+            kept = kept[:1]
         return kept
     return prune
 

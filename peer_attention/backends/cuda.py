@@ -5,9 +5,11 @@ The extension registers its kernels for the ops `peer_attention::cuda_fwd` / `cu
 autograd are defined in Python (ops.py) like every other backend's.
 
 What the kernels serve: float16/bfloat16 on CUDA devices, any S <= 16 streams with peer table,
-gate, bias, joint/peer normalisation, self-pair causal, kv_lengths, GQA, bool and float attn_mask
-(with its gradient), any lengths, head dims up to 256, forward and backward. Not served (auto then
-picks another backend): dropout, float32, more than 16 streams.
+gate, bias, joint/peer normalisation, self-pair causal (top-left or bottom-right aligned),
+kv_lengths, GQA, bool and float attn_mask (with its gradient), any lengths, head dims up to 256,
+forward and backward. Not served (auto then picks another backend): dropout, float32, more than 16
+streams, windows/softcap/ALiBi/sinks/varlen, devices this build has no kernel image for, and a
+backward that would use float32 atomics while torch asks for deterministic algorithms.
 """
 from __future__ import annotations
 
@@ -49,8 +51,32 @@ def kernel_head_dim(problem: AttentionProblem) -> int:
 def _needs_backward(problem: AttentionProblem) -> bool:
     if not torch.is_grad_enabled():
         return False
-    inputs = (problem.q, problem.k, problem.v, problem.gate, problem.bias)
+    inputs = (problem.q, problem.k, problem.v, problem.gate, problem.bias, problem.attn_mask,
+              problem.sinks)
     return any(t is not None and t.requires_grad for t in inputs)
+
+
+def atomic_gradients(problem: AttentionProblem) -> List[str]:
+    """The gradients the backward kernels sum with float32 atomics (an order that changes from run
+    to run): dgate and dbias over query tiles, dK/dV over the query heads of a GQA group."""
+    found = []
+    if problem.gate is not None and problem.gate.requires_grad:
+        found.append("gate")
+    if problem.bias is not None and problem.bias.requires_grad:
+        found.append("bias")
+    if problem.num_q_heads != problem.num_kv_heads and (problem.k.requires_grad
+                                                        or problem.v.requires_grad):
+        found.append("GQA key/value")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_image_error(index: int) -> str:
+    """'' when the built extension holds machine code or PTX for CUDA device `index`, else why not
+    (a wheel built for "8.0;9.0a" without PTX cannot run on sm_100/sm_120)."""
+    from .. import _C
+
+    return _C.kernel_image_error(index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,6 +95,7 @@ class CudaBackend(Backend):
         max_head_dim=256,
         dropout=False,
         max_streams=MAX_STREAMS,
+        bottom_right=True,
     )
 
     def unavailable_reason(self) -> Optional[str]:
@@ -83,15 +110,26 @@ class CudaBackend(Backend):
         reasons = []
         q = problem.q
         if q.device.type == "cuda" and UNAVAILABLE.get(self.name) is None:
-            capability, smem = _device_limits(q.device.index if q.device.index is not None
-                                              else torch.cuda.current_device())
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            capability, smem = _device_limits(index)
             if capability < (8, 0):
                 reasons.append(f"compute capability {capability[0]}.{capability[1]} < 8.0 "
                                "(mma.sync bf16, cp.async)")
+            else:
+                image_error = kernel_image_error(index)
+                if image_error:
+                    reasons.append(f"this build of peer_attention._C has no kernel for compute "
+                                   f"capability {capability[0]}.{capability[1]} ({image_error}); "
+                                   "rebuild with TORCH_CUDA_ARCH_LIST naming it")
             if (_needs_backward(problem) and kernel_head_dim(problem) == 256 and smem is not None
                     and smem < BACKWARD_256_SMEM_BYTES):
                 reasons.append(f"backward for head dims above 128 needs {BACKWARD_256_SMEM_BYTES} "
                                f"bytes of shared memory per block, the device has {smem}")
+        if torch.are_deterministic_algorithms_enabled() and _needs_backward(problem):
+            atomics = atomic_gradients(problem)
+            if atomics:
+                reasons.append("torch.use_deterministic_algorithms(True): the backward sums the "
+                               f"{', '.join(atomics)} gradients with float32 atomics")
         for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
             if t.numel() > MAX_ELEMENTS:
                 reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")

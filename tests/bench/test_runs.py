@@ -136,7 +136,7 @@ def test_inputs_are_reproducible():
 def test_cli_writes_csv_json_and_plots(tmp_path, capsys):
     out = str(tmp_path / "out")
     code = cli.main(["--quick", "--suite", "sdpa", "--case", "E=16/B4/L32/", "--mode", "fwd,bwd",
-                     "--provider", "pa.reference,torch.math,torch.cudnn", "--out", out])
+                     "--provider", "pa.reference,torch.math,torch.cudnn", "--plots", "--out", out])
     assert code == 0
     printed = capsys.readouterr().out
     assert "torch.math" in printed and "results.csv" in printed

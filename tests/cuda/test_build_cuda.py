@@ -71,3 +71,10 @@ def test_required_build_fails_loudly_without_a_toolkit(monkeypatch):
     assert build_cuda.cuda_extension(["csrc/binding.cpp"], required=False) == ([], {})
     with pytest.raises(SystemExit, match="no CUDA toolkit found"):
         build_cuda.cuda_extension(["csrc/binding.cpp"], required=True)
+
+
+def test_ptx_for_the_newest_portable_arch():
+    assert build_cuda.with_ptx("8.0;9.0a") == "8.0+PTX;9.0a"
+    assert build_cuda.with_ptx("8.0 8.6") == "8.0;8.6+PTX"
+    assert build_cuda.with_ptx("8.0+PTX;9.0a") == "8.0+PTX;9.0a"  # already chosen
+    assert build_cuda.with_ptx("9.0a") == "9.0a"  # arch-specific only: no portable PTX to add

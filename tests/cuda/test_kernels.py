@@ -219,3 +219,89 @@ def test_sdpa_drop_in(dtype):
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
 
     assert_matches_reference(kernel, reference, [q, k, v], dtype)
+
+
+# --- fixes of the static review (issue 10) ---------------------------------------------------
+
+def _problem_op(backend, q, k, v, q_lens, kv_lens, *, is_causal=False, bottom_right=False,
+                peers=None, gate=None, bias=None, normalize="joint"):
+    """Run backend's registered op on a hand-built problem (fields the public API may not
+    expose); returns the packed output."""
+    from peer_attention import dispatch
+    from peer_attention.problem import AttentionProblem
+
+    S = len(q_lens)
+    problem = AttentionProblem(
+        q, k, v, tuple(q_lens), tuple(kv_lens), tuple(peers or (1,) * (S * S)), gate, bias, None,
+        None, None, 0.0, is_causal, 1.0 / math.sqrt(q.shape[-1]), normalize,
+        bottom_right=bottom_right)
+    out, _ = dispatch.forward_op(backend)(*problem)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_lens,kv_lens", [((100,), (230,)), ((230,), (100,)), ((64,), (64,)),
+                                            ((70, 150), (150, 20))])
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_bottom_right_causal(dtype, q_lens, kv_lens, normalize):
+    gen = torch.Generator().manual_seed(3)
+    q = _randn(2, 2, sum(q_lens), 64, gen=gen)
+    k, v = _randn(2, 2, sum(kv_lens), 64, gen=gen), _randn(2, 2, sum(kv_lens), 64, gen=gen)
+
+    def run(backend):
+        return lambda q, k, v: _problem_op(backend, q, k, v, q_lens, kv_lens, is_causal=True,
+                                           bottom_right=True, normalize=normalize)
+
+    assert_matches_reference(run("cuda"), run("reference"), [q, k, v], dtype)
+
+
+@pytest.mark.parametrize("B,H", [(70000, 1), (1, 70000)])
+def test_leading_dims_beyond_65535(B, H):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (_randn(B, H, 8, 32, gen=gen) for _ in range(3))
+
+    def kernel(q, k, v):
+        return peer_attention.scaled_dot_product_attention(q, k, v, backend="cuda")
+
+    assert_matches_reference(kernel, sdpa_reference, [q, k, v], torch.float16)
+
+
+def test_unrequested_gradients_do_not_alias():
+    from peer_attention import dispatch
+
+    q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=torch.float16)
+    args = (q, q, q, (16,), (16,), (1,), None, None, None, None, None, 0.0, False, 0.125, "joint",
+            -1, -1, False, 0.0, None, None)
+    out, lse = dispatch.forward_op("cuda")(*args)
+    grads = torch.ops.peer_attention.cuda_bwd(torch.ones_like(out), out, lse, *args,
+                                              [True] + [False] * 6)
+    assert all(g.numel() == 0 for g in grads[1:])
+    assert len({g.untyped_storage()._cdata for g in grads}) == 7  # seven distinct storages
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float32_gate_and_bias_with_16bit_inputs(dtype):
+    gen = torch.Generator().manual_seed(5)
+    qs = [_randn(2, 2, n, 64, gen=gen).to(dtype) for n in (40, 70)]
+    gate = torch.rand(2, 2, 2, 2, 64, generator=gen).to(DEVICE).requires_grad_()
+    bias = torch.randn(2, 2, 2, 2, generator=gen).to(DEVICE).requires_grad_()
+    outs = peer_attention.peer_attention(qs, qs, qs, gate=gate, bias=bias, backend="cuda")
+    assert all(o.dtype == dtype for o in outs)
+    dgate, dbias = torch.autograd.grad(sum(o.float().sum() for o in outs), [gate, bias])
+    assert dgate.dtype == torch.float32 and dbias.dtype == torch.float32
+    want = peer_attention.peer_attention(qs, qs, qs, gate=gate, bias=bias, backend="reference")
+    ref_dgate, ref_dbias = torch.autograd.grad(sum(o.float().sum() for o in want), [gate, bias])
+    torch.testing.assert_close(dgate, ref_dgate, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(dbias, ref_dbias, atol=5e-2, rtol=2e-2)
+
+
+def test_fp16_broadcast_gate_gradient_within_spec_bound():
+    # 256 expanded terms per gate entry: summed in float32 (the API upcasts the broadcast gate)
+    check_peer(torch.float16, q_lens=[64, 64], kv_lens=[64, 64], B=2, Hq=2, H=2, E=64, Ev=64,
+               gate_shape=(1, 2, 2, 1, 1))
+
+
+def test_kernel_image_for_this_device():
+    from peer_attention.backends.cuda import kernel_image_error
+
+    assert kernel_image_error(torch.cuda.current_device()) == ""

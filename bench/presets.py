@@ -1,0 +1,64 @@
+"""Presets: a fixed case list, providers and modes for one purpose.
+
+  headline   the numbers the README reports (issue 10): SDPA at 16k tokens per batch, head dim
+             128, L = 1k ... 16k, causal and not; head dims 64 and 256 at L = 8k; peer attention
+             with 3 streams x 4k tokens, gates + bias, joint and per-peer normalisation, and plain
+             SDPA on the same total work (one 12k stream); bf16; fwd and fwd+bwd; this package's
+             kernels against torch's cuDNN / flash / efficient SDPA, FlexAttention, the
+             compositions and FlashAttention-4 (flash_attn.cute) when importable. Meant to take
+             under 6 minutes on an H100, autotuning included (FlexAttention compiles per shape, so
+             it runs on a subset of the cases; the others say so).
+
+`--quick` shrinks a preset's shapes (lengths / 128, head dims / 4) for a smoke run on any machine.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+from .cases import HIDDEN, TOKENS_PER_BATCH, Case, _sdpa_case
+
+HEADLINE_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+HEADLINE_PROVIDERS = ("pa.triton", "pa.cuda", "torch.cudnn", "torch.flash", "torch.efficient",
+                      "flex", "compose.pairs", "compose.concat", "fa4")
+HEADLINE_MODES = ("fwd", "fwd+bwd")
+PEER_STREAMS, PEER_TOKENS, PEER_HEADS = 3, 4096, 16
+FLEX_SDPA_LENGTHS = (4096, 16384)  # FlexAttention compiles per shape: E = 128 at these L only
+
+
+def _shrink(quick: bool):
+    if not quick:
+        return lambda n: n, lambda e: e, TOKENS_PER_BATCH, HIDDEN
+    return lambda n: max(8, n // 128), lambda e: max(8, e // 4), TOKENS_PER_BATCH // 128, HIDDEN // 4
+
+
+def headline_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
+    length, dim, tokens, hidden = _shrink(quick)
+    cases = []
+    for causal in (False, True):
+        cases += [_sdpa_case("headline", length(n), dim(128), dtype, device, tokens, hidden,
+                             is_causal=causal) for n in HEADLINE_LENGTHS]
+    for head_dim in (64, 256):
+        for causal in (False, True):
+            cases.append(_sdpa_case("headline", length(8192), dim(head_dim), dtype, device, tokens,
+                                    hidden, is_causal=causal))
+    streams = (length(PEER_TOKENS),) * PEER_STREAMS
+    heads, peer_dim = PEER_HEADS if not quick else 2, dim(128)
+    for normalize in ("joint", "peer"):
+        cases.append(Case("headline", f"S{PEER_STREAMS},{normalize},gate,bias,E={peer_dim}", 1, heads,
+                          heads, peer_dim, peer_dim, streams, streams, dtype, device, "peer",
+                          gate=True, bias=True, normalize=normalize))
+    total = sum(streams)  # plain SDPA on the same work as the dense 3-stream problem
+    cases.append(Case("headline", f"E={peer_dim},same work as S{PEER_STREAMS}", 1, heads, heads,
+                      peer_dim, peer_dim, (total,), (total,), dtype, device, "sdpa"))
+    return cases
+
+
+def flex_runs(case: Case, quick: bool) -> bool:
+    """Whether FlexAttention runs this headline case (each new shape costs a compile)."""
+    if case.kind == "peer" or "same work" in case.family:
+        return True
+    length, dim, _, _ = _shrink(quick)
+    return case.head_dim == dim(128) and case.seq_len in {length(n) for n in FLEX_SDPA_LENGTHS}
+
+
+PRESETS: Dict[str, Callable[..., List[Case]]] = {"headline": headline_cases}

@@ -1,0 +1,180 @@
+"""A small workload for compute-sanitizer (memcheck, racecheck, synccheck, initcheck): every
+CUDA kernel of peer_attention._C (forward, dQ and dK/dV for each head dim and both 16-bit dtypes,
+the delta preprocess) and the Triton kernels, forward and backward, with each feature. Shapes are
+tiny (partial tiles, several tiles, several streams) because the sanitizers slow launches by 10-100x.
+
+    python scripts/sanitize_workload.py --backend cuda|triton|all [--list]
+
+Each call is checked against the reference in float32 (loosely: the sanitizer looks for memory
+and synchronisation errors; tests/gpu checks the numbers); the exit status is 1 when a call
+raises or disagrees, so a run also fails on wrong results.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HEAD_DIMS = {"cuda": (32, 64, 96, 128, 256), "triton": (64, 128)}
+DEVICE = "cuda"  # the tests run the workload's logic on the CPU with the reference backend
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def feature_calls(backend: str):
+    """(name, fn(dtype, head_dim)) pairs; each fn runs forward + backward and returns the
+    largest gap to the reference (float32) over outputs and gradients."""
+    import peer_attention as pa
+    from peer_attention import dispatch
+    from peer_attention.problem import AttentionProblem
+
+    def rand(*shape, dtype):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()
+
+    def compare(fn, reference, inputs):
+        outs = fn(*inputs)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        grads = torch.autograd.grad(sum(o.float().sum() for o in outs), inputs)
+        f32 = [t.detach().float().requires_grad_() for t in inputs]
+        ref = reference(*f32)
+        ref = list(ref) if isinstance(ref, (list, tuple)) else [ref]
+        ref_grads = torch.autograd.grad(sum(o.sum() for o in ref), f32)
+        return max((a.float() - b).abs().max().item() for a, b in
+                   zip(outs + list(grads), ref + list(ref_grads)) if a.numel())
+
+    def sdpa(L, M, causal=False, gqa=False, mask=None):
+        def run(dtype, E):
+            q = rand(2, 4, L, E, dtype=dtype)
+            k, v = (rand(2, 2 if gqa else 4, M, E, dtype=dtype) for _ in range(2))
+            inputs = [q, k, v]
+            if mask == "float":
+                inputs.append(rand(1, 1, L, M, dtype=dtype))
+            keep = None
+            if mask == "bool":
+                keep = torch.rand(2, 1, L, M, device=DEVICE) > 0.3
+
+            def call(impl):
+                def f(q, k, v, *m):
+                    return impl(q, k, v, attn_mask=m[0] if m else keep, is_causal=causal,
+                                enable_gqa=gqa)
+                return f
+            ours = call(lambda *a, **kw: pa.scaled_dot_product_attention(*a, backend=backend, **kw))
+            return compare(ours, call(torch.nn.functional.scaled_dot_product_attention), inputs)
+        return run
+
+    def peer(normalize, lens=(70, 33, 129), **opts):
+        def run(dtype, E):
+            S = len(lens)
+            qs = [rand(2, 2, n, E, dtype=dtype) for n in lens]
+            ks = [rand(2, 2, n, E, dtype=dtype) for n in lens]
+            vs = [rand(2, 2, n, E, dtype=dtype) for n in lens]
+            gate = (torch.rand(2, S, S, 2, E, device=DEVICE) + 0.5).requires_grad_()
+            # a bias cancels in a per-peer softmax: the API takes it in joint mode only
+            with_bias = normalize == "joint"
+            bias = torch.randn(1, S, S, 2, device=DEVICE).requires_grad_() if with_bias else None
+            # batch 0: a full, a half and an empty key stream; batch 1: a third, then full
+            kv_lengths = torch.tensor([[lens[0], lens[1] // 2, 0], [lens[0] // 3, lens[1], lens[2]]],
+                                      device=DEVICE)[:, :S]
+
+            def call(b):
+                def f(*args):
+                    q, k, v, g = args[:S], args[S:2 * S], args[2 * S:3 * S], args[3 * S]
+                    bi = args[3 * S + 1] if with_bias else None
+                    return pa.peer_attention(q, k, v, gate=g, bias=bi, normalize=normalize,
+                                             kv_lengths=kv_lengths, backend=b, **opts)
+                return f
+            extra = [gate, bias] if with_bias else [gate]
+            return compare(call(backend), call("reference"), qs + ks + vs + extra)
+        return run
+
+    def bottom_right(L, M):
+        def run(dtype, E):
+            q = rand(1, 2, L, E, dtype=dtype)
+            k, v = rand(1, 2, M, E, dtype=dtype), rand(1, 2, M, E, dtype=dtype)
+
+            def call(b):
+                def f(q, k, v):
+                    problem = AttentionProblem(q, k, v, (L,), (M,), (1,), None, None, None, None,
+                                               None, 0.0, True, 1 / math.sqrt(E), "joint",
+                                               bottom_right=True)
+                    return dispatch.forward_op(b)(*problem)[0]
+                return f
+            return compare(call(backend), call("reference"), [q, k, v])
+        return run
+
+    calls = [
+        ("sdpa", sdpa(70, 70)),
+        ("sdpa-causal-ragged", sdpa(130, 65, causal=True)),
+        ("sdpa-gqa", sdpa(64, 100, gqa=True)),
+        ("sdpa-bool-mask", sdpa(40, 90, mask="bool")),
+        ("sdpa-float-mask-grad", sdpa(40, 90, mask="float")),
+        ("peer-joint-gate-bias-kvlen", peer("joint")),
+        ("peer-per-peer-gate-kvlen", peer("peer")),
+        ("peer-joint-causal-sparse", peer("joint", is_causal=True,
+                                          peers=[[1, 1, 0], [0, 1, 1], [1, 0, 1]])),
+    ]
+    if backend == "cuda":
+        calls.append(("bottom-right-causal", bottom_right(50, 130)))
+    return calls
+
+
+def dtypes_for(feature_index: int, all_dtypes: bool):
+    """Both dtypes, or one per feature, alternating: every (head dim, dtype) kernel instantiation
+    still runs several times, at half the sanitizer time."""
+    return DTYPES if all_dtypes else (DTYPES[feature_index % 2],)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("cuda", "triton", "all"), default="all")
+    parser.add_argument("--list", action="store_true", help="print the calls, run nothing")
+    parser.add_argument("--all-dtypes", action="store_true",
+                        help="every feature in both dtypes (default: alternate per feature)")
+    parser.add_argument("--tolerance", type=float, default=0.25,
+                        help="largest accepted max-abs gap to the float32 reference")
+    args = parser.parse_args(argv)
+    backends = ("cuda", "triton") if args.backend == "all" else (args.backend,)
+    if args.list:
+        for b in backends:
+            for index, (name, _) in enumerate(feature_calls(b)):
+                dtypes = ",".join(str(t)[6:] for t in dtypes_for(index, args.all_dtypes))
+                for d in HEAD_DIMS[b]:
+                    print(f"{b} {name} E={d} {dtypes}")
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device is visible", file=sys.stderr)
+        return 2
+    import peer_attention as pa
+
+    failures = 0
+    for backend in backends:
+        why = pa.available_backends()[backend]
+        if why:
+            print(f"{backend}: unavailable ({why})")
+            failures += 1
+            continue
+        for index, (name, fn) in enumerate(feature_calls(backend)):
+            for head_dim in HEAD_DIMS[backend]:
+                for dtype in dtypes_for(index, args.all_dtypes):
+                    label = f"{backend} {name} E={head_dim} {str(dtype)[6:]}"
+                    try:
+                        gap = fn(dtype, head_dim)
+                        torch.cuda.synchronize()
+                    except Exception:  # report and go on: the sanitizer log says the rest
+                        print(f"FAIL {label}\n{traceback.format_exc()}", flush=True)
+                        failures += 1
+                        continue
+                    status = "ok" if gap <= args.tolerance else "WRONG"
+                    failures += status != "ok"
+                    print(f"{status} {label} max abs gap {gap:.3g}", flush=True)
+    print(f"sanitize workload: {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
