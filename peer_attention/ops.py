@@ -7,8 +7,9 @@ For each backend NAME there are two ops in the `peer_attention` namespace:
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask, Tensor dsinks)
 
 where <problem> is the argument list below, in the order of AttentionProblem's fields. The schema,
-the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd) live here, once
-for all backends. A backend only supplies the real kernels: Python backends through
+the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd; with
+create_graph=True the differentiable formulas of double_backward.py) live here, once for all
+backends. A backend only supplies the real kernels: Python backends through
 `register_python_kernels`, the compiled extension through
 `TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) { m.impl("cuda_fwd", ...); m.impl("cuda_bwd", ...); }`
 (argument types: int[] -> IntArrayRef, SymInt[] -> IntArrayRef, bool[] -> c10::List<bool>,
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .double_backward import differentiable_grads
 from .problem import AttentionProblem, lse_dtype, lse_shape
 
 NAMESPACE = "peer_attention"
@@ -96,11 +98,17 @@ def _problem_from_ctx(ctx):
     return out, lse, args
 
 
-def _make_backward(bwd_op):
+def _make_backward(name, bwd_op):
     def backward(ctx, grad_out, _grad_lse):
         out, lse, args = _problem_from_ctx(ctx)
         needs = [ctx.needs_input_grad[i] for i in GRAD_INPUTS]
-        result = bwd_op(grad_out, out, lse, *args, needs)
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's gradients would have no history (a silently zero
+            # second order); differentiable formulas from the saved tensors instead
+            result = differentiable_grads(name, AttentionProblem(*args), grad_out,
+                                          [args[i] for i in GRAD_INPUTS], needs)
+        else:
+            result = bwd_op(grad_out, out, lse, *args, needs)
         grads = [None] * NUM_PROBLEM_ARGS
         for slot, grad, needed in zip(GRAD_INPUTS, result, needs):
             if needed:
@@ -123,7 +131,7 @@ def define_backend_ops(name: str):
     fwd_op = getattr(torch.ops.peer_attention, fwd_name).default
     bwd_op = getattr(torch.ops.peer_attention, bwd_name).default
     torch.library.register_autograd(
-        qualified_fwd, _make_backward(bwd_op), setup_context=_setup_context, lib=_lib
+        qualified_fwd, _make_backward(name, bwd_op), setup_context=_setup_context, lib=_lib
     )
     _defined[name] = (fwd_op, bwd_op)
     return fwd_op, bwd_op
