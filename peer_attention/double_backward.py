@@ -83,7 +83,8 @@ def differentiable_grads(backend: str, problem: AttentionProblem, grad_out: Tens
     wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
     if not wanted:
         return [None] * len(inputs)
-    out = recompute_output(problem, keep)
+    with torch.autocast(problem.q.device.type, enabled=False):  # the dtypes of the forward
+        out = recompute_output(problem, keep)
     if out.requires_grad:
         grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
                                          allow_unused=True))

@@ -118,6 +118,28 @@ def _make_backward(name, bwd_op):
     return backward
 
 
+# Autocast: the ops behave like torch's SDPA under torch.autocast: q, k, v and a float attn_mask
+# are cast to the autocast dtype (float64 excepted), and the kernels (the reference's PyTorch ops
+# included) then run with autocast off, in the dtype they were given. The backward op is only
+# shielded from autocast.
+_AUTOCAST_KEYS = (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"))
+_AUTOCAST_FWD_ARGS = (0, 1, 2, 9)  # q, k, v, attn_mask
+
+
+def _autocast_kernel(op, device_type: str, cast_positions):
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = list(args)
+        for i in cast_positions:
+            t = args[i]
+            if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                args[i] = t.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return op(*args)
+
+    return kernel
+
+
 def define_backend_ops(name: str):
     """Define NAME_fwd / NAME_bwd with their fake implementations and autograd; idempotent."""
     if name in _defined:
@@ -133,6 +155,9 @@ def define_backend_ops(name: str):
     torch.library.register_autograd(
         qualified_fwd, _make_backward(name, bwd_op), setup_context=_setup_context, lib=_lib
     )
+    for device_type, key in _AUTOCAST_KEYS:
+        _lib.impl(fwd_name, _autocast_kernel(fwd_op, device_type, _AUTOCAST_FWD_ARGS), key)
+        _lib.impl(bwd_name, _autocast_kernel(bwd_op, device_type, ()), key)
     _defined[name] = (fwd_op, bwd_op)
     return fwd_op, bwd_op
 
