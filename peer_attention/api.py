@@ -50,7 +50,7 @@ def resolve_causal_bias(attn_mask, is_causal):
 def _autocast(query, key, value, attn_mask):
     """Under torch.autocast, the cast torch's SDPA does first: every floating input except
     float64 to the autocast dtype of the query's device type (mixed dtypes then agree)."""
-    if not isinstance(query, Tensor):
+    if not torch._C._is_any_autocast_enabled() or not isinstance(query, Tensor):
         return query, key, value, attn_mask
     device_type = query.device.type
     if not torch.is_autocast_enabled(device_type):
@@ -68,7 +68,7 @@ def _autocast(query, key, value, attn_mask):
 def _broadcast_qkv(query, key, value, layout, enable_gqa):
     """q, k, v as (lead..., Hq, L, E), (lead..., H, S, E), (lead..., H, S, Ev) with H dividing Hq:
     torch's broadcasting of leading dims and heads, as views where possible."""
-    lead, heads, _ = layout
+    lead, heads = tuple(layout[0]), layout[1]
     ndim = len(lead) + 3
     q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
     hk, hv = k.shape[-3], v.shape[-3]
@@ -97,13 +97,12 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     dropout_p, scale, layout = check_sdpa(query, key, value, attn_mask, dropout_p, is_causal,
                                           scale, enable_gqa)
-    lead, heads, out_ndim = layout
-    out_shape = (lead + (heads, query.shape[-2], value.shape[-1]))[-out_ndim:] if out_ndim >= 3 \
-        else (query.shape[-2], value.shape[-1])
-    if not (query.dim() == key.dim() == value.dim() >= 3 and query.shape[:-3] == key.shape[:-3]
-            == value.shape[:-3] and key.shape[-3] == value.shape[-3]
-            and query.shape[-3] == heads):
+    lead, heads, out_ndim, broadcast = layout
+    if broadcast:
+        out_shape = (tuple(lead) + (heads, query.shape[-2], value.shape[-1]))[-out_ndim:]
         query, key, value = _broadcast_qkv(query, key, value, layout, enable_gqa)
+    else:
+        out_shape = query.shape[:-1] + (value.shape[-1],)
     lead_numel = 1
     for n in lead:
         lead_numel *= n
@@ -125,7 +124,7 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     problem = AttentionProblem(
         q, k, v, (q.shape[2],), (k.shape[2],), (1,), None, None, None, mask,
         dispatch.draw_dropout_seed() if dropout_p > 0 else None,
-        dropout_p, is_causal, scale, "joint", bottom_right=bottom_right,
+        dropout_p, is_causal, scale, "joint", -1, -1, bottom_right,
     )
     return SdpaCall(problem, tuple(out_shape), drop_all)
 
@@ -161,7 +160,7 @@ def _sdpa_under_transform(call: SdpaCall, backend: Optional[str]) -> Tensor:
 
 def run_sdpa(call: SdpaCall, backend: Optional[str] = None) -> Tensor:
     """Serve a prepared SDPA call; the output in the caller's layout."""
-    if transforms_active():
+    if not torch.compiler.is_compiling() and transforms_active():
         out = _sdpa_under_transform(call, backend)
     else:
         out, _ = dispatch.run(call.problem, backend)
