@@ -279,3 +279,36 @@ def test_nested_tensors():
     got = patched((q, q, q), {})
     for a, b in zip(got.unbind(), want.unbind()):
         torch.testing.assert_close(a, b)
+
+
+def test_registered_ops_cast_under_autocast_and_run_their_kernels_without_it():
+    """The ops' Autocast kernels: q, k, v and a float mask cast to the autocast dtype, then the
+    kernel runs with autocast off (the reference's own matmuls are not autocast again), so the
+    result is bit for bit the op's on pre-cast inputs."""
+    from peer_attention.api import sdpa_problem
+
+    _gen.manual_seed(8)
+    q, k, v = (r(1, 2, 5, 4, dtype=torch.float32) for _ in range(3))
+    mask = r(5, 5, dtype=torch.float32)
+    op = dispatch.forward_op("reference")
+    problem = sdpa_problem(q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = op(*problem)
+    cast = problem._replace(q=problem.q.bfloat16(), k=problem.k.bfloat16(),
+                            v=problem.v.bfloat16(), attn_mask=problem.attn_mask.bfloat16())
+    want, _ = op(*cast)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_peer_attention_under_autocast():
+    _gen.manual_seed(9)
+    qs = [r(1, 2, n, 4, dtype=torch.float32) for n in (3, 2)]
+    gate = r(2, 2, 1, 4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = pa.peer_attention(qs, qs, qs, gate=gate)
+    want = pa.peer_attention([t.bfloat16() for t in qs], [t.bfloat16() for t in qs],
+                             [t.bfloat16() for t in qs], gate=gate)
+    for o, w in zip(outs, want):
+        assert o.dtype == torch.bfloat16
+        assert torch.equal(o, w)

@@ -102,8 +102,9 @@ def second_order(fn, inputs):
     return [g.detach() for g in torch.autograd.grad(penalty, wanted)]
 
 
+@pytest.mark.parametrize("route", ["direct", "patched"])
 @pytest.mark.parametrize("backend", RUNNABLE)
-def test_gradient_penalties_match_torch_math(backend):
+def test_gradient_penalties_match_torch_math(backend, route, monkeypatch):
     """WGAN-GP (|d out/d q| - 1)^2 and R1 (|d out/d q|^2) through SDPA: non-zero and torch's."""
     dtype = F64 if serves(backend, F64) else torch.float32
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv(seed=40, lengths=(5, 5)))
@@ -118,7 +119,15 @@ def test_gradient_penalties_match_torch_math(backend):
         r1 = grad_q.square().sum()
         return torch.autograd.grad(wgan + 0.5 * r1, (q, k, v))
 
-    ours = penalties(lambda *a, **kw: pa.scaled_dot_product_attention(*a, backend=backend, **kw))
+    if route == "direct":
+        ours = penalties(lambda *a, **kw: pa.scaled_dot_product_attention(*a, backend=backend, **kw))
+    else:  # torch's function patched, the backend chosen by use_backend
+        served = []
+        run = dispatch.run
+        monkeypatch.setattr(dispatch, "run", lambda p, e=None: served.append(1) or run(p, e))
+        with pa.patch_torch(), pa.use_backend(backend):
+            ours = penalties(lambda *a, **kw: F.scaled_dot_product_attention(*a, **kw))
+        assert served
     with sdpa_kernel(SDPBackend.MATH):
         theirs = penalties(F.scaled_dot_product_attention)
     tol = dict(rtol=0, atol=1e-10) if dtype == F64 else dict(rtol=1e-3, atol=1e-4)
