@@ -142,26 +142,26 @@ def transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
 
 
-def _sdpa_under_transform(call: SdpaCall, backend: Optional[str]) -> Tensor:
+def run_under_transform(problem: AttentionProblem, backend: Optional[str], function: str) -> Tensor:
+    """A call made while a torch.func transform or torch.jit.trace is active: the reference
+    formulas as plain PyTorch ops, which every transform and the tracer handle."""
     name = dispatch.requested_backend(backend)
     if name not in (None, "reference"):
         raise RuntimeError(
-            f"peer_attention.scaled_dot_product_attention: backend {name!r} cannot run under a "
-            "torch.func transform (grad, vmap, jacrev, ...) or torch.jit.trace; use "
-            "backend='reference' or torch.nn.functional.scaled_dot_product_attention there")
-    if call.problem.dropout_p > 0:
+            f"peer_attention.{function}: backend {name!r} cannot run under a torch.func "
+            "transform (grad, vmap, jacrev, ...) or torch.jit.trace; use backend='reference' "
+            "there (or torch's own function)")
+    if problem.dropout_p > 0:
         raise RuntimeError(
-            "peer_attention.scaled_dot_product_attention: dropout is not supported under a "
-            "torch.func transform or torch.jit.trace; use "
-            "torch.nn.functional.scaled_dot_product_attention there")
-    # the reference formulas as plain PyTorch ops, which every transform and the tracer handle
-    return recompute_output(call.problem, None)
+            f"peer_attention.{function}: dropout is not supported under a torch.func transform "
+            "or torch.jit.trace; use torch.nn.functional.scaled_dot_product_attention there")
+    return recompute_output(problem, None)
 
 
 def run_sdpa(call: SdpaCall, backend: Optional[str] = None) -> Tensor:
     """Serve a prepared SDPA call; the output in the caller's layout."""
     if not torch.compiler.is_compiling() and transforms_active():
-        out = _sdpa_under_transform(call, backend)
+        out = run_under_transform(call.problem, backend, "scaled_dot_product_attention")
     else:
         out, _ = dispatch.run(call.problem, backend)
     if call.drop_all:
@@ -220,7 +220,10 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
     problem = peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
                            normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
                            scale=scale, enable_gqa=enable_gqa)
-    out, _ = dispatch.run(problem, backend)
+    if not torch.compiler.is_compiling() and transforms_active():
+        out = run_under_transform(problem, backend, "peer_attention")
+    else:
+        out, _ = dispatch.run(problem, backend)
     if problem.num_streams == 1:
         return [out]
     return list(out.split_with_sizes(problem.q_lens, dim=2))

@@ -116,3 +116,24 @@ def test_patched_dropout_under_vmap_is_torch_s_own():
     torch.manual_seed(0)
     want = torch.func.vmap(lambda q: ORIGINAL(q, k[0], v[0], dropout_p=0.5), randomness="same")(q)
     torch.testing.assert_close(got, want)
+
+
+def test_peer_attention_under_grad_and_vmap():
+    """Direct peer attention calls under transforms: the reference formulas, as for SDPA."""
+    from peer_attention.reference import peer_attention_reference
+
+    gen = torch.Generator().manual_seed(9)
+    qs = [torch.randn(2, 2, n, 4, generator=gen, dtype=F64) for n in (3, 2)]
+    gate = torch.randn(2, 2, 1, 4, generator=gen, dtype=F64)
+
+    def loss(fn):
+        return lambda g: sum(o.square().sum() for o in fn(qs, qs, qs, gate=g, is_causal=True))
+
+    torch.testing.assert_close(torch.func.grad(loss(pa.peer_attention))(gate),
+                               torch.func.grad(loss(peer_attention_reference))(gate))
+    batched = torch.func.vmap(lambda q: pa.peer_attention([q, qs[1]], [q, qs[1]], [q, qs[1]])[0])
+    stacked = torch.stack([qs[0], qs[0] * 2])
+    want = [pa.peer_attention([q, qs[1]], [q, qs[1]], [q, qs[1]])[0] for q in stacked]
+    torch.testing.assert_close(batched(stacked), torch.stack(want))
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run under a torch.func"):
+        torch.func.grad(lambda g: pa.peer_attention(qs, qs, qs, gate=g, backend="triton")[0].sum())(gate)
