@@ -68,15 +68,6 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def check_dropout(dropout_p) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
-    return dropout_p
-
-
 def check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], target_text: str) -> None:
     if t.dim() > len(target) or any(
         have != want and have != 1 for have, want in zip(reversed(t.shape), reversed(target))
