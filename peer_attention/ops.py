@@ -122,7 +122,12 @@ def _make_backward(name, bwd_op):
 # are cast to the autocast dtype (float64 excepted), and the kernels (the reference's PyTorch ops
 # included) then run with autocast off, in the dtype they were given. The backward op is only
 # shielded from autocast.
-_AUTOCAST_KEYS = (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"))
+_AUTOCAST_KEYS = tuple(
+    (device_type, key) for device_type, key in
+    (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"), ("xpu", "AutocastXPU"),
+     ("mps", "AutocastMPS"))
+    if hasattr(torch._C.DispatchKey, key)  # the devices torch's SDPA autocasts on
+)
 _AUTOCAST_FWD_ARGS = (0, 1, 2, 9)  # q, k, v, attn_mask
 
 
