@@ -1,12 +1,14 @@
 """The public functions: validate, normalise the layout, dispatch, restore the caller's layout."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import dispatch
+from .double_backward import recompute_output
 from .flash_attn import causal_band
 from .problem import AttentionProblem
 from .validation import check_peer, check_peer_variants, check_sdpa
@@ -31,12 +33,77 @@ def broadcast_in_fp32(t: Tensor, shape) -> Tensor:
     return t.expand(shape)
 
 
-def sdpa_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                 enable_gqa=False) -> AttentionProblem:
+def resolve_causal_bias(attn_mask, is_causal):
+    """torch's CausalBias masks (torch.nn.attention.bias) as flags: (attn_mask, is_causal,
+    bottom_right). Upper-left is is_causal; lower-right is is_causal aligned bottom-right (query i
+    sees key j iff j <= i + S - L). Their storage is never read."""
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal, False
+    if is_causal:
+        raise ValueError("attn_mask: a CausalBias must not be used with is_causal=True (as in torch)")
+    if attn_mask.variant == CausalVariant.UPPER_LEFT or attn_mask.seq_len_q == attn_mask.seq_len_kv:
+        return None, True, False  # torch's own rule: square biases are plain is_causal
+    if attn_mask.variant != CausalVariant.LOWER_RIGHT:
+        raise ValueError(f"attn_mask: unknown CausalBias variant {attn_mask.variant!r}")
+    return None, True, True
+
+
+def _autocast(query, key, value, attn_mask):
+    """Under torch.autocast, the cast torch's SDPA does first: every floating input except
+    float64 to the autocast dtype of the query's device type (mixed dtypes then agree)."""
+    if not torch._C._is_any_autocast_enabled() or not isinstance(query, Tensor):
+        return query, key, value, attn_mask
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value, attn_mask
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return cast(query), cast(key), cast(value), cast(attn_mask)
+
+
+def _broadcast_qkv(query, key, value, layout, enable_gqa):
+    """q, k, v as (lead..., Hq, L, E), (lead..., H, S, E), (lead..., H, S, Ev) with H dividing Hq:
+    torch's broadcasting of leading dims and heads, as views where possible."""
+    lead, heads = tuple(layout[0]), layout[1]
+    ndim = len(lead) + 3
+    q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    hk, hv = k.shape[-3], v.shape[-3]
+    if hk == hv and heads % hk == 0:
+        kv_heads = hk  # equal heads, a single head (broadcast) or GQA groups: served as they are
+    else:  # key and value differ in heads: repeat each up to the query heads (GQA's mapping)
+        k = k.repeat_interleave(heads // hk, dim=-3) if hk != 1 else k
+        v = v.repeat_interleave(heads // hv, dim=-3) if hv != 1 else v
+        kv_heads = heads
+    q = q.expand(lead + (heads,) + tuple(q.shape[-2:]))
+    k = k.expand(lead + (kv_heads,) + tuple(k.shape[-2:]))
+    v = v.expand(lead + (kv_heads,) + tuple(v.shape[-2:]))
+    return q, k, v
+
+
+class SdpaCall(NamedTuple):
+    problem: AttentionProblem
+    out_shape: Tuple[int, ...]
+    drop_all: bool  # dropout_p == 1: torch's result is all zeros (with zero gradients)
+
+
+def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False) -> SdpaCall:
     """Validate an SDPA call and express it as the one-stream normalised problem."""
-    dropout_p, scale = check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                  enable_gqa)
-    lead = query.shape[:-3]
+    attn_mask, is_causal, bottom_right = resolve_causal_bias(attn_mask, is_causal)
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    dropout_p, scale, layout = check_sdpa(query, key, value, attn_mask, dropout_p, is_causal,
+                                          scale, enable_gqa)
+    lead, heads, out_ndim, broadcast = layout
+    if broadcast:
+        out_shape = (tuple(lead) + (heads, query.shape[-2], value.shape[-1]))[-out_ndim:]
+        query, key, value = _broadcast_qkv(query, key, value, layout, enable_gqa)
+    else:
+        out_shape = query.shape[:-1] + (value.shape[-1],)
     lead_numel = 1
     for n in lead:
         lead_numel *= n
@@ -46,15 +113,65 @@ def sdpa_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     mask = None
     if attn_mask is not None:
         full = tuple(query.shape[:-1]) + (key.shape[-2],)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            attn_mask = attn_mask.to(query.dtype)  # a float32 mask with another query dtype
         mask = (broadcast_in_fp32(attn_mask, full) if attn_mask.dtype != torch.bool
                 else attn_mask.expand(full))
         if len(full) != 4:  # merging expanded leading dims copies only when strides forbid a view
             mask = mask.reshape(lead_numel, *full[-3:])
-    return AttentionProblem(
+    drop_all = dropout_p >= 1.0
+    if drop_all:
+        dropout_p = 0.0
+    problem = AttentionProblem(
         q, k, v, (q.shape[2],), (k.shape[2],), (1,), None, None, None, mask,
         dispatch.draw_dropout_seed() if dropout_p > 0 else None,
-        dropout_p, is_causal, scale, "joint",
+        dropout_p, is_causal, scale, "joint", -1, -1, bottom_right,
     )
+    return SdpaCall(problem, tuple(out_shape), drop_all)
+
+
+def sdpa_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False) -> AttentionProblem:
+    """The normalised problem of an SDPA call (see prepare_sdpa)."""
+    return prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                        enable_gqa).problem
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its Python wrapper
+
+
+def transforms_active() -> bool:
+    """A torch.func transform (grad, vmap, jacrev, ...) or torch.jit.trace is running: the
+    registered ops have no functorch rules, so such calls are computed another way (~0.2 us)."""
+    return _functorch_active() or _jit_tracing()
+
+
+def run_under_transform(problem: AttentionProblem, backend: Optional[str], function: str) -> Tensor:
+    """A call made while a torch.func transform or torch.jit.trace is active: the reference
+    formulas as plain PyTorch ops, which every transform and the tracer handle."""
+    name = dispatch.requested_backend(backend)
+    if name not in (None, "reference"):
+        raise RuntimeError(
+            f"peer_attention.{function}: backend {name!r} cannot run under a torch.func "
+            "transform (grad, vmap, jacrev, ...) or torch.jit.trace; use backend='reference' "
+            "there (or torch's own function)")
+    if problem.dropout_p > 0:
+        raise RuntimeError(
+            f"peer_attention.{function}: dropout is not supported under a torch.func transform "
+            "or torch.jit.trace; use torch.nn.functional.scaled_dot_product_attention there")
+    return recompute_output(problem, None)
+
+
+def run_sdpa(call: SdpaCall, backend: Optional[str] = None) -> Tensor:
+    """Serve a prepared SDPA call; the output in the caller's layout."""
+    if not torch.compiler.is_compiling() and transforms_active():
+        out = run_under_transform(call.problem, backend, "scaled_dot_product_attention")
+    else:
+        out, _ = dispatch.run(call.problem, backend)
+    if call.drop_all:
+        out = out * 0.0
+    return out.view(call.out_shape)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
@@ -64,11 +181,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (SPEC section 2).
 
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) ->
-    (N, ..., Hq, L, Ev). `backend`: None/"auto", "cuda", "triton" or "reference".
+    (N, ..., Hq, L, Ev), broadcasting leading dims and heads as torch does. `attn_mask` may be
+    torch's CausalBias (causal_upper_left / causal_lower_right). `backend`: None/"auto", "cuda",
+    "triton" or "reference".
     """
-    problem = sdpa_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    out, _ = dispatch.run(problem, backend)
-    return out.view(*query.shape[:-1], value.shape[-1])
+    call = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return run_sdpa(call, backend)
 
 
 def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, normalize="joint",
@@ -119,7 +237,10 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
                            normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
                            scale=scale, enable_gqa=enable_gqa, softcap=softcap, window=window,
                            sinks=sinks)
-    out, _ = dispatch.run(problem, backend)
+    if not torch.compiler.is_compiling() and transforms_active():
+        out = run_under_transform(problem, backend, "peer_attention")
+    else:
+        out, _ = dispatch.run(problem, backend)
     if problem.num_streams == 1:
         return [out]
     return list(out.split_with_sizes(problem.q_lens, dim=2))

@@ -7,8 +7,9 @@ For each backend NAME there are two ops in the `peer_attention` namespace:
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask, Tensor dsinks)
 
 where <problem> is the argument list below, in the order of AttentionProblem's fields. The schema,
-the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd) live here, once
-for all backends. A backend only supplies the real kernels: Python backends through
+the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd; with
+create_graph=True the differentiable formulas of double_backward.py) live here, once for all
+backends. A backend only supplies the real kernels: Python backends through
 `register_python_kernels`, the compiled extension through
 `TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) { m.impl("cuda_fwd", ...); m.impl("cuda_bwd", ...); }`
 (argument types: int[] -> IntArrayRef, SymInt[] -> IntArrayRef, bool[] -> c10::List<bool>,
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .double_backward import differentiable_grads
 from .problem import AttentionProblem, lse_dtype, lse_shape
 
 NAMESPACE = "peer_attention"
@@ -96,11 +98,17 @@ def _problem_from_ctx(ctx):
     return out, lse, args
 
 
-def _make_backward(bwd_op):
+def _make_backward(name, bwd_op):
     def backward(ctx, grad_out, _grad_lse):
         out, lse, args = _problem_from_ctx(ctx)
         needs = [ctx.needs_input_grad[i] for i in GRAD_INPUTS]
-        result = bwd_op(grad_out, out, lse, *args, needs)
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's gradients would have no history (a silently zero
+            # second order); differentiable formulas from the saved tensors instead
+            result = differentiable_grads(name, AttentionProblem(*args), grad_out,
+                                          [args[i] for i in GRAD_INPUTS], needs)
+        else:
+            result = bwd_op(grad_out, out, lse, *args, needs)
         grads = [None] * NUM_PROBLEM_ARGS
         for slot, grad, needed in zip(GRAD_INPUTS, result, needs):
             if needed:
@@ -108,6 +116,33 @@ def _make_backward(bwd_op):
         return tuple(grads)
 
     return backward
+
+
+# Autocast: the ops behave like torch's SDPA under torch.autocast: q, k, v and a float attn_mask
+# are cast to the autocast dtype (float64 excepted), and the kernels (the reference's PyTorch ops
+# included) then run with autocast off, in the dtype they were given. The backward op is only
+# shielded from autocast.
+_AUTOCAST_KEYS = tuple(
+    (device_type, key) for device_type, key in
+    (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"), ("xpu", "AutocastXPU"),
+     ("mps", "AutocastMPS"))
+    if hasattr(torch._C.DispatchKey, key)  # the devices torch's SDPA autocasts on
+)
+_AUTOCAST_FWD_ARGS = (0, 1, 2, 9)  # q, k, v, attn_mask
+
+
+def _autocast_kernel(op, device_type: str, cast_positions):
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = list(args)
+        for i in cast_positions:
+            t = args[i]
+            if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                args[i] = t.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return op(*args)
+
+    return kernel
 
 
 def define_backend_ops(name: str):
@@ -123,8 +158,11 @@ def define_backend_ops(name: str):
     fwd_op = getattr(torch.ops.peer_attention, fwd_name).default
     bwd_op = getattr(torch.ops.peer_attention, bwd_name).default
     torch.library.register_autograd(
-        qualified_fwd, _make_backward(bwd_op), setup_context=_setup_context, lib=_lib
+        qualified_fwd, _make_backward(name, bwd_op), setup_context=_setup_context, lib=_lib
     )
+    for device_type, key in _AUTOCAST_KEYS:
+        _lib.impl(fwd_name, _autocast_kernel(fwd_op, device_type, _AUTOCAST_FWD_ARGS), key)
+        _lib.impl(bwd_name, _autocast_kernel(bwd_op, device_type, ()), key)
     _defined[name] = (fwd_op, bwd_op)
     return fwd_op, bwd_op
 

@@ -9,7 +9,10 @@ signature. It serves a call with `peer_attention.scaled_dot_product_attention` (
 the backend: auto, `use_backend(...)` or PEER_ATTENTION_BACKEND) and hands it, unchanged, to
 torch's own function when it cannot serve it: arguments it does not know, tensor subclasses or
 nested tensors, arguments its validation rejects (torch then raises its own error or serves
-them) and backends that raise NotImplementedError. Errors inside a kernel are not hidden.
+them), backends that raise NotImplementedError, and calls made while a torch.func transform
+(grad, vmap, jacrev, ...) or torch.jit.trace is active. torch's CausalBias masks
+(causal_upper_left / causal_lower_right) are served natively. Errors inside a kernel are not
+hidden.
 
 Only the attribute of torch.nn.functional is replaced: code that did
 `from torch.nn.functional import scaled_dot_product_attention` before patching keeps torch's
@@ -20,8 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias
 
-from . import api, dispatch
+from . import api
 
 _ATTRIBUTE = "scaled_dot_product_attention"
 _original = None  # torch's function while the patch is installed
@@ -35,25 +39,33 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                  scale=None, enable_gqa=False, **unknown):
     """torch.nn.functional.scaled_dot_product_attention, served by peer_attention when it can."""
     original = _original if _original is not None else getattr(F, _ATTRIBUTE)
+    causal_bias = isinstance(attn_mask, CausalBias)
 
     def fall_through():
+        if causal_bias and not unknown:
+            # torch's CausalBias only recognises torch's own function in its __torch_function__,
+            # which is now this wrapper: let it dispatch itself (it calls the patched function
+            # with plain arguments), never read its storage as a mask
+            return CausalBias._dispatch(query, key, value, attn_mask, dropout_p, is_causal,
+                                        scale=scale, enable_gqa=enable_gqa)
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                         enable_gqa=enable_gqa, **unknown)
 
     if (unknown or torch.jit.is_scripting()
             or not all(_plain_tensor(t) for t in (query, key, value))
-            or (attn_mask is not None and not _plain_tensor(attn_mask))):
+            or (attn_mask is not None and not causal_bias and not _plain_tensor(attn_mask))):
         return fall_through()
+    if not torch.compiler.is_compiling() and api.transforms_active():
+        return fall_through()  # torch.func transforms and tracing: torch's function serves them
     try:
-        problem = api.sdpa_problem(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                   enable_gqa)
+        call = api.prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                enable_gqa)
     except (TypeError, ValueError, NotImplementedError):
         return fall_through()
     try:
-        out, _ = dispatch.run(problem)
+        return api.run_sdpa(call)
     except NotImplementedError:
         return fall_through()
-    return out.view(*query.shape[:-1], value.shape[-1])
 
 
 class TorchPatch:

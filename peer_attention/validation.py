@@ -68,15 +68,6 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def check_dropout(dropout_p) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
-    return dropout_p
-
-
 def check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], target_text: str) -> None:
     if t.dim() > len(target) or any(
         have != want and have != 1 for have, want in zip(reversed(t.shape), reversed(target))
@@ -106,56 +97,120 @@ def check_heads(num_q_heads: int, num_kv_heads: int, enable_gqa: bool, where: st
 # scaled_dot_product_attention
 # ---------------------------------------------------------------------------------------------
 
+def check_sdpa_dropout(dropout_p) -> float:
+    """torch's rule: any p <= 1 (p <= 0 means no dropout, p = 1 drops everything)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float in [0, 1], got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not dropout_p <= 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p}")
+    return max(dropout_p, 0.0)
+
+
+def _padded(shape, ndim: int) -> Tuple[int, ...]:
+    return (1,) * (ndim - len(shape)) + tuple(shape)
+
+
+def _broadcast(*shapes):
+    """The broadcast of equally long shapes, or None when they do not broadcast."""
+    out = []
+    for sizes in zip(*shapes):
+        size = max(sizes)
+        if any(n != size and n != 1 for n in sizes):
+            return None
+        out.append(0 if 0 in sizes and size == 1 else size)
+    return tuple(out)
+
+
+def sdpa_layout(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """How the inputs broadcast, as torch's math SDPA does (matmul broadcasting of every dim but
+    the last two; with enable_gqa the key/value heads are repeated up to the query heads).
+
+    Returns (lead, heads, out_ndim, broadcast): the broadcast leading dims (before heads), the
+    output heads, the output's number of dims, and whether q, k, v need any broadcasting (False:
+    same leading dims, and key/value heads equal, dividing the query heads under GQA or 1).
+    Raises ValueError naming the argument that does not fit."""
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if (len(qs) == len(ks) == len(vs) >= 3 and qs[-3] == ks[-3] == vs[-3]
+            and qs[:-3] == ks[:-3] == vs[:-3]):  # the common case, nothing to broadcast
+        return qs[:-3], qs[-3], len(qs), False
+    out_ndim = max(query.dim(), key.dim(), value.dim())
+    ndim = max(out_ndim, 3)
+    qs, ks, vs = (_padded(t.shape, ndim) for t in (query, key, value))
+    hq, hk, hv = qs[-3], ks[-3], vs[-3]
+    if enable_gqa:
+        for name, h in (("key", hk), ("value", hv)):
+            if h == 0 or hq % h != 0:
+                raise ValueError(
+                    f"{name}: with enable_gqa the query heads Hq={hq} must be a multiple of the "
+                    f"{name} heads H={h}")
+        heads = hq
+    else:
+        heads = max(hq, hk, hv)
+        for name, h in (("query", hq), ("key", hk), ("value", hv)):
+            if h != heads and h != 1:
+                raise ValueError(
+                    f"{name}: has {h} heads where query/key/value have {hq}/{hk}/{hv}: heads must "
+                    "be equal or 1; pass enable_gqa=True for grouped-query attention")
+    lead = qs[:-3]
+    if not ks[:-3] == vs[:-3] == lead:  # torch.broadcast_shapes costs ~30 us: only when needed
+        lead = _broadcast(qs[:-3], ks[:-3], vs[:-3])
+    if lead is None:
+        raise ValueError(
+            f"key, value: expected leading dims broadcastable with query's {_fmt(qs[:-3])}, got "
+            f"key {_shape(key)} and value {_shape(value)}")
+    plain = (query.dim() == key.dim() == value.dim() == ndim
+             and qs[:-3] == ks[:-3] == vs[:-3] == lead
+             and hk == hv and hq == heads and heads % hk == 0)
+    return lead, heads, out_ndim, not plain
+
+
 def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """Returns (dropout_p, scale) as floats; raises on any bad argument."""
-    check_tensor("query", query)
-    check_tensor("key", key)
-    check_tensor("value", value)
+    """Returns (dropout_p, scale, layout) with layout = sdpa_layout(...); raises on any bad
+    argument. `attn_mask` here is a plain tensor (a CausalBias is resolved before)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.is_nested:
+            check_tensor(name, t)
+            raise TypeError(
+                f"{name}: nested (jagged) tensors are not served by peer_attention; call "
+                "torch.nn.functional.scaled_dot_product_attention (patch_torch() hands them to it)")
     check_float_dtype("query", query)
     check_same("key", key, "query", query)
     check_same("value", value, "query", query)
     check_bool("is_causal", is_causal)
     check_bool("enable_gqa", enable_gqa)
-    dropout_p = check_dropout(dropout_p)
+    dropout_p = check_sdpa_dropout(dropout_p)
 
-    ndim = query.dim()
-    if ndim < 3:
-        raise ValueError(f"query: expected at least 3 dims (N, ..., Hq, L, E), got {_shape(query)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dim() != ndim:
-            raise ValueError(
-                f"{name}: expected {ndim} dims like query {_shape(query)}, got {_shape(t)}"
-            )
-        if t.shape[:-3] != query.shape[:-3]:
-            raise ValueError(
-                f"{name}: expected leading dims {_fmt(query.shape[:-3])} as query, got {_shape(t)}"
-            )
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() < 2:
+                raise ValueError(f"{name}: expected at least 2 dims (..., L, E), got {_shape(t)}")
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(
             f"key: expected last dim E={query.shape[-1]} as query, got {_shape(key)}"
         )
-    if value.shape[-3] != key.shape[-3] or value.shape[-2] != key.shape[-2]:
+    if value.shape[-2] != key.shape[-2]:
         raise ValueError(
-            f"value: expected (..., H={key.shape[-3]}, S={key.shape[-2]}, Ev) as key, "
-            f"got {_shape(value)}"
+            f"value: expected (..., S={key.shape[-2]}, Ev) as key, got {_shape(value)}"
         )
-    if query.shape[-1] == 0:
-        raise ValueError(f"query: expected head dim E >= 1, got {_shape(query)}")
-    check_heads(query.shape[-3], key.shape[-3], enable_gqa, "key")
+    layout = sdpa_layout(query, key, value, enable_gqa)
 
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        # torch accepts bool, float32 ("float") or the query's dtype
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise TypeError(
-                f"attn_mask: expected dtype torch.bool or {query.dtype} (as query), "
+                f"attn_mask: expected dtype torch.bool, torch.float32 or {query.dtype} (as query), "
                 f"got {attn_mask.dtype}"
             )
         check_device("attn_mask", attn_mask, "query", query)
-        target = tuple(query.shape[:-1]) + (key.shape[-2],)
+        lead, heads, out_ndim, _ = layout
+        target = (lead + (heads, query.shape[-2], key.shape[-2]))[-out_ndim:] if out_ndim >= 3 \
+            else (query.shape[-2], key.shape[-2])
         check_broadcastable("attn_mask", attn_mask, target, "(N, ..., Hq, L, S)")
         if is_causal:
             raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
-    return dropout_p, check_scale(scale, query.shape[-1])
+    return dropout_p, check_scale(scale, query.shape[-1]), layout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ AttentionInterface, and a mask builder to AttentionMaskInterface (`peer_attentio
 boolean masks, True = may attend, which is this package's convention too), so padding and custom
 masks reach the kernel. The function is transformers' SDPA path with the call replaced by
 peer_attention.scaled_dot_product_attention: GQA runs natively (enable_gqa, no repeated key/value
-heads), is_causal is used when there is no mask and more than one query token.
+heads), is_causal is used when there is no mask and more than one query token, and T5's
+`position_bias` is merged into a float mask (as transformers' "sdpa" does).
 
 Variants (SPEC section 9) are served natively, without a materialised mask: Gemma 2's logit
 `softcap`, gpt-oss's sinks (`s_aux`), sliding windows (`sliding_window`, as the band
@@ -33,6 +34,24 @@ from ..api import scaled_dot_product_attention
 NAME = "peer_attention"
 
 
+def _position_bias_mask(position_bias: Tensor, attention_mask: Optional[Tensor],
+                        is_causal: bool) -> Tensor:
+    """T5's position_bias (B or 1, H, L, S) merged with the mask into one float mask, as
+    transformers' "sdpa" does: masked positions get the dtype's minimum (not -inf), so a fully
+    masked row is uniform there too."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return position_bias + attention_mask
+    allowed = attention_mask
+    if allowed is None and is_causal:
+        q_length, kv_length = position_bias.shape[-2:]
+        rows = torch.arange(q_length, device=position_bias.device)
+        cols = torch.arange(kv_length, device=position_bias.device)
+        allowed = rows[:, None] >= cols[None, :]
+    if allowed is None:
+        return position_bias
+    return torch.where(allowed, position_bias, torch.finfo(position_bias.dtype).min)
+
+
 def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                            attention_mask: Optional[Tensor], dropout: float = 0.0,
                            scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -42,7 +61,7 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     if wants_variants_path(query, key, attention_mask, kwargs):
         return variants_forward(module, query, key, value, attention_mask, dropout, scaling,
                                 is_causal, **kwargs)
-    unsupported = [name for name in ("softcap", "s_aux", "position_bias", "cache")
+    unsupported = [name for name in ("softcap", "s_aux", "cache")
                    if kwargs.get(name) is not None]
     if unsupported:
         raise NotImplementedError(
@@ -53,9 +72,15 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
         is_causal = getattr(module, "is_causal", True)
     # a single query token (decoding) sees every cached key; a mask, when given, already says it all
     is_causal = bool(is_causal) and attention_mask is None and q_length > 1
+    position_bias = kwargs.get("position_bias")
     if is_causal and kv_length > q_length:
         # top-left causal alignment: keys past the last query position are masked anyway
         key, value = key[:, :, :q_length], value[:, :, :q_length]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_length]
+    if position_bias is not None:  # T5's relative position bias: an additive float mask
+        attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal)
+        is_causal = False
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)
     out = scaled_dot_product_attention(
@@ -90,7 +115,10 @@ def wants_variants_path(query: Tensor, key: Tensor, attention_mask: Optional[Ten
     without a mask, peer_attention_mask means causal aligned bottom-right)."""
     if any(kwargs.get(name) is not None for name in _VARIANT_KWARGS):
         return True
-    return attention_mask is None and query.shape[2] != key.shape[2]
+    # T5's position_bias is served as a float mask by the plain path (it also covers its
+    # cross-attention, where the lengths differ)
+    return (attention_mask is None and query.shape[2] != key.shape[2]
+            and kwargs.get("position_bias") is None)
 
 
 def _band(is_causal: bool, sliding_window: Optional[int]):

@@ -109,15 +109,9 @@ def test_arguments_this_package_rejects_reach_torch(served_calls):
     with pa.patch_torch():
         with pytest.raises(RuntimeError):  # torch's own error, not ours
             F.scaled_dot_product_attention(q, k[..., :4], v)
-        # a float mask in another dtype than the query: this package rejects it, torch decides
-        mask = torch.zeros(5, 7, dtype=torch.float32)
-        try:
-            want = ORIGINAL(q, k, v, attn_mask=mask)
-        except RuntimeError as err:
-            with pytest.raises(RuntimeError, match=str(err)[:30]):
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), want)
+        # an int mask: torch rejects it with its own error
+        with pytest.raises(RuntimeError):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.int32))
     assert served_calls == []
 
 
@@ -145,3 +139,58 @@ def test_patched_function_compiles_in_full_graph(served_calls):
     assert served_calls  # traced through this package's op, not torch's
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's CausalBias masks (torch.nn.attention.bias): served natively, never read as a tensor
+# ---------------------------------------------------------------------------------------------
+
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left  # noqa: E402
+
+
+@pytest.mark.parametrize("make,bottom_right", [(causal_upper_left, False),
+                                               (causal_lower_right, True)],
+                         ids=["upper_left", "lower_right"])
+def test_causal_bias_is_served_natively(make, bottom_right, served_calls, monkeypatch):
+    q, k, v = (t.requires_grad_() for t in qkv(3))  # L=5 queries, S=7 keys
+    bias = make(5, 7)
+    want = ORIGINAL(q, k, v, attn_mask=bias)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    problems = []
+    select = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda p, e=None: problems.append(p) or select(p, e))
+    with pa.patch_torch():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    direct = pa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    for out in (got, direct):
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+        for g, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), want_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    assert len(served_calls) == 2
+    assert all(p.attn_mask is None and p.is_causal and p.bottom_right == bottom_right
+               for p in problems)
+
+
+def test_causal_bias_with_is_causal_raises_as_torch_does():
+    q, k, v = qkv(4)
+    with pytest.raises(ValueError):
+        ORIGINAL(q, k, v, attn_mask=causal_lower_right(5, 7), is_causal=True)
+    with pytest.raises(ValueError, match="attn_mask"):
+        pa.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 7), is_causal=True)
+    with pa.patch_torch(), pytest.raises(ValueError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(5, 7), is_causal=True)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass this package does not serve: the patched call falls through."""
+
+
+def test_causal_bias_falling_through_keeps_torch_s_numbers(served_calls):
+    q, k, v = qkv(5)
+    q = q.as_subclass(_Marked)
+    bias = causal_lower_right(5, 7)
+    want = ORIGINAL(q, k, v, attn_mask=bias)
+    with pa.patch_torch():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor),
+                               rtol=0, atol=1e-12)

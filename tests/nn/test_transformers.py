@@ -88,3 +88,60 @@ def test_gradients_match_sdpa(models):
         grads.append(torch.autograd.grad(loss, [p for p in model.parameters()]))
     for g_ours, g_sdpa in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_ours, g_sdpa, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# T5: the relative position bias arrives as `position_bias` and is served as a float mask
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def t5_models():
+    register()
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    build = transformers.T5ForConditionalGeneration._from_config
+    built = {name: build(copy.deepcopy(config), attn_implementation=name, dtype=torch.float64).eval()
+             for name in ("eager", "sdpa", "peer_attention")}
+    for model in built.values():
+        model.load_state_dict(built["eager"].state_dict())
+    return built
+
+
+def t5_logits(model, tokens, decoder_tokens, mask=None):
+    return model(input_ids=tokens, attention_mask=mask, decoder_input_ids=decoder_tokens).logits
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padding"])
+def test_t5_logits_match_eager_and_sdpa(t5_models, served, padded):
+    tokens, decoder_tokens = ids(length=9), ids(length=6, seed=1)
+    mask = None
+    if padded:
+        mask = torch.ones_like(tokens)
+        mask[0, 6:] = 0
+    want = t5_logits(t5_models["eager"], tokens, decoder_tokens, mask)
+    sdpa = t5_logits(t5_models["sdpa"], tokens, decoder_tokens, mask)
+    served.clear()
+    got = t5_logits(t5_models["peer_attention"], tokens, decoder_tokens, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got, sdpa, rtol=0, atol=1e-10)
+    # encoder self, decoder self and cross attention of 2 layers, each with the bias as float mask
+    assert len(served) == 6
+    assert all(p.attn_mask is not None and p.attn_mask.dtype == torch.float64 for p in served)
+
+
+def test_t5_position_bias_gradient_matches_eager(t5_models):
+    tokens, decoder_tokens = ids(length=7), ids(length=5, seed=2)
+    grads = {}
+    for name in ("eager", "peer_attention"):
+        model = t5_models[name]
+        model.zero_grad()
+        t5_logits(model, tokens, decoder_tokens).square().mean().backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()
+                       if "relative_attention_bias" in n}
+    assert grads["eager"] and all(g.abs().max() > 0 for g in grads["eager"].values())
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["peer_attention"][n], g, rtol=0, atol=1e-10)
