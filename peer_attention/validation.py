@@ -97,6 +97,16 @@ def check_heads(num_q_heads: int, num_kv_heads: int, enable_gqa: bool, where: st
 # scaled_dot_product_attention
 # ---------------------------------------------------------------------------------------------
 
+def check_dropout(dropout_p) -> float:
+    """flash-attn's rule: a probability in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
 def check_sdpa_dropout(dropout_p) -> float:
     """torch's rule: any p <= 1 (p <= 0 means no dropout, p = 1 drops everything)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
