@@ -361,79 +361,104 @@ _bwd_dq_tuned = tuned(_bwd_dq)
 _bwd_dkdv_tuned = tuned(_bwd_dkdv, backward=True)
 
 
-def backward(problem, grad_out, out, lse, needs_grad):
-    q, k, v = problem.q, problem.k, problem.v
-    need_q, need_k, need_v, need_gate, need_bias, need_mask = (bool(x) for x in needs_grad)
+def _wanted(problem, needs_grad):
+    need_q, need_k, need_v, need_gate, need_bias, need_mask = (bool(x) for x in needs_grad[:6])
     need_gate = need_gate and problem.gate is not None
     need_bias = need_bias and problem.bias is not None
     need_mask = (need_mask and problem.attn_mask is not None
                  and problem.attn_mask.dtype != torch.bool)
-    batch, num_q_heads, q_total, _ = q.shape
-    num_kv_heads, kv_total = k.shape[1], k.shape[2]
-    num_streams = problem.num_streams
-    peer_mode = problem.normalize == "peer"
-    device = q.device
-    empty = q.new_empty(0)
+    return need_q, need_k, need_v, need_gate, need_bias, need_mask
 
+
+def gradient_buffers(problem, needs_grad):
+    """Zeroed outputs of the backward kernels: dq, dk, dv, dmask, the per-tile gate/bias partials."""
+    q, k, v = problem.q, problem.k, problem.v
+    need_q, need_k, need_v, need_gate, need_bias, need_mask = _wanted(problem, needs_grad)
+    empty = q.new_empty(0)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_q else empty
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     mask = problem.attn_mask
-    dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=device) if need_mask else empty
+    dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=q.device) if need_mask else empty
     tiles = num_row_tiles(problem, MIN_BLOCK_M)
     dgate_part = (torch.zeros((tiles,) + tuple(problem.gate.shape), dtype=torch.float32,
-                              device=device) if need_gate else empty)
+                              device=q.device) if need_gate else empty)
     dbias_part = (torch.zeros((tiles,) + tuple(problem.bias.shape), dtype=torch.float32,
-                              device=device) if need_bias else empty)
+                              device=q.device) if need_bias else empty)
+    return dict(dq=dq, dk=dk, dv=dv, dmask=dmask, dgate_part=dgate_part, dbias_part=dbias_part,
+                delta=torch.zeros(0))
 
-    work = q_total > 0 and kv_total > 0 and batch * num_q_heads > 0
-    if work:
-        tensors, strides = shared_args(problem)
-        seed, rng_offset, dropout_p = dropout_args(problem)
-        flags = kernel_flags(problem)
-        meta = interpreter_meta() if INTERPRET else {}
-        delta = torch.zeros_like(lse)
-        stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
-        scale_log2 = problem.scale * 1.4426950408889634
-        sizes = (num_q_heads, num_q_heads // num_kv_heads, num_streams, q_total, kv_total,
-                 problem.head_dim, problem.value_dim,
-                 tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
-        part_strides = lambda t: tuple(t.stride())[:5] if t.numel() else (0,) * 5  # noqa: E731
 
-        def row_grid(META):
-            return (num_row_tiles(problem, META["BLOCK_M"]), batch * num_q_heads, num_streams)
+def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
+    """[(name, kernel, args, kwargs, grid)] of the backward, in launch order: the one place the
+    arguments are assembled, shared by backward() and the compile report (compile_check)."""
+    q, k, v = problem.q, problem.k, problem.v
+    need_q, need_k, need_v, need_gate, need_bias, need_mask = _wanted(problem, needs_grad)
+    batch, num_q_heads, q_total, _ = q.shape
+    num_kv_heads, kv_total = k.shape[1], k.shape[2]
+    num_streams = problem.num_streams
+    peer_mode = problem.normalize == "peer"
+    dq, dk, dv, dmask = bufs["dq"], bufs["dk"], bufs["dv"], bufs["dmask"]
+    dgate_part, dbias_part = bufs["dgate_part"], bufs["dbias_part"]
+    tensors, strides = shared_args(problem)
+    seed, rng_offset, dropout_p = dropout_args(problem)
+    flags = kernel_flags(problem)
+    meta = interpreter_meta() if INTERPRET else {}
+    delta = bufs["delta"] = torch.zeros_like(lse)
+    stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
+    scale_log2 = problem.scale * 1.4426950408889634
+    sizes = (num_q_heads, num_q_heads // num_kv_heads, num_streams, q_total, kv_total,
+             problem.head_dim, problem.value_dim,
+             tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
+    part_strides = lambda t: tuple(t.stride())[:5] if t.numel() else (0,) * 5  # noqa: E731
 
-        _bwd_preprocess_tuned[row_grid](
-            q, k, v, out, grad_out, lse, delta, dgate_part if need_gate else lse, *tensors,
-            seed, rng_offset, dropout_p, scale_log2,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-            *stats_strides, *part_strides(dgate_part), *strides, *sizes,
-            **flags, NEED_DGATE=need_gate,
-            EXACT_DELTA=not peer_mode and (need_gate or need_bias) and problem.dropout_p == 0, **meta,
-        )
-        if need_q or need_bias or need_mask:
-            _bwd_dq_tuned[row_grid](
-                q, k, v, grad_out, lse, delta, dq if need_q else q,
-                dbias_part if need_bias else lse, dmask if need_mask else q, *tensors,
-                seed, rng_offset, dropout_p, scale_log2, problem.scale,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-                *(dq.stride() if need_q else (0,) * 4), *part_strides(dbias_part),
-                *(dmask.stride() if need_mask else (0,) * 4), *strides, *sizes,
-                **flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask, **meta,
-            )
-        if need_k or need_v:
-            def key_grid(META):
-                return (triton.cdiv(max(problem.kv_lens), META["BLOCK_N"]),
-                        batch * num_kv_heads, num_streams)
+    def row_grid(META):
+        return (num_row_tiles(problem, META["BLOCK_M"]), batch * num_q_heads, num_streams)
 
-            _bwd_dkdv_tuned[key_grid](
-                q, k, v, grad_out, lse, delta, dk, dv, *tensors,
-                seed, rng_offset, dropout_p, scale_log2, problem.scale,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-                *dk.stride(), *dv.stride(), *strides, *sizes, **flags, **meta,
-            )
+    def key_grid(META):
+        return (triton.cdiv(max(problem.kv_lens), META["BLOCK_N"]), batch * num_kv_heads, num_streams)
 
-    dgate = dgate_part.sum(0).to(problem.gate.dtype) if need_gate else empty
-    dbias = dbias_part.sum(0).to(problem.bias.dtype) if need_bias else empty
-    return (dq if need_q else empty, dk if need_k else empty, dv if need_v else empty,
-            dgate, dbias, dmask)
+    launches = [("preprocess", _bwd_preprocess, (
+        q, k, v, out, grad_out, lse, delta, dgate_part if need_gate else lse, *tensors,
+        seed, rng_offset, dropout_p, scale_log2,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *stats_strides, *part_strides(dgate_part), *strides, *sizes),
+        dict(flags, NEED_DGATE=need_gate,
+             EXACT_DELTA=not peer_mode and (need_gate or need_bias) and problem.dropout_p == 0,
+             **meta), row_grid)]
+    if need_q or need_bias or need_mask:
+        launches.append(("dq", _bwd_dq, (
+            q, k, v, grad_out, lse, delta, dq if need_q else q,
+            dbias_part if need_bias else lse, dmask if need_mask else q, *tensors,
+            seed, rng_offset, dropout_p, scale_log2, problem.scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
+            *(dq.stride() if need_q else (0,) * 4), *part_strides(dbias_part),
+            *(dmask.stride() if need_mask else (0,) * 4), *strides, *sizes),
+            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask, **meta),
+            row_grid))
+    if need_k or need_v:
+        launches.append(("dkdv", _bwd_dkdv, (
+            q, k, v, grad_out, lse, delta, dk, dv, *tensors,
+            seed, rng_offset, dropout_p, scale_log2, problem.scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
+            *dk.stride(), *dv.stride(), *strides, *sizes), dict(flags, **meta), key_grid))
+    return launches
+
+
+TUNED = {"preprocess": _bwd_preprocess_tuned, "dq": _bwd_dq_tuned, "dkdv": _bwd_dkdv_tuned}
+
+
+def backward(problem, grad_out, out, lse, needs_grad):
+    q, k = problem.q, problem.k
+    need_q, need_k, need_v, need_gate, need_bias, need_mask = _wanted(problem, needs_grad)
+    bufs = gradient_buffers(problem, needs_grad)
+    empty = q.new_empty(0)
+    if q.shape[2] > 0 and k.shape[2] > 0 and q.shape[0] * q.shape[1] > 0:
+        for name, _, args, kwargs, grid in backward_launches(problem, grad_out, out, lse,
+                                                            needs_grad, bufs):
+            TUNED[name][grid](*args, **kwargs)
+    dgate = bufs["dgate_part"].sum(0).to(problem.gate.dtype) if need_gate else empty
+    dbias = bufs["dbias_part"].sum(0).to(problem.bias.dtype) if need_bias else empty
+    return (bufs["dq"] if need_q else empty, bufs["dk"] if need_k else empty,
+            bufs["dv"] if need_v else empty, dgate, dbias,
+            bufs["dmask"])

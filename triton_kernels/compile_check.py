@@ -1,85 +1,220 @@
-"""Compile the kernels for GPU targets without a GPU (ptxas ships with triton): catches code that
-only the real compiler rejects (the interpreter runs anything Python can). Run as
-`python -m peer_attention.triton_kernels.compile_check [--quick] [80 90]` with TRITON_INTERPRET unset."""
+"""Compile report: the kernels compiled for a GPU target without a GPU (ptxas, cuobjdump and
+nvdisasm ship with triton), with the specialisation a real launch gets.
+
+    python -m peer_attention.triton_kernels.compile_check --arch sm90a --headline --dump DIR
+
+Launch-faithful: the launchers' own argument lists (fwd.forward_launch, bwd.backward_launches)
+are bound, for real-shaped CPU tensors, through Triton's own binder and argument packer, so the
+stride == 1 / divisible-by-16 specialisation is the one a CUDA launch of the same shapes gets
+(a bare signature would compile code that no launch runs). Each kernel is compiled at the
+config autotune tries first for that architecture.
+
+Printed per kernel: config (BLOCK_M x BLOCK_N, warps, stages), wgmma instructions (PTX), TMA
+loads (PTX cp.async.bulk.tensor global -> shared), registers and spill bytes (ptxas -v), shared
+memory, and the SASS instruction count of the innermost loops that issue wgmma (the steady
+state). `--features` compiles one small problem per feature combination instead (does every
+variant compile at all); TRITON_INTERPRET must be unset (it replaces the compiler).
+"""
 from __future__ import annotations
 
-import itertools
+import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
-POINTER_DTYPE = {"Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "DGatePart": "*fp32",
-                 "DBiasPart": "*fp32", "QOff": "*i32", "KVOff": "*i32", "Peers": "*i32",
-                 "KVLen": "*i64", "Keep": "*u8"}
-INT64_ARGS = {"seed", "rng_offset"}
-FLOAT_ARGS = {"dropout_p", "scale_log2", "scale"}
-INT_ARGS = {"E", "EV", "Tq", "Tk", "TUNE_LEN"}
+import torch
+
+SMEM_OPTIN = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 
 
-def _signature(fn, constexprs, dtype):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name[0].isupper() and name not in INT_ARGS:
-            sig[name] = POINTER_DTYPE.get(name, "*" + dtype)
-        elif name in INT64_ARGS:
-            sig[name] = "i64"
-        elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def _tool(name):
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_all(archs=(80, 90), quick=False, verbose=True):
-    """Compile every kernel for each arch (quick: two feature variants instead of all)."""
+def faithful_compile(fn, args, kwargs, config, arch):
+    """Compile JITFunction `fn` for `arch` exactly as `fn[grid](*args, **kwargs, **config)`
+    would on a device of that architecture (Triton's binder + _pack_args)."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    from . import bwd, fwd, tiles
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kw = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    bound_args, specialization, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound_args,
+                                                          specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def first_config(kernel_name, problem, arch):
+    from .configs import autotune_configs, fitting_configs
+    from .utils import padded_dim
+
+    backward = kernel_name == "dkdv"
+    return fitting_configs(autotune_configs(backward), arch, SMEM_OPTIN.get(arch, 101376),
+                           padded_dim(problem.head_dim), padded_dim(problem.value_dim),
+                           problem.q.element_size(), backward)[0]
+
+
+def _sass_loops(sass):
+    """Instruction counts of the innermost loops (backward branches) that issue wgmma."""
+    instrs = {}  # address -> instruction text
+    for line in sass.splitlines():
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if ins:
+            instrs[int(ins.group(1), 16)] = ins.group(2)
+    loops = []
+    for addr, text in instrs.items():
+        target = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            if any("HGMMA" in t for a, t in instrs.items() if start <= a <= addr):
+                loops.append((start, addr))
+    innermost = [(a, b) for a, b in loops
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return sorted(sum(1 for x in instrs if a <= x <= b) for a, b in innermost)
+
+
+def analyse(compiled, arch):
+    ptx = compiled.asm["ptx"]
+    cubin = compiled.asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "k.ptx")
+        cubin_path = os.path.join(tmp, "k.cubin")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        with open(cubin_path, "wb") as f:
+            f.write(cubin)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", ptx_path, "-o",
+                              os.path.join(tmp, "v.cubin")], capture_output=True, text=True,
+                             check=True).stderr
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path], capture_output=True,
+                              text=True, check=True).stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(
+        wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+        tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+        registers=int(regs.group(1)) if regs else -1,
+        spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else -1,
+        shared=compiled.metadata.shared,
+        loop_instructions=_sass_loops(sass),
+    )
+
+
+def _tensors(shape_q, shape_kv, ev, dtype):
+    q = torch.empty(shape_q, dtype=dtype)
+    k = torch.empty(shape_kv, dtype=dtype)
+    v = torch.empty(shape_kv[:-1] + (ev,), dtype=dtype)
+    return q, k, v
+
+
+def headline_problems(seq=4096, batch=1, heads=2, dim=128, dtype=torch.bfloat16):
+    """name -> AttentionProblem: SDPA hdim 128 bf16 (non-causal, causal), 3-stream joint with
+    gates and bias. Real shapes (contiguous (B, H, T, E), as SDPA callers pass them)."""
+    from ..problem import AttentionProblem
+
+    q, k, v = _tensors((batch, heads, seq, dim), (batch, heads, seq, dim), dim, dtype)
+    scale = dim ** -0.5
+
+    def sdpa(causal):
+        return AttentionProblem(q, k, v, (seq,), (seq,), (1,), None, None, None, None, None,
+                                0.0, causal, scale, "joint")
+
+    streams = 3
+    q3, k3, v3 = _tensors((batch, heads, streams * seq, dim), (batch, heads, streams * seq, dim),
+                          dim, dtype)
+    gate = torch.empty(batch, streams, streams, heads, dim, dtype=dtype)
+    bias = torch.empty(batch, streams, streams, heads, dtype=dtype)
+    joint = AttentionProblem(q3, k3, v3, (seq,) * streams, (seq,) * streams, (1,) * 9, gate, bias,
+                             None, None, None, 0.0, False, scale, "joint")
+    return {"sdpa_d128_bf16": sdpa(False), "sdpa_d128_bf16_causal": sdpa(True),
+            "joint3_gate_bias_d128_bf16": joint}
+
+
+def kernel_launches(problem, with_backward):
+    """[(kernel name, JITFunction, args, kwargs)] of a problem's forward (and backward)."""
+    from . import bwd, fwd
+
+    out = torch.empty(problem.q.shape[:3] + (problem.value_dim,), dtype=problem.q.dtype)
+    shape = (problem.q.shape[0], problem.q.shape[1], problem.num_streams, problem.q.shape[2]) \
+        if problem.normalize == "peer" else problem.q.shape[:3]
+    lse = torch.empty(shape, dtype=torch.float32)
+    fn, args, kwargs, _ = fwd.forward_launch(problem, out, lse)
+    launches = [("fwd", fn, args, kwargs)]
+    if with_backward:
+        needs = [True, True, True, problem.gate is not None, problem.bias is not None, False, False]
+        bufs = bwd.gradient_buffers(problem, needs)
+        for name, fn, args, kwargs, _ in bwd.backward_launches(problem, out.clone(), out, lse,
+                                                               needs, bufs):
+            launches.append((f"bwd_{name}", fn, args, kwargs))
+    return launches
+
+
+def report(arch=90, dump=None, backward_for=("sdpa_d128_bf16", "sdpa_d128_bf16_causal"),
+           printer=print):
+    """Compile the headline variants; returns [row dict]; writes PTX into `dump` if given."""
+    rows = []
+    for variant, problem in headline_problems().items():
+        for name, fn, args, kwargs in kernel_launches(problem, variant in backward_for):
+            config = first_config(name.replace("bwd_", ""), problem, arch)
+            compiled = faithful_compile(fn, args, kwargs, config, arch)
+            row = dict(kernel=name, variant=variant,
+                       config=f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} "
+                              f"w{config.num_warps} s{config.num_stages}",
+                       **analyse(compiled, arch))
+            if dump:
+                os.makedirs(dump, exist_ok=True)
+                with open(os.path.join(dump, f"{name}_{variant}.ptx"), "w") as f:
+                    f.write(compiled.asm["ptx"])
+            rows.append(row)
+            printer(format_row(row))
+    return rows
+
+
+HEADER = ("| kernel | variant | config | wgmma | TMA loads | registers | spill bytes | shared B "
+          "| inner-loop SASS instrs |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r):
+    loops = ", ".join(str(n) for n in r["loop_instructions"]) or "-"
+    return (f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['wgmma']} | {r['tma_loads']} "
+            f"| {r['registers']} | {r['spill_bytes']} | {r['shared']} | {loops} |")
+
+
+def _arch(text):
+    digits = re.sub(r"[^0-9]", "", text)
+    if not digits:
+        raise argparse.ArgumentTypeError(f"--arch: expected e.g. sm90a or 90, got {text!r}")
+    return int(digits)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=_arch, default=90, help="sm90a (default), sm80, ...")
+    parser.add_argument("--headline", action="store_true",
+                        help="the headline variants with their table (default)")
+    parser.add_argument("--dump", default=None, help="write each kernel's PTX into this folder")
+    opts = parser.parse_args(argv)
     from .utils import INTERPRET
 
     if INTERPRET:
         raise SystemExit("compile_check: unset TRITON_INTERPRET (it replaces the compiler)")
-    base = dict(HAS_GATE=True, HAS_BIAS=True, HAS_KVLEN=True, MASK_KIND=0, IS_CAUSAL=True,
-                PEER_MODE=False, HAS_DROPOUT=False, F32_DOT=False, BF16_RTNE=False,
-                E_PAD=128, EV_PAD=64, BLOCK_M=64, BLOCK_N=64)
-    variants = []
-    for peer_mode, mask_kind, dropout in itertools.product((False, True), (0, 1, 2), (False, True)):
-        if peer_mode and (mask_kind or dropout):
-            continue
-        variants.append(dict(base, PEER_MODE=peer_mode, MASK_KIND=mask_kind, HAS_DROPOUT=dropout))
-    variants.append(dict(base, F32_DOT=True, E_PAD=256, EV_PAD=256, BLOCK_M=32, BLOCK_N=32))
-    if quick:  # every joint feature at once, and the peer mode
-        variants = [dict(base, MASK_KIND=2, HAS_DROPOUT=True), dict(base, PEER_MODE=True)]
-    kernels = [
-        (fwd._attn_fwd, {}),
-        (bwd._bwd_preprocess, dict(NEED_DGATE=True, EXACT_DELTA=True)),
-        (bwd._bwd_dq, dict(NEED_DQ=True, NEED_DBIAS=True, NEED_DMASK=True)),
-        (bwd._bwd_dkdv, {}),
-    ]
-    count = 0
-    for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
-        for flags in variants:
-            dtype = "fp32" if flags["F32_DOT"] else "bf16"
-            for fn, extra in kernels:
-                constexprs = dict(flags, **extra)
-                constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-                src = triton.compiler.ASTSource(fn, _signature(fn, constexprs, dtype), constexprs)
-                triton.compile(src, target=target, options=dict(num_warps=4, num_stages=2))
-                count += 1
-        keep = dict(BLOCK_M=64, BLOCK_N=64)
-        triton.compile(triton.compiler.ASTSource(tiles.keep_mask_kernel,
-                                                 _signature(tiles.keep_mask_kernel, keep, "fp32"),
-                                                 keep), target=target)
-        count += 1
-        if verbose:
-            print(f"sm{arch}: compiled", flush=True)
-    return count
+    print(f"sm{opts.arch}: launch-faithful compile of the headline variants")
+    print(HEADER)
+    rows = report(opts.arch, opts.dump)
+    print(f"compiled {len(rows)} kernels")
+    return rows
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    quick = "--quick" in args
-    archs = tuple(int(a) for a in args if a != "--quick") or (80, 90)
-    print(f"compiled {compile_all(archs, quick=quick)} kernel variants for sm{archs}")
+    main(sys.argv[1:])

@@ -82,6 +82,19 @@ def autotune_configs(backward: bool = False):
             for bm, bn, w, st in _candidates(backward)]
 
 
+def fitting_configs(configs, arch, smem, e_pad, ev_pad, elem, backward):
+    """The configs meant for `arch` that fit its shared memory and registers, in the order
+    autotune tries them (the compile report compiles the first)."""
+    stages = _stages_for(arch, backward)
+    kept = [c for c in configs
+            if c.num_stages in stages
+            and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                      e_pad, ev_pad, elem, smem, backward)]
+    if not kept:  # always leave the smallest one
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept
+
+
 def make_pruner(backward: bool):
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
@@ -90,15 +103,7 @@ def make_pruner(backward: bool):
         ev_pad = kwargs.get("EV_PAD", named_args.get("EV_PAD"))
         q = named_args["Q"]
         arch, smem = _arch_and_smem(q.device.index if q.device.index is not None else 0)
-        elem = q.element_size()
-        stages = _stages_for(arch, backward)
-        kept = [c for c in configs
-                if c.num_stages in stages
-                and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                          e_pad, ev_pad, elem, smem, backward)]
-        if not kept:  # always leave the smallest one
-            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return kept
+        return fitting_configs(configs, arch, smem, e_pad, ev_pad, q.element_size(), backward)
     return prune
 
 

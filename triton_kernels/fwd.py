@@ -166,33 +166,41 @@ def num_row_tiles(problem, block_m: int) -> int:
     return triton.cdiv(max(problem.q_lens), block_m) if problem.q_lens else 0
 
 
-def forward(problem):
+def forward_launch(problem, out, lse):
+    """(kernel, args, kwargs, grid) of the forward launch: the one place the arguments are
+    assembled, shared by forward() and the compile report (compile_check)."""
     q, k, v = problem.q, problem.k, problem.v
     batch, num_q_heads, q_total, _ = q.shape
     num_streams = problem.num_streams
     peer_mode = problem.normalize == "peer"
+    tensors, strides = shared_args(problem)
+    seed, rng_offset, dropout_p = dropout_args(problem)
+    lse_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
+    args = (q, k, v, out, lse, *tensors,
+            seed, rng_offset, dropout_p, problem.scale * 1.4426950408889634,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides, *strides,
+            num_q_heads, num_q_heads // problem.num_kv_heads, num_streams, q_total, k.shape[2],
+            problem.head_dim, problem.value_dim,
+            tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
+    kwargs = dict(kernel_flags(problem), **(interpreter_meta() if INTERPRET else {}))
+
+    def grid(META):
+        return (num_row_tiles(problem, META["BLOCK_M"]), batch * num_q_heads, num_streams)
+
+    return _attn_fwd, args, kwargs, grid
+
+
+def forward(problem):
+    q = problem.q
+    batch, num_q_heads, q_total, _ = q.shape
+    peer_mode = problem.normalize == "peer"
     out = torch.zeros(batch, num_q_heads, q_total, problem.value_dim, dtype=q.dtype, device=q.device)
-    lse_shape = (batch, num_q_heads, num_streams, q_total) if peer_mode else (batch, num_q_heads, q_total)
+    lse_shape = (batch, num_q_heads, problem.num_streams, q_total) if peer_mode else (batch, num_q_heads, q_total)
     lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if q_total == 0 or batch * num_q_heads == 0:
         return out, lse
-    tensors, strides = shared_args(problem)
-    seed, rng_offset, dropout_p = dropout_args(problem)
-    lse_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
-    flags = kernel_flags(problem)
-    meta = interpreter_meta() if INTERPRET else {}
-
-    def grid(META):
-        return (num_row_tiles(problem, META["BLOCK_M"]), batch * num_q_heads, num_streams)
-
-    _attn_fwd_tuned[grid](
-        q, k, v, out, lse, *tensors,
-        seed, rng_offset, dropout_p, problem.scale * 1.4426950408889634,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides, *strides,
-        num_q_heads, num_q_heads // problem.num_kv_heads, num_streams, q_total, k.shape[2],
-        problem.head_dim, problem.value_dim, tune_len(max(max(problem.q_lens), max(problem.kv_lens))),
-        **flags, **meta,
-    )
+    _, args, kwargs, grid = forward_launch(problem, out, lse)
+    _attn_fwd_tuned[grid](*args, **kwargs)
     return out, lse
