@@ -19,7 +19,7 @@ MIN_BLOCK_M = INTERPRETER_BLOCK
 
 # the autotune key: padded head dims, the features that change the loop structure, and a
 # power-of-two length bucket (so every new length does not re-tune)
-TUNE_KEY = ["E_PAD", "EV_PAD", "IS_CAUSAL", "PEER_MODE", "TUNE_LEN"]
+TUNE_KEY = ["E_PAD", "EV_PAD", "BAND", "PEER_MODE", "TUNE_LEN"]
 
 
 def interpreter_meta():
