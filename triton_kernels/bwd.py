@@ -556,6 +556,7 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
     optional, strides = shared_args(problem, tables)
     seed, rng_offset, dropout_p = dropout_args(problem)
     flags = kernel_flags(problem)
+    flags.pop("ONE_ACC")  # a forward-only choice
     meta = interpreter_meta() if INTERPRET else {}
     delta = bufs["delta"] = torch.zeros_like(lse)
     stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)

@@ -141,15 +141,18 @@ def headline_problems(seq=4096, batch=1, heads=2, dim=128, dtype=torch.bfloat16)
             "joint3_gate_bias_d128_bf16": joint}
 
 
-def kernel_launches(problem, with_backward):
-    """[(kernel name, JITFunction, args, kwargs)] of a problem's forward (and backward)."""
+def kernel_launches(problem, with_backward, arch=90):
+    """[(kernel name, JITFunction, args, kwargs)] of a problem's forward (and backward), as a
+    CUDA device of `arch` would launch them (tensor descriptors from sm90 when strides allow)."""
     from . import bwd, fwd
+    from .utils import tma_ok
 
     out = torch.empty(problem.q.shape[:3] + (problem.value_dim,), dtype=problem.q.dtype)
     shape = (problem.q.shape[0], problem.q.shape[1], problem.num_streams, problem.q.shape[2]) \
         if problem.normalize == "peer" else problem.q.shape[:3]
     lse = torch.empty(shape, dtype=torch.float32)
     fn, args, kwargs, _ = fwd.forward_launch(problem, out, lse)
+    kwargs["USE_TMA"] = arch >= 90 and tma_ok(problem.q, problem.k, problem.v, out)
     launches = [("fwd", fn, args, kwargs)]
     if with_backward:
         needs = [True, True, True, problem.gate is not None, problem.bias is not None, False, False]
@@ -165,7 +168,7 @@ def report(arch=90, dump=None, backward_for=("sdpa_d128_bf16", "sdpa_d128_bf16_c
     """Compile the headline variants; returns [row dict]; writes PTX into `dump` if given."""
     rows = []
     for variant, problem in headline_problems().items():
-        for name, fn, args, kwargs in kernel_launches(problem, variant in backward_for):
+        for name, fn, args, kwargs in kernel_launches(problem, variant in backward_for, arch):
             config = first_config(name.replace("bwd_", ""), problem, arch)
             compiled = faithful_compile(fn, args, kwargs, config, arch)
             row = dict(kernel=name, variant=variant,

@@ -82,6 +82,41 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
 
 
 @triton.jit
+def _peer_stages(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
+                 q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2,
+                 scale_log2, softcap_scale, mask_rows, stride_mk, row_ok, E, EV,
+                 seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+                 BAND: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+                 SOFTCAP: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """One peer's key tiles: boundary, full (mask-free), boundary (see tiles.key_stages)."""
+    n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, self_pair, off, left, right,
+                                    BAND, BLOCK_M, BLOCK_N)
+    qi = offs_m[:, None]
+    acc, m_i, l_i = _peer_tiles(
+        acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n0, n_a, qi,
+        kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
+        mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
+        BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _peer_tiles(
+        acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_a, n_b, qi,
+        kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
+        mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+        False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
+        BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _peer_tiles(
+        acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_b, n_hi, qi,
+        kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
+        mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
+        BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Out, Lse, QOff, KVOff, TileOff, PeerStart, PeerList, Gate, Bias, KVLen, Mask,
     Alibi, Sinks,
@@ -100,8 +135,8 @@ def _attn_fwd(
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    DIAGONAL: tl.constexpr, ONE_ACC: tl.constexpr, PEER_MODE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     SCORE_MOD: tl.constexpr = SOFTCAP or HAS_ALIBI or MASK_KIND == 2
@@ -132,14 +167,19 @@ def _attn_fwd(
     if HAS_ALIBI:
         alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
 
-    # the output state: "joint" (max, sum, unnormalised sum of gated values) in log2 units;
-    # a sink is a value-less score every row starts with. "peer": the gated sum of finished peers.
+    # The output state (max, sum, unnormalised values) in log2 units; a sink is a value-less
+    # score every row starts with. ONE_ACC: the peers' partials share this state (no gate, or
+    # one peer whose gate scales the end result): each peer's bias is a shift of the state's
+    # max when the peer starts. Otherwise each peer runs in its own (acc, m_p, l_p) and merges
+    # at its end: "joint" by log-sum-exp with its gate, "peer" as its gated normalised sum.
     m_o = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_o = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SINKS:
         m_o = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + h).to(tl.float32) * LOG2E
         l_o = l_o + 1.0
     out = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
+    gate = tl.full([EV_PAD], 1.0, tl.float32)
+    bias_prev = 0.0
 
     if DIAGONAL:
         peer_lo = 0
@@ -158,8 +198,13 @@ def _attn_fwd(
         off = 0
         if BOTTOM_RIGHT:  # the diagonal ends at the last key: off = M_s - L_s
             off = kv_len - q_len
-        n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, self_pair, off, left, right,
-                                        BAND, BLOCK_M, BLOCK_N)
+        bias2 = 0.0
+        if HAS_BIAS:
+            bias2 = tl.load(Bias + b * stride_bb + s * stride_bs + p * stride_bp
+                            + h * stride_bh).to(tl.float32) * LOG2E
+        if HAS_GATE:
+            gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
+                           + offs_ev * stride_ge, mask=offs_ev < EV, other=0.0).to(tl.float32)
         k_desc = k_head
         v_desc = v_head
         if USE_TMA:
@@ -171,56 +216,54 @@ def _attn_fwd(
                                                block_shape=[BLOCK_N, EV_PAD])
         k_ptrs = k_head + kv_start * stride_kt + offs_e[None, :] * stride_ke
         v_ptrs = v_head + kv_start * stride_vt + offs_ev[None, :] * stride_ve
-        acc = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
-        m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_p = tl.zeros([BLOCK_M], tl.float32)
-        qi = offs_m[:, None]
-        acc, m_p, l_p = _peer_tiles(
-            acc, m_p, l_p, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n0, n_a, qi,
-            kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-            mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-            True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
-            BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
-        acc, m_p, l_p = _peer_tiles(
-            acc, m_p, l_p, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_a, n_b, qi,
-            kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-            mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-            False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
-            BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
-        acc, m_p, l_p = _peer_tiles(
-            acc, m_p, l_p, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_b, n_hi, qi,
-            kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-            mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-            True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
-            BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
-
-        # the peer's partial result merges once: its bias shifts its max, its gate scales it
-        if HAS_BIAS:
-            m_p += tl.load(Bias + b * stride_bb + s * stride_bs + p * stride_bp
-                           + h * stride_bh).to(tl.float32) * LOG2E
-        gate = tl.full([EV_PAD], 1.0, tl.float32)
-        if HAS_GATE:
-            gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
-                           + offs_ev * stride_ge, mask=offs_ev < EV, other=0.0).to(tl.float32)
-        if PEER_MODE:
-            inv = tl.where(l_p > 0, 1.0 / tl.where(l_p > 0, l_p, 1.0), 0.0)
-            out += acc * (inv[:, None] * gate[None, :])
-            tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
-                     (m_p + tl.log2(l_p)) * LN2, mask=row_ok)
+        if ONE_ACC:
+            m_o = m_o - (bias2 - bias_prev)  # the state in units of this peer's unbiased scores
+            bias_prev = bias2
+            out, m_o, l_o = _peer_stages(
+                out, m_o, l_o, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
+                q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
+                softcap_scale, mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
+                bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT,
+                USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+            if PEER_MODE:  # (one peer)
+                tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
+                         (m_o + bias2 + tl.log2(l_o)) * LN2, mask=row_ok)
         else:
-            m_new = tl.maximum(m_o, m_p)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_o - m_safe)
-            beta = tl.exp2(m_p - m_safe)
-            l_o = l_o * alpha + l_p * beta
-            out = out * alpha[:, None] + acc * (beta[:, None] * gate[None, :])
-            m_o = m_new
+            acc = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
+            m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_p = tl.zeros([BLOCK_M], tl.float32)
+            acc, m_p, l_p = _peer_stages(
+                acc, m_p, l_p, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
+                q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
+                softcap_scale, mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
+                bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT,
+                USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+            # the peer's partial result merges once: its bias shifts its max, its gate scales it
+            m_p += bias2
+            if PEER_MODE:
+                inv = tl.where(l_p > 0, 1.0 / tl.where(l_p > 0, l_p, 1.0), 0.0)
+                out += acc * (inv[:, None] * gate[None, :])
+                tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
+                         (m_p + tl.log2(l_p)) * LN2, mask=row_ok)
+            else:
+                m_new = tl.maximum(m_o, m_p)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_o - m_safe)
+                beta = tl.exp2(m_p - m_safe)
+                l_o = l_o * alpha + l_p * beta
+                out = out * alpha[:, None] + acc * (beta[:, None] * gate[None, :])
+                m_o = m_new
 
-    if not PEER_MODE:
+    if ONE_ACC:
+        m_o += bias_prev
         inv = tl.where(l_o > 0, 1.0 / tl.where(l_o > 0, l_o, 1.0), 0.0)  # empty rows give 0
-        if HAS_DROPOUT:
-            inv = inv / (1.0 - dropout_p)
+        out = out * (inv[:, None] * gate[None, :])
+    elif not PEER_MODE:
+        inv = tl.where(l_o > 0, 1.0 / tl.where(l_o > 0, l_o, 1.0), 0.0)
         out = out * inv[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    if not PEER_MODE:
         tl.store(Lse + b * stride_lb + h * stride_lh + q_rows, (m_o + tl.log2(l_o)) * LN2,
                  mask=row_ok)
     out = to_io(out, Out.dtype.element_ty, BF16_RTNE)
@@ -258,6 +301,13 @@ def use_tma(problem, out) -> bool:
     return True
 
 
+def one_accumulator(problem) -> bool:
+    """Whether the forward's peers can share one accumulator: at most one attended peer per
+    stream (SDPA, varlen), or "joint" without gates (a peer's bias is a shift of the max)."""
+    single = problem.num_streams == 1 or problem.diagonal_peers
+    return single or (problem.normalize != "peer" and problem.gate is None)
+
+
 def kernel_flags(problem):
     """The compile-time feature flags shared by forward and backward launches."""
     q = problem.q
@@ -273,6 +323,7 @@ def kernel_flags(problem):
         HAS_ALIBI=problem.alibi_slopes is not None,
         HAS_SINKS=problem.sinks is not None,
         DIAGONAL=problem.diagonal_peers,
+        ONE_ACC=one_accumulator(problem),
         PEER_MODE=problem.normalize == "peer",
         HAS_DROPOUT=problem.dropout_p > 0,
         F32_DOT=use_f32_dot(q.dtype),

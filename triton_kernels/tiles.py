@@ -130,7 +130,7 @@ def mask_scores(qk, qi, kj, self_pair, off, left, right, kv_end, alibi2, mask_pt
     if MASK_KIND == MASK_BOOL:
         qk = tl.where(tl.load(mask_ptrs, mask=mask_ok, other=0) != 0, qk, float("-inf"))
     if MASKED:
-        ok = kj < kv_end
+        ok = (kj < kv_end) & (qi >= 0)  # (qi >= 0: the full tile shape, for the band below)
         if BAND:
             if self_pair:
                 d = kj - (qi + off)  # the key's distance from the (aligned) diagonal
