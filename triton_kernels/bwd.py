@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 
 from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
-from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args
+from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
 from .tiles import (LOG2E, dropout_keep, find_tile, key_stages, kv_extent, mma,
                     probs_from_lse, query_stages, row_tile, to_io)
-from .utils import INTERPRET, band, dropout_args, num_tiles, search_steps, stream_tables
+from .utils import (INTERPRET, band, dropout_args, num_tiles, search_steps, stream_tables,
+                    tma_ok)
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _bwd_preprocess(
     MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     NEED_DGATE: tl.constexpr, EXACT_DELTA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -173,13 +174,14 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptrs,
+              stride_kt, stride_vt,
               n_lo, n_hi, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
               alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk,
               seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
               MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
+              USE_TMA: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
               F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr, E_PAD: tl.constexpr,
               EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ (and the bias/mask gradients) over key tiles [n_lo, n_hi) of one peer."""
@@ -193,8 +195,12 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_ptrs, v_ptrs, stride_kt, st
         if MASKED:
             k_ok = k_ok & key_ok[:, None]
             v_ok = v_ok & key_ok[:, None]
-        k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
-        v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=v_ok, other=0.0)
+        if USE_TMA:
+            k = k_desc.load([n_start, 0])
+            v = v_desc.load([n_start, 0])
+        else:
+            k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
+            v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=v_ok, other=0.0)
         probs, dcap = probs_from_lse(
             mma(q, tl.trans(k), F32_DOT), qi, offs_n[None, :], lse2[:, None], self_pair, off,
             left, right, kv_end, alibi2, scale_log2, softcap_scale,
@@ -240,7 +246,7 @@ def _bwd_dq(
     MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -303,27 +309,39 @@ def _bwd_dq(
             do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
         k_ptrs = k_head + kv_start * stride_kt + offs_e[None, :] * stride_ke
         v_ptrs = v_head + kv_start * stride_vt + offs_ev[None, :] * stride_ve
+        k_desc = k_head
+        v_desc = v_head
+        if USE_TMA:  # per (batch, kv head, peer): keys past the peer's end read as zeros
+            k_desc = tl.make_tensor_descriptor(k_head + kv_start * stride_kt, shape=[kv_len, E],
+                                               strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, E_PAD])
+            v_desc = tl.make_tensor_descriptor(v_head + kv_start * stride_vt, shape=[kv_len, EV],
+                                               strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, EV_PAD])
         dbias = tl.zeros([BLOCK_M], tl.float32)
         dq, dbias = _dq_tiles(
-            dq, dbias, q, do_gated, lse2_p, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, n0, n_a,
+            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
+            stride_vt, n0, n_a,
             qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
             softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed, rng_offset,
             dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
             BLOCK_M, BLOCK_N)
         dq, dbias = _dq_tiles(
-            dq, dbias, q, do_gated, lse2_p, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, n_a, n_b,
+            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
+            stride_vt, n_a, n_b,
             qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
             softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed, rng_offset,
             dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
             BLOCK_M, BLOCK_N)
         dq, dbias = _dq_tiles(
-            dq, dbias, q, do_gated, lse2_p, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, n_b, n_hi,
+            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
+            stride_vt, n_b, n_hi,
             qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
             softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed, rng_offset,
             dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
             BLOCK_M, BLOCK_N)
         if NEED_DBIAS:
             tl.store(DBiasPart + (m_start // BLOCK_M) * stride_pbt + b * stride_pbb
@@ -337,13 +355,14 @@ def _bwd_dq(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, gate, q_head, do_head, lse_ptr, delta_ptr, stride_qt, stride_dot,
+def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, delta_ptr,
+                stride_qt, stride_dot,
                 m_lo, m_hi, q_start, q_len, offs_n, keys, col0, key_ok, kv_end, self_pair, off, left,
                 right, alibi2, lse_shift, scale_log2, softcap_scale, mask_head, stride_mq,
                 stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
                 MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GATE: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
@@ -359,8 +378,12 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_head, do_head, lse_ptr, delta_ptr, stride_
         if MASKED:
             q_ok = q_ok & row_ok[:, None]
             do_ok = do_ok & row_ok[:, None]
-        q = tl.load(q_head + rows[:, None] * stride_qt, mask=q_ok, other=0.0)
-        do = tl.load(do_head + rows[:, None] * stride_dot, mask=do_ok, other=0.0)
+        if USE_TMA:
+            q = q_desc.load([m_start, 0])
+            do = do_desc.load([m_start, 0])
+        else:
+            q = tl.load(q_head + rows[:, None] * stride_qt, mask=q_ok, other=0.0)
+            do = tl.load(do_head + rows[:, None] * stride_dot, mask=do_ok, other=0.0)
         if HAS_GATE:
             do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
@@ -406,7 +429,7 @@ def _bwd_dkdv(
     MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     p, tile = find_tile(TileOff + (BLOCK_N // 16 - 1) * (num_streams + 1), tl.program_id(0),
@@ -472,27 +495,38 @@ def _bwd_dkdv(
                 do_head = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh \
                     + offs_ev[None, :] * stride_doe
                 mask_head = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                q_desc = q_head
+                do_desc = do_head
+                if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
+                    q_desc = tl.make_tensor_descriptor(
+                        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                        + q_start * stride_qt, shape=[q_len, E], strides=[stride_qt, 1],
+                        block_shape=[BLOCK_M, E_PAD])
+                    do_desc = tl.make_tensor_descriptor(
+                        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                        + q_start * stride_dot, shape=[q_len, EV], strides=[stride_dot, 1],
+                        block_shape=[BLOCK_M, EV_PAD])
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_head, do_head, Lse + stats_off, Delta + stats_off,
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off, Delta + stats_off,
                     stride_qt, stride_dot, m0, m_a, q_start, q_len, offs_n, keys, keys0, key_ok,
                     kv_end, self_pair, off, left, right, alibi2, bias2, scale_log2, softcap_scale,
                     mask_head, stride_mq, stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E,
                     EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, HAS_GATE, HAS_DROPOUT,
-                    F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                    USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_head, do_head, Lse + stats_off, Delta + stats_off,
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off, Delta + stats_off,
                     stride_qt, stride_dot, m_a, m_b, q_start, q_len, offs_n, keys, keys0, key_ok,
                     kv_end, self_pair, off, left, right, alibi2, bias2, scale_log2, softcap_scale,
                     mask_head, stride_mq, stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E,
                     EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, HAS_GATE, HAS_DROPOUT,
-                    F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                    USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_head, do_head, Lse + stats_off, Delta + stats_off,
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off, Delta + stats_off,
                     stride_qt, stride_dot, m_b, m_hi, q_start, q_len, offs_n, keys, keys0, key_ok,
                     kv_end, self_pair, off, left, right, alibi2, bias2, scale_log2, softcap_scale,
                     mask_head, stride_mq, stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E,
                     EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, HAS_GATE, HAS_DROPOUT,
-                    F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                    USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
 
     out_rows = offs_n < kv_len
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
@@ -505,8 +539,8 @@ def _bwd_dkdv(
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
-_bwd_dq_tuned = tuned(_bwd_dq)
-_bwd_dkdv_tuned = tuned(_bwd_dkdv, backward=True)
+_bwd_dq_tuned = tuned(_bwd_dq, kind="dq")
+_bwd_dkdv_tuned = tuned(_bwd_dkdv, kind="dkdv")
 TUNED = {"preprocess": _bwd_preprocess_tuned, "dq": _bwd_dq_tuned, "dkdv": _bwd_dkdv_tuned}
 
 
@@ -557,6 +591,7 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
     seed, rng_offset, dropout_p = dropout_args(problem)
     flags = kernel_flags(problem)
     flags.pop("ONE_ACC")  # a forward-only choice
+    flags["USE_TMA"] = use_tma(problem, out) and tma_ok(grad_out)
     meta = interpreter_meta() if INTERPRET else {}
     delta = bufs["delta"] = torch.zeros_like(lse)
     stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)

@@ -18,6 +18,7 @@ variant compile at all); TRITON_INTERPRET must be unset (it replaces the compile
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -55,13 +56,16 @@ def faithful_compile(fn, args, kwargs, config, arch):
 
 
 def first_config(kernel_name, problem, arch):
-    from .configs import autotune_configs, fitting_configs
+    """The config autotune tries first for this kernel on `arch`."""
+    from .configs import autotune_configs, fitting_configs, forward_kind
+    from .fwd import one_accumulator
     from .utils import padded_dim
 
-    backward = kernel_name == "dkdv"
-    return fitting_configs(autotune_configs(backward), arch, SMEM_OPTIN.get(arch, 101376),
+    kind = {"dq": "dq", "dkdv": "dkdv"}.get(kernel_name, "fwd")
+    this_kind = forward_kind(one_accumulator(problem)) if kernel_name == "fwd" else kind
+    return fitting_configs(autotune_configs(kind), arch, SMEM_OPTIN.get(arch, 101376),
                            padded_dim(problem.head_dim), padded_dim(problem.value_dim),
-                           problem.q.element_size(), backward)[0]
+                           problem.q.element_size(), this_kind)[0]
 
 
 def _sass_loops(sass):
@@ -159,6 +163,7 @@ def kernel_launches(problem, with_backward, arch=90):
         bufs = bwd.gradient_buffers(problem, needs)
         for name, fn, args, kwargs, _ in bwd.backward_launches(problem, out.clone(), out, lse,
                                                                needs, bufs):
+            kwargs["USE_TMA"] = arch >= 90 and tma_ok(problem.q, problem.k, problem.v, out)
             launches.append((f"bwd_{name}", fn, args, kwargs))
     return launches
 
@@ -207,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--headline", action="store_true",
                         help="the headline variants with their table (default)")
     parser.add_argument("--dump", default=None, help="write each kernel's PTX into this folder")
+    parser.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     opts = parser.parse_args(argv)
     from .utils import INTERPRET
 
@@ -216,6 +222,8 @@ def main(argv=None):
     print(HEADER)
     rows = report(opts.arch, opts.dump)
     print(f"compiled {len(rows)} kernels")
+    if opts.json:
+        print(json.dumps(rows))
     return rows
 
 
