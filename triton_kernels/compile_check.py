@@ -145,6 +145,49 @@ def headline_problems(seq=4096, batch=1, heads=2, dim=128, dtype=torch.bfloat16)
             "joint3_gate_bias_d128_bf16": joint}
 
 
+def feature_problems(dim=64, seq=96, dtype=torch.bfloat16):
+    """name -> small AttentionProblem per feature family, so that every kernel flag is compiled
+    by the real compiler at least once (the interpreter accepts code ptxas would reject)."""
+    from ..problem import AttentionProblem
+
+    def make(q_lens, kv_lens, peers, heads=(2, 2), e=dim, ev=dim, dt=dtype, gate=False,
+             bias=False, kv_lengths=False, mask=None, dropout=0.0, causal=False,
+             normalize="joint", window=(-1, -1), bottom_right=False, softcap=0.0, alibi=False,
+             sinks=False):
+        n = len(q_lens)
+        q = torch.empty(1, heads[0], sum(q_lens), e, dtype=dt)
+        k = torch.empty(1, heads[1], sum(kv_lens), e, dtype=dt)
+        v = torch.empty(1, heads[1], sum(kv_lens), ev, dtype=dt)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = torch.empty(1, 1, sum(q_lens), sum(kv_lens), dtype=mask).expand(
+                1, heads[0], -1, -1)
+        return AttentionProblem(
+            q, k, v, tuple(q_lens), tuple(kv_lens), peers,
+            torch.empty(1, n, n, heads[0], ev, dtype=dt) if gate else None,
+            torch.empty(1, n, n, heads[0], dtype=dt) if bias else None,
+            torch.ones(1, n, dtype=torch.int64) if kv_lengths else None, attn_mask,
+            torch.tensor([1, 2]) if dropout else None, dropout, causal, e ** -0.5, normalize,
+            window[0], window[1], bottom_right, softcap,
+            torch.empty(1, heads[0], dtype=torch.float32) if alibi else None,
+            torch.empty(heads[0], dtype=torch.float32) if sinks else None)
+
+    one = dict(q_lens=(seq,), kv_lens=(seq + 32,), peers=(1,))
+    three = dict(q_lens=(seq, 48, 80), kv_lens=(seq, 64, 32), peers=(1, 0, 1, 1, 1, 1, 0, 1, 1))
+    return {
+        "float_mask_dropout_gqa": make(**one, heads=(4, 2), mask=dtype, dropout=0.1),
+        "bool_mask_kv_lengths_causal": make(**one, mask=torch.bool, kv_lengths=True, causal=True),
+        "window_bottom_right_softcap_alibi_sinks": make(**one, window=(32, 0), bottom_right=True,
+                                                         softcap=30.0, alibi=True, sinks=True),
+        "varlen_causal": make(q_lens=(seq, 48, 80), kv_lens=(seq, 64, 32), peers=(),
+                              causal=True, bottom_right=True),
+        "joint3_everything": make(**three, gate=True, bias=True, kv_lengths=True, causal=True,
+                                  window=(16, -1), softcap=20.0, alibi=True, sinks=True),
+        "peer3_gate": make(**three, gate=True, normalize="peer", causal=True),
+        "fp32_d256_odd": make(**one, e=256, ev=200, dt=torch.float32),
+    }
+
+
 def kernel_launches(problem, with_backward, arch=90):
     """[(kernel name, JITFunction, args, kwargs)] of a problem's forward (and backward), as a
     CUDA device of `arch` would launch them (tensor descriptors from sm90 when strides allow)."""
@@ -168,12 +211,16 @@ def kernel_launches(problem, with_backward, arch=90):
     return launches
 
 
-def report(arch=90, dump=None, backward_for=("sdpa_d128_bf16", "sdpa_d128_bf16_causal"),
-           printer=print):
-    """Compile the headline variants; returns [row dict]; writes PTX into `dump` if given."""
+def report(arch=90, dump=None, problems=None, backward_for=None, printer=print):
+    """Compile the problems' kernels (default: the headline variants, backward of the two SDPA
+    ones); returns [row dict]; writes PTX into `dump` if given."""
+    if problems is None:
+        problems = headline_problems()
+        backward_for = ("sdpa_d128_bf16", "sdpa_d128_bf16_causal")
     rows = []
-    for variant, problem in headline_problems().items():
-        for name, fn, args, kwargs in kernel_launches(problem, variant in backward_for, arch):
+    for variant, problem in problems.items():
+        with_backward = backward_for is None or variant in backward_for
+        for name, fn, args, kwargs in kernel_launches(problem, with_backward, arch):
             config = first_config(name.replace("bwd_", ""), problem, arch)
             compiled = faithful_compile(fn, args, kwargs, config, arch)
             row = dict(kernel=name, variant=variant,
@@ -212,6 +259,9 @@ def main(argv=None):
     parser.add_argument("--headline", action="store_true",
                         help="the headline variants with their table (default)")
     parser.add_argument("--dump", default=None, help="write each kernel's PTX into this folder")
+    parser.add_argument("--features", nargs="?", const="all", default=None,
+                        help="also compile one small problem per feature family (fwd + bwd): "
+                             "all, or a comma-separated list of names")
     parser.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     opts = parser.parse_args(argv)
     from .utils import INTERPRET
@@ -220,7 +270,16 @@ def main(argv=None):
         raise SystemExit("compile_check: unset TRITON_INTERPRET (it replaces the compiler)")
     print(f"sm{opts.arch}: launch-faithful compile of the headline variants")
     print(HEADER)
-    rows = report(opts.arch, opts.dump)
+    rows = report(opts.arch, opts.dump) if opts.headline or not opts.features else []
+    if opts.features:
+        problems = feature_problems()
+        if opts.features != "all":
+            names = opts.features.split(",")
+            unknown = [n for n in names if n not in problems]
+            if unknown:
+                parser.error(f"--features: unknown {unknown}, expected some of {list(problems)}")
+            problems = {n: problems[n] for n in names}
+        rows += report(opts.arch, opts.dump, problems=problems)
     print(f"compiled {len(rows)} kernels")
     if opts.json:
         print(json.dumps(rows))
