@@ -29,11 +29,12 @@ from .utils import (INTERPRET, band, dropout_args, mask_for_kernel, mask_kind, n
 @triton.jit
 def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt,
                 n_lo, n_hi, qi, kv_start, kv_end, self_pair, off, left, right, alibi2,
-                scale_log2, softcap_scale, mask_rows, stride_mk, row_ok, E, EV,
+                scale_log2, softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV,
                 seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
                 MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, SCORE_MOD: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr,
+                F32_DOT: tl.constexpr,
                 BF16_RTNE: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The online softmax over key tiles [n_lo, n_hi) of one peer (MASKED: boundary tiles)."""
@@ -55,10 +56,13 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
             k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
         qk = mma(q, tl.trans(k), F32_DOT)
         qk = log2_scores(qk, scale_log2, softcap_scale, SOFTCAP, SCORE_MOD)
+        if MASK_TMA:  # the attn_mask tile through its descriptor (zeros past its edges)
+            mask_src = mask_rows.load([mask_row0, kv_start + n_start])
+        else:
+            mask_src = mask_rows + (kv_start + offs_n)[None, :] * stride_mk
         qk = mask_scores(qk, qi, offs_n[None, :], self_pair, off, left, right, kv_end, alibi2,
-                         mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
-                         row_ok[:, None] & (offs_n[None, :] < kv_end),
-                         MASKED, BAND, HAS_ALIBI, MASK_KIND)
+                         mask_src, row_ok[:, None] & (offs_n[None, :] < kv_end),
+                         MASKED, BAND, HAS_ALIBI, MASK_KIND, MASK_TMA)
         # a row with nothing attended yet keeps max -inf: shift it by 0 (exp2(-inf) = 0)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -84,11 +88,12 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
 @triton.jit
 def _peer_stages(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
                  q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2,
-                 scale_log2, softcap_scale, mask_rows, stride_mk, row_ok, E, EV,
+                 scale_log2, softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV,
                  seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
                  BAND: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                  SOFTCAP: tl.constexpr, SCORE_MOD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+                 USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr, F32_DOT: tl.constexpr,
+                 BF16_RTNE: tl.constexpr,
                  E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """One peer's key tiles: boundary, full (mask-free), boundary (see tiles.key_stages)."""
@@ -98,20 +103,20 @@ def _peer_stages(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, st
     acc, m_i, l_i = _peer_tiles(
         acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n0, n_a, qi,
         kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-        mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
+        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT,
         BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _peer_tiles(
         acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_a, n_b, qi,
         kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-        mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-        False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
+        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+        False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT,
         BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _peer_tiles(
         acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_b, n_hi, qi,
         kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-        mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, F32_DOT,
+        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
+        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT,
         BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
     return acc, m_i, l_i
 
@@ -136,7 +141,8 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     DIAGONAL: tl.constexpr, ONE_ACC: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr,
+    F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     SCORE_MOD: tl.constexpr = SOFTCAP or HAS_ALIBI or MASK_KIND == 2
@@ -161,8 +167,14 @@ def _attn_fwd(
     else:
         q = tl.load(q_head + q_rows[:, None] * stride_qt + offs_e[None, :] * stride_qe,
                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-    mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
-        + q_rows[:, None] * stride_mq
+    mask_row0 = q_start + m_start
+    if MASK_TMA:  # the (Tq, Tk) mask plane of (b, h) as a descriptor: no pointer tile
+        mask_rows = tl.make_tensor_descriptor(
+            Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh, shape=[Tq, Tk],
+            strides=[stride_mq, 1], block_shape=[BLOCK_M, BLOCK_N])
+    else:
+        mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
+            + q_rows[:, None] * stride_mq
     alibi2 = 0.0
     if HAS_ALIBI:
         alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
@@ -222,9 +234,9 @@ def _attn_fwd(
             out, m_o, l_o = _peer_stages(
                 out, m_o, l_o, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
                 q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-                softcap_scale, mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
+                softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
                 bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT,
-                USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
             if PEER_MODE:  # (one peer)
                 tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
                          (m_o + bias2 + tl.log2(l_o)) * LN2, mask=row_ok)
@@ -235,9 +247,9 @@ def _attn_fwd(
             acc, m_p, l_p = _peer_stages(
                 acc, m_p, l_p, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
                 q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-                softcap_scale, mask_rows, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
+                softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
                 bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT,
-                USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
             # the peer's partial result merges once: its bias shifts its max, its gate scales it
             m_p += bias2
             if PEER_MODE:
@@ -308,6 +320,16 @@ def one_accumulator(problem) -> bool:
     return single or (problem.normalize != "peer" and problem.gate is None)
 
 
+def mask_tma_ok(mask) -> bool:
+    """The attn_mask through a descriptor: keys contiguous, rows 16-byte aligned and not
+    broadcast (a stride-0 query dim is read through pointers)."""
+    if mask is None:
+        return False
+    size = mask.element_size()
+    return (mask.stride(-1) == 1 and mask.stride(-2) > 0 and mask.data_ptr() % 16 == 0
+            and all((st * size) % 16 == 0 for st in mask.stride()[:-1]))
+
+
 def kernel_flags(problem):
     """The compile-time feature flags shared by forward and backward launches."""
     q = problem.q
@@ -375,7 +397,8 @@ def forward_launch(problem, out, lse):
             num_q_heads, num_q_heads // problem.num_kv_heads, num_streams,
             search_steps(num_streams), q_total, k.shape[2], problem.head_dim, problem.value_dim,
             left, right, tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
-    kwargs = dict(kernel_flags(problem), USE_TMA=use_tma(problem, out),
+    tma = use_tma(problem, out)
+    kwargs = dict(kernel_flags(problem), USE_TMA=tma, MASK_TMA=tma and mask_tma_ok(mask_for_kernel(problem.attn_mask)),
                   **(interpreter_meta() if INTERPRET else {}))
 
     def grid(META):

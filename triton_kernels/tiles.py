@@ -119,16 +119,21 @@ def log2_scores(qk, scale_log2, softcap_scale, SOFTCAP: tl.constexpr, SCORE_MOD:
 @triton.jit
 def mask_scores(qk, qi, kj, self_pair, off, left, right, kv_end, alibi2, mask_ptrs, mask_ok,
                 MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                MASK_KIND: tl.constexpr):
+                MASK_KIND: tl.constexpr, MASK_LOADED: tl.constexpr = False):
     """ALiBi, attn_mask and (MASKED: boundary tiles only) the positional masks of one tile:
-    -inf where key kj may not be seen by query qi."""
+    -inf where key kj may not be seen by query qi. MASK_LOADED: mask_ptrs is the mask tile
+    itself (loaded through a tensor descriptor), not pointers to it."""
+    if MASK_LOADED:
+        mask_vals = mask_ptrs
+    elif MASK_KIND != 0:
+        mask_vals = tl.load(mask_ptrs, mask=mask_ok, other=0)
     if HAS_ALIBI:
         if self_pair:
             qk -= alibi2 * tl.abs((qi + off - kj).to(tl.float32))
     if MASK_KIND == MASK_FLOAT:
-        qk += tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32) * LOG2E
+        qk += mask_vals.to(tl.float32) * LOG2E
     if MASK_KIND == MASK_BOOL:
-        qk = tl.where(tl.load(mask_ptrs, mask=mask_ok, other=0) != 0, qk, float("-inf"))
+        qk = tl.where(mask_vals != 0, qk, float("-inf"))
     if MASKED:
         ok = (kj < kv_end) & (qi >= 0)  # (qi >= 0: the full tile shape, for the band below)
         if BAND:
