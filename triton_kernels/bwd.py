@@ -36,6 +36,19 @@ def _row_lse2(Lse, lse_off, rows, row_ok):
 
 
 @triton.jit
+def _exact_pv(probs, v, F32_DOT: tl.constexpr):
+    """probs @ v without rounding fp32 probs to the input dtype: as hi + lo halves in the input
+    dtype (two tensor-core products, ~16 significant bits of P) instead of an fp32 FMA product
+    (no tensor cores, and a register file's worth of operands)."""
+    if F32_DOT:
+        return tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+    else:
+        hi = probs.to(v.dtype)
+        lo = (probs - hi.to(tl.float32)).to(v.dtype)
+        return tl.dot(hi, v) + tl.dot(lo, v)
+
+
+@triton.jit
 def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIAS: tl.constexpr):
     """The pair's bias in log2 units: subtracted from the saved lse, it adds to every score."""
     if HAS_BIAS:
@@ -154,7 +167,7 @@ def _bwd_preprocess(
                 v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
                             + offs_ev[None, :] * stride_ve,
                             mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
-                u += mma(probs, v.to(tl.float32), True)
+                u += _exact_pv(probs, v, F32_DOT)
             gate = tl.full([EV_PAD], 1.0, tl.float32)
             if HAS_GATE:
                 gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
