@@ -90,6 +90,10 @@ CASES = {
     "peer-mode-softcap-window-alibi": dict(q_lens=[9, 14], kv_lens=[13, 6], normalize="peer",
                                            peers=[[1, 1], [1, 1]], softcap=3.0, window=(2, 1),
                                            alibi=True, gate_shape=(1, 2, 2, 2, 12)),
+    # no gate: the peers share one accumulator, each bias a shift of the running max (with a sink)
+    "joint-bias-sinks-one-accumulator": dict(q_lens=[7, 12], kv_lens=[10, 5],
+                                             peers=[[1, 1], [1, 0]], bias_shape=(1, 2, 2, 2),
+                                             sinks=True, softcap=5.0),
     # every variant with every multi-stream feature at once
     "joint-everything": dict(q_lens=[5, 17, 9], kv_lens=[7, 19, 3], batch=2, kv_heads=1,
                              peers=[[1, 0, 1], [1, 1, 1], [0, 1, 1]], gate_shape=(1, 3, 3, 2, 12),
