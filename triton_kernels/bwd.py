@@ -194,7 +194,8 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
               seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
               MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              USE_TMA: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
+              USE_TMA: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr,
+              NEED_DMASK: tl.constexpr,
               F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr, E_PAD: tl.constexpr,
               EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ (and the bias/mask gradients) over key tiles [n_lo, n_hi) of one peer."""
@@ -334,28 +335,25 @@ def _bwd_dq(
         dbias = tl.zeros([BLOCK_M], tl.float32)
         dq, dbias = _dq_tiles(
             dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
-            stride_vt, n0, n_a,
-            qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-            softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed, rng_offset,
-            dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
-            BLOCK_M, BLOCK_N)
+            stride_vt, n0, n_a, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
+            rng_offset, dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
+            EV_PAD, BLOCK_M, BLOCK_N)
         dq, dbias = _dq_tiles(
             dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
-            stride_vt, n_a, n_b,
-            qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-            softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed, rng_offset,
-            dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
-            BLOCK_M, BLOCK_N)
+            stride_vt, n_a, n_b, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
+            rng_offset, dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
+            EV_PAD, BLOCK_M, BLOCK_N)
         dq, dbias = _dq_tiles(
             dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
-            stride_vt, n_b, n_hi,
-            qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-            softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed, rng_offset,
-            dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD, EV_PAD,
-            BLOCK_M, BLOCK_N)
+            stride_vt, n_b, n_hi, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
+            rng_offset, dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
+            EV_PAD, BLOCK_M, BLOCK_N)
         if NEED_DBIAS:
             tl.store(DBiasPart + (m_start // BLOCK_M) * stride_pbt + b * stride_pbb
                      + s * stride_pbs + p * stride_pbp + h * stride_pbh, tl.sum(dbias, 0))
@@ -370,12 +368,14 @@ def _bwd_dq(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, delta_ptr,
                 stride_qt, stride_dot,
-                m_lo, m_hi, q_start, q_len, offs_n, keys, col0, key_ok, kv_end, self_pair, off, left,
+                m_lo, m_hi, q_start, q_len, offs_n, keys, col0, key_ok, kv_end, self_pair, off,
+                left,
                 right, alibi2, lse_shift, scale_log2, softcap_scale, mask_head, stride_mq,
                 stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
                 MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GATE: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr,
+                BF16_RTNE: tl.constexpr,
                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
@@ -520,26 +520,29 @@ def _bwd_dkdv(
                         + q_start * stride_dot, shape=[q_len, EV], strides=[stride_dot, 1],
                         block_shape=[BLOCK_M, EV_PAD])
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off, Delta + stats_off,
-                    stride_qt, stride_dot, m0, m_a, q_start, q_len, offs_n, keys, keys0, key_ok,
-                    kv_end, self_pair, off, left, right, alibi2, bias2, scale_log2, softcap_scale,
-                    mask_head, stride_mq, stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E,
-                    EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, HAS_GATE, HAS_DROPOUT,
-                    USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                    Delta + stats_off, stride_qt, stride_dot, m0, m_a, q_start, q_len, offs_n,
+                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
+                    dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                    BLOCK_N)
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off, Delta + stats_off,
-                    stride_qt, stride_dot, m_a, m_b, q_start, q_len, offs_n, keys, keys0, key_ok,
-                    kv_end, self_pair, off, left, right, alibi2, bias2, scale_log2, softcap_scale,
-                    mask_head, stride_mq, stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E,
-                    EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, HAS_GATE, HAS_DROPOUT,
-                    USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                    Delta + stats_off, stride_qt, stride_dot, m_a, m_b, q_start, q_len, offs_n,
+                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
+                    dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                    BLOCK_N)
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off, Delta + stats_off,
-                    stride_qt, stride_dot, m_b, m_hi, q_start, q_len, offs_n, keys, keys0, key_ok,
-                    kv_end, self_pair, off, left, right, alibi2, bias2, scale_log2, softcap_scale,
-                    mask_head, stride_mq, stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E,
-                    EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, HAS_GATE, HAS_DROPOUT,
-                    USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                    Delta + stats_off, stride_qt, stride_dot, m_b, m_hi, q_start, q_len, offs_n,
+                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
+                    dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                    BLOCK_N)
 
     out_rows = offs_n < kv_len
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
@@ -569,7 +572,8 @@ def _wanted(problem, needs_grad):
 
 
 def gradient_buffers(problem, needs_grad):
-    """Zeroed outputs of the backward kernels: dq, dk, dv, dmask, the per-tile gate/bias partials."""
+    """Zeroed outputs of the backward kernels: dq, dk, dv, dmask and the per-tile gate/bias
+    partials."""
     q, k, v = problem.q, problem.k, problem.v
     need_q, need_k, need_v, need_gate, need_bias, need_mask, _ = _wanted(problem, needs_grad)
     empty = q.new_empty(0)

@@ -200,7 +200,8 @@ def kernel_launches(problem, with_backward, arch=90):
     lse = torch.empty(shape, dtype=torch.float32)
     fn, args, kwargs, _ = fwd.forward_launch(problem, out, lse)
     kwargs["USE_TMA"] = arch >= 90 and tma_ok(problem.q, problem.k, problem.v, out)
-    kwargs["MASK_TMA"] = kwargs["USE_TMA"] and fwd.mask_tma_ok(fwd.mask_for_kernel(problem.attn_mask))
+    mask = fwd.mask_for_kernel(problem.attn_mask)
+    kwargs["MASK_TMA"] = kwargs["USE_TMA"] and fwd.mask_tma_ok(mask)
     launches = [("fwd", fn, args, kwargs)]
     if with_backward:
         needs = [True, True, True, problem.gate is not None, problem.bias is not None, False, False]

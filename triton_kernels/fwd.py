@@ -103,21 +103,21 @@ def _peer_stages(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, st
     acc, m_i, l_i = _peer_tiles(
         acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n0, n_a, qi,
         kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT,
-        BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows,
+        Tq, Tk, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA,
+        MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _peer_tiles(
         acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_a, n_b, qi,
         kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-        False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT,
-        BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows,
+        Tq, Tk, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA,
+        MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _peer_tiles(
         acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, n_b, n_hi, qi,
         kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2, softcap_scale,
-        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows, Tq, Tk,
-        True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT,
-        BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+        mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p, bh, q_rows,
+        Tq, Tk, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT, USE_TMA,
+        MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
     return acc, m_i, l_i
 
 
@@ -234,9 +234,10 @@ def _attn_fwd(
             out, m_o, l_o = _peer_stages(
                 out, m_o, l_o, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
                 q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-                softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
-                bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT,
-                USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset,
+                dropout_p, bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD,
+                HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                BLOCK_N)
             if PEER_MODE:  # (one peer)
                 tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
                          (m_o + bias2 + tl.log2(l_o)) * LN2, mask=row_ok)
@@ -247,9 +248,10 @@ def _attn_fwd(
             acc, m_p, l_p = _peer_stages(
                 acc, m_p, l_p, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, stride_vt, m_start,
                 q_len, offs_m, kv_start, kv_end, self_pair, off, left, right, alibi2, scale_log2,
-                softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset, dropout_p,
-                bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD, HAS_DROPOUT,
-                USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                softcap_scale, mask_rows, mask_row0, stride_mk, row_ok, E, EV, seed, rng_offset,
+                dropout_p, bh, q_rows, Tq, Tk, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP, SCORE_MOD,
+                HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                BLOCK_N)
             # the peer's partial result merges once: its bias shifts its max, its gate scales it
             m_p += bias2
             if PEER_MODE:
@@ -398,7 +400,8 @@ def forward_launch(problem, out, lse):
             search_steps(num_streams), q_total, k.shape[2], problem.head_dim, problem.value_dim,
             left, right, tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
     tma = use_tma(problem, out)
-    kwargs = dict(kernel_flags(problem), USE_TMA=tma, MASK_TMA=tma and mask_tma_ok(mask_for_kernel(problem.attn_mask)),
+    mask_tma = tma and mask_tma_ok(mask_for_kernel(problem.attn_mask))
+    kwargs = dict(kernel_flags(problem), USE_TMA=tma, MASK_TMA=mask_tma,
                   **(interpreter_meta() if INTERPRET else {}))
 
     def grid(META):
@@ -416,8 +419,10 @@ def forward(problem):
     q = problem.q
     batch, num_q_heads, q_total, _ = q.shape
     peer_mode = problem.normalize == "peer"
-    out = torch.zeros(batch, num_q_heads, q_total, problem.value_dim, dtype=q.dtype, device=q.device)
-    shape = (batch, num_q_heads, problem.num_streams, q_total) if peer_mode else (batch, num_q_heads, q_total)
+    out = torch.zeros(batch, num_q_heads, q_total, problem.value_dim, dtype=q.dtype,
+                      device=q.device)
+    shape = ((batch, num_q_heads, problem.num_streams, q_total) if peer_mode
+             else (batch, num_q_heads, q_total))
     lse = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
     if q_total == 0 or batch * num_q_heads == 0:
         return out, lse
