@@ -55,14 +55,18 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
                 k_ok = k_ok & (offs_n[:, None] < kv_end)
             k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
         qk = mma(q, tl.trans(k), F32_DOT)
-        qk = log2_scores(qk, scale_log2, softcap_scale, SOFTCAP, SCORE_MOD)
-        if MASK_TMA:  # the attn_mask tile through its descriptor (zeros past its edges)
-            mask_src = mask_rows.load([mask_row0, kv_start + n_start])
-        else:
-            mask_src = mask_rows + (kv_start + offs_n)[None, :] * stride_mk
-        qk = mask_scores(qk, qi, offs_n[None, :], self_pair, off, left, right, kv_end, alibi2,
-                         mask_src, row_ok[:, None] & (offs_n[None, :] < kv_end),
-                         MASKED, BAND, HAS_ALIBI, MASK_KIND, MASK_TMA)
+        # (the helpers are called only when they have work: each call of a jit function costs
+        # the interpreter a millisecond, nothing compiled)
+        if SCORE_MOD:
+            qk = log2_scores(qk, scale_log2, softcap_scale, SOFTCAP, SCORE_MOD)
+        if MASKED or HAS_ALIBI or MASK_KIND != 0:
+            if MASK_TMA:  # the attn_mask tile through its descriptor (zeros past its edges)
+                mask_src = mask_rows.load([mask_row0, kv_start + n_start])
+            else:
+                mask_src = mask_rows + (kv_start + offs_n)[None, :] * stride_mk
+            qk = mask_scores(qk, qi, offs_n[None, :], self_pair, off, left, right, kv_end,
+                             alibi2, mask_src, row_ok[:, None] & (offs_n[None, :] < kv_end),
+                             MASKED, BAND, HAS_ALIBI, MASK_KIND, MASK_TMA)
         # a row with nothing attended yet keeps max -inf: shift it by 0 (exp2(-inf) = 0)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -230,6 +230,7 @@ def probs_from_lse(qk, qi, kj, lse2, self_pair, off, left, right, kv_end, alibi2
     else:
         z = qk * scale_log2
         dcap = 1.0
-    z = mask_scores(z, qi, kj, self_pair, off, left, right, kv_end, alibi2, mask_ptrs, mask_ok,
-                    MASKED, BAND, HAS_ALIBI, MASK_KIND)
+    if MASKED or HAS_ALIBI or MASK_KIND != 0:  # (a jit call costs the interpreter 1 ms)
+        z = mask_scores(z, qi, kj, self_pair, off, left, right, kv_end, alibi2, mask_ptrs,
+                        mask_ok, MASKED, BAND, HAS_ALIBI, MASK_KIND)
     return tl.exp2(z - lse2), dcap
