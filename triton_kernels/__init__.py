@@ -2,11 +2,12 @@
 
 Entry points for the "triton" backend, on the normalised problem of `peer_attention.problem`:
     forward(problem) -> (out, lse)
-    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask)
+    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks)
     dropout_keep_mask(problem) -> the kernels' dropout keep mask (tests and debugging)
 
 Modules: fwd.py (forward kernel), bwd.py (backward kernels), tiles.py (device helpers shared by
 both), configs.py (launch configs / autotuning), dropout.py (the keep mask, for tests),
+compile_check.py (the sm90 compile report without a GPU),
 utils.py (host helpers).
 """
 from .bwd import backward

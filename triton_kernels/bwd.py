@@ -1,14 +1,17 @@
 """Backward kernels, FlashAttention-2 style, over the same packed problem as the forward.
 
 Stages (see MATH.md):
-  1. _bwd_preprocess, per (query tile, batch*head, stream s): Delta = rowsum(dO * O) ("joint"),
-     or, per peer, U_p = sum_j P_pj v_pj recomputed from the saved log-sum-exp and
+  1. _bwd_preprocess, per (stream s, query tile) and batch*head: Delta = rowsum(dO * O)
+     ("joint"), or, per peer, U_p = sum_j P_pj v_pj recomputed from the saved log-sum-exp and
      Delta_p = <dO * g_p, U_p> ("peer"); the gate gradient dO * U_p is reduced per tile here.
-  2. _bwd_dkdv, key/value-major, per (key tile, batch*kv head, peer p): loops over every query
-     tile of every stream that attends to p and every query head of the GQA group, so dK/dV
-     are owned by one program each (no atomics).
+  2. _bwd_dkdv, key-major, per (stream p, key tile) and batch*kv head: loops over the query tiles
+     of every stream that attends to p and every query head of the GQA group, so dK/dV are owned
+     by one program each (no atomics). It computes S^T = K Q^T directly (keys as rows), so P^T
+     and dS^T feed the dV and dK products without a transpose.
   3. _bwd_dq, query-major: dQ, the bias gradient (reduced per tile) and the float mask gradient.
-Partial per-tile buffers are summed with torch afterwards (deterministic).
+Full tiles run without positional masks, boundary tiles (window/causal edges, kv end) with them,
+as in the forward. Partial per-tile buffers and the sink gradient
+dsink_h = -sum_i P_sink(i) Delta_i are reduced with torch afterwards (deterministic).
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import triton
 import triton.language as tl
 
 from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
-from .fwd import kernel_flags, num_row_tiles, shared_args
-from .tiles import LOG2E, dropout_keep, key_bounds, masked_scores, mma, row_tile, to_io
-from .utils import INTERPRET, dropout_args
+from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
+from .tiles import (LOG2E, dropout_keep, find_tile, key_stages, kv_extent, mma,
+                    probs_from_lse, query_stages, row_tile, to_io)
+from .utils import (INTERPRET, band, dropout_args, num_tiles, search_steps, stream_tables,
+                    tma_ok)
 
 
 @triton.jit
@@ -31,9 +36,41 @@ def _row_lse2(Lse, lse_off, rows, row_ok):
 
 
 @triton.jit
+def _exact_pv(probs, v, F32_DOT: tl.constexpr):
+    """probs @ v without rounding fp32 probs to the input dtype: as hi + lo halves in the input
+    dtype (two tensor-core products, ~16 significant bits of P) instead of an fp32 FMA product
+    (no tensor cores, and a register file's worth of operands)."""
+    if F32_DOT:
+        return tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+    else:
+        hi = probs.to(v.dtype)
+        lo = (probs - hi.to(tl.float32)).to(v.dtype)
+        return tl.dot(hi, v) + tl.dot(lo, v)
+
+
+@triton.jit
+def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIAS: tl.constexpr):
+    """The pair's bias in log2 units: subtracted from the saved lse, it adds to every score."""
+    if HAS_BIAS:
+        return tl.load(Bias + b * stride_bb + s * stride_bs + p * stride_bp
+                       + h * stride_bh).to(tl.float32) * LOG2E
+    else:
+        return 0.0
+
+
+@triton.jit
+def _pair_offset(q_len, kv_len, BOTTOM_RIGHT: tl.constexpr):
+    if BOTTOM_RIGHT:  # the diagonal ends at the last key: off = M_s - L_s
+        return kv_len - q_len
+    else:
+        return q_len * 0
+
+
+@triton.jit
 def _bwd_preprocess(
-    Q, K, V, Out, DOut, Lse, Delta, DGatePart, QOff, KVOff, Peers, Gate, Bias, KVLen, Mask,
-    seed, rng_offset, dropout_p, scale_log2,
+    Q, K, V, Out, DOut, Lse, Delta, DGatePart, QOff, KVOff, TileOff, PeerStart, PeerList,
+    Gate, Bias, KVLen, Mask, Alibi, Sinks,
+    seed, rng_offset, dropout_p, scale_log2, softcap_scale,
     stride_qb, stride_qh, stride_qt, stride_qe,
     stride_kb, stride_kh, stride_kt, stride_ke,
     stride_vb, stride_vh, stride_vt, stride_ve,
@@ -45,17 +82,20 @@ def _bwd_preprocess(
     stride_bb, stride_bs, stride_bp, stride_bh,
     stride_klb, stride_kls,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
+    stride_ab, stride_ah,
+    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     NEED_DGATE: tl.constexpr, EXACT_DELTA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h, kvh, s, q_start, q_len, m_start = row_tile(QOff, num_q_heads, group_size, BLOCK_M)
-    if m_start >= q_len:  # the grid covers the longest stream
-        return
+    bh = tl.program_id(1)
+    b, h, kvh, s, q_start, q_len, m_start = row_tile(
+        QOff, TileOff + (BLOCK_M // 16 - 1) * (num_streams + 1), num_q_heads, group_size,
+        num_streams, steps, BLOCK_M)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
@@ -84,61 +124,124 @@ def _bwd_preprocess(
         v_head = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
         mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
             + rows[:, None] * stride_mq
+        alibi2 = 0.0
+        if HAS_ALIBI:
+            alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
         lse2 = _row_lse2(Lse, b * stride_lb + h * stride_lh, rows, row_ok)
-        for p in range(0, num_streams):
-            if tl.load(Peers + s * num_streams + p) != 0:
-                kv_start, kv_end = key_bounds(KVOff, KVLen, stride_klb, stride_kls, b, p, s,
-                                              m_start, HAS_KVLEN, IS_CAUSAL, BLOCK_M)
-                if PEER_MODE:
-                    lse2 = _row_lse2(Lse, b * stride_lb + h * stride_lh + p * stride_ls, rows,
-                                     row_ok)
-                bias_log2 = 0.0
-                if HAS_BIAS:
-                    bias_log2 = tl.load(Bias + b * stride_bb + s * stride_bs + p * stride_bp
-                                        + h * stride_bh).to(tl.float32) * LOG2E
-                u = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
-                for n_start in range(0, kv_end, BLOCK_N):
-                    offs_n = n_start + tl.arange(0, BLOCK_N)
-                    key_ok = offs_n < kv_end
-                    kT = tl.load(k_head + (kv_start + offs_n)[None, :] * stride_kt
-                                 + offs_e[:, None] * stride_ke,
-                                 mask=key_ok[None, :] & (offs_e[:, None] < E), other=0.0)
-                    qk = mma(q, kT, F32_DOT) * scale_log2
-                    qk = masked_scores(qk, offs_m, offs_n, m_start, n_start, kv_end, p == s,
-                                       bias_log2, mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
-                                       row_ok[:, None] & key_ok[None, :],
-                                       HAS_BIAS, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
-                    probs = tl.exp2(qk - lse2[:, None])
-                    if HAS_DROPOUT:
-                        keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + offs_n, Tq, Tk,
-                                            dropout_p)
-                        probs = tl.where(keep, probs / (1.0 - dropout_p), 0.0)
-                    v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
-                                + offs_ev[None, :] * stride_ve,
-                                mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
-                    u += mma(probs, v.to(tl.float32), True)
-                gate = tl.full([EV_PAD], 1.0, tl.float32)
-                if HAS_GATE:
-                    gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
-                                   + h * stride_gh + offs_ev * stride_ge,
-                                   mask=ev_ok, other=0.0).to(tl.float32)
-                if PEER_MODE:  # Delta_p = <dO * g_p, U_p>
-                    tl.store(Delta + b * stride_lb + h * stride_lh + p * stride_ls + rows,
-                             tl.sum(do * gate[None, :] * u, 1), mask=row_ok)
-                else:
-                    delta += tl.sum(do * gate[None, :] * u, 1)
-                if NEED_DGATE:  # dg_p = sum over rows of dO * U_p, one partial per tile
-                    tl.store(DGatePart + pid_m * stride_pgt + b * stride_pgb + s * stride_pgs
-                             + p * stride_pgp + h * stride_pgh + offs_ev,
-                             tl.sum(do * u, 0), mask=ev_ok)
+        if DIAGONAL:
+            peer_lo = 0
+            peer_hi = 1
+        else:
+            peer_lo = tl.load(PeerStart + s)
+            peer_hi = tl.load(PeerStart + s + 1)
+        for i in range(peer_lo, peer_hi):
+            if DIAGONAL:
+                p = s
+            else:
+                p = tl.load(PeerList + i)
+            kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p,
+                                                 HAS_KVLEN)
+            off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
+            n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, p == s, off, left, right,
+                                            BAND, BLOCK_M, BLOCK_N)
+            if PEER_MODE:
+                lse2 = _row_lse2(Lse, b * stride_lb + h * stride_lh + p * stride_ls, rows, row_ok)
+            lse2_p = lse2 - _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
+                                   HAS_BIAS)
+            u = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
+            for n_start in range(n0, n_hi, BLOCK_N):
+                offs_n = n_start + tl.arange(0, BLOCK_N)
+                key_ok = offs_n < kv_end
+                k = tl.load(k_head + (kv_start + offs_n)[:, None] * stride_kt
+                            + offs_e[None, :] * stride_ke,
+                            mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                probs, dcap = probs_from_lse(
+                    mma(q, tl.trans(k), F32_DOT), offs_m[:, None], offs_n[None, :],
+                    lse2_p[:, None], p == s, off, left, right, kv_end, alibi2, scale_log2,
+                    softcap_scale, mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
+                    row_ok[:, None] & key_ok[None, :], True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
+                if HAS_DROPOUT:
+                    keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + n_start, Tq, Tk,
+                                        dropout_p, BLOCK_M, BLOCK_N)
+                    probs = tl.where(keep, probs / (1.0 - dropout_p), 0.0)
+                v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
+                            + offs_ev[None, :] * stride_ve,
+                            mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
+                u += _exact_pv(probs, v, F32_DOT)
+            gate = tl.full([EV_PAD], 1.0, tl.float32)
+            if HAS_GATE:
+                gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
+                               + h * stride_gh + offs_ev * stride_ge,
+                               mask=ev_ok, other=0.0).to(tl.float32)
+            if PEER_MODE:  # Delta_p = <dO * g_p, U_p>
+                tl.store(Delta + b * stride_lb + h * stride_lh + p * stride_ls + rows,
+                         tl.sum(do * gate[None, :] * u, 1), mask=row_ok)
+            else:
+                delta += tl.sum(do * gate[None, :] * u, 1)
+            if NEED_DGATE:  # dg_p = sum over rows of dO * U_p, one partial per tile
+                tl.store(DGatePart + (m_start // BLOCK_M) * stride_pgt + b * stride_pgb
+                         + s * stride_pgs + p * stride_pgp + h * stride_pgh + offs_ev,
+                         tl.sum(do * u, 0), mask=ev_ok)
         if EXACT_DELTA:
             tl.store(Delta + b * stride_lb + h * stride_lh + rows, delta, mask=row_ok)
 
 
 @triton.jit
+def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptrs,
+              stride_kt, stride_vt,
+              n_lo, n_hi, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+              alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk,
+              seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
+              MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              USE_TMA: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr,
+              NEED_DMASK: tl.constexpr,
+              F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr, E_PAD: tl.constexpr,
+              EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (and the bias/mask gradients) over key tiles [n_lo, n_hi) of one peer."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < kv_end
+        k_ok = offs_e[None, :] < E
+        v_ok = offs_ev[None, :] < EV
+        if MASKED:
+            k_ok = k_ok & key_ok[:, None]
+            v_ok = v_ok & key_ok[:, None]
+        if USE_TMA:
+            k = k_desc.load([n_start, 0])
+            v = v_desc.load([n_start, 0])
+        else:
+            k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
+            v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=v_ok, other=0.0)
+        probs, dcap = probs_from_lse(
+            mma(q, tl.trans(k), F32_DOT), qi, offs_n[None, :], lse2[:, None], self_pair, off,
+            left, right, kv_end, alibi2, scale_log2, softcap_scale,
+            mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
+            row_ok[:, None] & key_ok[None, :], MASKED, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
+        dp = mma(do_gated, tl.trans(v), F32_DOT)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + n_start, Tq, Tk,
+                                dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = probs * (dp - delta[:, None])  # dz, the gradient of the natural-log scores
+        if NEED_DQ:
+            dq += mma(to_io(ds * dcap, k.dtype, BF16_RTNE), k, F32_DOT)
+        if NEED_DBIAS:
+            dbias += tl.sum(ds, 1)
+        if NEED_DMASK:
+            tl.store(dmask_rows + (kv_start + offs_n)[None, :] * stride_dmk,
+                     to_io(ds, dmask_rows.dtype.element_ty, BF16_RTNE),
+                     mask=row_ok[:, None] & key_ok[None, :])
+    return dq, dbias
+
+
+@triton.jit
 def _bwd_dq(
-    Q, K, V, DOut, Lse, Delta, DQ, DBiasPart, DMask, QOff, KVOff, Peers, Gate, Bias, KVLen, Mask,
-    seed, rng_offset, dropout_p, scale_log2, scale,
+    Q, K, V, DOut, Lse, Delta, DQ, DBiasPart, DMask, QOff, KVOff, TileOff, PeerStart, PeerList,
+    Gate, Bias, KVLen, Mask, Alibi, Sinks,
+    seed, rng_offset, dropout_p, scale_log2, softcap_scale, scale,
     stride_qb, stride_qh, stride_qt, stride_qe,
     stride_kb, stride_kh, stride_kt, stride_ke,
     stride_vb, stride_vh, stride_vt, stride_ve,
@@ -151,17 +254,20 @@ def _bwd_dq(
     stride_bb, stride_bs, stride_bp, stride_bh,
     stride_klb, stride_kls,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
+    stride_ab, stride_ah,
+    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h, kvh, s, q_start, q_len, m_start = row_tile(QOff, num_q_heads, group_size, BLOCK_M)
-    if m_start >= q_len:  # the grid covers the longest stream
-        return
+    bh = tl.program_id(1)
+    b, h, kvh, s, q_start, q_len, m_start = row_tile(
+        QOff, TileOff + (BLOCK_M // 16 - 1) * (num_streams + 1), num_q_heads, group_size,
+        num_streams, steps, BLOCK_M)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
@@ -180,70 +286,145 @@ def _bwd_dq(
         + rows[:, None] * stride_mq
     dmask_rows = DMask + b.to(tl.int64) * stride_dmb + h.to(tl.int64) * stride_dmh \
         + rows[:, None] * stride_dmq
+    alibi2 = 0.0
+    if HAS_ALIBI:
+        alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
     stats_off = b * stride_lb + h * stride_lh
     lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
     delta = tl.load(Delta + stats_off + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
+    qi = offs_m[:, None]
 
-    for p in range(0, num_streams):
-        if tl.load(Peers + s * num_streams + p) != 0:
-            kv_start, kv_end = key_bounds(KVOff, KVLen, stride_klb, stride_kls, b, p, s, m_start,
-                                          HAS_KVLEN, IS_CAUSAL, BLOCK_M)
-            if PEER_MODE:  # this peer's own softmax statistics
-                lse2 = _row_lse2(Lse, stats_off + p * stride_ls, rows, row_ok)
-                delta = tl.load(Delta + stats_off + p * stride_ls + rows, mask=row_ok, other=0.0)
-            bias_log2 = 0.0
-            if HAS_BIAS:
-                bias_log2 = tl.load(Bias + b * stride_bb + s * stride_bs + p * stride_bp
-                                    + h * stride_bh).to(tl.float32) * LOG2E
-            do_gated = do  # dP_pj = <dO * g_p, v_pj>
-            if HAS_GATE:
-                gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
-                               + offs_ev * stride_ge, mask=ev_ok, other=0.0).to(tl.float32)
-                do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
-            dbias = tl.zeros([BLOCK_M], tl.float32)
-            for n_start in range(0, kv_end, BLOCK_N):
-                offs_n = n_start + tl.arange(0, BLOCK_N)
-                key_ok = offs_n < kv_end
-                kT = tl.load(k_head + (kv_start + offs_n)[None, :] * stride_kt
-                             + offs_e[:, None] * stride_ke,
-                             mask=key_ok[None, :] & (offs_e[:, None] < E), other=0.0)
-                vT = tl.load(v_head + (kv_start + offs_n)[None, :] * stride_vt
-                             + offs_ev[:, None] * stride_ve,
-                             mask=key_ok[None, :] & (offs_ev[:, None] < EV), other=0.0)
-                qk = mma(q, kT, F32_DOT) * scale_log2
-                qk = masked_scores(qk, offs_m, offs_n, m_start, n_start, kv_end, p == s, bias_log2,
-                                   mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
-                                   row_ok[:, None] & key_ok[None, :],
-                                   HAS_BIAS, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
-                probs = tl.exp2(qk - lse2[:, None])
-                dp = mma(do_gated, vT, F32_DOT)
-                if HAS_DROPOUT:
-                    keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + offs_n, Tq, Tk,
-                                        dropout_p)
-                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                ds = probs * (dp - delta[:, None])  # dz, the gradient of the natural-log scores
-                if NEED_DQ:
-                    dq += mma(to_io(ds, kT.dtype, BF16_RTNE), tl.trans(kT), F32_DOT)
-                if NEED_DBIAS:
-                    dbias += tl.sum(ds, 1)
-                if NEED_DMASK:
-                    tl.store(dmask_rows + (kv_start + offs_n)[None, :] * stride_dmk,
-                             to_io(ds, DMask.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & key_ok[None, :])
-            if NEED_DBIAS:
-                tl.store(DBiasPart + pid_m * stride_pbt + b * stride_pbb + s * stride_pbs
-                         + p * stride_pbp + h * stride_pbh, tl.sum(dbias, 0))
+    if DIAGONAL:
+        peer_lo = 0
+        peer_hi = 1
+    else:
+        peer_lo = tl.load(PeerStart + s)
+        peer_hi = tl.load(PeerStart + s + 1)
+    for i in range(peer_lo, peer_hi):
+        if DIAGONAL:
+            p = s
+        else:
+            p = tl.load(PeerList + i)
+        kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, HAS_KVLEN)
+        off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
+        self_pair = p == s
+        n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, self_pair, off, left, right,
+                                        BAND, BLOCK_M, BLOCK_N)
+        if PEER_MODE:  # this peer's own softmax statistics
+            lse2 = _row_lse2(Lse, stats_off + p * stride_ls, rows, row_ok)
+            delta = tl.load(Delta + stats_off + p * stride_ls + rows, mask=row_ok, other=0.0)
+        lse2_p = lse2 - _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
+                               HAS_BIAS)
+        do_gated = do  # dP_pj = <dO * g_p, v_pj>
+        if HAS_GATE:
+            gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
+                           + offs_ev * stride_ge, mask=ev_ok, other=0.0).to(tl.float32)
+            do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
+        k_ptrs = k_head + kv_start * stride_kt + offs_e[None, :] * stride_ke
+        v_ptrs = v_head + kv_start * stride_vt + offs_ev[None, :] * stride_ve
+        k_desc = k_head
+        v_desc = v_head
+        if USE_TMA:  # per (batch, kv head, peer): keys past the peer's end read as zeros
+            k_desc = tl.make_tensor_descriptor(k_head + kv_start * stride_kt, shape=[kv_len, E],
+                                               strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, E_PAD])
+            v_desc = tl.make_tensor_descriptor(v_head + kv_start * stride_vt, shape=[kv_len, EV],
+                                               strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, EV_PAD])
+        dbias = tl.zeros([BLOCK_M], tl.float32)
+        dq, dbias = _dq_tiles(
+            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
+            stride_vt, n0, n_a, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
+            rng_offset, dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
+            EV_PAD, BLOCK_M, BLOCK_N)
+        dq, dbias = _dq_tiles(
+            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
+            stride_vt, n_a, n_b, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
+            rng_offset, dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
+            EV_PAD, BLOCK_M, BLOCK_N)
+        dq, dbias = _dq_tiles(
+            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
+            stride_vt, n_b, n_hi, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
+            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
+            rng_offset, dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
+            EV_PAD, BLOCK_M, BLOCK_N)
+        if NEED_DBIAS:
+            tl.store(DBiasPart + (m_start // BLOCK_M) * stride_pbt + b * stride_pbb
+                     + s * stride_pbs + p * stride_pbp + h * stride_pbh, tl.sum(dbias, 0))
 
     if NEED_DQ:
         tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
                  + rows[:, None] * stride_dqt + offs_e[None, :] * stride_dqe,
-                 to_io(dq * scale, DQ.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & (offs_e[None, :] < E))
+                 to_io(dq * scale, DQ.dtype.element_ty, BF16_RTNE),
+                 mask=row_ok[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, delta_ptr,
+                stride_qt, stride_dot,
+                m_lo, m_hi, q_start, q_len, offs_n, keys, col0, key_ok, kv_end, self_pair, off,
+                left,
+                right, alibi2, lse_shift, scale_log2, softcap_scale, mask_head, stride_mq,
+                stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
+                MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GATE: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr,
+                BF16_RTNE: tl.constexpr,
+                E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
+    rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for m_start in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        rows = q_start + offs_m
+        q_ok = offs_e[None, :] < E
+        do_ok = offs_ev[None, :] < EV
+        if MASKED:
+            q_ok = q_ok & row_ok[:, None]
+            do_ok = do_ok & row_ok[:, None]
+        if USE_TMA:
+            q = q_desc.load([m_start, 0])
+            do = do_desc.load([m_start, 0])
+        else:
+            q = tl.load(q_head + rows[:, None] * stride_qt, mask=q_ok, other=0.0)
+            do = tl.load(do_head + rows[:, None] * stride_dot, mask=do_ok, other=0.0)
+        if HAS_GATE:
+            do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E) - lse_shift
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        probs_t, dcap = probs_from_lse(
+            mma(k, tl.trans(q), F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
+            self_pair, off, left, right, kv_end, alibi2, scale_log2, softcap_scale,
+            mask_head + rows[None, :] * stride_mq + keys[:, None] * stride_mk,
+            row_ok[None, :] & key_ok[:, None], MASKED, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
+        dp_t = mma(v, tl.trans(do), F32_DOT)
+        kept_t = probs_t
+        if HAS_DROPOUT:
+            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
+                                           BLOCK_M, BLOCK_N))
+            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        dv += mma(to_io(kept_t, do.dtype, BF16_RTNE), do, F32_DOT)
+        ds_t = probs_t * (dp_t - delta[None, :]) * dcap
+        dk += mma(to_io(ds_t, q.dtype, BF16_RTNE), q, F32_DOT)
+    return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DOut, Lse, Delta, DK, DV, QOff, KVOff, Peers, Gate, Bias, KVLen, Mask,
-    seed, rng_offset, dropout_p, scale_log2, scale,
+    Q, K, V, DOut, Lse, Delta, DK, DV, QOff, KVOff, TileOff, SrcStart, SrcList,
+    Gate, Bias, KVLen, Mask, Alibi, Sinks,
+    seed, rng_offset, dropout_p, scale_log2, softcap_scale, scale,
     stride_qb, stride_qh, stride_qt, stride_qe,
     stride_kb, stride_kh, stride_kt, stride_ke,
     stride_vb, stride_vh, stride_vt, stride_ve,
@@ -255,185 +436,249 @@ def _bwd_dkdv(
     stride_bb, stride_bs, stride_bp, stride_bh,
     stride_klb, stride_kls,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    num_q_heads, group_size, num_streams, Tq, Tk, E, EV, TUNE_LEN,
+    stride_ab, stride_ah,
+    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right, TUNE_LEN,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PEER_MODE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    p, tile = find_tile(TileOff + (BLOCK_N // 16 - 1) * (num_streams + 1), tl.program_id(0),
+                        num_streams, steps)
     bkv = tl.program_id(1)
-    p = tl.program_id(2)
     num_kv_heads = num_q_heads // group_size
     b = bkv // num_kv_heads
     kvh = bkv % num_kv_heads
-    kv_start = tl.load(KVOff + p)
-    kv_len = tl.load(KVOff + p + 1) - kv_start
-    n_start = pid_n * BLOCK_N
-    if n_start >= kv_len:
-        return
-    kv_end = kv_len
-    if HAS_KVLEN:
-        kv_end = tl.minimum(kv_end, tl.load(KVLen + b * stride_klb + p * stride_kls).to(tl.int32))
+    kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, HAS_KVLEN)
+    n_start = tile * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
     key_ok = offs_n < kv_end
     ev_ok = offs_ev < EV
     keys = kv_start + offs_n
-    kT = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-                 + keys[None, :] * stride_kt + offs_e[:, None] * stride_ke,
-                 mask=key_ok[None, :] & (offs_e[:, None] < E), other=0.0)
-    vT = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-                 + keys[None, :] * stride_vt + offs_ev[:, None] * stride_ve,
-                 mask=key_ok[None, :] & ev_ok[:, None], other=0.0)
+    keys0 = kv_start + n_start
+    k = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+                + keys[:, None] * stride_kt + offs_e[None, :] * stride_ke,
+                mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+                + keys[:, None] * stride_vt + offs_ev[None, :] * stride_ve,
+                mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
     if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
-        for s in range(0, num_streams):
-            if tl.load(Peers + s * num_streams + p) != 0:  # every stream that attends to p
-                q_start = tl.load(QOff + s)
-                q_len = tl.load(QOff + s + 1) - q_start
-                m_lo = n_start * 0  # (a tensor, like the value the branch below may give)
-                if IS_CAUSAL:
-                    if s == p:  # query tiles wholly above the diagonal see none of these keys
-                        m_lo = (n_start // BLOCK_M) * BLOCK_M
-                for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
-                    h = kvh * group_size + hh
-                    bh = b * num_q_heads + h
-                    stats_off = b * stride_lb + h * stride_lh
-                    if PEER_MODE:
-                        stats_off += p * stride_ls
-                    bias_log2 = 0.0
-                    if HAS_BIAS:
-                        bias_log2 = tl.load(Bias + b * stride_bb + s * stride_bs + p * stride_bp
-                                            + h * stride_bh).to(tl.float32) * LOG2E
-                    gate = tl.full([EV_PAD], 1.0, tl.float32)
-                    if HAS_GATE:
-                        gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
-                                       + h * stride_gh + offs_ev * stride_ge,
-                                       mask=ev_ok, other=0.0).to(tl.float32)
-                    for m_start in range(m_lo, q_len, BLOCK_M):
-                        offs_m = m_start + tl.arange(0, BLOCK_M)
-                        row_ok = offs_m < q_len
-                        rows = q_start + offs_m
-                        q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                                    + rows[:, None] * stride_qt + offs_e[None, :] * stride_qe,
-                                    mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-                        do = tl.load(DOut + b.to(tl.int64) * stride_dob
-                                     + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dot
-                                     + offs_ev[None, :] * stride_doe,
-                                     mask=row_ok[:, None] & ev_ok[None, :], other=0.0)
-                        if HAS_GATE:
-                            do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
-                        lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
-                        delta = tl.load(Delta + stats_off + rows, mask=row_ok, other=0.0)
-                        qk = mma(q, kT, F32_DOT) * scale_log2
-                        qk = masked_scores(
-                            qk, offs_m, offs_n, m_start, n_start, kv_end, s == p, bias_log2,
-                            Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                            + rows[:, None] * stride_mq + keys[None, :] * stride_mk,
-                            row_ok[:, None] & key_ok[None, :],
-                            HAS_BIAS, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
-                        probs = tl.exp2(qk - lse2[:, None])
-                        dp = mma(do, vT, F32_DOT)
-                        probs_kept = probs
-                        if HAS_DROPOUT:
-                            keep = dropout_keep(seed, rng_offset, bh, rows, keys, Tq, Tk, dropout_p)
-                            probs_kept = tl.where(keep, probs / (1.0 - dropout_p), 0.0)
-                            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                        dv += mma(tl.trans(to_io(probs_kept, do.dtype, BF16_RTNE)), do, F32_DOT)
-                        ds = probs * (dp - delta[:, None])
-                        dk += mma(tl.trans(to_io(ds, q.dtype, BF16_RTNE)), q, F32_DOT)
+        if DIAGONAL:
+            src_lo = 0
+            src_hi = 1
+        else:
+            src_lo = tl.load(SrcStart + p)
+            src_hi = tl.load(SrcStart + p + 1)
+        for i in range(src_lo, src_hi):  # every stream that attends to p
+            if DIAGONAL:
+                s = p
+            else:
+                s = tl.load(SrcList + i)
+            q_start = tl.load(QOff + s)
+            q_len = tl.load(QOff + s + 1) - q_start
+            off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
+            self_pair = s == p
+            m0, m_a, m_b, m_hi = query_stages(n_start, kv_end, q_len, self_pair, off, left,
+                                              right, BAND, BLOCK_M, BLOCK_N)
+            for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
+                h = kvh * group_size + hh
+                bh = b * num_q_heads + h
+                stats_off = b * stride_lb + h * stride_lh
+                if PEER_MODE:
+                    stats_off += p * stride_ls
+                bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
+                               HAS_BIAS)
+                alibi2 = 0.0
+                if HAS_ALIBI:
+                    alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
+                gate = tl.full([EV_PAD], 1.0, tl.float32)
+                if HAS_GATE:
+                    gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
+                                   + h * stride_gh + offs_ev * stride_ge,
+                                   mask=ev_ok, other=0.0).to(tl.float32)
+                q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+                    + offs_e[None, :] * stride_qe
+                do_head = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh \
+                    + offs_ev[None, :] * stride_doe
+                mask_head = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                q_desc = q_head
+                do_desc = do_head
+                if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
+                    q_desc = tl.make_tensor_descriptor(
+                        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                        + q_start * stride_qt, shape=[q_len, E], strides=[stride_qt, 1],
+                        block_shape=[BLOCK_M, E_PAD])
+                    do_desc = tl.make_tensor_descriptor(
+                        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                        + q_start * stride_dot, shape=[q_len, EV], strides=[stride_dot, 1],
+                        block_shape=[BLOCK_M, EV_PAD])
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                    Delta + stats_off, stride_qt, stride_dot, m0, m_a, q_start, q_len, offs_n,
+                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
+                    dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                    BLOCK_N)
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                    Delta + stats_off, stride_qt, stride_dot, m_a, m_b, q_start, q_len, offs_n,
+                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
+                    dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                    BLOCK_N)
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                    Delta + stats_off, stride_qt, stride_dot, m_b, m_hi, q_start, q_len, offs_n,
+                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
+                    dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
+                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
+                    BLOCK_N)
 
     out_rows = offs_n < kv_len
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + keys[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
-             to_io(dk * scale, DK.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & (offs_e[None, :] < E))
+             to_io(dk * scale, DK.dtype.element_ty, BF16_RTNE),
+             mask=out_rows[:, None] & (offs_e[None, :] < E))
     tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
              + keys[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
              to_io(dv, DV.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
-_bwd_dq_tuned = tuned(_bwd_dq)
-_bwd_dkdv_tuned = tuned(_bwd_dkdv, backward=True)
+_bwd_dq_tuned = tuned(_bwd_dq, kind="dq")
+_bwd_dkdv_tuned = tuned(_bwd_dkdv, kind="dkdv")
+TUNED = {"preprocess": _bwd_preprocess_tuned, "dq": _bwd_dq_tuned, "dkdv": _bwd_dkdv_tuned}
 
 
-def backward(problem, grad_out, out, lse, needs_grad):
+def _wanted(problem, needs_grad):
+    """(q, k, v, gate, bias, mask, sinks): the gradients asked for that exist."""
+    need = [bool(x) for x in needs_grad] + [False] * (7 - len(needs_grad))
+    need[3] = need[3] and problem.gate is not None
+    need[4] = need[4] and problem.bias is not None
+    need[5] = (need[5] and problem.attn_mask is not None
+               and problem.attn_mask.dtype != torch.bool)
+    need[6] = need[6] and problem.sinks is not None
+    return need
+
+
+def gradient_buffers(problem, needs_grad):
+    """Zeroed outputs of the backward kernels: dq, dk, dv, dmask and the per-tile gate/bias
+    partials."""
     q, k, v = problem.q, problem.k, problem.v
-    need_q, need_k, need_v, need_gate, need_bias, need_mask = (bool(x) for x in needs_grad)
-    need_gate = need_gate and problem.gate is not None
-    need_bias = need_bias and problem.bias is not None
-    need_mask = (need_mask and problem.attn_mask is not None
-                 and problem.attn_mask.dtype != torch.bool)
-    batch, num_q_heads, q_total, _ = q.shape
-    num_kv_heads, kv_total = k.shape[1], k.shape[2]
-    num_streams = problem.num_streams
-    peer_mode = problem.normalize == "peer"
-    device = q.device
+    need_q, need_k, need_v, need_gate, need_bias, need_mask, _ = _wanted(problem, needs_grad)
     empty = q.new_empty(0)
-
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_q else empty
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     mask = problem.attn_mask
-    dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=device) if need_mask else empty
+    dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=q.device) if need_mask else empty
     tiles = num_row_tiles(problem, MIN_BLOCK_M)
     dgate_part = (torch.zeros((tiles,) + tuple(problem.gate.shape), dtype=torch.float32,
-                              device=device) if need_gate else empty)
+                              device=q.device) if need_gate else empty)
     dbias_part = (torch.zeros((tiles,) + tuple(problem.bias.shape), dtype=torch.float32,
-                              device=device) if need_bias else empty)
+                              device=q.device) if need_bias else empty)
+    return dict(dq=dq, dk=dk, dv=dv, dmask=dmask, dgate_part=dgate_part, dbias_part=dbias_part)
 
-    work = q_total > 0 and kv_total > 0 and batch * num_q_heads > 0
-    if work:
-        tensors, strides = shared_args(problem)
-        seed, rng_offset, dropout_p = dropout_args(problem)
-        flags = kernel_flags(problem)
-        meta = interpreter_meta() if INTERPRET else {}
-        delta = torch.zeros_like(lse)
-        stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
-        scale_log2 = problem.scale * 1.4426950408889634
-        sizes = (num_q_heads, num_q_heads // num_kv_heads, num_streams, q_total, kv_total,
-                 problem.head_dim, problem.value_dim,
-                 tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
-        part_strides = lambda t: tuple(t.stride())[:5] if t.numel() else (0,) * 5  # noqa: E731
 
-        def row_grid(META):
-            return (num_row_tiles(problem, META["BLOCK_M"]), batch * num_q_heads, num_streams)
+def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
+    """[(name, kernel, args, kwargs, grid)] of the backward, in launch order: the one place the
+    arguments are assembled, shared by backward() and the compile report (compile_check).
+    Leaves Delta in bufs["delta"]."""
+    q, k, v = problem.q, problem.k, problem.v
+    need_q, need_k, need_v, need_gate, need_bias, need_mask, need_sinks = _wanted(problem,
+                                                                                  needs_grad)
+    batch, num_q_heads, q_total, _ = q.shape
+    num_kv_heads, kv_total = k.shape[1], k.shape[2]
+    num_streams = problem.num_streams
+    peer_mode = problem.normalize == "peer"
+    dq, dk, dv, dmask = bufs["dq"], bufs["dk"], bufs["dv"], bufs["dmask"]
+    dgate_part, dbias_part = bufs["dgate_part"], bufs["dbias_part"]
+    tables = stream_tables(problem, q.device)
+    optional, strides = shared_args(problem, tables)
+    seed, rng_offset, dropout_p = dropout_args(problem)
+    flags = kernel_flags(problem)
+    flags.pop("ONE_ACC")  # a forward-only choice
+    flags["USE_TMA"] = use_tma(problem, out) and tma_ok(grad_out)
+    meta = interpreter_meta() if INTERPRET else {}
+    delta = bufs["delta"] = torch.zeros_like(lse)
+    stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
+    scales = scale_args(problem)
+    left, right = band(problem)
+    sizes = (num_q_heads, num_q_heads // num_kv_heads, num_streams, search_steps(num_streams),
+             q_total, kv_total, problem.head_dim, problem.value_dim, left, right,
+             tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
+    part_strides = lambda t: tuple(t.stride())[:5] if t.numel() else (0,) * 5  # noqa: E731
+    row_tables = (tables["q_off"], tables["kv_off"], tables["q_tiles"], tables["peer_start"],
+                  tables["peer_list"])
 
-        _bwd_preprocess_tuned[row_grid](
-            q, k, v, out, grad_out, lse, delta, dgate_part if need_gate else lse, *tensors,
-            seed, rng_offset, dropout_p, scale_log2,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-            *stats_strides, *part_strides(dgate_part), *strides, *sizes,
-            **flags, NEED_DGATE=need_gate,
-            EXACT_DELTA=not peer_mode and (need_gate or need_bias) and problem.dropout_p == 0, **meta,
-        )
-        if need_q or need_bias or need_mask:
-            _bwd_dq_tuned[row_grid](
-                q, k, v, grad_out, lse, delta, dq if need_q else q,
-                dbias_part if need_bias else lse, dmask if need_mask else q, *tensors,
-                seed, rng_offset, dropout_p, scale_log2, problem.scale,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-                *(dq.stride() if need_q else (0,) * 4), *part_strides(dbias_part),
-                *(dmask.stride() if need_mask else (0,) * 4), *strides, *sizes,
-                **flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask, **meta,
-            )
-        if need_k or need_v:
-            def key_grid(META):
-                return (triton.cdiv(max(problem.kv_lens), META["BLOCK_N"]),
-                        batch * num_kv_heads, num_streams)
+    def row_grid(META):
+        return (num_tiles(problem.q_lens, META["BLOCK_M"]), batch * num_q_heads)
 
-            _bwd_dkdv_tuned[key_grid](
-                q, k, v, grad_out, lse, delta, dk, dv, *tensors,
-                seed, rng_offset, dropout_p, scale_log2, problem.scale,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-                *dk.stride(), *dv.stride(), *strides, *sizes, **flags, **meta,
-            )
+    def key_grid(META):
+        return (num_tiles(problem.kv_lens, META["BLOCK_N"]), batch * num_kv_heads)
 
-    dgate = dgate_part.sum(0).to(problem.gate.dtype) if need_gate else empty
-    dbias = dbias_part.sum(0).to(problem.bias.dtype) if need_bias else empty
-    return (dq if need_q else empty, dk if need_k else empty, dv if need_v else empty,
-            dgate, dbias, dmask)
+    exact_delta = not peer_mode and (need_gate or need_bias) and problem.dropout_p == 0
+    launches = [("preprocess", _bwd_preprocess, (
+        q, k, v, out, grad_out, lse, delta, dgate_part if need_gate else lse, *row_tables,
+        *optional, seed, rng_offset, dropout_p, *scales,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *stats_strides, *part_strides(dgate_part), *strides, *sizes),
+        dict(flags, NEED_DGATE=need_gate, EXACT_DELTA=exact_delta, **meta), row_grid)]
+    if need_q or need_bias or need_mask:
+        launches.append(("dq", _bwd_dq, (
+            q, k, v, grad_out, lse, delta, dq if need_q else q,
+            dbias_part if need_bias else lse, dmask if need_mask else q, *row_tables, *optional,
+            seed, rng_offset, dropout_p, *scales, problem.scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
+            *(dq.stride() if need_q else (0,) * 4), *part_strides(dbias_part),
+            *(dmask.stride() if need_mask else (0,) * 4), *strides, *sizes),
+            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask, **meta),
+            row_grid))
+    if need_k or need_v:
+        launches.append(("dkdv", _bwd_dkdv, (
+            q, k, v, grad_out, lse, delta, dk, dv, tables["q_off"], tables["kv_off"],
+            tables["kv_tiles"], tables["src_start"], tables["src_list"], *optional,
+            seed, rng_offset, dropout_p, *scales, problem.scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
+            *dk.stride(), *dv.stride(), *strides, *sizes), dict(flags, **meta), key_grid))
+    return launches
+
+
+def sink_gradient(problem, lse, delta):
+    """dsink_h = -sum_(b, i) P_sink(b, h, i) * Delta(b, h, i), P_sink = exp(sink_h - lse): the
+    sink carries no value, so its dP is 0 (the saved lse includes the sink)."""
+    sinks = problem.sinks
+    p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+    return (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
+
+
+def backward(problem, grad_out, out, lse, needs_grad):
+    """The seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks); empty where not asked."""
+    q, k = problem.q, problem.k
+    need_q, need_k, need_v, need_gate, need_bias, need_mask, need_sinks = _wanted(problem,
+                                                                                  needs_grad)
+    bufs = gradient_buffers(problem, needs_grad)
+    empty = q.new_empty(0)
+    delta = torch.zeros_like(lse)
+    if q.shape[2] > 0 and q.shape[0] * q.shape[1] > 0:
+        launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs)
+        if k.shape[2] == 0:  # no keys: only Delta (for the sink gradient) has work to do
+            launches = launches[:1]
+        for name, _, args, kwargs, grid in launches:
+            TUNED[name][grid](*args, **kwargs)
+        delta = bufs["delta"]
+    dgate = bufs["dgate_part"].sum(0).to(problem.gate.dtype) if need_gate else empty
+    dbias = bufs["dbias_part"].sum(0).to(problem.bias.dtype) if need_bias else empty
+    dsinks = sink_gradient(problem, lse, delta) if need_sinks else empty
+    return (bufs["dq"] if need_q else empty, bufs["dk"] if need_k else empty,
+            bufs["dv"] if need_v else empty, dgate, dbias, bufs["dmask"], dsinks)

@@ -43,14 +43,74 @@ def strides_or_zero(t, ndim: int):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+# query/key tile sizes the tile schedule serves (BLOCK_M and BLOCK_N of every config)
+TILE_SIZES = (16, 32, 64, 128)
+
+
+def _tile_offsets(lens, device):
+    """(8, S+1) int32: row block // 16 - 1 holds the prefix sum of cdiv(len, block) over the
+    streams, for each block of TILE_SIZES (other rows unused): the flat (stream, tile)
+    schedule of the row-major and key-major kernels."""
+    table = torch.zeros(8, len(lens) + 1, dtype=torch.int32)
+    for block in TILE_SIZES:
+        counts = torch.tensor([-(-n // block) for n in lens], dtype=torch.int32)
+        table[block // 16 - 1, 1:] = torch.cumsum(counts, 0)
+    return table.to(device)
+
+
+def num_tiles(lens, block: int) -> int:
+    assert block in TILE_SIZES, f"tile size {block} not in {TILE_SIZES}"
+    return sum(-(-n // block) for n in lens)
+
+
+def search_steps(num_streams: int) -> int:
+    """Binary-search steps to find a tile's stream among num_streams."""
+    return max(num_streams - 1, 0).bit_length()
+
+
 def stream_tables(problem, device):
-    """Prefix offsets of the packed streams and the flat peer table, as int32 device tensors."""
+    """int32 device tables of the packed problem: prefix offsets of the streams, the tile
+    schedules, and the peer table as compact lists (cost follows attended pairs only):
+    peers of s = peer_list[peer_start[s]:peer_start[s+1]], streams attending p likewise in
+    src_list. The diagonal (varlen) table needs no list: the kernels take p = s."""
     q_offsets = problem.stream_offsets(problem.q_lens)
     kv_offsets = problem.stream_offsets(problem.kv_lens)
-    q_off = torch.tensor(q_offsets, dtype=torch.int32, device=device)
-    kv_off = torch.tensor(kv_offsets, dtype=torch.int32, device=device)
-    peers = torch.tensor(list(problem.peers), dtype=torch.int32, device=device)
-    return q_off, kv_off, peers
+    n = problem.num_streams
+    peer_start, peer_list, src_start, src_list = [0], [], [0], []
+    if not problem.diagonal_peers:
+        for s in range(n):
+            peer_list += [p for p in range(n) if problem.peers[s * n + p]]
+            peer_start.append(len(peer_list))
+            src_list += [t for t in range(n) if problem.peers[t * n + s]]
+            src_start.append(len(src_list))
+
+    def ints(values):
+        return torch.tensor(values or [0], dtype=torch.int32, device=device)
+
+    return dict(q_off=ints(q_offsets), kv_off=ints(kv_offsets),
+                q_tiles=_tile_offsets(problem.q_lens, device),
+                kv_tiles=_tile_offsets(problem.kv_lens, device),
+                peer_start=ints(peer_start), peer_list=ints(peer_list),
+                src_start=ints(src_start), src_list=ints(src_list))
+
+
+def band(problem):
+    """(left, right) of the self-pair band with is_causal folded in (-1 = unbounded)."""
+    left, right = problem.window_left, problem.window_right
+    if problem.is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def tma_ok(*tensors) -> bool:
+    """Tensor descriptors (TMA) need the last dim contiguous and 16-byte aligned base and rows."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 def dropout_args(problem):

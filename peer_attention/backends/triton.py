@@ -42,6 +42,8 @@ class TritonBackend(Backend):
         auto_devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=256,
+        window=True, bottom_right=True, softcap=True, alibi=True, sinks=True,
+        diagonal_peers=True,
     )
 
     def unavailable_reason(self) -> Optional[str]:
@@ -65,4 +67,4 @@ class TritonBackend(Backend):
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
         from ..triton_kernels import backward
 
-        return (*backward(problem, grad_out, out, lse, needs_grad[:6]), problem.q.new_empty(0))
+        return backward(problem, grad_out, out, lse, needs_grad)

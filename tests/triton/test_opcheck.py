@@ -5,6 +5,7 @@ import torch
 
 from peer_attention import dispatch
 from peer_attention.api import peer_problem, sdpa_problem
+from peer_attention.problem import AttentionProblem
 
 
 def _streams(gen, q_lens, kv_lens, heads=2, kv_heads=2, e=20, ev=12):
@@ -25,6 +26,12 @@ def _problems():
     yield "peer-joint-gate-bias-gqa", peer_problem(qs, ks, vs, gate=gate, bias=bias, is_causal=True,
                                                    peers=[[1, 1], [0, 1]], enable_gqa=True)
     yield "peer-peer-mode", peer_problem(qs, ks, vs, gate=gate, normalize="peer", enable_gqa=True)
+    # the SPEC section 9 variants on a varlen (diagonal peer table) problem, sinks with a gradient
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen).requires_grad_() for n in (12, 14, 14))
+    sinks = torch.randn(2, generator=gen).requires_grad_()
+    yield "varlen-variants", AttentionProblem(
+        q, k, v, (5, 7), (6, 8), (), None, None, None, None, None, 0.0, True, 0.25, "joint",
+        3, -1, True, 4.0, torch.rand(1, 2), sinks)
 
 
 @pytest.mark.parametrize("problem", [pytest.param(p, id=name) for name, p in _problems()])
