@@ -34,6 +34,9 @@ def interpreter_enabled() -> bool:
     return INTERPRET
 
 
+MAX_GRID_Y = 65535
+
+
 class TritonBackend(Backend):
     name = "triton"
     capabilities = Capabilities(
@@ -57,6 +60,10 @@ class TritonBackend(Backend):
     def extra_reasons(self, problem: AttentionProblem) -> List[str]:
         if problem.q.device.type == "cpu" and not interpreter_enabled():
             return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
+        # the kernels put batch x heads on grid axis 1, which CUDA caps at 65535 programs
+        rows = problem.q.shape[0] * problem.num_q_heads
+        if rows > MAX_GRID_Y:
+            return [f"batch x query heads = {rows} > {MAX_GRID_Y} (the kernels' grid axis 1)"]
         return []
 
     def forward(self, problem: AttentionProblem):

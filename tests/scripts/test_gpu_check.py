@@ -134,9 +134,9 @@ def test_autotune_switch_keeps_one_config(monkeypatch):
     monkeypatch.setattr(configs, "INTERPRET", False)
     monkeypatch.setattr(configs, "_arch_and_smem", lambda index: (90, 227 * 1024))
     q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
-    for backward in (False, True):
-        candidates = configs.autotune_configs(backward)
-        prune = configs.make_pruner(backward)
+    for kind in configs.KINDS:
+        candidates = configs.autotune_configs(kind)
+        prune = configs.make_pruner(kind)
         monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
         tuned = prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128)
         assert len(tuned) > 1
