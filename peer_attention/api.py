@@ -28,7 +28,9 @@ def broadcast_in_fp32(t: Tensor, shape) -> Tensor:
     """t expanded to `shape`. A 16-bit t that requires grad and is broadcast is first cast to
     float32 (a copy of the small tensor only): the backward's sum over the broadcast dims then runs
     in float32 and is rounded once, not term by term."""
-    if t.requires_grad and t.dtype in _LOW_PRECISION and tuple(t.shape) != tuple(shape):
+    if t.shape == shape:  # nothing to broadcast: no view to make either
+        return t
+    if t.requires_grad and t.dtype in _LOW_PRECISION:
         t = t.float()
     return t.expand(shape)
 

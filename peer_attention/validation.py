@@ -69,6 +69,8 @@ def check_scale(scale, head_dim: int) -> float:
 
 
 def check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], target_text: str) -> None:
+    if t.shape == target:  # the common full-shape case, without the per-dim walk
+        return
     if t.dim() > len(target) or any(
         have != want and have != 1 for have, want in zip(reversed(t.shape), reversed(target))
     ):
@@ -234,7 +236,8 @@ def _check_streams(name: str, seq) -> List[Tensor]:
             f"{name}: expected a list or tuple of tensors (one per stream), got {type(seq).__name__}"
         )
     for i, t in enumerate(seq):
-        check_tensor(f"{name}[{i}]", t)
+        if not isinstance(t, Tensor):  # the argument's name is formatted only for the error
+            check_tensor(f"{name}[{i}]", t)
     return list(seq)
 
 
