@@ -125,6 +125,8 @@ def draw_dropout_seed() -> torch.Tensor:
     """A Philox seed/offset pair drawn from torch's default generator (so torch.manual_seed
     reproduces the dropout mask). It carries the generator's state from before the draw, for the
     `torch` backend, which replays torch's own dropout draw from it."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace get_state(); the seed alone serves
+        return torch.randint(0, 2**62, (2,), dtype=torch.int64)
     state = torch.default_generator.get_state()
     seed = torch.randint(0, 2**62, (2,), dtype=torch.int64)
     setattr(seed, STATE_ATTR, state)

@@ -153,8 +153,8 @@ def _forward(problem: AttentionProblem):
             o_s, l_s = _merge_joint(p, s, results, sink, q_s.shape, value_dim, compute)
         else:
             o_s, l_s = _merge_peer(p, s, results, lse, rows, q_s.shape, value_dim, compute)
-        if p.num_streams == 1:
-            return o_s, (l_s.to(compute) if joint else lse)
+        if p.num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
+            return o_s.contiguous(), (l_s.to(compute).contiguous() if joint else lse)
         out[:, :, rows] = o_s
         if joint:
             lse[:, :, rows] = l_s
