@@ -52,7 +52,9 @@ def _noise(weights: Tensor, dropout_p: float, gen) -> Tensor:
 def _dropped_attention(problem: AttentionProblem, q, k, v, mask, gen) -> Tensor:
     p = problem
     compute = lse_dtype(q.dtype)
-    if mask is not None and mask.dtype != torch.bool:
+    if mask is not None and mask.dtype == torch.bool:  # as torch's SDPA converts it
+        mask = torch.zeros(mask.shape, dtype=compute).masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
         mask = mask.to(compute)
     heads = q.shape[1]
     _, weights = _MATH(q.to(compute), k.to(compute), v.to(compute), mask, 0.0, p.is_causal,

@@ -297,11 +297,11 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
             grads.dsinks -= (torch.exp(sink - total) * delta).sum((0, 2))
     dmask = None
     if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
-        dmask = _mask_grad(p, plan, grad_out, out, lse)
+        dmask = _mask_grad(p, plan, grad_out, lse)
     return grads.result(p, dmask)
 
 
-def _mask_grad(p: AttentionProblem, plan: _Plan, grad_out, out, lse) -> Tensor:
+def _mask_grad(p: AttentionProblem, plan: _Plan, grad_out, lse) -> Tensor:
     """d mask = P * (dP - D) (one stream, no gate or bias: the only problems with a mask)."""
     compute = plan.compute
     heads = p.q.shape[1]
@@ -317,7 +317,8 @@ def _mask_grad(p: AttentionProblem, plan: _Plan, grad_out, out, lse) -> Tensor:
     total = total.masked_fill(total == NEG_INF, float("inf"))[..., None]
     probs = torch.exp(scores - total)
     d_probs = torch.matmul(grad_out.to(compute), values.transpose(-1, -2))
-    delta = (grad_out.to(compute) * out.to(compute)).sum(-1, keepdim=True)
+    # D = sum_j P dP in the compute dtype: <dO, O> would carry O's rounding to 16 bits
+    delta = (probs * d_probs).sum(-1, keepdim=True)
     return (probs * (d_probs - delta)).to(p.attn_mask.dtype)
 
 
