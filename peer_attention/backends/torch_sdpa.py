@@ -75,8 +75,8 @@ class _Plan:
             small = small.to(q_dtype)
         return small
 
-    def mask(self, p: int) -> Optional[Tensor]:
-        """The additive mask of any pair whose keys are stream p."""
+    def _key_mask(self, p: int) -> Optional[Tensor]:
+        """The additive mask of any pair whose keys are stream p: attn_mask and kv_lengths."""
         lengths = self.p.kv_lengths
         mask = self.user_mask
         if lengths is None:
@@ -88,15 +88,48 @@ class _Plan:
             self._kv_masks[p] = kv_mask.masked_fill_(padding.to(kv_mask.device), NEG_INF)[:, None, None, :]
         return self._kv_masks[p] if mask is None else mask + self._kv_masks[p]
 
+    def banded(self, s: int, p: int) -> bool:
+        """The self pair's visibility needs a mask: a window or bottom-right alignment (the
+        kernels' own causal flag is top-left only)."""
+        return s == p and (self.p.has_window or self.p.bottom_right)
+
+    def causal(self, s: int, p: int) -> bool:
+        """The kernels' own (top-left) causal flag for pair (s, p)."""
+        return self.p.is_causal and s == p and not self.banded(s, p)
+
+    def mask(self, s: int, p: int) -> Optional[Tensor]:
+        mask = self._key_mask(p)
+        if not self.banded(s, p):
+            return mask
+        band = _band_mask(self.p, s, self.p.q.dtype)
+        return band if mask is None else mask + band
+
     def pair(self, s: int, p: int, q_s: Tensor, v: Optional[Tensor] = None):
         """(out, lse) of query stream s on key stream p; rows that see no key get lse -inf."""
         values = self.keys(self.p.v, p) if v is None else v
-        mask = self.mask(p)
-        out, lse = pair_forward(q_s, self.keys(self.p.k, p), values, mask,
-                                self.p.is_causal and s == p, self.p.scale)
+        mask = self.mask(s, p)
+        out, lse = pair_forward(q_s, self.keys(self.p.k, p), values, mask, self.causal(s, p),
+                                self.p.scale)
         if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for such rows
             out, lse = _mark_empty_rows(out, lse, mask)
         return out, lse
+
+
+def _band_mask(p: AttentionProblem, s: int, dtype) -> Tensor:
+    """(L, M) additive mask of stream s's self pair: key j visible to query i iff
+    i + off - left <= j <= i + off + right (off = M - L bottom-right, else 0; causal: right 0).
+    A score-sized mask, as torch itself materialises for a lower-right CausalBias on the CPU."""
+    q_len, kv_len = p.q_lens[s], p.kv_lens[s]
+    device = p.q.device
+    diagonal = (torch.arange(q_len, device=device)[:, None] + p.self_offset(s)
+                - torch.arange(kv_len, device=device)[None, :])  # i + off - j
+    right = 0 if p.is_causal else p.window_right
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if right >= 0:
+        visible &= diagonal >= -right
+    if p.window_left >= 0:
+        visible &= diagonal <= p.window_left
+    return torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
 
 
 def _mark_empty_rows(out: Tensor, lse: Tensor, mask: Tensor):
@@ -247,7 +280,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
         total = lse[:, :, rows].to(compute) if joint else None
         peers = [t for t in plan.peers[s] if p.kv_lens[t] > 0]
         for t in peers:
-            causal = p.is_causal and s == t
+            causal, pair_mask = plan.causal(s, t), plan.mask(s, t)
             k_t, v_t = plan.keys(p.k, t), plan.keys(p.v, t)
             gate = _gate(p, s, t, compute)
             if joint:
@@ -262,7 +295,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                         g_in = gate[:, :1]
                     v_in = (v_in.to(compute) * g_in).to(p.q.dtype)
                 dq, dk, dv = pair_backward(d_out, q_s, k_in, v_in, o_s, lse_in.to(lse.dtype),
-                                           plan.mask(t), causal, p.scale)
+                                           pair_mask, causal, p.scale)
                 if gate is not None:
                     dv = dv.to(compute) * g_in
                 if expanded:
@@ -283,7 +316,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 lse_in = lse[:, :, t, rows]
                 lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
                 g_out = d_out if gate is None else (d_out.to(compute) * gate).to(p.q.dtype)
-                dq, dk, dv = pair_backward(g_out, q_s, k_t, v_t, o_t, lse_in, plan.mask(t),
+                dq, dk, dv = pair_backward(g_out, q_s, k_t, v_t, o_t, lse_in, pair_mask,
                                            causal, p.scale)
                 if grads.dgate is not None:
                     grads.dgate[:, s, t] += (d_out.to(compute) * o_t.to(compute)).sum(2)
@@ -308,8 +341,8 @@ def _mask_grad(p: AttentionProblem, plan: _Plan, grad_out, lse) -> Tensor:
     keys = _repeat_heads(p.k, heads).to(compute)
     values = _repeat_heads(p.v, heads).to(compute)
     scores = torch.matmul(p.q.to(compute), keys.transpose(-1, -2)) * p.scale
-    scores = scores + p.attn_mask.to(compute)
-    if p.is_causal:
+    scores = scores + plan.mask(0, 0).to(compute)  # attn_mask (and a band), as the forward saw it
+    if plan.causal(0, 0):
         q_len, kv_len = scores.shape[-2:]
         visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~visible, NEG_INF)
@@ -329,6 +362,8 @@ class TorchBackend(Backend):
         dtypes=ALL_FLOAT_DTYPES,  # float64 on the CPU only (extra_reasons)
         sinks=True,
         diagonal_peers=True,
+        window=True,        # through an (L, M) mask of the self pair: see _band_mask
+        bottom_right=True,
     )
 
     def unavailable_reason(self) -> Optional[str]:
@@ -340,6 +375,9 @@ class TorchBackend(Backend):
     def extra_reasons(self, problem: AttentionProblem) -> List[str]:
         reasons = []
         device = problem.q.device.type
+        if problem.dropout_p > 0 and (problem.has_window or problem.bottom_right):
+            reasons.append("dropout with a window or bottom-right alignment (torch's math path "
+                           "that replays its dropout is top-left causal only)")
         if device != "cpu":
             if problem.q.dtype not in _CUDA_DTYPES:
                 reasons.append(f"dtype {problem.q.dtype} not served by torch's fused kernels on {device}")

@@ -155,9 +155,9 @@ def test_gate_and_bias_in_float32_with_bfloat16_streams():
 
 # ---- the variants it serves through the problem seam: sinks, the diagonal (varlen) peer table ----
 
-def _problem(q, k, v, q_lens, kv_lens, peers=(1,), sinks=None, is_causal=False, scale=0.3):
+def _problem(q, k, v, q_lens, kv_lens, peers=(1,), sinks=None, is_causal=False, scale=0.3, **variant):
     return AttentionProblem(q, k, v, tuple(q_lens), tuple(kv_lens), tuple(peers), None, None, None,
-                            None, None, 0.0, is_causal, scale, "joint", sinks=sinks)
+                            None, None, 0.0, is_causal, scale, "joint", sinks=sinks, **variant)
 
 
 def _op_outputs_and_grads(name, problem, grad_out):
@@ -166,19 +166,49 @@ def _op_outputs_and_grads(name, problem, grad_out):
     return [out, lse] + list(torch.autograd.grad(out, leaves, grad_out))
 
 
-@pytest.mark.parametrize("variant", ["sinks", "diagonal-peers", "diagonal-peers-causal-sinks"])
+VARIANTS = {
+    "sinks": dict(q_lens=(6,), kv_lens=(9,), sinks=True),
+    "varlen": dict(q_lens=(4, 0, 7), kv_lens=(5, 3, 7), peers=()),
+    "varlen-causal-sinks": dict(q_lens=(4, 0, 7), kv_lens=(5, 3, 7), peers=(), is_causal=True, sinks=True),
+    # bottom-right causal, L < M and L > M (the first rows of the latter see no key)
+    "bottom-right-causal-L<M": dict(q_lens=(5,), kv_lens=(11,), is_causal=True, bottom_right=True),
+    "bottom-right-causal-L>M": dict(q_lens=(11,), kv_lens=(5,), is_causal=True, bottom_right=True),
+    "window-top-left": dict(q_lens=(9,), kv_lens=(9,), window_left=3, window_right=1),
+    "window-bottom-right-varlen": dict(q_lens=(4, 7), kv_lens=(6, 5), peers=(), window_left=2,
+                                       window_right=0, bottom_right=True),
+    "window-self-pair-of-two-streams": dict(q_lens=(5, 6), kv_lens=(7, 4), peers=(1, 1, 0, 1),
+                                            window_left=1, window_right=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variants_match_reference_float64(variant):
+    """sinks, the diagonal (varlen) peer table, windows and bottom-right alignment, through the
+    ops (the public functions for them belong to the flash-attn API)."""
     gen = torch.Generator().manual_seed(7)
-    q_lens, kv_lens = ((6,), (9,)) if variant == "sinks" else ((4, 0, 7), (5, 3, 7))
+    case = dict(VARIANTS[variant])
+    q_lens, kv_lens = case.pop("q_lens"), case.pop("kv_lens")
     q = torch.randn(2, 4, sum(q_lens), 16, generator=gen, dtype=torch.float64).requires_grad_()
     k = torch.randn(2, 2, sum(kv_lens), 16, generator=gen, dtype=torch.float64).requires_grad_()
     v = torch.randn(2, 2, sum(kv_lens), 12, generator=gen, dtype=torch.float64).requires_grad_()
-    sinks = (torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
-             if "sinks" in variant else None)
-    peers = (1,) if variant == "sinks" else ()
-    problem = _problem(q, k, v, q_lens, kv_lens, peers, sinks, is_causal="causal" in variant)
+    if case.pop("sinks", False):
+        case["sinks"] = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    problem = _problem(q, k, v, q_lens, kv_lens, **case)
     assert dispatch.select(problem).name == "torch"
     grad_out = torch.randn(2, 4, sum(q_lens), 12, generator=gen, dtype=torch.float64)
+    got = _op_outputs_and_grads("torch", problem, grad_out)
+    want = _op_outputs_and_grads("reference", problem, grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+def test_bottom_right_causal_with_a_float_mask_gradient():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen, dtype=torch.float64).requires_grad_()
+               for n in (6, 4, 4))
+    mask = torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    problem = sdpa_problem(q, k, v, attn_mask=mask)._replace(is_causal=True, bottom_right=True)
+    grad_out = torch.randn(1, 2, 6, 8, generator=gen, dtype=torch.float64)
     got = _op_outputs_and_grads("torch", problem, grad_out)
     want = _op_outputs_and_grads("reference", problem, grad_out)
     for g, w in zip(got, want):
@@ -252,9 +282,8 @@ def test_auto_picks_torch_on_cpu_for_every_feature_it_claims():
 
 
 @pytest.mark.parametrize("variant, word", [
-    (dict(softcap=5.0), "softcap"), (dict(window_left=2), "window"),
-    (dict(bottom_right=True), "bottom-right"),
-    (dict(alibi_slopes=torch.ones(1, 2)), "ALiBi"),
+    (dict(softcap=5.0), "softcap"), (dict(alibi_slopes=torch.ones(1, 2)), "ALiBi"),
+    (dict(bottom_right=True, dropout_p=0.1, dropout_seed=torch.tensor([1, 0])), "dropout with"),
 ])
 def test_declines_what_torchs_kernels_cannot_express(variant, word):
     q = torch.randn(1, 2, 5, 8)
