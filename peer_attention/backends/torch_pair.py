@@ -92,11 +92,10 @@ def _cuda_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale):
     lse_full = lse.new_full((*lse.shape[:-1], padded_len), float("inf"))
     lse_full[..., :q_len] = lse
     bias = _cuda_bias(mask, q, k.shape[2])
-    no_rng = torch.empty((), dtype=torch.int64, device=q.device)
-    dq, dk, dv, _ = _CUDA_BWD(grad_out.contiguous(), q, k_full, v_full,
-                              bias if bias is not None else q.new_empty(0), out, lse_full,
+    no_rng = torch.zeros((), dtype=torch.int64)  # philox seed/offset: read only with dropout
+    dq, dk, dv, _ = _CUDA_BWD(grad_out.contiguous(), q, k_full, v_full, bias, out, lse_full,
                               no_rng, no_rng, 0.0, [True, True, True, False], is_causal,
-                              scale=scale)
+                              scale=scale)  # bias None = no bias (an undefined tensor)
     groups = heads // kv_heads
     if groups > 1:  # a shared key/value head collects the gradients of its query heads
         dk = dk.unflatten(1, (kv_heads, groups)).sum(2)
