@@ -168,7 +168,9 @@ def _forward(problem: AttentionProblem):
     batch, heads, q_total = q.shape[:3]
     value_dim = p.v.shape[-1]
     joint = p.normalize == JOINT
-    lse = q.new_full(lse_shape(q, p.num_streams, p.normalize), NEG_INF, dtype=compute)
+    one_call = p.num_streams == 1 and joint  # the lse comes from the merge or the kernel
+    lse = None if one_call else q.new_full(lse_shape(q, p.num_streams, p.normalize), NEG_INF,
+                                           dtype=compute)
     out = None if p.num_streams == 1 else q.new_empty(batch, heads, q_total, value_dim)
     sink = _sink(p, compute)
     for s in range(p.num_streams):
@@ -260,9 +262,26 @@ def _sum_groups(t: Tensor, kv_heads: int) -> Tensor:
     return t if groups == 1 else t.unflatten(1, (kv_heads, groups)).sum(2)
 
 
+def _one_call_backward(p: AttentionProblem, plan: "_Plan", grad_out, out, lse, needs_grad):
+    """SDPA as the drop-in sees it: one pair, no merge, the kernel's gradients as they come."""
+    mask = plan.mask(0, 0)
+    if mask is not None:
+        lse = lse.masked_fill(lse == NEG_INF, float("inf"))  # rows that see no key: P = 0
+    dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, lse, mask, plan.causal(0, 0), p.scale)
+    dmask = None
+    if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
+        dmask = _mask_grad(p, plan, grad_out, lse)
+    return (dq if needs_grad[0] else empty_grad(p.q), dk if needs_grad[1] else empty_grad(p.q),
+            dv if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
+            dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
+
+
 def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     p = problem
     plan = _Plan(p)
+    if (p.num_streams == 1 and plan.peers[0] == [0] and p.q_lens[0] > 0 and p.kv_lens[0] > 0
+            and p.gate is None and p.bias is None and p.sinks is None):
+        return _one_call_backward(p, plan, grad_out, out, lse, needs_grad)
     compute = plan.compute
     grads = _Grads(p, needs_grad, compute)
     joint = p.normalize == JOINT
