@@ -243,6 +243,27 @@ def test_dropout_reproduces_torch_exactly(dtype, masked):
     assert (results[0][0] - undropped).abs().max() > 1e-2  # dropout did something
 
 
+def test_dropout_under_patch_torch_gives_torchs_numbers(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=gen) for _ in range(3))
+    torch.manual_seed(9)
+    theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+    served = []
+    run = dispatch.run
+
+    def spy(problem, explicit=None):
+        out, name = run(problem, explicit)
+        served.append(name)
+        return out, name
+
+    monkeypatch.setattr(dispatch, "run", spy)
+    with pa.patch_torch():
+        torch.manual_seed(9)
+        ours = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+    assert served == ["torch"]
+    assert torch.equal(ours, theirs)
+
+
 def test_dropout_calls_in_a_row_draw_different_masks_like_torch():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
