@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import peer_attention as pa
 from peer_attention import dispatch
-from peer_attention.api import sdpa_problem
+from peer_attention.api import peer_problem, sdpa_problem
 from peer_attention.problem import AttentionProblem
 from tests.helpers import assert_matches_reference
 
@@ -353,3 +353,27 @@ def test_cuda_declines_float64_and_dropout():
     torch_backend = dispatch.BACKENDS["torch"]
     assert any("float64" in r for r in torch_backend.not_supported_reasons(sdpa_problem(q.double(), q.double(), q.double())))
     assert any("dropout" in r for r in torch_backend.not_supported_reasons(sdpa_problem(q, q, q, dropout_p=0.1)))
+
+
+# ---- the registered op ----
+
+def _opcheck_problems():
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    q, k, v = t(1, 2, 5, 16), t(1, 2, 7, 16), t(1, 2, 7, 12)
+    yield "sdpa-float-mask", sdpa_problem(q, k, v, attn_mask=t(1, 1, 5, 7))
+    qs, ks, vs = [t(1, 2, 5, 16), t(1, 2, 3, 16)], [t(1, 1, 4, 16), t(1, 1, 6, 16)], [t(1, 1, 4, 12), t(1, 1, 6, 12)]
+    gate, bias = torch.rand(2, 2, 1, 12, generator=gen).requires_grad_(), t(2, 2, 1)
+    yield "peer-joint-gate-bias-gqa", peer_problem(qs, ks, vs, gate=gate, bias=bias, is_causal=True,
+                                                   kv_lengths=torch.tensor([[3, 6]]),
+                                                   peers=[[1, 1], [0, 1]], enable_gqa=True)
+    yield "peer-peer-mode", peer_problem(qs, ks, vs, gate=gate, normalize="peer", enable_gqa=True)
+
+
+@pytest.mark.parametrize("problem", [pytest.param(p, id=name) for name, p in _opcheck_problems()])
+def test_opcheck_torch_fwd(problem):
+    """Schema, fake implementation (shapes and strides), autograd registration, AOT dispatch."""
+    torch.library.opcheck(dispatch.forward_op("torch"), problem.op_args())
