@@ -11,7 +11,8 @@ the CPU kernel divides by zero on empty key sets.
 
 CPU: aten::_scaled_dot_product_flash_attention_for_cpu (GQA native, E == Ev only: a different
 value width is zero-padded, which changes no score). CUDA (and ROCm, same device type):
-aten::_scaled_dot_product_efficient_attention, which wants equal head counts and a padded bias.
+aten::_scaled_dot_product_efficient_attention, which wants equal head counts (repeated for GQA),
+head dims that are multiples of 8 and a bias with aligned rows (both zero/-inf padded here).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ _CUDA_BWD = _aten._scaled_dot_product_efficient_attention_backward.default
 # the efficient kernel reads the bias with 16-element-aligned rows and pads its lse rows to 32
 _CUDA_BIAS_ALIGN = 16
 _CUDA_LSE_ALIGN = 32
+_CUDA_HEAD_ALIGN = 8  # head dims zero-padded to a multiple of 8, as torch's SDPA front end does
 
 
 def _pad_last(t: Tensor, width: int) -> Tensor:
@@ -77,25 +79,37 @@ def _cuda_bias(mask, q, kv_len):
     return _pad_last(full, padded)[..., :kv_len]
 
 
+def _aligned(n: int) -> int:
+    return -(-n // _CUDA_HEAD_ALIGN) * _CUDA_HEAD_ALIGN
+
+
 def _cuda_forward(q, k, v, mask, is_causal, scale):
-    heads = q.shape[1]
-    k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    heads, value_dim = q.shape[1], v.shape[-1]
+    head_width, value_width = _aligned(q.shape[-1]), _aligned(value_dim)
+    q, k = _pad_last(q, head_width), _pad_last(_repeat_heads(k, heads), head_width)
+    v = _pad_last(_repeat_heads(v, heads), value_width)
     out, lse, _seed, _offset = _CUDA_FWD(q, k, v, _cuda_bias(mask, q, k.shape[2]), True, 0.0,
                                          is_causal, scale=scale)
-    return out, lse[..., :q.shape[2]]
+    return out[..., :value_dim], lse[..., :q.shape[2]]
 
 
 def _cuda_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale):
     kv_heads, heads, q_len = k.shape[1], q.shape[1], q.shape[2]
-    k_full, v_full = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    head_width, value_width = _aligned(head_dim), _aligned(value_dim)
+    q = _pad_last(q, head_width)
+    k_full = _pad_last(_repeat_heads(k, heads), head_width)
+    v_full = _pad_last(_repeat_heads(v, heads), value_width)
+    grad_out, out = _pad_last(grad_out, value_width), _pad_last(out, value_width)
     padded_len = -(-q_len // _CUDA_LSE_ALIGN) * _CUDA_LSE_ALIGN
     lse_full = lse.new_full((*lse.shape[:-1], padded_len), float("inf"))
     lse_full[..., :q_len] = lse
     bias = _cuda_bias(mask, q, k.shape[2])
     no_rng = torch.zeros((), dtype=torch.int64)  # philox seed/offset: read only with dropout
-    dq, dk, dv, _ = _CUDA_BWD(grad_out.contiguous(), q, k_full, v_full, bias, out, lse_full,
-                              no_rng, no_rng, 0.0, [True, True, True, False], is_causal,
+    dq, dk, dv, _ = _CUDA_BWD(grad_out.contiguous(), q, k_full, v_full, bias, out.contiguous(),
+                              lse_full, no_rng, no_rng, 0.0, [True, True, True, False], is_causal,
                               scale=scale)  # bias None = no bias (an undefined tensor)
+    dq, dk, dv = dq[..., :head_dim], dk[..., :head_dim], dv[..., :value_dim]
     groups = heads // kv_heads
     if groups > 1:  # a shared key/value head collects the gradients of its query heads
         dk = dk.unflatten(1, (kv_heads, groups)).sum(2)
