@@ -264,6 +264,8 @@ def _sum_groups(t: Tensor, kv_heads: int) -> Tensor:
 
 def _one_call_backward(p: AttentionProblem, plan: "_Plan", grad_out, out, lse, needs_grad):
     """SDPA as the drop-in sees it: one pair, no merge, the kernel's gradients as they come."""
+    if lse.dim() == 4:  # "peer" normalisation of one stream: (B, H, 1, L), the same numbers
+        lse = lse[:, :, 0]
     mask = plan.mask(0, 0)
     if mask is not None:
         lse = lse.masked_fill(lse == NEG_INF, float("inf"))  # rows that see no key: P = 0
@@ -271,8 +273,10 @@ def _one_call_backward(p: AttentionProblem, plan: "_Plan", grad_out, out, lse, n
     dmask = None
     if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
         dmask = _mask_grad(p, plan, grad_out, lse)
-    return (dq if needs_grad[0] else empty_grad(p.q), dk if needs_grad[1] else empty_grad(p.q),
-            dv if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
+    # contiguous, as the op's fake kernel declares (the CPU kernel's layout is (B, L, H, .))
+    return (dq.contiguous() if needs_grad[0] else empty_grad(p.q),
+            dk.contiguous() if needs_grad[1] else empty_grad(p.q),
+            dv.contiguous() if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
             dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
 
 

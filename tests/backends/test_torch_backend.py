@@ -95,6 +95,8 @@ PEER = {
     "causal-L<M-and-L>M": dict(q_lens=[21, 4], kv_lens=[6, 18], is_causal=True, bias_shape=(2, 2, 1)),
     "one-stream-gate-and-bias": dict(q_lens=[7], kv_lens=[9], gate_shape=(1, 1, 1, 2, 12),
                                      bias_shape=(1, 1, 1, 2)),
+    "one-stream-peer-mode-gqa-causal": dict(q_lens=[7], kv_lens=[5], q_heads=4, kv_heads=2,
+                                            normalize="peer", is_causal=True),
 }
 
 
@@ -377,3 +379,20 @@ def _opcheck_problems():
 def test_opcheck_torch_fwd(problem):
     """Schema, fake implementation (shapes and strides), autograd registration, AOT dispatch."""
     torch.library.opcheck(dispatch.forward_op("torch"), problem.op_args())
+
+
+@pytest.mark.parametrize("problem", [pytest.param(p, id=name) for name, p in _opcheck_problems()])
+def test_opcheck_torch_bwd(problem):
+    """The backward op's outputs agree with its fake kernel (shapes, dtypes, strides)."""
+    fwd, bwd = dispatch.forward_op("torch"), dispatch._ops["torch"][1]
+    with torch.no_grad():
+        out, lse = fwd(*problem.op_args())
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    needs = [isinstance(t, torch.Tensor) and t.requires_grad
+             for t in (problem.q, problem.k, problem.v, problem.gate, problem.bias,
+                       problem.attn_mask, problem.sinks)]
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in problem.op_args()]
+    args = (grad_out, out, lse, *detached, needs)
+    torch.library.opcheck(bwd, args, test_utils=("test_schema", "test_faketensor"))
+    for grad in bwd(*args):  # the fake kernel's are contiguous: inductor asserts the strides
+        assert grad.is_contiguous(), grad.stride()
