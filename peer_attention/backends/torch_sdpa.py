@@ -27,7 +27,7 @@ from ..ops import empty_grad
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
 from .torch_dropout import dropout_backward, dropout_forward
-from .torch_pair import DEVICES, pair_backward, pair_forward
+from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
 
 NEG_INF = float("-inf")
 _CUDA_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -189,7 +189,7 @@ def _forward(problem: AttentionProblem):
         else:
             o_s, l_s = _merge_peer(p, s, results, lse, rows, q_s.shape, value_dim, compute)
         if p.num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
-            return o_s.contiguous(), (l_s.to(compute).contiguous() if joint else lse)
+            return o_s.contiguous(), (contiguous_lse(l_s.to(compute)) if joint else lse)
         out[:, :, rows] = o_s
         if joint:
             lse[:, :, rows] = l_s
