@@ -93,3 +93,12 @@ def dropout_backward(problem: AttentionProblem, grad_out, needs_grad):
     result = [next(grads).contiguous() if (leaf is not None and leaf.requires_grad) else empty_grad(p.q)
               for leaf in leaves]
     return result[0], result[1], result[2], empty_grad(p.q), empty_grad(p.q), result[3], empty_grad(p.q)
+
+
+def keep_mask(problem: AttentionProblem) -> Tensor:
+    """(B, Hq, Tq, Tk) bool: the keep mask this backend's forward applied to `problem`, drawn again
+    from its saved generator state (for a differentiable recomputation, e.g. double backward)."""
+    p = problem
+    shape = (p.q.shape[0], p.q.shape[1], p.q.shape[2], p.k.shape[2])
+    weights = torch.empty(shape, dtype=lse_dtype(p.q.dtype), device=p.q.device)
+    return _noise(weights, p.dropout_p, _generator(p.dropout_seed)) != 0

@@ -266,6 +266,23 @@ def test_dropout_under_patch_torch_gives_torchs_numbers(monkeypatch):
     assert torch.equal(ours, theirs)
 
 
+def test_keep_mask_is_the_mask_the_forward_applied():
+    """torch_dropout.keep_mask (for recomputations such as double backward) against the forward:
+    with value = identity the output is the dropped weights, zero exactly where dropped."""
+    from peer_attention.backends.torch_dropout import keep_mask
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 5, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, generator=gen, dtype=torch.float64)
+    eye = torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7)
+    problem = dispatch.replay_torch_rng(sdpa_problem(q, k, eye, dropout_p=0.4, enable_gqa=True))
+    assert problem.dropout_seed.dtype == torch.uint8  # the generator state, as dispatch passes it
+    weights = dispatch.forward_op("torch")(*problem)[0]
+    keep = keep_mask(problem)
+    assert keep.shape == (2, 4, 5, 7) and keep.any() and (~keep).any()
+    assert torch.equal(weights != 0, keep)
+
+
 def test_dropout_calls_in_a_row_draw_different_masks_like_torch():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
