@@ -5,7 +5,8 @@ the pair's output o_p and log-sum-exp l_p, merged per query row:
   joint: L = logsumexp_p(l_p + bias_p) (and the sink), O = sum_p exp(l_p + bias_p - L) g_p * o_p
   peer:  O = sum_p g_p * o_p, the saved lse is l_p per peer.
 Causal self pairs are the kernels' own (top-left) causal flag; kv_lengths an additive (B, 1, 1, M)
-mask per key stream (a row of B*M numbers, not a score-sized mask).
+mask per key stream (a row of B*M numbers, not a score-sized mask); windows and bottom-right
+alignment an additive (L, M) mask of the self pair; sinks a term of the joint merge.
 
 Backward (MATH.md) through the same kernels' backward, which recomputes P = exp(scores - lse)
 and D = <grad_out, out> from what it is given:
@@ -231,13 +232,12 @@ class _Grads:
 
     def __init__(self, problem: AttentionProblem, needs_grad, compute):
         p = problem
-        self.needs = needs_grad
-        self.compute = compute
 
         def buffer(t, need):
             return torch.zeros(t.shape, dtype=compute, device=t.device) if (need and t is not None) else None
 
-        self.dq, self.dk, self.dv = buffer(p.q, needs_grad[0]), buffer(p.k, needs_grad[1]), buffer(p.v, needs_grad[2])
+        self.dq, self.dk = buffer(p.q, needs_grad[0]), buffer(p.k, needs_grad[1])
+        self.dv = buffer(p.v, needs_grad[2])
         self.dgate, self.dbias = buffer(p.gate, needs_grad[3]), buffer(p.bias, needs_grad[4])
         self.dsinks = buffer(p.sinks, needs_grad[6])
 

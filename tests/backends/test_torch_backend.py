@@ -370,8 +370,10 @@ def test_cuda_sdpa_and_peer_match_reference(dtype):
 def test_cuda_declines_float64_and_dropout():
     q = torch.randn(1, 2, 5, 8, device="cuda")
     torch_backend = dispatch.BACKENDS["torch"]
-    assert any("float64" in r for r in torch_backend.not_supported_reasons(sdpa_problem(q.double(), q.double(), q.double())))
-    assert any("dropout" in r for r in torch_backend.not_supported_reasons(sdpa_problem(q, q, q, dropout_p=0.1)))
+    wide = sdpa_problem(q.double(), q.double(), q.double())
+    assert any("float64" in r for r in torch_backend.not_supported_reasons(wide))
+    dropped = sdpa_problem(q, q, q, dropout_p=0.1)
+    assert any("dropout" in r for r in torch_backend.not_supported_reasons(dropped))
 
 
 # ---- the registered op ----
@@ -384,7 +386,8 @@ def _opcheck_problems():
 
     q, k, v = t(1, 2, 5, 16), t(1, 2, 7, 16), t(1, 2, 7, 12)
     yield "sdpa-float-mask", sdpa_problem(q, k, v, attn_mask=t(1, 1, 5, 7))
-    qs, ks, vs = [t(1, 2, 5, 16), t(1, 2, 3, 16)], [t(1, 1, 4, 16), t(1, 1, 6, 16)], [t(1, 1, 4, 12), t(1, 1, 6, 12)]
+    qs = [t(1, 2, 5, 16), t(1, 2, 3, 16)]
+    ks, vs = [t(1, 1, 4, 16), t(1, 1, 6, 16)], [t(1, 1, 4, 12), t(1, 1, 6, 12)]
     gate, bias = torch.rand(2, 2, 1, 12, generator=gen).requires_grad_(), t(2, 2, 1)
     yield "peer-joint-gate-bias-gqa", peer_problem(qs, ks, vs, gate=gate, bias=bias, is_causal=True,
                                                    kv_lengths=torch.tensor([[3, 6]]),
