@@ -3,7 +3,8 @@
 Each provider turns (case, inputs) into a zero-argument function returning the list of stream
 outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, never dropped):
 
-  pa.cuda, pa.triton, pa.reference   this package, through its public API with backend=NAME
+  pa.cuda, pa.triton, pa.torch,      this package, through its public API with backend=NAME
+  pa.reference
   torch.flash/efficient/cudnn/math   torch SDPA with one backend forced (torch.nn.attention.sdpa_kernel)
   flex                               FlexAttention (torch.compile'd on CUDA, eager on CPU): a block
                                      mask for causal/padding/sparse peers, a score_mod for masks and
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .cases import Case, Inputs
 
-PACKAGE_BACKENDS = ("triton", "cuda", "reference")
+PACKAGE_BACKENDS = ("triton", "cuda", "torch", "reference")
 CUDA_ONLY_SDPA = ("efficient", "cudnn")
 
 

@@ -18,16 +18,21 @@ from . import ops
 from .backends.base import UNAVAILABLE, Backend
 from .backends.cuda import CudaBackend
 from .backends.reference import ReferenceBackend
+from .backends.torch_dropout import STATE_ATTR, replay_torch_rng
+from .backends.torch_sdpa import TorchBackend
 from .backends.triton import TritonBackend
 from .problem import AttentionProblem
 
 ENV_VAR = "PEER_ATTENTION_BACKEND"
 AUTO = "auto"
 
-BACKENDS: Dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), ReferenceBackend())}
+BACKENDS: Dict[str, Backend] = {
+    b.name: b for b in (CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend())
+}
 # "cuda" after "triton": the CUDA kernels have not yet been run on hardware; they must be validated
 # on a GPU (tests/cuda) before auto prefers them. An explicit backend="cuda" still uses them.
-SPEED_ORDER = ("triton", "cuda", "reference")
+# "torch" (torch's own fused kernels, composed) serves the CPU and what our kernels do not.
+SPEED_ORDER = ("triton", "cuda", "torch", "reference")
 
 _ops: Dict[str, tuple] = {}
 for _backend in BACKENDS.values():
@@ -105,6 +110,8 @@ def forward_op(name: str):
 def run(problem: AttentionProblem, explicit: Optional[str] = None):
     """Pick a backend for `problem` and run its forward op; returns (out (B, Hq, Tq, Ev), backend name)."""
     backend = select(problem, explicit)
+    if problem.dropout_seed is not None and backend.name == TorchBackend.name:
+        problem = replay_torch_rng(problem)  # torch's own dropout draw, from torch's RNG state
     out, _lse = _ops[backend.name][0](*problem)
     return out, backend.name
 
@@ -116,5 +123,11 @@ def available_backends() -> Dict[str, Optional[str]]:
 
 def draw_dropout_seed() -> torch.Tensor:
     """A Philox seed/offset pair drawn from torch's default generator (so torch.manual_seed
-    reproduces the dropout mask)."""
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    reproduces the dropout mask). It carries the generator's state from before the draw, for the
+    `torch` backend, which replays torch's own dropout draw from it."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace get_state(); the seed alone serves
+        return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    state = torch.default_generator.get_state()
+    seed = torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    setattr(seed, STATE_ATTR, state)
+    return seed

@@ -33,7 +33,7 @@ def two_streams(**kwargs):
 
 def test_available_backends_keys_and_reasons():
     available = pa.available_backends()
-    assert sorted(available) == ["cuda", "reference", "triton"]
+    assert sorted(available) == ["cuda", "reference", "torch", "triton"]
     assert list(available) == list(dispatch.SPEED_ORDER)  # listed in auto's order of preference
     assert available["reference"] is None
     for name, reason in available.items():
@@ -151,15 +151,17 @@ def test_cuda_reasons_name_the_device_and_dtype(no_env):
     assert any("float64" in r for r in reasons)
 
 
-def test_auto_falls_back_to_reference_on_cpu(no_env):
+def test_auto_picks_torch_on_cpu_and_falls_back_to_reference(no_env):
     q, k, v = qkv()
-    assert dispatch.select(api.sdpa_problem(q, k, v)).name == "reference"
+    assert dispatch.select(api.sdpa_problem(q, k, v)).name == "torch"
     problem = two_streams(gate=torch.ones(4, dtype=F64), normalize="peer")
-    assert dispatch.select(problem).name == "reference"
+    assert dispatch.select(problem).name == "torch"
     _, name = dispatch.run(api.sdpa_problem(q, k, v))
-    assert name == "reference"
+    assert name == "torch"
     auto = pa.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(auto, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    capped = api.sdpa_problem(q, k, v)._replace(softcap=5.0)  # torch's kernels cannot softcap
+    assert dispatch.select(capped).name == "reference"
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ def test_each_capability_flag_gives_a_reason(case, fake):
     fake.capabilities = dataclasses.replace(FULL, **limits)
     reasons = fake.not_supported_reasons(problem)
     assert len(reasons) == 1 and word in reasons[0], reasons
-    assert dispatch.select(problem).name == "reference"  # auto falls back
+    assert dispatch.select(problem).name == "torch"  # auto falls back (torch serves the CPU)
     with pytest.raises(NotImplementedError, match=word.replace("(", r"\(")):
         dispatch.select(problem, FAKE)
 
@@ -311,6 +313,6 @@ def test_auto_never_picks_the_triton_interpreter_on_cpu(no_env):
     q, k, v = (t.float() for t in qkv())
     problem = api.sdpa_problem(q, k, v)
     assert dispatch.BACKENDS["triton"].capabilities.auto_devices == frozenset({"cuda"})
-    assert dispatch.select(problem).name == "reference"
+    assert dispatch.select(problem).name == "torch"
     if not dispatch.BACKENDS["triton"].not_supported_reasons(problem):  # interpreter on
         assert dispatch.select(problem, "triton").name == "triton"  # explicit still may

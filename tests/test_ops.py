@@ -104,8 +104,11 @@ def model(q, k, v, q2, k2, v2, gate, bias, kv_lengths):
                               gate=gate, bias=bias, kv_lengths=kv_lengths)
     per_peer = pa.peer_attention([q, q2], [k, k2], [v, v2], peers=[[True, True], [False, True]],
                                  normalize="peer", gate=gate, is_causal=True)
+    # on the reference: in eager the `torch` backend replays torch's CPU generator state, which a
+    # compiled graph cannot read (there it draws from the seed), so eager and compiled differ there
     dropped = pa.scaled_dot_product_attention(q, k, v, dropout_p=0.25,
-                                              attn_mask=bias.sum() + torch.zeros(3, 5, dtype=F64))
+                                              attn_mask=bias.sum() + torch.zeros(3, 5, dtype=F64),
+                                              backend="reference")
     return [a, dropped, *joint, *per_peer]
 
 
@@ -156,4 +159,4 @@ def test_compiled_graph_calls_the_registered_op():
                              backend=capture)
     torch.testing.assert_close(compiled(q, k, v)[0],
                                torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    assert any("peer_attention.reference_fwd" in s for s in seen), seen
+    assert any("peer_attention.torch_fwd" in s for s in seen), seen

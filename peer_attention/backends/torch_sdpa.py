@@ -1,0 +1,420 @@
+"""The `torch` backend: peer attention composed of torch's own fused SDPA kernels.
+
+SDPA is one kernel call. Peer attention is one call per attended stream pair (s, p), each giving
+the pair's output o_p and log-sum-exp l_p, merged per query row:
+  joint: L = logsumexp_p(l_p + bias_p) (and the sink), O = sum_p exp(l_p + bias_p - L) g_p * o_p
+  peer:  O = sum_p g_p * o_p, the saved lse is l_p per peer.
+Causal self pairs are the kernels' own (top-left) causal flag; kv_lengths an additive (B, 1, 1, M)
+mask per key stream (a row of B*M numbers, not a score-sized mask); windows and bottom-right
+alignment an additive (L, M) mask of the self pair; sinks a term of the joint merge.
+
+Backward (MATH.md) through the same kernels' backward, which recomputes P = exp(scores - lse)
+and D = <grad_out, out> from what it is given:
+  joint: pair p gets lse = L - bias_p (so P is the global softmax), grad_out = dO and out = O (so
+         D is the global <dO, O>), and values g_p * v_p (so <dO, values> is <dO * g_p, v>); dv is
+         the result times g_p. dgate and dbias need o_p: that pair's forward runs again.
+  peer:  pair p gets its own lse, grad_out = dO * g_p and out = o_p (its forward runs again).
+A float attn_mask that requires grad gets dmask = P * (dP - D) computed explicitly (the kernels
+do not return it): a score-sized computation, as is the mask itself.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ..ops import empty_grad
+from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
+from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
+from .torch_dropout import dropout_backward, dropout_forward
+from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
+
+NEG_INF = float("-inf")
+_CUDA_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def _squeeze_broadcast(t: Tensor) -> Tensor:
+    """The smallest tensor that broadcasts back to `t` (stride-0 dims of an expand() kept at 1)."""
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(t.shape, t.stride()))
+    return t[index]
+
+
+class _Plan:
+    """Per-call views and masks shared by the forward and the backward."""
+
+    def __init__(self, problem: AttentionProblem):
+        p = problem
+        self.p = p
+        self.compute = lse_dtype(p.q.dtype)
+        self.q_off = p.stream_offsets(p.q_lens)
+        self.kv_off = p.stream_offsets(p.kv_lens)
+        n = p.num_streams
+        self.peers = [[s] if p.diagonal_peers else [t for t in range(n) if p.peers[s * n + t]]
+                      for s in range(n)]
+        self._kv_masks = {}
+        self.user_mask = self._user_mask()
+
+    def rows(self, s: int):
+        return slice(self.q_off[s], self.q_off[s + 1])
+
+    def keys(self, t: Tensor, p: int) -> Tensor:
+        return t.narrow(2, self.kv_off[p], self.p.kv_lens[p])
+
+    def _user_mask(self) -> Optional[Tensor]:
+        mask = self.p.attn_mask
+        if mask is None:
+            return None
+        small = _squeeze_broadcast(mask)
+        q_dtype = self.p.q.dtype
+        if small.dtype == torch.bool:  # the kernels take additive masks only
+            return torch.zeros(small.shape, dtype=q_dtype, device=small.device).masked_fill_(
+                ~small, NEG_INF)
+        if small.dtype != q_dtype and not (small.dtype == torch.float32 and q_dtype in
+                                           (torch.float16, torch.bfloat16)):
+            small = small.to(q_dtype)
+        return small
+
+    def _key_mask(self, p: int) -> Optional[Tensor]:
+        """The additive mask of any pair whose keys are stream p: attn_mask and kv_lengths."""
+        lengths = self.p.kv_lengths
+        mask = self.user_mask
+        if lengths is None:
+            return mask
+        if p not in self._kv_masks:
+            positions = torch.arange(self.p.kv_lens[p], device=lengths.device)
+            padding = positions[None, :] >= lengths[:, p:p + 1]
+            kv_mask = torch.zeros(padding.shape, dtype=self.p.q.dtype, device=self.p.q.device)
+            self._kv_masks[p] = kv_mask.masked_fill_(padding.to(kv_mask.device), NEG_INF)[:, None, None, :]
+        return self._kv_masks[p] if mask is None else mask + self._kv_masks[p]
+
+    def banded(self, s: int, p: int) -> bool:
+        """The self pair's visibility needs a mask: a window or bottom-right alignment (the
+        kernels' own causal flag is top-left only)."""
+        return s == p and (self.p.has_window or self.p.bottom_right)
+
+    def causal(self, s: int, p: int) -> bool:
+        """The kernels' own (top-left) causal flag for pair (s, p)."""
+        return self.p.is_causal and s == p and not self.banded(s, p)
+
+    def mask(self, s: int, p: int) -> Optional[Tensor]:
+        mask = self._key_mask(p)
+        if not self.banded(s, p):
+            return mask
+        band = _band_mask(self.p, s, self.p.q.dtype)
+        return band if mask is None else mask + band
+
+    def pair(self, s: int, p: int, q_s: Tensor, v: Optional[Tensor] = None):
+        """(out, lse) of query stream s on key stream p; rows that see no key get lse -inf."""
+        values = self.keys(self.p.v, p) if v is None else v
+        mask = self.mask(s, p)
+        out, lse = pair_forward(q_s, self.keys(self.p.k, p), values, mask, self.causal(s, p),
+                                self.p.scale)
+        if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for such rows
+            out, lse = _mark_empty_rows(out, lse, mask)
+        return out, lse
+
+
+def _band_mask(p: AttentionProblem, s: int, dtype) -> Tensor:
+    """(L, M) additive mask of stream s's self pair: key j visible to query i iff
+    i + off - left <= j <= i + off + right (off = M - L bottom-right, else 0; causal: right 0).
+    A score-sized mask, as torch itself materialises for a lower-right CausalBias on the CPU."""
+    q_len, kv_len = p.q_lens[s], p.kv_lens[s]
+    device = p.q.device
+    diagonal = (torch.arange(q_len, device=device)[:, None] + p.self_offset(s)
+                - torch.arange(kv_len, device=device)[None, :])  # i + off - j
+    right = 0 if p.is_causal else p.window_right
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if right >= 0:
+        visible &= diagonal >= -right
+    if p.window_left >= 0:
+        visible &= diagonal <= p.window_left
+    return torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
+
+
+def _mark_empty_rows(out: Tensor, lse: Tensor, mask: Tensor):
+    # a top-left causal row sees key 0, so only the mask can empty a row
+    if lse.device.type == "cpu":
+        candidates = lse == 0
+        if not bool(candidates.any()):
+            return out, lse
+        empty = candidates & (mask == NEG_INF).all(-1)
+        return out, lse.masked_fill(empty, NEG_INF)
+    empty = (mask == NEG_INF).all(-1).expand(lse.shape)
+    return out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, NEG_INF)
+
+
+def _gate(problem: AttentionProblem, s: int, p: int, compute) -> Optional[Tensor]:
+    """gate[:, s, p] as (B, Hq, 1, Ev) in the compute dtype."""
+    if problem.gate is None:
+        return None
+    return problem.gate[:, s, p, :, None, :].to(compute)
+
+
+def _bias(problem: AttentionProblem, s: int, p: int, compute):
+    if problem.bias is None:
+        return None
+    return problem.bias[:, s, p, :, None].to(compute)
+
+
+def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
+    return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
+
+
+def _forward(problem: AttentionProblem):
+    p = problem
+    plan = _Plan(p)
+    q, compute = p.q, plan.compute
+    batch, heads, q_total = q.shape[:3]
+    value_dim = p.v.shape[-1]
+    joint = p.normalize == JOINT
+    one_call = p.num_streams == 1 and joint  # the lse comes from the merge or the kernel
+    lse = None if one_call else q.new_full(lse_shape(q, p.num_streams, p.normalize), NEG_INF,
+                                           dtype=compute)
+    out = None if p.num_streams == 1 else q.new_empty(batch, heads, q_total, value_dim)
+    sink = _sink(p, compute)
+    for s in range(p.num_streams):
+        rows = plan.rows(s)
+        q_s = q[:, :, rows]
+        results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
+                   if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
+        simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
+        if simple:
+            o_s, l_s = results[0][1], results[0][2]
+            if not joint:
+                lse[:, :, results[0][0], rows] = l_s
+                l_s = None
+        elif joint:
+            o_s, l_s = _merge_joint(p, s, results, sink, q_s.shape, value_dim, compute)
+        else:
+            o_s, l_s = _merge_peer(p, s, results, lse, rows, q_s.shape, value_dim, compute)
+        if p.num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
+            return o_s.contiguous(), (contiguous_lse(l_s.to(compute)) if joint else lse)
+        out[:, :, rows] = o_s
+        if joint:
+            lse[:, :, rows] = l_s
+    return out, lse
+
+
+def _merge_joint(p, s, results, sink, q_shape, value_dim, compute):
+    batch, heads, q_len = q_shape[:3]
+    shifted = []
+    for t, _o, l in results:
+        bias = _bias(p, s, t, compute)
+        shifted.append(l.to(compute) if bias is None else l.to(compute) + bias)
+    terms = shifted + ([sink.expand(batch, heads, q_len)] if sink is not None else [])
+    if not terms:
+        return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
+            (batch, heads, q_len), NEG_INF, dtype=compute)
+    total = torch.stack(terms).logsumexp(0)
+    safe_total = total.masked_fill(total == NEG_INF, 0.0)  # such rows have every term -inf
+    acc = torch.zeros(batch, heads, q_len, value_dim, dtype=compute, device=p.q.device)
+    for (t, o, _l), l_shifted in zip(results, shifted):
+        gate = _gate(p, s, t, compute)
+        weighted = o.to(compute) * torch.exp(l_shifted - safe_total)[..., None]
+        acc += weighted if gate is None else weighted * gate
+    return acc.to(p.q.dtype), total
+
+
+def _merge_peer(p, s, results, lse, rows, q_shape, value_dim, compute):
+    batch, heads, q_len = q_shape[:3]
+    acc = torch.zeros(batch, heads, q_len, value_dim, dtype=compute, device=p.q.device)
+    for t, o, l in results:
+        lse[:, :, t, rows] = l
+        gate = _gate(p, s, t, compute)
+        acc += o.to(compute) if gate is None else o.to(compute) * gate
+    return acc.to(p.q.dtype), None
+
+
+class _Grads:
+    """Gradient accumulators (compute dtype for sums over pairs, cast once at the end)."""
+
+    def __init__(self, problem: AttentionProblem, needs_grad, compute):
+        p = problem
+
+        def buffer(t, need):
+            return torch.zeros(t.shape, dtype=compute, device=t.device) if (need and t is not None) else None
+
+        self.dq, self.dk = buffer(p.q, needs_grad[0]), buffer(p.k, needs_grad[1])
+        self.dv = buffer(p.v, needs_grad[2])
+        self.dgate, self.dbias = buffer(p.gate, needs_grad[3]), buffer(p.bias, needs_grad[4])
+        self.dsinks = buffer(p.sinks, needs_grad[6])
+
+    def result(self, problem: AttentionProblem, dmask):
+        p = problem
+        out = []
+        for grad, like in ((self.dq, p.q), (self.dk, p.k), (self.dv, p.v), (self.dgate, p.gate),
+                           (self.dbias, p.bias)):
+            out.append(empty_grad(p.q) if grad is None else grad.to(like.dtype))
+        out.append(empty_grad(p.q) if dmask is None else dmask)
+        out.append(empty_grad(p.q) if self.dsinks is None else self.dsinks.to(p.sinks.dtype))
+        return tuple(out)
+
+
+def _repeat_heads(t: Tensor, heads: int) -> Tensor:
+    groups = heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _sum_groups(t: Tensor, kv_heads: int) -> Tensor:
+    groups = t.shape[1] // kv_heads
+    return t if groups == 1 else t.unflatten(1, (kv_heads, groups)).sum(2)
+
+
+def _one_call_backward(p: AttentionProblem, plan: "_Plan", grad_out, out, lse, needs_grad):
+    """SDPA as the drop-in sees it: one pair, no merge, the kernel's gradients as they come."""
+    if lse.dim() == 4:  # "peer" normalisation of one stream: (B, H, 1, L), the same numbers
+        lse = lse[:, :, 0]
+    mask = plan.mask(0, 0)
+    if mask is not None:
+        lse = lse.masked_fill(lse == NEG_INF, float("inf"))  # rows that see no key: P = 0
+    dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, lse, mask, plan.causal(0, 0), p.scale)
+    dmask = None
+    if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
+        dmask = _mask_grad(p, plan, grad_out, lse)
+    # contiguous, as the op's fake kernel declares (the CPU kernel's layout is (B, L, H, .))
+    return (dq.contiguous() if needs_grad[0] else empty_grad(p.q),
+            dk.contiguous() if needs_grad[1] else empty_grad(p.q),
+            dv.contiguous() if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
+            dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
+
+
+def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
+    p = problem
+    plan = _Plan(p)
+    if (p.num_streams == 1 and plan.peers[0] == [0] and p.q_lens[0] > 0 and p.kv_lens[0] > 0
+            and p.gate is None and p.bias is None and p.sinks is None):
+        return _one_call_backward(p, plan, grad_out, out, lse, needs_grad)
+    compute = plan.compute
+    grads = _Grads(p, needs_grad, compute)
+    joint = p.normalize == JOINT
+    heads, kv_heads = p.q.shape[1], p.k.shape[1]
+    sink = _sink(p, compute)
+    for s in range(p.num_streams):
+        rows = plan.rows(s)
+        q_s = p.q[:, :, rows]
+        if q_s.shape[2] == 0:
+            continue
+        d_out, o_s = grad_out[:, :, rows], out[:, :, rows]
+        delta = None
+        if joint and (grads.dbias is not None or grads.dsinks is not None):
+            delta = (d_out.to(compute) * o_s.to(compute)).sum(-1)
+        total = lse[:, :, rows].to(compute) if joint else None
+        peers = [t for t in plan.peers[s] if p.kv_lens[t] > 0]
+        for t in peers:
+            causal, pair_mask = plan.causal(s, t), plan.mask(s, t)
+            k_t, v_t = plan.keys(p.k, t), plan.keys(p.v, t)
+            gate = _gate(p, s, t, compute)
+            if joint:
+                bias = _bias(p, s, t, compute)
+                lse_in = total if bias is None else total - bias
+                lse_in = lse_in.masked_fill(total == NEG_INF, float("inf"))  # P = 0 on empty rows
+                k_in, v_in, expanded, g_in = k_t, v_t, False, gate
+                if gate is not None:  # the kernel sees values g_p * v_p
+                    if kv_heads != heads and p.gate.stride(3) != 0:  # a gate per query head
+                        k_in, v_in, expanded = _repeat_heads(k_t, heads), _repeat_heads(v_t, heads), True
+                    elif kv_heads != heads:
+                        g_in = gate[:, :1]
+                    v_in = (v_in.to(compute) * g_in).to(p.q.dtype)
+                dq, dk, dv = pair_backward(d_out, q_s, k_in, v_in, o_s, lse_in.to(lse.dtype),
+                                           pair_mask, causal, p.scale)
+                if gate is not None:
+                    dv = dv.to(compute) * g_in
+                if expanded:
+                    dk, dv = _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
+                if grads.dgate is not None or grads.dbias is not None:
+                    o_t, l_t = plan.pair(s, t, q_s)
+                    shifted = l_t.to(compute) if bias is None else l_t.to(compute) + bias
+                    weight = torch.exp(shifted - total.masked_fill(total == NEG_INF, 0.0))
+                    weighted = o_t.to(compute) * weight[..., None]
+                    if grads.dgate is not None:
+                        grads.dgate[:, s, t] += (d_out.to(compute) * weighted).sum(2)
+                    if grads.dbias is not None:
+                        gated = weighted if gate is None else weighted * gate
+                        grads.dbias[:, s, t] += ((d_out.to(compute) * gated).sum(-1) - weight * delta).sum(-1)
+            else:
+                alone = len(peers) == 1 and gate is None
+                o_t, l_t = (o_s, None) if alone else plan.pair(s, t, q_s)
+                lse_in = lse[:, :, t, rows]
+                lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
+                g_out = d_out if gate is None else (d_out.to(compute) * gate).to(p.q.dtype)
+                dq, dk, dv = pair_backward(g_out, q_s, k_t, v_t, o_t, lse_in, pair_mask,
+                                           causal, p.scale)
+                if grads.dgate is not None:
+                    grads.dgate[:, s, t] += (d_out.to(compute) * o_t.to(compute)).sum(2)
+            if grads.dq is not None:
+                grads.dq[:, :, rows] += dq
+            if grads.dk is not None:
+                grads.dk[:, :, plan.kv_off[t]:plan.kv_off[t + 1]] += dk
+            if grads.dv is not None:
+                grads.dv[:, :, plan.kv_off[t]:plan.kv_off[t + 1]] += dv
+        if grads.dsinks is not None:
+            grads.dsinks -= (torch.exp(sink - total) * delta).sum((0, 2))
+    dmask = None
+    if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
+        dmask = _mask_grad(p, plan, grad_out, lse)
+    return grads.result(p, dmask)
+
+
+def _mask_grad(p: AttentionProblem, plan: _Plan, grad_out, lse) -> Tensor:
+    """d mask = P * (dP - D) (one stream, no gate or bias: the only problems with a mask)."""
+    compute = plan.compute
+    heads = p.q.shape[1]
+    keys = _repeat_heads(p.k, heads).to(compute)
+    values = _repeat_heads(p.v, heads).to(compute)
+    scores = torch.matmul(p.q.to(compute), keys.transpose(-1, -2)) * p.scale
+    scores = scores + plan.mask(0, 0).to(compute)  # attn_mask (and a band), as the forward saw it
+    if plan.causal(0, 0):
+        q_len, kv_len = scores.shape[-2:]
+        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~visible, NEG_INF)
+    total = lse.to(compute)
+    total = total.masked_fill(total == NEG_INF, float("inf"))[..., None]
+    probs = torch.exp(scores - total)
+    d_probs = torch.matmul(grad_out.to(compute), values.transpose(-1, -2))
+    # D = sum_j P dP in the compute dtype: <dO, O> would carry O's rounding to 16 bits
+    delta = (probs * d_probs).sum(-1, keepdim=True)
+    return (probs * (d_probs - delta)).to(p.attn_mask.dtype)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    capabilities = Capabilities(
+        devices=DEVICES,
+        dtypes=ALL_FLOAT_DTYPES,  # float64 on the CPU only (extra_reasons)
+        sinks=True,
+        diagonal_peers=True,
+        window=True,        # through an (L, M) mask of the self pair: see _band_mask
+        bottom_right=True,
+    )
+
+    def unavailable_reason(self) -> Optional[str]:
+        aten = torch.ops.aten
+        if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+            return "this torch has no fused SDPA kernel that returns the log-sum-exp"
+        return None
+
+    def extra_reasons(self, problem: AttentionProblem) -> List[str]:
+        reasons = []
+        device = problem.q.device.type
+        if problem.dropout_p > 0 and (problem.has_window or problem.bottom_right):
+            reasons.append("dropout with a window or bottom-right alignment (torch's math path "
+                           "that replays its dropout is top-left causal only)")
+        if device != "cpu":
+            if problem.q.dtype not in _CUDA_DTYPES:
+                reasons.append(f"dtype {problem.q.dtype} not served by torch's fused kernels on {device}")
+            if problem.dropout_p > 0:
+                reasons.append(f"dropout on {device}: torch's fused kernels draw their mask "
+                               "inside the kernel, which a composition cannot replay")
+        return reasons
+
+    def forward(self, problem: AttentionProblem):
+        if problem.dropout_p > 0:
+            return dropout_forward(problem, _forward)
+        return _forward(problem)
+
+    def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
+        if problem.dropout_p > 0:
+            return dropout_backward(problem, grad_out, needs_grad)
+        return _backward(problem, grad_out, out, lse, needs_grad)
