@@ -33,10 +33,17 @@ def _triton_keep_mask(problem: AttentionProblem) -> Tensor:
     return triton_mask(problem)
 
 
+def _torch_keep_mask(problem: AttentionProblem) -> Tensor:
+    from .backends.torch_dropout import keep_mask
+
+    return keep_mask(problem)
+
+
 # backend name -> keep mask (B, Hq, Tq, Tk) bool of its forward for this problem
 DROPOUT_KEEP_MASKS: Dict[str, Callable[[AttentionProblem], Tensor]] = {
     "reference": _reference_keep_mask,
     "triton": _triton_keep_mask,
+    "torch": _torch_keep_mask,
 }
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -78,7 +85,7 @@ def differentiable_grads(backend: str, problem: AttentionProblem, grad_out: Tens
             raise RuntimeError(
                 f"peer_attention: double backward (create_graph=True) through dropout is not "
                 f"supported on backend {backend!r}: its dropout mask cannot be regenerated in "
-                f"PyTorch. Use dropout_p=0, or backend='reference' or 'triton'.")
+                f"PyTorch. Use dropout_p=0, or backend='reference', 'triton' or 'torch'.")
         keep = regenerate(problem)
     wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
     if not wanted:
