@@ -135,6 +135,7 @@ def test_an_interrupted_run_keeps_and_reports_what_it_measured(tmp_path, capsys,
 
 
 def test_quick_on_the_cpu_leaves_out_the_memory_suite():
-    assert cli.parse_args(["--quick", "--device", "cpu"]).suites == ["sdpa", "peer", "overhead"]
+    suites = cli.parse_args(["--quick", "--device", "cpu"]).suites
+    assert "memory" not in suites and {"sdpa", "peer", "overhead"} <= set(suites)
     assert "memory" in cli.parse_args(["--device", "cpu"]).suites
     assert cli.parse_args(["--quick", "--device", "cpu", "--suite", "memory"]).suites == ["memory"]
