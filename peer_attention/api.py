@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
+import sys
+
 import torch
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import dispatch
 from .double_backward import recompute_output
@@ -35,12 +36,24 @@ def broadcast_in_fp32(t: Tensor, shape) -> Tensor:
     return t.expand(shape)
 
 
+_CAUSAL_BIAS_MODULE = "torch.nn.attention.bias"
+
+
+def is_causal_bias(attn_mask) -> bool:
+    """Whether attn_mask is torch's CausalBias. Its module is looked up, never imported: a
+    CausalBias can only exist once that module is loaded, and importing it pulls in torch._dynamo
+    (about a second at start-up, and an abort at exit in gloo worker processes)."""
+    module = sys.modules.get(_CAUSAL_BIAS_MODULE)
+    return module is not None and isinstance(attn_mask, module.CausalBias)
+
+
 def resolve_causal_bias(attn_mask, is_causal):
     """torch's CausalBias masks (torch.nn.attention.bias) as flags: (attn_mask, is_causal,
     bottom_right). Upper-left is is_causal; lower-right is is_causal aligned bottom-right (query i
     sees key j iff j <= i + S - L). Their storage is never read."""
-    if not isinstance(attn_mask, CausalBias):
+    if not is_causal_bias(attn_mask):
         return attn_mask, is_causal, False
+    CausalVariant = sys.modules[_CAUSAL_BIAS_MODULE].CausalVariant
     if is_causal:
         raise ValueError("attn_mask: a CausalBias must not be used with is_causal=True (as in torch)")
     if attn_mask.variant == CausalVariant.UPPER_LEFT or attn_mask.seq_len_q == attn_mask.seq_len_kv:

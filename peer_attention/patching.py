@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias
 
 from . import api
 
@@ -39,15 +38,15 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                  scale=None, enable_gqa=False, **unknown):
     """torch.nn.functional.scaled_dot_product_attention, served by peer_attention when it can."""
     original = _original if _original is not None else getattr(F, _ATTRIBUTE)
-    causal_bias = isinstance(attn_mask, CausalBias)
+    causal_bias = api.is_causal_bias(attn_mask)
 
     def fall_through():
         if causal_bias and not unknown:
             # torch's CausalBias only recognises torch's own function in its __torch_function__,
             # which is now this wrapper: let it dispatch itself (it calls the patched function
             # with plain arguments), never read its storage as a mask
-            return CausalBias._dispatch(query, key, value, attn_mask, dropout_p, is_causal,
-                                        scale=scale, enable_gqa=enable_gqa)
+            return type(attn_mask)._dispatch(query, key, value, attn_mask, dropout_p, is_causal,
+                                             scale=scale, enable_gqa=enable_gqa)
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                         enable_gqa=enable_gqa, **unknown)
 
