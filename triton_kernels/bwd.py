@@ -21,8 +21,8 @@ import triton.language as tl
 
 from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
 from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
-from .tiles import (LOG2E, dropout_keep, find_tile, key_stages, kv_extent, mma,
-                    probs_from_lse, query_stages, row_tile, to_io)
+from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
+                    kv_extent, mma, probs_from_lse, query_stages, row_tile, to_io)
 from .utils import (INTERPRET, band, dropout_args, num_tiles, search_steps, stream_tables,
                     tma_ok)
 
@@ -128,17 +128,9 @@ def _bwd_preprocess(
         if HAS_ALIBI:
             alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
         lse2 = _row_lse2(Lse, b * stride_lb + h * stride_lh, rows, row_ok)
-        if DIAGONAL:
-            peer_lo = 0
-            peer_hi = 1
-        else:
-            peer_lo = tl.load(PeerStart + s)
-            peer_hi = tl.load(PeerStart + s + 1)
+        peer_lo, peer_hi = attended_peers(PeerStart, s, DIAGONAL)
         for i in range(peer_lo, peer_hi):
-            if DIAGONAL:
-                p = s
-            else:
-                p = tl.load(PeerList + i)
+            p = attended_peer(PeerList, i, s, DIAGONAL)
             kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p,
                                                  HAS_KVLEN)
             off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
@@ -295,17 +287,9 @@ def _bwd_dq(
     dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
     qi = offs_m[:, None]
 
-    if DIAGONAL:
-        peer_lo = 0
-        peer_hi = 1
-    else:
-        peer_lo = tl.load(PeerStart + s)
-        peer_hi = tl.load(PeerStart + s + 1)
+    peer_lo, peer_hi = attended_peers(PeerStart, s, DIAGONAL)
     for i in range(peer_lo, peer_hi):
-        if DIAGONAL:
-            p = s
-        else:
-            p = tl.load(PeerList + i)
+        p = attended_peer(PeerList, i, s, DIAGONAL)
         kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, HAS_KVLEN)
         off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
         self_pair = p == s

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .configs import interpreter_meta, tune_len, tuned
-from .tiles import (LN2, LOG2E, dropout_keep, kv_extent, key_stages, log2_scores, mask_scores,
-                    mma, row_tile, to_io)
+from .tiles import (LN2, LOG2E, attended_peer, attended_peers, dropout_keep, kv_extent,
+                    key_stages, log2_scores, mask_scores, mma, row_tile, to_io)
 from .utils import (INTERPRET, band, dropout_args, mask_for_kernel, mask_kind, num_tiles,
                     padded_dim, search_steps, stream_tables, strides_or_zero, tma_ok, use_f32_dot)
 
@@ -197,17 +197,9 @@ def _attn_fwd(
     gate = tl.full([EV_PAD], 1.0, tl.float32)
     bias_prev = 0.0
 
-    if DIAGONAL:
-        peer_lo = 0
-        peer_hi = 1
-    else:
-        peer_lo = tl.load(PeerStart + s)
-        peer_hi = tl.load(PeerStart + s + 1)
+    peer_lo, peer_hi = attended_peers(PeerStart, s, DIAGONAL)
     for i in range(peer_lo, peer_hi):
-        if DIAGONAL:
-            p = s
-        else:
-            p = tl.load(PeerList + i)
+        p = attended_peer(PeerList, i, s, DIAGONAL)
         kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p,
                                              HAS_KVLEN)
         self_pair = p == s

@@ -67,6 +67,29 @@ def tanh(x):
 
 
 @triton.jit
+def attended_peers(PeerStart, s, DIAGONAL: tl.constexpr):
+    """[lo, hi) of stream s's entries in the compact list of attended peers (the diagonal table
+    of varlen: the one entry s)."""
+    if DIAGONAL:
+        lo = 0
+        hi = 1
+    else:
+        lo = tl.load(PeerStart + s)
+        hi = tl.load(PeerStart + s + 1)
+    return lo, hi
+
+
+@triton.jit
+def attended_peer(PeerList, i, s, DIAGONAL: tl.constexpr):
+    """Entry i of the compact peer list: the stream whose keys are attended."""
+    if DIAGONAL:
+        p = s
+    else:
+        p = tl.load(PeerList + i)
+    return p
+
+
+@triton.jit
 def kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, HAS_KVLEN: tl.constexpr):
     """(first packed key of stream p, its length, the end of its real keys (kv_lengths))."""
     kv_start = tl.load(KVOff + p)
