@@ -1,10 +1,14 @@
 """Shared test helpers: the accuracy rule of SPEC section 8 and random problem makers."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Sequence
+from unittest import mock
 
 import torch
 from torch import Tensor
+
+from peer_attention import dispatch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -86,3 +90,23 @@ def assert_matches_reference(kernel_fn: Callable, reference_fn: Callable, inputs
 
 def randn(*shape, dtype=torch.float64, requires_grad=True, device="cpu", gen=None) -> Tensor:
     return torch.randn(*shape, dtype=dtype, device=device, generator=gen).requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def recorded_dispatch(attribute: str = "run", record: str = "problem"):
+    """Spy on peer_attention.dispatch.<attribute> ("run" or "select"): yields the list it fills
+    with each call's problem (record="problem") or, for "run", the name of the backend that
+    served it (record="backend")."""
+    seen = []
+    original = getattr(dispatch, attribute)
+
+    def spy(problem, explicit=None):
+        if record == "problem":
+            seen.append(problem)
+            return original(problem, explicit)
+        out, name = original(problem, explicit)
+        seen.append(name)
+        return out, name
+
+    with mock.patch.object(dispatch, attribute, spy):
+        yield seen

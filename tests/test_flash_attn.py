@@ -5,14 +5,13 @@ against a loop over its sequences, the layouts (views in, contiguous out, lse sh
 test per bad input."""
 from __future__ import annotations
 
-from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import peer_attention as pa
-from peer_attention import dispatch
+from tests.helpers import recorded_dispatch
 from tests import independent_variants as ind
 from tests.variant_cases import (F64, assert_close_all, flash_inputs, grads, serving_backends,
                                  sinks_for, slopes_for)
@@ -68,14 +67,7 @@ def test_matches_sdpa_math_with_explicit_mask(options, q_len, kv_len):
 def test_inputs_are_viewed_not_copied_and_never_modified():
     q, k, v = flash_inputs()
     before = [t.detach().clone() for t in (q, k, v)]
-    seen = []
-    select = dispatch.select
-
-    def spy(problem, explicit=None):
-        seen.append(problem)
-        return select(problem, explicit)
-
-    with mock.patch.object(dispatch, "select", spy):
+    with recorded_dispatch("select") as seen:
         out = pa.flash_attn_func(q, k, v, causal=True, softcap=2.0)
     problem = seen[0]
     for given, used in ((q, problem.q), (k, problem.k), (v, problem.v)):
@@ -191,14 +183,7 @@ def test_varlen_one_sequence_is_flash_attn_func():
 
 def test_varlen_views_and_diagonal_peer_table():
     q, k, v, cu_q, cu_k = packed()
-    seen = []
-    select = dispatch.select
-
-    def spy(problem, explicit=None):
-        seen.append(problem)
-        return select(problem, explicit)
-
-    with mock.patch.object(dispatch, "select", spy):
+    with recorded_dispatch("select") as seen:
         pa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, causal=True)
     problem = seen[0]
     assert problem.peers == () and problem.q_lens == tuple(Q_LENS) and problem.kv_lens == tuple(K_LENS)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import peer_attention as pa
-from peer_attention import dispatch
+from tests.helpers import recorded_dispatch
 
 ORIGINAL = F.scaled_dot_product_attention
 F64 = torch.float64
@@ -37,17 +37,9 @@ def math(*args, **kwargs):
 
 
 @pytest.fixture(params=["direct", "patched"])
-def sdpa(request, monkeypatch):
-    calls = []
-    run = dispatch.run
-
-    def spy(problem, explicit=None):
-        calls.append(problem)
-        return run(problem, explicit)
-
-    monkeypatch.setattr(dispatch, "run", spy)
+def sdpa(request):
     patch = pa.patch_torch() if request.param == "patched" else contextlib.nullcontext()
-    with patch:
+    with recorded_dispatch("run") as calls, patch:
         yield ours_direct if request.param == "direct" else ours_patched
     # neither path reaches a registered op while a transform is active
     assert calls == []

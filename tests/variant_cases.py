@@ -1,11 +1,11 @@
 """Shared pieces of the variant tests: random inputs and the backends that serve a call."""
 from __future__ import annotations
 
-from unittest import mock
 
 import torch
 
 from peer_attention import dispatch
+from tests.helpers import recorded_dispatch
 
 F64 = torch.float64
 
@@ -35,14 +35,7 @@ def slopes_for(*shape, seed=2):
 def serving_backends(call):
     """Names of the backends able to serve `call(backend)` (the one the reference is asked to
     run, spied on at dispatch): after the kernels learn a variant, their tests pick it up."""
-    problems = []
-    select = dispatch.select
-
-    def spy(problem, explicit=None):
-        problems.append(problem)
-        return select(problem, explicit)
-
-    with mock.patch.object(dispatch, "select", spy):
+    with recorded_dispatch("select") as problems:
         call("reference")
     assert problems, "the call never reached dispatch"
     return [name for name, backend in dispatch.BACKENDS.items()

@@ -11,7 +11,7 @@ import peer_attention as pa
 from peer_attention import dispatch
 from peer_attention.api import peer_problem, sdpa_problem
 from peer_attention.problem import AttentionProblem
-from tests.helpers import assert_matches_reference
+from tests.helpers import assert_matches_reference, recorded_dispatch
 
 from .cases import peer_case, sdpa_case
 
@@ -250,16 +250,7 @@ def test_dropout_under_patch_torch_gives_torchs_numbers(monkeypatch):
     q, k, v = (torch.randn(2, 2, 7, 8, generator=gen) for _ in range(3))
     torch.manual_seed(9)
     theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
-    served = []
-    run = dispatch.run
-
-    def spy(problem, explicit=None):
-        out, name = run(problem, explicit)
-        served.append(name)
-        return out, name
-
-    monkeypatch.setattr(dispatch, "run", spy)
-    with pa.patch_torch():
+    with recorded_dispatch("run", record="backend") as served, pa.patch_torch():
         torch.manual_seed(9)
         ours = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
     assert served == ["torch"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import peer_attention.dispatch as dispatch
+from tests.helpers import recorded_dispatch
 from peer_attention.nn import MultiheadAttention
 
 E, HEADS, N, L, S = 16, 4, 3, 5, 6
@@ -44,18 +44,8 @@ def float_mask(shape, seed=3):
 
 
 def compare(theirs, ours, args, kwargs, expect_fused):
-    calls = []
-    run = dispatch.run
-
-    def spy(problem, explicit=None):
-        calls.append(problem)
-        return run(problem, explicit)
-
-    dispatch.run = spy
-    try:
+    with recorded_dispatch("run") as calls:
         got_out, got_w = ours(*args, **kwargs)
-    finally:
-        dispatch.run = run
     want_out, want_w = theirs(*args, **kwargs)
     assert bool(calls) == expect_fused, "the fused path runs exactly when need_weights=False"
     torch.testing.assert_close(got_out, want_out, rtol=0, atol=1e-10)

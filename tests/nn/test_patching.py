@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import peer_attention as pa
-import peer_attention.dispatch as dispatch
+from tests.helpers import recorded_dispatch
 from peer_attention.patching import is_patched
 
 ORIGINAL = F.scaled_dot_product_attention
@@ -19,18 +19,10 @@ def always_unpatched():
 
 
 @pytest.fixture
-def served_calls(monkeypatch):
+def served_calls():
     """The backends that served a call of this package (dispatch.run calls that returned)."""
-    calls = []
-    run = dispatch.run
-
-    def spy(problem, explicit=None):
-        out, backend = run(problem, explicit)
-        calls.append(backend)
-        return out, backend
-
-    monkeypatch.setattr(dispatch, "run", spy)
-    return calls
+    with recorded_dispatch("run", record="backend") as calls:
+        yield calls
 
 
 def qkv(seed=0, dtype=torch.float64):
@@ -151,17 +143,15 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left  # noq
 @pytest.mark.parametrize("make,bottom_right", [(causal_upper_left, False),
                                                (causal_lower_right, True)],
                          ids=["upper_left", "lower_right"])
-def test_causal_bias_is_served_natively(make, bottom_right, served_calls, monkeypatch):
+def test_causal_bias_is_served_natively(make, bottom_right, served_calls):
     q, k, v = (t.requires_grad_() for t in qkv(3))  # L=5 queries, S=7 keys
     bias = make(5, 7)
     want = ORIGINAL(q, k, v, attn_mask=bias)
     want_grads = torch.autograd.grad(want.sum(), (q, k, v))
-    problems = []
-    select = dispatch.select
-    monkeypatch.setattr(dispatch, "select", lambda p, e=None: problems.append(p) or select(p, e))
-    with pa.patch_torch():
-        got = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    direct = pa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with recorded_dispatch("select") as problems:
+        with pa.patch_torch():
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        direct = pa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     for out in (got, direct):
         torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
         for g, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), want_grads):

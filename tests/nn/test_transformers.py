@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from a config: no downloads
 transformers = pytest.importorskip("transformers")
 
-import peer_attention.dispatch as dispatch  # noqa: E402
+from tests.helpers import recorded_dispatch  # noqa: E402
 from peer_attention.integrations.transformers import register  # noqa: E402
 
 VOCAB = 97
@@ -33,16 +33,9 @@ def models():
 
 
 @pytest.fixture
-def served(monkeypatch):
-    calls = []
-    run = dispatch.run
-
-    def spy(problem, explicit=None):
-        calls.append(problem)
-        return run(problem, explicit)
-
-    monkeypatch.setattr(dispatch, "run", spy)
-    return calls
+def served():
+    with recorded_dispatch("run") as calls:
+        yield calls
 
 
 def ids(batch=2, length=11, seed=0):

@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from a config: no downloads
 transformers = pytest.importorskip("transformers")
 
-import peer_attention.dispatch as dispatch  # noqa: E402
+from tests.helpers import recorded_dispatch  # noqa: E402
 from peer_attention.integrations.transformers import register  # noqa: E402
 
 VOCAB = 97
@@ -75,16 +75,9 @@ def pairs():
 
 
 @pytest.fixture
-def served(monkeypatch):
-    problems = []
-    select = dispatch.select
-
-    def spy(problem, explicit=None):
-        problems.append(problem)
-        return select(problem, explicit)
-
-    monkeypatch.setattr(dispatch, "select", spy)
-    return problems
+def served():
+    with recorded_dispatch("select") as problems:
+        yield problems
 
 
 def ids(batch=2, length=LENGTH, seed=0):
