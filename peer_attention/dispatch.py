@@ -107,12 +107,44 @@ def forward_op(name: str):
     return _ops[name][0]
 
 
+_GRAD_TENSORS = (0, 1, 2, 6, 7, 9, 19, 20)  # q k v gate bias attn_mask alibi_slopes sinks
+_functorch_active = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._is_tracing
+_autocast_enabled = torch._C._is_any_autocast_enabled
+_function_modes = torch._C._len_torch_function_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def _plain_eager(problem: AttentionProblem) -> bool:
+    """A call the eager path serves exactly as the op would: plain tensors, no torch.compile,
+    torch.func transform, tracer, autocast, or torch-function/dispatch mode (those see the op)."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return False
+    return (type(problem.q) is torch.Tensor and not _autocast_enabled() and not _function_modes()
+            and not _dispatch_modes() and not _functorch_active() and not _jit_tracing())
+
+
+def forward(name: str, problem: AttentionProblem):
+    """(out, lse) of backend `name` on `problem`, with autograd: the registered op, or for a Python
+    backend in plain eager mode the same kernel without the dispatcher's cost (ops.eager_kernels)."""
+    eager = ops.eager_kernels(name)
+    if eager is None or not _plain_eager(problem):
+        return _ops[name][0](*problem)
+    kernel, function = eager
+    if torch.is_grad_enabled():
+        for i in _GRAD_TENSORS:
+            t = problem[i]
+            if t is not None and t.requires_grad:
+                return function.apply(*problem)
+    return kernel(problem)
+
+
 def run(problem: AttentionProblem, explicit: Optional[str] = None):
-    """Pick a backend for `problem` and run its forward op; returns (out (B, Hq, Tq, Ev), backend name)."""
+    """Pick a backend for `problem` and run its forward; returns (out (B, Hq, Tq, Ev), backend name)."""
     backend = select(problem, explicit)
     if problem.dropout_seed is not None and backend.name == TorchBackend.name:
         problem = replay_torch_rng(problem)  # torch's own dropout draw, from torch's RNG state
-    out, _lse = _ops[backend.name][0](*problem)
+    out, _lse = forward(backend.name, problem)
     return out, backend.name
 
 

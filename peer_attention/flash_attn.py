@@ -48,7 +48,7 @@ def _needs_alignment(is_causal: bool, left: int, right: int, alibi: bool,
 def _run(problem: AttentionProblem, backend: Optional[str]):
     """(out, lse) from the chosen backend's op (dispatch.run returns no lse)."""
     chosen = dispatch.select(problem, backend)
-    return dispatch.forward_op(chosen.name)(*problem)
+    return dispatch.forward(chosen.name, problem)
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,

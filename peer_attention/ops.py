@@ -10,7 +10,7 @@ where <problem> is the argument list below, in the order of AttentionProblem's f
 the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd; with
 create_graph=True the differentiable formulas of double_backward.py) live here, once for all
 backends. A backend only supplies the real kernels: Python backends through
-`register_python_kernels`, the compiled extension through
+`register_python_kernels` (which also gives them an eager path, below), the compiled extension through
 `TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) { m.impl("cuda_fwd", ...); m.impl("cuda_bwd", ...); }`
 (argument types: int[] -> IntArrayRef, SymInt[] -> IntArrayRef, bool[] -> c10::List<bool>,
 float -> double, str -> c10::string_view, Tensor? -> std::optional<Tensor>).
@@ -167,6 +167,36 @@ def define_backend_ops(name: str):
     return fwd_op, bwd_op
 
 
+# The eager path of a Python backend: the same forward kernel, reached without the dispatcher.
+# Calling a custom op from Python costs about 25 us (its 21 arguments are parsed into the
+# dispatcher's values and back into Python objects, twice: the autograd kernel redispatches), and
+# register_autograd's Python wrapper adds about 150 us more when an input requires grad; a call of
+# tens of microseconds of kernel then spends most of its time there. In eager mode (dispatch.forward
+# decides: no compile, transform, tracer, autocast, mode or tensor subclass) the kernel is called
+# directly when no gradient is wanted, and through a torch.autograd.Function with the op's own
+# setup_context and backward (NAME_bwd, or the create_graph formulas) when one is.
+_eager: dict = {}
+
+
+def _eager_function(name: str, forward, bwd_op):
+    backward = _make_backward(name, bwd_op)
+
+    def eager_forward(ctx, *args):
+        output = forward(AttentionProblem(*args))
+        _setup_context(ctx, args, output)
+        return output
+
+    # old-style forward(ctx, ...): Function.apply binds default arguments through inspect.signature
+    # (~20 us) when a separate setup_context is defined
+    return type(f"{name}_eager", (torch.autograd.Function,),
+                {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+
+
+def eager_kernels(name: str):
+    """(forward(problem), autograd.Function) of a Python backend; None for compiled kernels."""
+    return _eager.get(name)
+
+
 def register_python_kernels(
     name: str,
     forward: Callable[[AttentionProblem], tuple],
@@ -178,7 +208,8 @@ def register_python_kernels(
     forward(problem) -> (out, lse);
     backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks).
     """
-    define_backend_ops(name)
+    _fwd_op, bwd_op = define_backend_ops(name)
+    _eager[name] = (forward, _eager_function(name, forward, bwd_op))
 
     def fwd_kernel(*args):
         return forward(AttentionProblem(*args))

@@ -241,10 +241,28 @@ def _check_streams(name: str, seq) -> List[Tensor]:
     return list(seq)
 
 
+def _fast_peers(peers, num_streams: int):
+    """The table of the common call (S lists of S bools) as S*S ints, else None (checked below)."""
+    if type(peers) is not list and type(peers) is not tuple or len(peers) != num_streams:
+        return None
+    flat = []
+    for row in peers:
+        if type(row) is not list and type(row) is not tuple or len(row) != num_streams:
+            return None
+        flat += row
+    for entry in flat:
+        if entry is not True and entry is not False:
+            return None
+    return tuple([1 if entry else 0 for entry in flat])
+
+
 def check_peers(peers, num_streams: int) -> Tuple[int, ...]:
     """The peer table as S*S ints (row-major)."""
     if peers is None:
         return (1,) * (num_streams * num_streams)
+    flat = _fast_peers(peers, num_streams)
+    if flat is not None:
+        return flat
     expected = f"{num_streams}x{num_streams} (one row per stream)"
     if isinstance(peers, Tensor):
         if peers.dtype != torch.bool:
@@ -300,15 +318,20 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
         raise ValueError(f"values[0]: expected 4 dims (B, H, M, Ev), got {_shape(v0)}")
     value_dim = v0.shape[3]
     dtype, device = q0.dtype, q0.device
+    q_shape, k_shape = (batch, num_q_heads, head_dim), (batch, num_kv_heads, head_dim)
     for s in range(num_streams):
         q, k, v = queries[s], keys[s], values[s]
         # one cheap comparison per call; the per-tensor checks only to word the error
-        if not (q.dtype == dtype and k.dtype == dtype and v.dtype == dtype
+        if not (q.dtype is dtype and k.dtype is dtype and v.dtype is dtype
                 and q.device == device and k.device == device and v.device == device):
             check_same(f"queries[{s}]", q, "queries[0]", q0)
             check_same(f"keys[{s}]", k, "queries[0]", q0)
             check_same(f"values[{s}]", v, "queries[0]", q0)
         qs, ks, vs = q.shape, k.shape, v.shape
+        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4
+                and (qs[0], qs[1], qs[3]) == q_shape and (ks[0], ks[1], ks[3]) == k_shape
+                and (vs[0], vs[1], vs[2], vs[3]) == (batch, num_kv_heads, ks[2], value_dim)):
+            continue  # the common call: the detailed checks below only to word the error
         if len(qs) != 4 or qs[0] != batch or qs[1] != num_q_heads or qs[3] != head_dim:
             raise ValueError(
                 f"queries[{s}]: expected (B={batch}, Hq={num_q_heads}, L, E={head_dim}), "

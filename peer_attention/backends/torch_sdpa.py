@@ -54,27 +54,13 @@ class _Plan:
         self.peers = [[s] if p.diagonal_peers else [t for t in range(n) if p.peers[s * n + t]]
                       for s in range(n)]
         self._kv_masks = {}
-        self.user_mask = self._user_mask()
+        self.user_mask = _user_mask(p)
 
     def rows(self, s: int):
         return slice(self.q_off[s], self.q_off[s + 1])
 
     def keys(self, t: Tensor, p: int) -> Tensor:
         return t.narrow(2, self.kv_off[p], self.p.kv_lens[p])
-
-    def _user_mask(self) -> Optional[Tensor]:
-        mask = self.p.attn_mask
-        if mask is None:
-            return None
-        small = _squeeze_broadcast(mask)
-        q_dtype = self.p.q.dtype
-        if small.dtype == torch.bool:  # the kernels take additive masks only
-            return torch.zeros(small.shape, dtype=q_dtype, device=small.device).masked_fill_(
-                ~small, NEG_INF)
-        if small.dtype != q_dtype and not (small.dtype == torch.float32 and q_dtype in
-                                           (torch.float16, torch.bfloat16)):
-            small = small.to(q_dtype)
-        return small
 
     def _key_mask(self, p: int) -> Optional[Tensor]:
         """The additive mask of any pair whose keys are stream p: attn_mask and kv_lengths."""
@@ -114,6 +100,22 @@ class _Plan:
         if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for such rows
             out, lse = _mark_empty_rows(out, lse, mask)
         return out, lse
+
+
+def _user_mask(p: AttentionProblem) -> Optional[Tensor]:
+    """attn_mask as the kernels take it: additive, at its smallest broadcast shape."""
+    mask = p.attn_mask
+    if mask is None:
+        return None
+    small = _squeeze_broadcast(mask)
+    q_dtype = p.q.dtype
+    if small.dtype == torch.bool:  # the kernels take additive masks only
+        return torch.zeros(small.shape, dtype=q_dtype, device=small.device).masked_fill_(
+            ~small, NEG_INF)
+    if small.dtype != q_dtype and not (small.dtype == torch.float32 and q_dtype in
+                                       (torch.float16, torch.bfloat16)):
+        small = small.to(q_dtype)
+    return small
 
 
 def _band_mask(p: AttentionProblem, s: int, dtype) -> Tensor:
@@ -162,8 +164,27 @@ def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
     return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
 
 
+def _is_one_call(p: AttentionProblem) -> bool:
+    """SDPA as the drop-in sees it: one stream on itself, the kernel's own flags, nothing to merge."""
+    return (len(p.q_lens) == 1 and p.normalize == JOINT and p.peers == (1,) and p.gate is None
+            and p.bias is None and p.sinks is None and p.kv_lengths is None
+            and p.window_left < 0 and p.window_right < 0 and not p.bottom_right
+            and p.q_lens[0] > 0 and p.kv_lens[0] > 0)
+
+
+def _one_call_forward(p: AttentionProblem):
+    mask = _user_mask(p)
+    out, lse = pair_forward(p.q, p.k, p.v, mask, p.is_causal, p.scale)
+    if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for rows that see no key
+        out, lse = _mark_empty_rows(out, lse, mask)
+    # the kernels' layouts are (B, L, H, .); the op's are contiguous
+    return out.contiguous(), contiguous_lse(lse.to(lse_dtype(p.q.dtype)))
+
+
 def _forward(problem: AttentionProblem):
     p = problem
+    if _is_one_call(p):
+        return _one_call_forward(p)
     plan = _Plan(p)
     q, compute = p.q, plan.compute
     batch, heads, q_total = q.shape[:3]
@@ -262,17 +283,17 @@ def _sum_groups(t: Tensor, kv_heads: int) -> Tensor:
     return t if groups == 1 else t.unflatten(1, (kv_heads, groups)).sum(2)
 
 
-def _one_call_backward(p: AttentionProblem, plan: "_Plan", grad_out, out, lse, needs_grad):
-    """SDPA as the drop-in sees it: one pair, no merge, the kernel's gradients as they come."""
+def _one_call_backward(p: AttentionProblem, mask, causal: bool, grad_out, out, lse, needs_grad):
+    """One pair, no merge (the pair's mask and the kernel's causal flag given): the kernel's
+    gradients as they come."""
     if lse.dim() == 4:  # "peer" normalisation of one stream: (B, H, 1, L), the same numbers
         lse = lse[:, :, 0]
-    mask = plan.mask(0, 0)
     if mask is not None:
         lse = lse.masked_fill(lse == NEG_INF, float("inf"))  # rows that see no key: P = 0
-    dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, lse, mask, plan.causal(0, 0), p.scale)
+    dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, lse, mask, causal, p.scale)
     dmask = None
     if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
-        dmask = _mask_grad(p, plan, grad_out, lse)
+        dmask = _mask_grad(p, mask, causal, grad_out, lse)
     # contiguous, as the op's fake kernel declares (the CPU kernel's layout is (B, L, H, .))
     return (dq.contiguous() if needs_grad[0] else empty_grad(p.q),
             dk.contiguous() if needs_grad[1] else empty_grad(p.q),
@@ -282,10 +303,13 @@ def _one_call_backward(p: AttentionProblem, plan: "_Plan", grad_out, out, lse, n
 
 def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     p = problem
+    if _is_one_call(p):
+        return _one_call_backward(p, _user_mask(p), p.is_causal, grad_out, out, lse, needs_grad)
     plan = _Plan(p)
     if (p.num_streams == 1 and plan.peers[0] == [0] and p.q_lens[0] > 0 and p.kv_lens[0] > 0
             and p.gate is None and p.bias is None and p.sinks is None):
-        return _one_call_backward(p, plan, grad_out, out, lse, needs_grad)
+        return _one_call_backward(p, plan.mask(0, 0), plan.causal(0, 0), grad_out, out, lse,
+                                  needs_grad)
     compute = plan.compute
     grads = _Grads(p, needs_grad, compute)
     joint = p.normalize == JOINT
@@ -353,19 +377,19 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
             grads.dsinks -= (torch.exp(sink - total) * delta).sum((0, 2))
     dmask = None
     if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
-        dmask = _mask_grad(p, plan, grad_out, lse)
+        dmask = _mask_grad(p, plan.mask(0, 0), plan.causal(0, 0), grad_out, lse)
     return grads.result(p, dmask)
 
 
-def _mask_grad(p: AttentionProblem, plan: _Plan, grad_out, lse) -> Tensor:
+def _mask_grad(p: AttentionProblem, mask: Tensor, causal: bool, grad_out, lse) -> Tensor:
     """d mask = P * (dP - D) (one stream, no gate or bias: the only problems with a mask)."""
-    compute = plan.compute
+    compute = lse_dtype(p.q.dtype)
     heads = p.q.shape[1]
     keys = _repeat_heads(p.k, heads).to(compute)
     values = _repeat_heads(p.v, heads).to(compute)
     scores = torch.matmul(p.q.to(compute), keys.transpose(-1, -2)) * p.scale
-    scores = scores + plan.mask(0, 0).to(compute)  # attn_mask (and a band), as the forward saw it
-    if plan.causal(0, 0):
+    scores = scores + mask.to(compute)  # attn_mask (and a band), as the forward saw it
+    if causal:
         q_len, kv_len = scores.shape[-2:]
         visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~visible, NEG_INF)

@@ -78,7 +78,7 @@ def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad)
 def problem_forward(problem: AttentionProblem, backend: str) -> Tuple[Tensor, Tensor]:
     """(out, lse) of the registered forward op, outside autograd."""
     with torch.no_grad():
-        return dispatch.forward_op(backend)(*problem)
+        return dispatch.forward(backend, problem)
 
 
 def problem_backward(problem: AttentionProblem, backend: str, grad_out: Tensor, out: Tensor,

@@ -88,5 +88,5 @@ def ulysses_attention(problem: AttentionProblem, *, group, rank: int, world: int
         q=q, k=k, v=v, q_lens=tuple(n * world for n in problem.q_lens),
         kv_lens=tuple(n * world for n in problem.kv_lens), gate=gate, bias=bias,
         kv_lengths=kv_lengths)
-    out, _lse = dispatch.forward_op(backend)(*local)
+    out, _lse = dispatch.forward(backend, local)
     return _heads_to_seq(out, torch.argsort(q_order), world, group)
