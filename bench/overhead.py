@@ -1,8 +1,8 @@
 """The Python cost of a call (issue 2, "Performance"): the public API against the backend's op.
 
 On a prebuilt problem (api.sdpa_problem / api.peer_problem), the direct call is
-`dispatch.forward_op(name)(*problem.op_args())`: the registered op and the kernel, nothing
-else. The API call adds validation, layout normalisation, backend selection and the output
+`dispatch.forward(name, problem)`: the backend's forward as the API reaches it (for a Python
+backend in eager mode its kernel function, else the registered op), nothing else. The API call adds validation, layout normalisation, backend selection and the output
 views. Both are timed in loops of `calls` calls, alternating API and op loops `samples` times.
 Each figure is the fastest loop's time per call (as timeit recommends: slower loops measure
 other processes, not the code), and the overhead is fastest API loop - fastest op loop, in
@@ -45,10 +45,9 @@ def _calls(case: Case, backend):
         def api_call():
             return pa.peer_attention(x.queries, x.keys, x.values, backend=backend, **opts)
     served_by = dispatch.select(problem, backend).name
-    op = dispatch.forward_op(served_by)
 
     def op_call():
-        return op(*problem.op_args())
+        return dispatch.forward(served_by, problem)
     return api_call, op_call, served_by
 
 
@@ -87,18 +86,23 @@ def measure(case: Case, backend, calls: int = 100, samples: int = 41) -> Dict[st
 
 
 def _python_side_us(api_call, op_call, served_by: str, calls: int, samples: int, device: str) -> float:
-    from peer_attention import dispatch
+    from peer_attention import dispatch, ops
 
     outputs = op_call()
-    real = dispatch._ops[served_by]
 
     def stub(*args):
         return outputs
 
-    dispatch._ops[served_by] = (stub, real[1])
+    # the kernel is reached through the registered op, or in eager mode through ops' eager table
+    real_op, real_eager = dispatch._ops[served_by], ops._eager.get(served_by)
+    dispatch._ops[served_by] = (stub, real_op[1])
+    if real_eager is not None:
+        ops._eager[served_by] = (stub, real_eager[1])
     try:
         api_loops = [_loop_us(api_call, calls, device) for _ in range(samples)]
         stub_loops = [_loop_us(stub, calls, device) for _ in range(samples)]
     finally:
-        dispatch._ops[served_by] = real
+        dispatch._ops[served_by] = real_op
+        if real_eager is not None:
+            ops._eager[served_by] = real_eager
     return min(api_loops) - min(stub_loops)

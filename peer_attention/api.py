@@ -15,6 +15,10 @@ from .problem import AttentionProblem
 from .validation import check_peer, check_peer_variants, check_sdpa
 
 
+# AttentionProblem from a tuple of all its fields, without the keyword handling of its __new__
+_problem = AttentionProblem._make
+
+
 def _as_4d(t: Tensor, lead_numel: int) -> Tensor:
     """(N, ..., H, L, E) -> (B, H, L, E) without a copy when the strides allow."""
     if t.dim() == 4:
@@ -137,11 +141,11 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     drop_all = dropout_p >= 1.0
     if drop_all:
         dropout_p = 0.0
-    problem = AttentionProblem(
+    problem = _problem((
         q, k, v, (q.shape[2],), (k.shape[2],), (1,), None, None, None, mask,
         dispatch.draw_dropout_seed() if dropout_p > 0 else None,
-        dropout_p, is_causal, scale, "joint", -1, -1, bottom_right,
-    )
+        dropout_p, is_causal, scale, "joint", -1, -1, bottom_right, 0.0, None, None,
+    ))
     return SdpaCall(problem, tuple(out_shape), drop_all)
 
 
@@ -208,32 +212,39 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
                  is_causal=False, kv_lengths=None, scale=None, enable_gqa=False, softcap=0.0,
                  window=None, sinks=None) -> AttentionProblem:
     """Validate a peer_attention call and pack its streams into the normalised problem."""
-    queries, keys, values, peers_flat, scale = check_peer(
+    return _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal,
+                         kv_lengths, scale, enable_gqa, softcap, window, sinks)
+
+
+def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths,
+                  scale, enable_gqa, softcap, window, sinks) -> AttentionProblem:
+    queries, keys, values, peers_flat, scale, shapes = check_peer(
         queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths, scale,
         enable_gqa,
     )
-    softcap, window, sinks = check_peer_variants(softcap, window, sinks, normalize,
-                                                 queries[0].shape[1], queries[0])
-    is_causal, window_left, window_right = causal_band(is_causal, window)
-    num_streams = len(queries)
+    batch, num_q_heads, value_dim, q_lens, kv_lens = shapes
     q0 = queries[0]
-    batch, num_q_heads = q0.shape[0], q0.shape[1]
-    value_dim = values[0].shape[3]
+    if window is None and sinks is None and softcap == 0.0 and type(softcap) is float:
+        window_left = window_right = -1  # the common call: no variant
+    else:
+        softcap, window, sinks = check_peer_variants(softcap, window, sinks, normalize,
+                                                     num_q_heads, q0)
+        is_causal, window_left, window_right = causal_band(is_causal, window)
+    num_streams = len(queries)
     if num_streams == 1:
         q, k, v = q0, keys[0], values[0]
     else:  # one packed buffer per role; the caller's tensors are only read
-        q, k, v = torch.cat(queries, dim=2), torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        q, k, v = torch.cat(queries, 2), torch.cat(keys, 2), torch.cat(values, 2)
     if gate is not None:
         gate = broadcast_in_fp32(gate, (batch, num_streams, num_streams, num_q_heads, value_dim))
     if bias is not None:
         bias = broadcast_in_fp32(bias, (batch, num_streams, num_streams, num_q_heads))
     if kv_lengths is not None and kv_lengths.device != q.device:
         kv_lengths = kv_lengths.to(q.device)
-    return AttentionProblem(
-        q, k, v, tuple([t.shape[2] for t in queries]), tuple([t.shape[2] for t in keys]), peers_flat,
-        gate, bias, kv_lengths, None, None, 0.0, is_causal, scale, normalize,
-        window_left, window_right, False, softcap, None, sinks,
-    )
+    return _problem((
+        q, k, v, q_lens, kv_lens, peers_flat, gate, bias, kv_lengths, None, None, 0.0, is_causal,
+        scale, normalize, window_left, window_right, False, softcap, None, sinks,
+    ))
 
 
 def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Sequence[Tensor], *,
@@ -248,14 +259,12 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
     tanh(scale * q.k / softcap); `window=(left, right)` bands the self pairs, top-left aligned
     like is_causal (query i sees key j iff i - left <= j <= i + right, -1 = unbounded);
     `sinks` (Hq,), normalize="joint" only: a per-head logit in every row's softmax, no value."""
-    problem = peer_problem(queries, keys, values, peers=peers, gate=gate, bias=bias,
-                           normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
-                           scale=scale, enable_gqa=enable_gqa, softcap=softcap, window=window,
-                           sinks=sinks)
+    problem = _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal,
+                            kv_lengths, scale, enable_gqa, softcap, window, sinks)
     if not torch.compiler.is_compiling() and transforms_active():
         out = run_under_transform(problem, backend, "peer_attention")
     else:
         out, _ = dispatch.run(problem, backend)
-    if problem.num_streams == 1:
+    if len(problem.q_lens) == 1:
         return [out]
-    return list(out.split_with_sizes(problem.q_lens, dim=2))
+    return list(out.split_with_sizes(problem.q_lens, 2))

@@ -229,16 +229,18 @@ def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 # peer_attention
 # ---------------------------------------------------------------------------------------------
 
-def _check_streams(name: str, seq) -> List[Tensor]:
-    if type(seq) is not list and type(seq) is not tuple and (  # fast path first: ABC checks are slow
-            isinstance(seq, Tensor) or not isinstance(seq, Sequence)):
-        raise TypeError(
-            f"{name}: expected a list or tuple of tensors (one per stream), got {type(seq).__name__}"
-        )
-    for i, t in enumerate(seq):
+def _check_streams(name: str, seq) -> Sequence[Tensor]:
+    """The streams as a list or tuple of tensors (never modified: only read)."""
+    if type(seq) is not list and type(seq) is not tuple:  # fast path first: ABC checks are slow
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name}: expected a list or tuple of tensors (one per stream), got "
+                            f"{type(seq).__name__}")
+        seq = list(seq)
+    for t in seq:
         if not isinstance(t, Tensor):  # the argument's name is formatted only for the error
-            check_tensor(f"{name}[{i}]", t)
-    return list(seq)
+            for i, t in enumerate(seq):
+                check_tensor(f"{name}[{i}]", t)
+    return seq
 
 
 def _fast_peers(peers, num_streams: int):
@@ -253,7 +255,7 @@ def _fast_peers(peers, num_streams: int):
     for entry in flat:
         if entry is not True and entry is not False:
             return None
-    return tuple([1 if entry else 0 for entry in flat])
+    return tuple(map(int, flat))
 
 
 def check_peers(peers, num_streams: int) -> Tuple[int, ...]:
@@ -285,9 +287,34 @@ def check_peers(peers, num_streams: int) -> Tuple[int, ...]:
     return tuple(flat)
 
 
+def _stream_shape_error(s: int, qs, ks, vs, batch, num_q_heads, num_kv_heads, head_dim,
+                        value_dim):
+    """Raise the error of stream s, whose shapes do not fit stream 0's."""
+    if len(qs) != 4 or qs[0] != batch or qs[1] != num_q_heads or qs[3] != head_dim:
+        raise ValueError(f"queries[{s}]: expected (B={batch}, Hq={num_q_heads}, L, E={head_dim}), "
+                         f"got {_fmt(qs)}")
+    if len(ks) != 4 or ks[0] != batch or ks[1] != num_kv_heads or ks[3] != head_dim:
+        raise ValueError(f"keys[{s}]: expected (B={batch}, H={num_kv_heads}, M, E={head_dim}), "
+                         f"got {_fmt(ks)}")
+    raise ValueError(f"values[{s}]: expected (B={batch}, H={num_kv_heads}, M={ks[2]}, "
+                     f"Ev={value_dim}), got {_fmt(vs)}")
+
+
+def _check_weight(name: str, t, ref: Tensor, shape: Tuple[int, ...], shape_text: str) -> None:
+    """gate / bias: a floating-point tensor on the queries' device, broadcastable to `shape`."""
+    if type(t) is Tensor and t.shape == shape and t.is_floating_point() and t.device == ref.device:
+        return  # the common call, in one line
+    check_tensor(name, t)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+    check_device(name, t, "queries[0]", ref)
+    check_broadcastable(name, t, shape, shape_text)
+
+
 def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths, scale,
                enable_gqa):
-    """Returns (queries, keys, values, peers_flat, scale); raises on any bad argument."""
+    """Returns (queries, keys, values, peers_flat, scale, (batch, num_q_heads, value_dim, q_lens,
+    kv_lens)); raises on any bad argument."""
     queries = _check_streams("queries", queries)
     keys = _check_streams("keys", keys)
     values = _check_streams("values", values)
@@ -299,13 +326,16 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
             f"keys, values: expected {num_streams} streams as queries, "
             f"got {len(keys)} keys and {len(values)} values"
         )
-    check_bool("is_causal", is_causal)
-    check_bool("enable_gqa", enable_gqa)
+    if is_causal is not True and is_causal is not False:
+        check_bool("is_causal", is_causal)
+    if enable_gqa is not True and enable_gqa is not False:
+        check_bool("enable_gqa", enable_gqa)
     if not isinstance(normalize, str) or normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize: expected 'joint' or 'peer', got {normalize!r}")
 
     q0 = queries[0]
-    check_float_dtype("queries[0]", q0)
+    if q0.dtype not in SUPPORTED_DTYPES:
+        check_float_dtype("queries[0]", q0)
     if q0.dim() != 4:
         raise ValueError(f"queries[0]: expected 4 dims (B, Hq, L, E), got {_shape(q0)}")
     batch, num_q_heads, _, head_dim = q0.shape
@@ -319,6 +349,7 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
     value_dim = v0.shape[3]
     dtype, device = q0.dtype, q0.device
     q_shape, k_shape = (batch, num_q_heads, head_dim), (batch, num_kv_heads, head_dim)
+    q_lens, kv_lens = [], []
     for s in range(num_streams):
         q, k, v = queries[s], keys[s], values[s]
         # one cheap comparison per call; the per-tensor checks only to word the error
@@ -328,52 +359,34 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
             check_same(f"keys[{s}]", k, "queries[0]", q0)
             check_same(f"values[{s}]", v, "queries[0]", q0)
         qs, ks, vs = q.shape, k.shape, v.shape
-        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4
+        if not (len(qs) == 4 and len(ks) == 4 and len(vs) == 4
                 and (qs[0], qs[1], qs[3]) == q_shape and (ks[0], ks[1], ks[3]) == k_shape
                 and (vs[0], vs[1], vs[2], vs[3]) == (batch, num_kv_heads, ks[2], value_dim)):
-            continue  # the common call: the detailed checks below only to word the error
-        if len(qs) != 4 or qs[0] != batch or qs[1] != num_q_heads or qs[3] != head_dim:
-            raise ValueError(
-                f"queries[{s}]: expected (B={batch}, Hq={num_q_heads}, L, E={head_dim}), "
-                f"got {_shape(q)}"
-            )
-        if len(ks) != 4 or ks[0] != batch or ks[1] != num_kv_heads or ks[3] != head_dim:
-            raise ValueError(
-                f"keys[{s}]: expected (B={batch}, H={num_kv_heads}, M, E={head_dim}), got {_shape(k)}"
-            )
-        if (len(vs) != 4 or vs[0] != batch or vs[1] != num_kv_heads
-                or vs[2] != ks[2] or vs[3] != value_dim):
-            raise ValueError(
-                f"values[{s}]: expected (B={batch}, H={num_kv_heads}, M={k.shape[2]}, "
-                f"Ev={value_dim}), got {_shape(v)}"
-            )
+            _stream_shape_error(s, qs, ks, vs, batch, num_q_heads, num_kv_heads, head_dim, value_dim)
+        q_lens.append(qs[2])
+        kv_lens.append(ks[2])
     if head_dim == 0:
         raise ValueError(f"queries[0]: expected head dim E >= 1, got {_shape(q0)}")
-    check_heads(num_q_heads, num_kv_heads, enable_gqa, "keys")
+    if num_q_heads != num_kv_heads:
+        check_heads(num_q_heads, num_kv_heads, enable_gqa, "keys")
 
     peers_flat = check_peers(peers, num_streams)
     if gate is not None:
-        check_tensor("gate", gate)
-        if not gate.is_floating_point():
-            raise TypeError(f"gate: expected a floating-point dtype, got {gate.dtype}")
-        check_device("gate", gate, "queries[0]", q0)
-        check_broadcastable("gate", gate, (batch, num_streams, num_streams, num_q_heads, value_dim),
-                            "(B, S, S, Hq, Ev)")
+        _check_weight("gate", gate, q0, (batch, num_streams, num_streams, num_q_heads, value_dim),
+                      "(B, S, S, Hq, Ev)")
     if bias is not None:
-        check_tensor("bias", bias)
         if normalize == PEER:
+            check_tensor("bias", bias)
             raise ValueError(
                 "bias: not accepted with normalize='peer' (a per-peer constant cancels in a "
                 "per-peer softmax); use normalize='joint'"
             )
-        if not bias.is_floating_point():
-            raise TypeError(f"bias: expected a floating-point dtype, got {bias.dtype}")
-        check_device("bias", bias, "queries[0]", q0)
-        check_broadcastable("bias", bias, (batch, num_streams, num_streams, num_q_heads),
-                            "(B, S, S, Hq)")
+        _check_weight("bias", bias, q0, (batch, num_streams, num_streams, num_q_heads),
+                      "(B, S, S, Hq)")
     if kv_lengths is not None:
-        check_kv_lengths(kv_lengths, batch, [k.shape[2] for k in keys], q0)
-    return queries, keys, values, peers_flat, check_scale(scale, head_dim)
+        check_kv_lengths(kv_lengths, batch, kv_lens, q0)
+    shapes = (batch, num_q_heads, value_dim, tuple(q_lens), tuple(kv_lens))
+    return queries, keys, values, peers_flat, check_scale(scale, head_dim), shapes
 
 
 def check_kv_lengths(kv_lengths, batch: int, kv_lens: Sequence[int], ref: Tensor) -> None:

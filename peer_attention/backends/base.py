@@ -84,8 +84,9 @@ class Backend:
         reasons = [why] if why else []
         caps = self.capabilities
         q = problem.q
-        if q.device.type not in caps.devices:
-            reasons.append(f"device {q.device.type!r} not in {sorted(caps.devices)}")
+        device_type = q.device.type
+        if device_type not in caps.devices:
+            reasons.append(f"device {device_type!r} not in {sorted(caps.devices)}")
         if q.dtype not in caps.dtypes:
             reasons.append(f"dtype {q.dtype} not in {sorted(str(d) for d in caps.dtypes)}")
         if caps.max_head_dim is not None:
@@ -103,7 +104,7 @@ class Backend:
                     reasons.append("gradient of a float attn_mask not supported")
         if problem.dropout_p > 0 and not caps.dropout:
             reasons.append("dropout not supported")
-        if problem.num_q_heads != problem.num_kv_heads and not caps.gqa:
+        if q.shape[1] != problem.k.shape[1] and not caps.gqa:
             reasons.append("GQA (Hq != H) not supported")
         if problem.is_causal and not caps.causal:
             reasons.append("is_causal not supported")
@@ -117,10 +118,12 @@ class Backend:
             reasons.append(f"{problem.num_streams} streams > {caps.max_streams}")
         if problem.normalize not in caps.normalize:
             reasons.append(f"normalize={problem.normalize!r} not supported")
-        if problem.has_variants or problem.diagonal_peers:
+        if (problem.window_left >= 0 or problem.window_right >= 0 or problem.bottom_right
+                or problem.softcap > 0 or problem.alibi_slopes is not None
+                or problem.sinks is not None or not problem.peers):  # problem.has_variants, inline
             reasons.extend(_variant_reasons(caps, problem))
-        reasons.extend(self.extra_reasons(problem))
-        return reasons
+        extra = self.extra_reasons(problem)
+        return reasons + extra if extra else reasons
 
     def forward(self, problem: AttentionProblem):
         raise NotImplementedError

@@ -421,10 +421,12 @@ class TorchBackend(Backend):
 
     def extra_reasons(self, problem: AttentionProblem) -> List[str]:
         reasons = []
-        device = problem.q.device.type
         if problem.dropout_p > 0 and (problem.has_window or problem.bottom_right):
             reasons.append("dropout with a window or bottom-right alignment (torch's math path "
                            "that replays its dropout is top-left causal only)")
+        if problem.q.is_cpu:
+            return reasons
+        device = problem.q.device.type
         if device != "cpu":
             if problem.q.dtype not in _CUDA_DTYPES:
                 reasons.append(f"dtype {problem.q.dtype} not served by torch's fused kernels on {device}")
