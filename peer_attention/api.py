@@ -261,8 +261,8 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
     `sinks` (Hq,), normalize="joint" only: a per-head logit in every row's softmax, no value."""
     problem = _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal,
                             kv_lengths, scale, enable_gqa, softcap, window, sinks)
-    if not torch.compiler.is_compiling() and transforms_active():
-        out = run_under_transform(problem, backend, "peer_attention")
+    if not torch.compiler.is_compiling() and (_functorch_active() or _jit_tracing()):
+        out = run_under_transform(problem, backend, "peer_attention")  # transforms_active()
     else:
         out, _ = dispatch.run(problem, backend)
     if len(problem.q_lens) == 1:

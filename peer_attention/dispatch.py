@@ -139,7 +139,7 @@ def _plain_eager(problem: AttentionProblem) -> bool:
 def forward(name: str, problem: AttentionProblem):
     """(out, lse) of backend `name` on `problem`, with autograd: the registered op, or for a Python
     backend in plain eager mode the same kernel without the dispatcher's cost (ops.eager_kernels)."""
-    eager = ops.eager_kernels(name)
+    eager = ops._eager.get(name)
     if eager is None or not _plain_eager(problem):
         return _ops[name][0](*problem)
     kernel, function = eager
