@@ -18,11 +18,11 @@ import time
 import torch
 
 from .cases import DTYPES, MODE_ALIASES, MODES, SUITES, build_cases
-from .presets import HEADLINE_MODES, HEADLINE_PROVIDERS, PRESETS, flex_runs
+from .presets import PRESETS, cpu_runs, flex_runs
 from .providers import Provider, all_providers
 from .report import complete, format_table, metadata, write_csv, write_json, write_plots
 from .runner import RunSettings, Skipped, count_rows, run_cases
-from .summary import headline_table, newcomer_summary
+from .summary import cpu_table, headline_table, newcomer_summary
 from .timing import TimingSettings
 
 DEFAULT_OUT = os.path.join("bench", "out")
@@ -42,7 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (a minute or two)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="a fixed case list with its providers and modes (headline: the README's "
-                             "numbers); --mode, --dtype, --provider, --case still narrow it")
+                             "GPU numbers; cpu: the drop-in and peer attention on the CPU against "
+                             "torch and the reference); --mode, --dtype, --provider, --case still "
+                             "narrow it")
     parser.add_argument("--suite", default=None, help=f"comma list of {', '.join(SUITES)} (default: "
                         "all; --quick on the CPU leaves out memory, whose peak memory is measured on "
                         "GPUs only)")
@@ -75,11 +77,12 @@ def parse_args(argv=None):
         elif args.quick:
             default_dtypes = "float16"
         providers = all_providers()
-        default_providers = list(providers)
+        default_providers = [n for n, p in providers.items() if p.default]
         if args.preset:
-            default_modes = ",".join(HEADLINE_MODES)
-            default_dtypes = "bfloat16" if args.device == "cuda" else "float32"
-            default_providers = [n for n in HEADLINE_PROVIDERS if n in providers]
+            preset = PRESETS[args.preset]
+            default_modes = ",".join(preset.modes)
+            default_dtypes = preset.dtypes["cuda" if args.device == "cuda" else "cpu"]
+            default_providers = [n for n in preset.providers if n in providers]
         args.modes = _csv_list(args.mode or default_modes, MODES, MODE_ALIASES)
         args.dtypes = _csv_list(args.dtype or default_dtypes, tuple(DTYPES))
         names = _csv_list(args.provider, tuple(providers)) if args.provider else default_providers
@@ -91,12 +94,16 @@ def parse_args(argv=None):
     return args
 
 
-def _settings(quick: bool) -> RunSettings:
+def _settings(quick: bool, preset=None) -> RunSettings:
+    interleave = preset is not None and PRESETS[preset].interleave
     if quick:
         # CPU: the reference check has already run each provider once (the warm-up)
         return RunSettings(TimingSettings(warmup=0, repeats=5, budget_s=0.05, min_repeats=2,
-                                          warmup_ms=5, rep_ms=20),
+                                          warmup_ms=5, rep_ms=20, interleave=interleave),
                            overhead_calls=30, overhead_samples=15)
+    if interleave:  # rounds of every provider: at least 5, up to 15 or 20 s per case and mode
+        return RunSettings(TimingSettings(warmup=1, repeats=15, budget_s=20.0, min_repeats=5,
+                                          interleave=True))
     return RunSettings()
 
 
@@ -106,6 +113,19 @@ def _quick_gpu_flex(providers):
         raise Skipped("in --quick on a GPU: compiling FlexAttention per shape takes minutes; "
                       "run without --quick or name it with --provider")
     return [Provider(p.name, p.package, p.kinds, build) if p.name == "flex" else p for p in providers]
+
+
+def _preset_cpu(providers):
+    """The cpu preset runs the reference on the peer cases only (cpu_runs)."""
+    def wrap(provider):
+        def build(case, inputs):
+            if not cpu_runs(case, provider.name):
+                raise Skipped("in the cpu preset the reference is the baseline of the peer cases "
+                              "only")
+            return provider.build(case, inputs)
+        return Provider(provider.name, provider.package, provider.kinds, build,
+                        provider.materializes_scores)
+    return [wrap(p) for p in providers]
 
 
 def _preset_flex(providers, quick: bool):
@@ -125,7 +145,7 @@ def _preset_flex(providers, quick: bool):
 def select_cases(args):
     if args.preset:
         cases = [c for dtype in args.dtypes
-                 for c in PRESETS[args.preset](dtype, args.device, args.quick)]
+                 for c in PRESETS[args.preset].cases(dtype, args.device, args.quick)]
     else:
         cases = build_cases(args.suites, args.dtypes, args.device, args.quick)
     if args.case:
@@ -137,8 +157,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = select_cases(args)
     providers = args.providers
-    if args.preset:
+    if args.preset == "headline":
         providers = _preset_flex(providers, args.quick)
+    elif args.preset == "cpu":
+        providers = _preset_cpu(providers)
     elif args.quick and args.device == "cuda" and not (args.provider and "flex" in args.provider):
         providers = _quick_gpu_flex(providers)
     if args.list:
@@ -175,7 +197,8 @@ def main(argv=None) -> int:
     rows, interrupted = [], False
     try:
         for case in cases:  # results are written after every case: a run cut short keeps them
-            rows += complete(run_cases([case], providers, args.modes, _settings(args.quick), progress), meta)
+            rows += complete(run_cases([case], providers, args.modes,
+                                       _settings(args.quick, args.preset), progress), meta)
             write_csv(rows, csv_path)
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT: report what was measured
         interrupted = True
@@ -191,8 +214,10 @@ def main(argv=None) -> int:
         settings["interrupted"] = True
         write_json(rows, meta, settings, json_path)
     print(newcomer_summary(rows))
-    if args.preset:
+    if args.preset == "headline":
         print(headline_table(rows))
+    elif args.preset == "cpu":
+        print(cpu_table(rows))
     skip_plots = args.no_plots or (args.quick and args.device == "cpu" and not args.plots)
     plots = [] if skip_plots else write_plots(rows, meta, args.out)
     print(f"{len(rows)} rows in {settings['elapsed_s']:.1f} s; every row (with the reasons) in {csv_path}; "

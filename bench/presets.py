@@ -8,12 +8,22 @@
              compositions and FlashAttention-4 (flash_attn.cute) when importable. Meant to take
              under 6 minutes on an H100, autotuning included (FlexAttention compiles per shape, so
              it runs on a subset of the cases; the others say so).
+  cpu        the CPU targets of issue 9 (`python -m bench --preset cpu`, a few minutes on 2
+             cores): the drop-in (auto, i.e. the `torch` backend, and pa.torch) against torch's
+             own CPU SDPA at (B, H, L, E) = (12, 3, 1030, 16), float32 and bfloat16, target
+             >= 0.95x; peer attention with 3 streams x 1024 tokens (B 2, 4 heads, E 32, gates,
+             joint + bias + causal, and per-peer) against the reference, target >= 3x, and the
+             compositions. fwd and fwd+bwd. The providers of a case are timed in alternation
+             (round after round, in shuffled order, medians), so that the load of a shared machine
+             weighs on all of them alike.
 
-`--quick` shrinks a preset's shapes (lengths / 128, head dims / 4) for a smoke run on any machine.
+`--quick` shrinks a preset's shapes (headline: lengths / 128, head dims / 4; cpu: lengths / 8)
+for a smoke run on any machine.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
 
 from .cases import HIDDEN, TOKENS_PER_BATCH, Case, _sdpa_case
 
@@ -61,4 +71,47 @@ def flex_runs(case: Case, quick: bool) -> bool:
     return case.head_dim == dim(128) and case.seq_len in {length(n) for n in FLEX_SDPA_LENGTHS}
 
 
-PRESETS: Dict[str, Callable[..., List[Case]]] = {"headline": headline_cases}
+CPU_PROVIDERS = ("pa.auto", "pa.torch", "pa.reference", "torch.sdpa", "torch.flash",
+                 "compose.pairs", "compose.concat")
+CPU_DROPIN = (12, 3, 1030, 16)                     # (B, H, L, E) of issue 9's measurement
+CPU_PEER = (2, 4, (1024, 1024, 1024), 32)         # (B, H, stream lengths, E)
+DROPIN_TARGET, PEER_TARGET = 0.95, 3.0
+
+
+def cpu_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
+    """Issue 9's CPU cases: the drop-in in every dtype; peer attention in float32."""
+    shrink = (lambda n: max(8, n // 8)) if quick else (lambda n: n)
+    batch, heads, length, dim = CPU_DROPIN
+    cases = [Case("cpu", f"dropin,E={dim}", batch, heads, heads, dim, dim, (shrink(length),),
+                  (shrink(length),), dtype, device, "sdpa")]
+    if dtype != "float32":
+        return cases
+    batch, heads, lens, dim = CPU_PEER
+    lens = tuple(shrink(n) for n in lens)
+    cases.append(Case("cpu", f"S3,joint,gate,bias,causal,E={dim}", batch, heads, heads, dim, dim,
+                      lens, lens, dtype, device, "peer", gate=True, bias=True, is_causal=True))
+    cases.append(Case("cpu", f"S3,peer,gate,E={dim}", batch, heads, heads, dim, dim, lens, lens,
+                      dtype, device, "peer", gate=True, normalize="peer"))
+    return cases
+
+
+def cpu_runs(case: Case, provider: str) -> bool:
+    """The reference runs the peer cases only (it is the baseline there, not on SDPA)."""
+    return provider != "pa.reference" or case.kind == "peer"
+
+
+@dataclass(frozen=True)
+class Preset:
+    cases: Callable[..., List[Case]]    # (dtype, device, quick) -> cases
+    providers: Tuple[str, ...]
+    modes: Tuple[str, ...]
+    dtypes: Dict[str, str]              # device type -> default dtype list
+    interleave: bool = False            # time a case's providers in alternation
+
+
+PRESETS: Dict[str, Preset] = {
+    "headline": Preset(headline_cases, HEADLINE_PROVIDERS, HEADLINE_MODES,
+                       {"cuda": "bfloat16", "cpu": "float32"}),
+    "cpu": Preset(cpu_cases, CPU_PROVIDERS, ("fwd", "fwd+bwd"),
+                  {"cuda": "float32,bfloat16", "cpu": "float32,bfloat16"}, interleave=True),
+}

@@ -5,7 +5,9 @@ outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, neve
 
   pa.cuda, pa.triton, pa.torch,      this package, through its public API with backend=NAME
   pa.reference
+  pa.auto                            this package's own choice (what patch_torch() gives); only when named
   torch.flash/efficient/cudnn/math   torch SDPA with one backend forced (torch.nn.attention.sdpa_kernel)
+  torch.sdpa                         torch SDPA with its own backend choice; only when named
   flex                               FlexAttention (torch.compile'd on CUDA, eager on CPU): a block
                                      mask for causal/padding/sparse peers, a score_mod for masks and
                                      bias; gates or per-peer softmax -> one flex call per pair + gated sum
@@ -16,6 +18,7 @@ outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, neve
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ class Provider:
     kinds: Tuple[str, ...]              # case kinds it applies to ("sdpa", "peer")
     build: Callable[[Case, Inputs], Built]
     materializes_scores: bool = False   # holds the L x M scores: skipped when they cannot fit
+    default: bool = True                # in the default provider list (else only when named)
 
 
 def _gqa(case: Case) -> bool:
@@ -57,6 +61,7 @@ def _gqa(case: Case) -> bool:
 # ---- this package --------------------------------------------------------------------------
 
 def _package(backend: str) -> Provider:
+    """backend="auto": the package's own choice, as patch_torch() and a plain call make it."""
     def build(case: Case, x: Inputs) -> Built:
         import peer_attention as pa
 
@@ -76,21 +81,26 @@ def _package(backend: str) -> Provider:
                     enable_gqa=_gqa(case), backend=backend)
         return run, ""
     return Provider(f"pa.{backend}", True, ("sdpa", "peer"), build,
-                    materializes_scores=(backend == "reference"))
+                    materializes_scores=(backend == "reference"), default=(backend != "auto"))
 
 
 # ---- torch SDPA with a forced backend ------------------------------------------------------
 
-def _torch_sdpa(label: str, backend_attr: str) -> Provider:
+def _torch_sdpa(label: str, backend_attr: Optional[str]) -> Provider:
+    """backend_attr None: torch's own choice of backend (torch.sdpa)."""
     def build(case: Case, x: Inputs) -> Built:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backend = getattr(SDPBackend, backend_attr)
         if label in CUDA_ONLY_SDPA and x.queries[0].device.type != "cuda":
             raise Unsupported(f"torch SDPA {label} runs on CUDA tensors only")
 
+        def context():
+            if backend_attr is None:
+                return contextlib.nullcontext()
+            return sdpa_kernel([getattr(SDPBackend, backend_attr)])
+
         def run():
-            with sdpa_kernel([backend]):
+            with context():
                 return [F.scaled_dot_product_attention(
                     x.queries[0], x.keys[0], x.values[0], attn_mask=x.attn_mask, dropout_p=case.dropout_p,
                     is_causal=case.is_causal, enable_gqa=_gqa(case))]
@@ -105,7 +115,8 @@ def _torch_sdpa(label: str, backend_attr: str) -> Provider:
                 why = "; ".join(_torch_warning_text(w.message) for w in caught) or str(exc)
                 raise Unsupported(f"torch SDPA {label} cannot run this case: {why}") from None
         return run, ""
-    return Provider(f"torch.{label}", False, ("sdpa",), build, materializes_scores=(label == "math"))
+    return Provider(f"torch.{label}", False, ("sdpa",), build, materializes_scores=(label == "math"),
+                    default=backend_attr is not None)
 
 
 def _torch_warning_text(message) -> str:
@@ -415,10 +426,10 @@ def _build_fa4(case: Case, x: Inputs) -> Built:
 # ---- the registry --------------------------------------------------------------------------
 
 def all_providers() -> Dict[str, Provider]:
-    providers = [_package(name) for name in PACKAGE_BACKENDS]
+    providers = [_package(name) for name in PACKAGE_BACKENDS + ("auto",)]
     providers += [_torch_sdpa(label, attr) for label, attr in (
         ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
-        ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"))]
+        ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"), ("sdpa", None))]
     providers += [
         Provider("flex", False, ("sdpa", "peer"), _build_flex),
         Provider("compose.pairs", False, ("peer",), _build_pairs),

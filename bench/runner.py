@@ -12,7 +12,7 @@ from .cases import Case, Inputs, make_inputs
 from .check import Oracle, check_case, score_elements
 from .flops import case_flops, tflops_per_s
 from .providers import PACKAGE_BACKENDS, Provider, Unavailable, Unsupported
-from .timing import TimingSettings, median_ms, peak_memory_mb
+from .timing import TimingSettings, interleaved_ms, median_ms, peak_memory_mb
 
 BACKWARD_MODES = ("bwd", "fwd+bwd")
 
@@ -77,39 +77,83 @@ def _error_status(exc: BaseException):
     return "error", f"{type(exc).__name__}: {first_line}"[:300]
 
 
+def _prepare(case: Case, provider: Provider, oracle: Oracle, inputs: Inputs):
+    """(run, notes, correct, max_err): the provider checked once on the oracle's case, and its
+    function on `case`; raises what the provider raises (Unavailable, Unsupported, ...)."""
+    if provider.materializes_scores:
+        need = score_elements(case) * 4 * (4 if oracle.with_grads else 2)
+        if need > _score_limit_bytes(case.device):
+            raise Skipped(f"it materialises the L x M scores (about {need / 2**30:.1f} GiB)")
+    run_check, note = provider.build(oracle.case, oracle.inputs)
+    correct, err, failure = oracle.compare(run_check)
+    run = run_check if oracle.inputs is inputs else provider.build(case, inputs)[0]
+    return run, [n for n in (note, oracle.note, failure) if n], correct, err
+
+
+def _timed_row(case: Case, row: Dict[str, object], mode: str, ms: float, timed, notes) -> Dict:
+    flops = case_flops(case, mode)
+    return dict(row, status="ok", ms=ms, flops=flops, tflops=tflops_per_s(flops, ms),
+                peak_mb=peak_memory_mb(timed, case.device), note="; ".join(notes))
+
+
+def _failed_row(row: Dict[str, object], exc: BaseException, notes) -> Dict:
+    status, reason = _error_status(exc)
+    return dict(row, status=status, note="; ".join(list(notes) + [reason]))
+
+
 def run_provider(case: Case, provider: Provider, oracle: Oracle, inputs: Inputs,
                  modes: Sequence[str], settings: RunSettings) -> List[Dict[str, object]]:
     """Check `provider` once on the oracle's case, then time it on `case` in each mode."""
     base = dict(case_fields(case), provider=provider.name, package=provider.package)
-    rows = []
     try:
-        if provider.materializes_scores:
-            need = score_elements(case) * 4 * (4 if oracle.with_grads else 2)
-            if need > _score_limit_bytes(case.device):
-                raise Skipped(f"it materialises the L x M scores (about {need / 2**30:.1f} GiB)")
-        run_check, note = provider.build(oracle.case, oracle.inputs)
-        correct, err, failure = oracle.compare(run_check)
-        run = run_check if oracle.inputs is inputs else provider.build(case, inputs)[0]
+        run, notes, correct, err = _prepare(case, provider, oracle, inputs)
     except Exception as exc:  # reported in the table, never dropped
         status, reason = _error_status(exc)
         return [dict(base, mode=m, status=status, note=reason) for m in modes]
-    notes = [n for n in (note, oracle.note, failure) if n]
+    rows = []
     for mode in modes:
         row = dict(base, mode=mode, correct=correct, max_err=err)
         try:
             timed = _timed(run, inputs, mode)
-            ms = median_ms(timed, case.device, settings.timing)
-            flops = case_flops(case, mode)
-            row.update(status="ok", ms=ms, flops=flops, tflops=tflops_per_s(flops, ms),
-                       peak_mb=peak_memory_mb(timed, case.device))
+            rows.append(_timed_row(case, row, mode, median_ms(timed, case.device, settings.timing),
+                                   timed, notes))
             del timed
         except Exception as exc:
+            rows.append(_failed_row(row, exc, notes))
+    return rows
+
+
+def run_providers_interleaved(case: Case, providers: Sequence[Provider], oracle: Oracle,
+                              inputs: Inputs, modes: Sequence[str],
+                              settings: RunSettings) -> List[Dict[str, object]]:
+    """Like run_provider for each provider, but the providers of a mode are timed in alternating
+    rounds (timing.interleaved_ms)."""
+    rows, ready = [], []
+    for provider in providers:
+        base = dict(case_fields(case), provider=provider.name, package=provider.package)
+        try:
+            run, notes, correct, err = _prepare(case, provider, oracle, inputs)
+        except Exception as exc:
             status, reason = _error_status(exc)
-            row.update(status=status)
-            notes_mode = notes + [reason]
-            rows.append(dict(row, note="; ".join(notes_mode)))
+            rows += [dict(base, mode=m, status=status, note=reason) for m in modes]
             continue
-        rows.append(dict(row, note="; ".join(notes)))
+        ready.append((provider.name, base, run, notes, correct, err))
+    for mode in modes:
+        timed, pending = {}, {}
+        for name, base, run, notes, correct, err in ready:
+            row = dict(base, mode=mode, correct=correct, max_err=err)
+            try:
+                timed[name] = _timed(run, inputs, mode)
+                pending[name] = (row, notes)
+            except Exception as exc:
+                rows.append(_failed_row(row, exc, notes))
+        results = interleaved_ms(timed, case.device, settings.timing)
+        for name, (row, notes) in pending.items():
+            result = results[name]
+            if isinstance(result, Exception):
+                rows.append(_failed_row(row, result, notes))
+            else:
+                rows.append(_timed_row(case, row, mode, result, timed[name], notes))
     return rows
 
 
@@ -177,7 +221,12 @@ def run_cases(cases: Sequence[Case], providers: Sequence[Provider], modes: Seque
             oracle = Oracle(checked, with_grads)
             oracle.note = check_note
             inputs = oracle.inputs if checked == case else make_inputs(case, requires_grad=with_grads)
-            for provider in applicable:
+            if settings.timing.interleave:
+                case_rows += run_providers_interleaved(case, applicable, oracle, inputs,
+                                                       group_modes, settings)
+                if progress is not None:
+                    progress.update(len(applicable) * len(group_modes))
+            for provider in ([] if settings.timing.interleave else applicable):
                 if progress is not None:
                     progress.set_postfix_str(f"{case.case_id} {provider.name}"[-60:], refresh=False)
                 case_rows += run_provider(case, provider, oracle, inputs, group_modes, settings)

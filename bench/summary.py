@@ -4,7 +4,9 @@
                            package's providers compare with the fastest outside it, and one line
                            per provider that could not run here, with the reason;
   headline_table(rows)     one line per case and mode: TFLOP/s per provider, the fastest provider
-                           outside the package, and each package provider's ratio to it.
+                           outside the package, and each package provider's ratio to it;
+  cpu_table(rows)          the cpu preset: milliseconds per provider, and issue 9's targets (the
+                           drop-in against torch's own SDPA, peer attention against the reference).
 """
 from __future__ import annotations
 
@@ -145,3 +147,59 @@ def headline_table(rows: Sequence[Dict]) -> str:
               "results.csv); ratios = package provider / best other; peak MB of the package "
               f"providers ({'/'.join(ours)})")
     return "\n".join(out + [legend])
+
+
+DROPIN_BASELINE, PEER_BASELINE = "torch.sdpa", "pa.reference"
+
+
+def _ms(r) -> str:
+    if r is None:
+        return ""
+    if not _ok(r):
+        return "-"
+    return f"{float(r['ms']):.1f}" + ("!" if _is_false(r.get("correct")) else "")
+
+
+def _target_text(cells: Dict[str, Dict], kind_is_sdpa: bool, dropin: float, peer: float) -> str:
+    """'pa.auto 0.98x torch.sdpa, ... (>= 0.95: met)': ratio = baseline time / our time."""
+    baseline = DROPIN_BASELINE if kind_is_sdpa else PEER_BASELINE
+    target = dropin if kind_is_sdpa else peer
+    base = cells.get(baseline)
+    if base is None or not _ok(base) or not _is_true(base.get("correct")):
+        return f"no {baseline} row to compare with"
+    parts, met = [], True
+    ours = ("pa.auto", "pa.torch") if kind_is_sdpa else ("pa.torch",)
+    for name in ours:
+        r = cells.get(name)
+        if r is None or not _ok(r) or not _is_true(r.get("correct")):
+            continue
+        ratio = float(base["ms"]) / float(r["ms"])
+        met &= ratio >= target
+        parts.append(f"{name} {ratio:.2f}x")
+    if not parts:
+        return "no package row to compare"
+    return f"{', '.join(parts)} vs {baseline} (>= {target:g}: {'met' if met else 'NOT met'})"
+
+
+def cpu_table(rows: Sequence[Dict], dropin: float = 0.95, peer: float = 3.0) -> str:
+    """Cells: median ms of the interleaved rounds ('!' failed the reference check, '-' did not
+    run); the last column: each package provider's speed against the preset's baseline."""
+    timed = [r for r in rows if r.get("suite") == "cpu"]
+    providers = list(dict.fromkeys(r["provider"] for r in timed))
+    grid: Dict[tuple, Dict[str, Dict]] = defaultdict(dict)
+    kinds: Dict[str, bool] = {}
+    for r in timed:
+        grid[(r["case_id"], r["mode"])][r["provider"]] = r
+        kinds[r["case_id"]] = r.get("kind") == "sdpa"
+    header = ["case", "mode"] + providers + ["target (ratio = baseline time / ours)"]
+    lines = []
+    for (case_id, mode), cells in grid.items():
+        line = [case_id.split("/", 1)[1], mode] + [_ms(cells.get(p)) for p in providers]
+        line.append(_target_text(cells, kinds[case_id], dropin, peer))
+        lines.append(line)
+    widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out.append("ms per call, median of rounds that call every provider once in shuffled order "
+               "('!' failed the reference check, '-' did not run: see results.csv)")
+    return "\n".join(out)

@@ -3,16 +3,21 @@
 - milliseconds: the median of repeated runs after warm-up. On a GPU `triton.testing.do_bench`
   (it flushes the L2 cache between runs and times with CUDA events; CUDA events directly when
   triton is missing); on the CPU `time.perf_counter` around each call.
+- interleaved (presets that ask for it, e.g. `cpu`): the providers of one case and mode are
+  timed in rounds, each round calling every provider once in a shuffled order, and each gets the
+  median of its rounds. On a shared machine the load then weighs on all providers alike, so
+  their ratios hold where single timings of one provider after the other drift by +-15%.
 - peak memory (GPU only): torch.cuda.max_memory_allocated() during one call minus the memory
   allocated just before it, i.e. what the call itself needs on top of its inputs (for "bwd": on
   top of the saved forward graph). On the CPU it is not measured (reported empty).
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -25,6 +30,7 @@ class TimingSettings:
     min_repeats: int = 3
     warmup_ms: int = 25        # GPU (do_bench)
     rep_ms: int = 100          # GPU (do_bench)
+    interleave: bool = False   # time a case's providers in alternating rounds (interleaved_ms)
 
 
 def _synchronize(device: str) -> None:
@@ -49,6 +55,42 @@ def median_ms(fn: Callable[[], object], device: str, settings: TimingSettings) -
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def interleaved_ms(fns: Dict[str, Callable[[], object]], device: str, settings: TimingSettings,
+                   seed: int = 0) -> Dict[str, object]:
+    """{name: median ms over rounds} of several functions timed in alternation (see the module
+    docstring); a function that raises gets the exception instead and leaves the rounds."""
+    results: Dict[str, object] = {}
+    alive = list(fns)
+    for name in list(alive):
+        try:
+            for _ in range(settings.warmup):
+                fns[name]()
+            _synchronize(device)
+        except Exception as exc:  # reported by the caller, never dropped
+            results[name] = exc
+            alive.remove(name)
+    samples: Dict[str, List[float]] = {name: [] for name in alive}
+    order, rng = list(alive), random.Random(seed)
+    rounds, start = 0, time.perf_counter()
+    while order and rounds < settings.repeats and (
+            rounds < settings.min_repeats or time.perf_counter() - start < settings.budget_s):
+        rng.shuffle(order)
+        for name in list(order):
+            try:
+                t0 = time.perf_counter()
+                fns[name]()
+                _synchronize(device)
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                results[name] = exc
+                order.remove(name)
+        rounds += 1
+    for name, values in samples.items():
+        if name not in results:
+            results[name] = statistics.median(values)
+    return results
 
 
 def _cuda_events_ms(fn, settings: TimingSettings) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from . import dispatch

@@ -83,6 +83,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(out, lse, *tensors)
     ctx.static_args = [inputs[i] for i in range(NUM_PROBLEM_ARGS) if i not in _SAVED_TENSORS]
     ctx.mark_non_differentiable(lse)
+    # no zero-filled gradient for the lse (never used): a parallel fill costs milliseconds when
+    # the OpenMP workers of a loaded CPU must be woken for it
+    ctx.set_materialize_grads(False)
 
 
 
@@ -100,6 +103,8 @@ def _problem_from_ctx(ctx):
 
 def _make_backward(name, bwd_op):
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # the output took no part in what is differentiated
+            return (None,) * NUM_PROBLEM_ARGS
         out, lse, args = _problem_from_ctx(ctx)
         needs = [ctx.needs_input_grad[i] for i in GRAD_INPUTS]
         if torch.is_grad_enabled():
@@ -178,8 +183,16 @@ def define_backend_ops(name: str):
 _eager: dict = {}
 
 
-def _eager_function(name: str, forward, bwd_op):
-    backward = _make_backward(name, bwd_op)
+def _eager_function(name: str, forward, python_backward, bwd_op):
+    def direct_bwd(grad_out, out, lse, *rest):
+        """NAME_bwd without the dispatcher (and without the op's contiguous copies, which only
+        its fake kernel's strides ask for); under autocast the op, which shields the kernels."""
+        if torch._C._is_any_autocast_enabled():
+            return bwd_op(grad_out, out, lse, *rest)
+        problem = AttentionProblem(*rest[:NUM_PROBLEM_ARGS])
+        return python_backward(problem, grad_out, out, lse, list(rest[NUM_PROBLEM_ARGS]))
+
+    backward = _make_backward(name, direct_bwd)
 
     def eager_forward(ctx, *args):
         output = forward(AttentionProblem(*args))
@@ -209,14 +222,16 @@ def register_python_kernels(
     backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks).
     """
     _fwd_op, bwd_op = define_backend_ops(name)
-    _eager[name] = (forward, _eager_function(name, forward, bwd_op))
+    _eager[name] = (forward, _eager_function(name, forward, backward, bwd_op))
 
     def fwd_kernel(*args):
         return forward(AttentionProblem(*args))
 
     def bwd_kernel(grad_out, out, lse, *rest):
         problem, needs_grad = AttentionProblem(*rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
-        return backward(problem, grad_out, out, lse, list(needs_grad))
+        grads = backward(problem, grad_out, out, lse, list(needs_grad))
+        # contiguous, as the fake kernel declares (inductor asserts the strides it was promised)
+        return tuple(g.contiguous() for g in grads)
 
     _lib.impl(f"{name}_fwd", fwd_kernel, dispatch_key)
     _lib.impl(f"{name}_bwd", bwd_kernel, dispatch_key)

@@ -110,3 +110,18 @@ def test_the_registered_op_serves_where_something_must_see_it(context, monkeypat
     assert spy.calls == 1
     atol = 2e-2 if context == "autocast" else 1e-6
     torch.testing.assert_close(out.float(), want, atol=atol, rtol=0)
+
+
+def test_the_registered_backward_returns_contiguous_gradients():
+    """The fake kernel promises contiguous gradients (inductor checks strides); the torch
+    backend's CPU kernel returns them in its (B, L, H, E) layout, which the eager path keeps."""
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    problem = PROBLEMS["sdpa"]()._replace(q=q, k=k, v=v)
+    grad_out = torch.randn(2, 3, 5, 4)
+    out, lse = dispatch.forward("torch", problem)
+    needs = [True, True, True, False, False, False, False]
+    op_grads = dispatch._ops["torch"][1](grad_out, out.detach(), lse, *problem, needs)[:3]
+    assert all(g.is_contiguous() for g in op_grads)
+    eager_grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for got, want in zip(eager_grads, op_grads):
+        assert torch.equal(got, want)

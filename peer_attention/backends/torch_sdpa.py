@@ -294,10 +294,11 @@ def _one_call_backward(p: AttentionProblem, mask, causal: bool, grad_out, out, l
     dmask = None
     if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
         dmask = _mask_grad(p, mask, causal, grad_out, lse)
-    # contiguous, as the op's fake kernel declares (the CPU kernel's layout is (B, L, H, .))
-    return (dq.contiguous() if needs_grad[0] else empty_grad(p.q),
-            dk.contiguous() if needs_grad[1] else empty_grad(p.q),
-            dv.contiguous() if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
+    # in the kernel's layout ((B, L, H, .) strides on the CPU), as torch's own SDPA returns them;
+    # the registered op makes them contiguous (ops.register_python_kernels), the eager path not
+    return (dq if needs_grad[0] else empty_grad(p.q),
+            dk if needs_grad[1] else empty_grad(p.q),
+            dv if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
             dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
 
 

@@ -1,4 +1,6 @@
 """The headline preset's case list, the terminal summary and the compact headline table (CPU)."""
+import time
+
 import pytest
 
 from bench import __main__ as cli
@@ -139,3 +141,80 @@ def test_quick_on_the_cpu_leaves_out_the_memory_suite():
     assert "memory" not in suites and {"sdpa", "peer", "overhead"} <= set(suites)
     assert "memory" in cli.parse_args(["--device", "cpu"]).suites
     assert cli.parse_args(["--quick", "--device", "cpu", "--suite", "memory"]).suites == ["memory"]
+
+
+# ---- the cpu preset (issue 9's CPU targets) ------------------------------------------------
+
+def test_cpu_case_list_is_the_issue_s():
+    from bench.presets import CPU_PROVIDERS, cpu_cases
+
+    float32 = cpu_cases("float32", "cpu")
+    dropin = [c for c in float32 if c.kind == "sdpa"]
+    assert [(c.batch, c.q_heads, c.seq_len, c.head_dim) for c in dropin] == [(12, 3, 1030, 16)]
+    peer = [c for c in float32 if c.kind == "peer"]
+    assert sorted(c.normalize for c in peer) == ["joint", "peer"]
+    assert all(c.q_lens == (1024,) * 3 and c.gate for c in peer)
+    assert [c.kind for c in cpu_cases("bfloat16", "cpu")] == ["sdpa"]  # peer: float32 only
+    assert set(CPU_PROVIDERS) <= set(all_providers())
+    args = cli.parse_args(["--preset", "cpu", "--device", "cpu"])
+    assert args.dtypes == ["float32", "bfloat16"] and args.modes == ["fwd", "fwd+bwd"]
+    assert [p.name for p in args.providers] == list(CPU_PROVIDERS)
+
+
+def test_named_only_providers_are_not_in_the_default_list():
+    args = cli.parse_args(["--quick", "--device", "cpu"])
+    names = [p.name for p in args.providers]
+    assert "pa.auto" not in names and "torch.sdpa" not in names and "pa.torch" in names
+
+
+def test_interleaved_timing_alternates_and_reports_failures():
+    from bench.timing import TimingSettings, interleaved_ms
+
+    calls = []
+
+    def fast():
+        calls.append("fast")
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.002)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    settings = TimingSettings(warmup=1, repeats=6, budget_s=0.0, min_repeats=6)
+    result = interleaved_ms({"fast": fast, "slow": slow, "broken": broken}, "cpu", settings)
+    assert isinstance(result["broken"], RuntimeError)
+    assert result["slow"] > 2.0 > result["fast"]
+    timed = calls[2:]  # after one warm-up call each
+    assert len(timed) == 12 and all(sorted(timed[i:i + 2]) == ["fast", "slow"]
+                                    for i in range(0, 12, 2))  # one of each per round
+
+
+def test_cpu_table_ratios_against_torch_and_the_reference():
+    rows = [
+        dict(_row("dropin/B12/L1030/float32", "fwd", "pa.auto", suite="cpu"), ms=10.0, kind="sdpa"),
+        dict(_row("dropin/B12/L1030/float32", "fwd", "pa.torch", suite="cpu"), ms=12.0, kind="sdpa"),
+        dict(_row("dropin/B12/L1030/float32", "fwd", "torch.sdpa", suite="cpu"), ms=10.0, kind="sdpa"),
+        dict(_row("S3/B2/L1024/float32", "fwd", "pa.torch", suite="cpu"), ms=100.0, kind="peer"),
+        dict(_row("S3/B2/L1024/float32", "fwd", "pa.reference", suite="cpu"), ms=500.0, kind="peer"),
+        dict(_row("S3/B2/L1024/float32", "fwd+bwd", "pa.torch", suite="cpu"), ms=100.0, kind="peer",
+             correct=False),
+        dict(_row("S3/B2/L1024/float32", "fwd+bwd", "pa.reference", suite="cpu"), ms=200.0,
+             kind="peer"),
+    ]
+    from bench.summary import cpu_table
+
+    lines = cpu_table(rows).splitlines()
+    assert "pa.auto 1.00x, pa.torch 0.83x vs torch.sdpa (>= 0.95: NOT met)" in lines[1]
+    assert "pa.torch 5.00x vs pa.reference (>= 3: met)" in lines[2]
+    assert "100.0!" in lines[3] and "no package row to compare" in lines[3]
+
+
+def test_cpu_preset_runs_on_tiny_shapes(tmp_path, capsys):
+    code = cli.main(["--preset", "cpu", "--quick", "--device", "cpu", "--mode", "fwd",
+                     "--dtype", "float32", "--no-plots", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "target (ratio = baseline time / ours)" in out and "vs pa.reference" in out
+    assert "correct: all" in out
