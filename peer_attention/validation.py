@@ -111,6 +111,8 @@ def check_dropout(dropout_p) -> float:
 
 def check_sdpa_dropout(dropout_p) -> float:
     """torch's rule: any p <= 1 (p <= 0 means no dropout, p = 1 drops everything)."""
+    if type(dropout_p) is float and dropout_p == 0.0:  # the common call: no ABC check
+        return 0.0
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float in [0, 1], got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
@@ -186,11 +188,17 @@ def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
             raise TypeError(
                 f"{name}: nested (jagged) tensors are not served by peer_attention; call "
                 "torch.nn.functional.scaled_dot_product_attention (patch_torch() hands them to it)")
-    check_float_dtype("query", query)
-    check_same("key", key, "query", query)
-    check_same("value", value, "query", query)
-    check_bool("is_causal", is_causal)
-    check_bool("enable_gqa", enable_gqa)
+    dtype = query.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        check_float_dtype("query", query)
+    if not (key.dtype is dtype and value.dtype is dtype and key.device == query.device
+            and value.device == query.device):
+        check_same("key", key, "query", query)
+        check_same("value", value, "query", query)
+    if is_causal is not True and is_causal is not False:
+        check_bool("is_causal", is_causal)
+    if enable_gqa is not True and enable_gqa is not False:
+        check_bool("enable_gqa", enable_gqa)
     dropout_p = check_sdpa_dropout(dropout_p)
 
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
