@@ -55,12 +55,23 @@ class _Plan:
                       for s in range(n)]
         self._kv_masks = {}
         self.user_mask = _user_mask(p)
+        self._k = self._v = None
+        # gate and bias in the compute dtype, cast once per call (usually float32 already)
+        self.gate, self.bias = _in_dtype(p.gate, self.compute), _in_dtype(p.bias, self.compute)
 
     def rows(self, s: int):
         return slice(self.q_off[s], self.q_off[s + 1])
 
     def keys(self, t: Tensor, p: int) -> Tensor:
         return t.narrow(2, self.kv_off[p], self.p.kv_lens[p])
+
+    def key_streams(self):
+        """(k, v) of every key stream: one split per role per call, not a narrow per pair."""
+        if self._k is None:
+            lens = self.p.kv_lens
+            self._k = self.p.k.split_with_sizes(lens, 2)
+            self._v = self.p.v.split_with_sizes(lens, 2)
+        return self._k, self._v
 
     def _key_mask(self, p: int) -> Optional[Tensor]:
         """The additive mask of any pair whose keys are stream p: attn_mask and kv_lengths."""
@@ -93,13 +104,17 @@ class _Plan:
 
     def pair(self, s: int, p: int, q_s: Tensor, v: Optional[Tensor] = None):
         """(out, lse) of query stream s on key stream p; rows that see no key get lse -inf."""
-        values = self.keys(self.p.v, p) if v is None else v
+        keys, values = self.key_streams()
         mask = self.mask(s, p)
-        out, lse = pair_forward(q_s, self.keys(self.p.k, p), values, mask, self.causal(s, p),
-                                self.p.scale)
+        out, lse = pair_forward(q_s, keys[p], values[p] if v is None else v, mask,
+                                self.causal(s, p), self.p.scale)
         if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for such rows
             out, lse = _mark_empty_rows(out, lse, mask)
         return out, lse
+
+
+def _in_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _user_mask(p: AttentionProblem) -> Optional[Tensor]:
@@ -187,65 +202,90 @@ def _forward(problem: AttentionProblem):
         return _one_call_forward(p)
     plan = _Plan(p)
     q, compute = p.q, plan.compute
-    batch, heads, q_total = q.shape[:3]
     value_dim = p.v.shape[-1]
     joint = p.normalize == JOINT
-    one_call = p.num_streams == 1 and joint  # the lse comes from the merge or the kernel
-    lse = None if one_call else q.new_full(lse_shape(q, p.num_streams, p.normalize), NEG_INF,
-                                           dtype=compute)
-    out = None if p.num_streams == 1 else q.new_empty(batch, heads, q_total, value_dim)
+    num_streams = p.num_streams
+    # peer: pairs a stream does not attend keep lse -inf; joint: every row's lse comes from its
+    # stream's merge (concatenated once at the end, as the outputs are)
+    lse = None if joint else q.new_full(lse_shape(q, num_streams, p.normalize), NEG_INF,
+                                        dtype=compute)
     sink = _sink(p, compute)
-    for s in range(p.num_streams):
-        rows = plan.rows(s)
-        q_s = q[:, :, rows]
+    queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
+    outs, lses = [], []
+    for s in range(num_streams):
+        q_s = queries[s]
         results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
                    if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
             if not joint:
-                lse[:, :, results[0][0], rows] = l_s
-                l_s = None
+                lse[:, :, results[0][0], plan.rows(s)] = l_s
         elif joint:
-            o_s, l_s = _merge_joint(p, s, results, sink, q_s.shape, value_dim, compute)
+            o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim)
         else:
-            o_s, l_s = _merge_peer(p, s, results, lse, rows, q_s.shape, value_dim, compute)
-        if p.num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
-            return o_s.contiguous(), (contiguous_lse(l_s.to(compute)) if joint else lse)
-        out[:, :, rows] = o_s
+            o_s = _merge_peer(p, plan, s, results, lse, plan.rows(s), q_s.shape, value_dim)
+        if num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
+            return o_s.contiguous(), (contiguous_lse(l_s) if joint else lse)
+        outs.append(o_s)
         if joint:
-            lse[:, :, rows] = l_s
-    return out, lse
+            lses.append(l_s)
+    # cat writes contiguous results (the op's layout) from the kernels' (B, L, H, .) layouts
+    return torch.cat(outs, 2), (torch.cat(lses, 2) if joint else lse)
 
 
-def _merge_joint(p, s, results, sink, q_shape, value_dim, compute):
+def _safe_logsumexp(terms: List[Tensor], compute):
+    """(L, S): L = logsumexp of the terms, -inf on rows where every term is -inf, and S = L
+    with those rows at the smallest finite number, so that exp(term - S) is 0 there (not nan)
+    and exp(term - L) elsewhere. One or two terms (the common case) skip torch.stack."""
+    if len(terms) == 1:
+        total = terms[0]
+    elif len(terms) == 2:
+        total = torch.logaddexp(terms[0], terms[1])
+    else:
+        total = torch.stack(terms).logsumexp(0)
+    return total, total.clamp_min(torch.finfo(compute).min)
+
+
+def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
+    """O = sum_p exp(l_p + bias_p - L) g_p * o_p in the compute dtype. The lse and the bias and
+    gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast."""
     batch, heads, q_len = q_shape[:3]
-    shifted = []
-    for t, _o, l in results:
-        bias = _bias(p, s, t, compute)
-        shifted.append(l.to(compute) if bias is None else l.to(compute) + bias)
+    compute, gates, biases = plan.compute, plan.gate, plan.bias
+    shifted = [l if biases is None else l + biases[:, s, t, :, None] for t, _o, l in results]
     terms = shifted + ([sink.expand(batch, heads, q_len)] if sink is not None else [])
     if not terms:
         return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
             (batch, heads, q_len), NEG_INF, dtype=compute)
-    total = torch.stack(terms).logsumexp(0)
-    safe_total = total.masked_fill(total == NEG_INF, 0.0)  # such rows have every term -inf
-    acc = torch.zeros(batch, heads, q_len, value_dim, dtype=compute, device=p.q.device)
+    total, safe_total = _safe_logsumexp(terms, compute)
+    acc = None
     for (t, o, _l), l_shifted in zip(results, shifted):
-        gate = _gate(p, s, t, compute)
-        weighted = o.to(compute) * torch.exp(l_shifted - safe_total)[..., None]
-        acc += weighted if gate is None else weighted * gate
-    return acc.to(p.q.dtype), total
+        weight = torch.sub(l_shifted, safe_total).exp_()[..., None]
+        if gates is None:
+            acc = o * weight if acc is None else acc.addcmul_(o, weight)
+        else:
+            gate = gates[:, s, t, :, None, :]
+            acc = (o * weight).mul_(gate) if acc is None else acc.addcmul_(o * weight, gate)
+    if acc is None:  # only the sink
+        return p.q.new_zeros(batch, heads, q_len, value_dim), total
+    return (acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)), total
 
 
-def _merge_peer(p, s, results, lse, rows, q_shape, value_dim, compute):
+def _merge_peer(p, plan, s, results, lse, rows, q_shape, value_dim):
     batch, heads, q_len = q_shape[:3]
-    acc = torch.zeros(batch, heads, q_len, value_dim, dtype=compute, device=p.q.device)
+    compute, gates = plan.compute, plan.gate
+    acc = None
     for t, o, l in results:
         lse[:, :, t, rows] = l
-        gate = _gate(p, s, t, compute)
-        acc += o.to(compute) if gate is None else o.to(compute) * gate
-    return acc.to(p.q.dtype), None
+        if gates is None:  # o + o promotes nothing: accumulate in the compute dtype
+            term = o if o.dtype == compute else o.to(compute)
+            acc = term.clone() if acc is None else acc.add_(term)
+        else:
+            gate = gates[:, s, t, :, None, :]
+            acc = o * gate if acc is None else acc.addcmul_(o, gate)
+    if acc is None:
+        return p.q.new_zeros(batch, heads, q_len, value_dim)
+    return acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)
 
 
 class _Grads:
