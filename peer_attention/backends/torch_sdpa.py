@@ -341,6 +341,19 @@ def _one_call_backward(p: AttentionProblem, mask, causal: bool, grad_out, out, l
             dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
 
 
+def _by_pair(t: Optional[Tensor]):
+    """t[:, s, p] of a (B, S, S, ...) tensor for every pair, as nested tuples of views: two
+    unbinds of one row each instead of two selects per pair."""
+    return None if t is None else [row.unbind(1) for row in t.unbind(1)]
+
+
+def _split(t: Optional[Tensor], lens, dim: int):
+    """The streams of a packed tensor (views, one split)."""
+    if t is None:
+        return None
+    return t.split_with_sizes(lens, dim) if len(lens) > 1 else (t,)
+
+
 def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     p = problem
     if _is_one_call(p):
@@ -355,64 +368,78 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     joint = p.normalize == JOINT
     heads, kv_heads = p.q.shape[1], p.k.shape[1]
     sink = _sink(p, compute)
+    q_lens = p.q_lens
+    keys, values = plan.key_streams()
+    queries, d_outs, outs = _split(p.q, q_lens, 2), _split(grad_out, q_lens, 2), _split(out, q_lens, 2)
+    lses = _split(_in_dtype(lse, compute), q_lens, -1)  # joint (B, H, L), peer (B, H, S, L)
+    dqs, dks, dvs = _split(grads.dq, q_lens, 2), _split(grads.dk, p.kv_lens, 2), _split(grads.dv, p.kv_lens, 2)
+    # per pair: gate (B, H, 1, Ev) and bias (B, H, 1) in the compute dtype, and their gradients
+    gates = _by_pair(None if plan.gate is None else plan.gate.unsqueeze(-2))
+    biases = _by_pair(None if plan.bias is None else plan.bias.unsqueeze(-1))
+    dgates, dbiases = _by_pair(grads.dgate), _by_pair(grads.dbias)
     for s in range(p.num_streams):
-        rows = plan.rows(s)
-        q_s = p.q[:, :, rows]
+        q_s = queries[s]
         if q_s.shape[2] == 0:
             continue
-        d_out, o_s = grad_out[:, :, rows], out[:, :, rows]
+        d_out, o_s = d_outs[s].contiguous(), outs[s]  # the kernels take grad_out contiguous
+        d_out_c = d_out if d_out.dtype == compute else d_out.to(compute)
         delta = None
         if joint and (grads.dbias is not None or grads.dsinks is not None):
-            delta = (d_out.to(compute) * o_s.to(compute)).sum(-1)
-        total = lse[:, :, rows].to(compute) if joint else None
+            delta = (d_out_c * o_s).sum(-1)
+        if joint:
+            total = lses[s]
+            lse_rows = total.masked_fill(total == NEG_INF, float("inf"))  # P = 0 on empty rows
         peers = [t for t in plan.peers[s] if p.kv_lens[t] > 0]
         for t in peers:
             causal, pair_mask = plan.causal(s, t), plan.mask(s, t)
-            k_t, v_t = plan.keys(p.k, t), plan.keys(p.v, t)
-            gate = _gate(p, s, t, compute)
+            k_t, v_t = keys[t], values[t]
+            gate = None if gates is None else gates[s][t]
             if joint:
-                bias = _bias(p, s, t, compute)
-                lse_in = total if bias is None else total - bias
-                lse_in = lse_in.masked_fill(total == NEG_INF, float("inf"))  # P = 0 on empty rows
+                bias = None if biases is None else biases[s][t]
+                lse_in = lse_rows if bias is None else lse_rows - bias
                 k_in, v_in, expanded, g_in = k_t, v_t, False, gate
                 if gate is not None:  # the kernel sees values g_p * v_p
                     if kv_heads != heads and p.gate.stride(3) != 0:  # a gate per query head
                         k_in, v_in, expanded = _repeat_heads(k_t, heads), _repeat_heads(v_t, heads), True
                     elif kv_heads != heads:
                         g_in = gate[:, :1]
-                    v_in = (v_in.to(compute) * g_in).to(p.q.dtype)
-                dq, dk, dv = pair_backward(d_out, q_s, k_in, v_in, o_s, lse_in.to(lse.dtype),
-                                           pair_mask, causal, p.scale)
+                    v_in = v_in * g_in  # in the compute dtype (promoted), then the kernel's
+                    if v_in.dtype != p.q.dtype:
+                        v_in = v_in.to(p.q.dtype)
+                dq, dk, dv = pair_backward(d_out, q_s, k_in, v_in, o_s, lse_in, pair_mask,
+                                           causal, p.scale)
                 if gate is not None:
-                    dv = dv.to(compute) * g_in
+                    dv = dv * g_in
                 if expanded:
                     dk, dv = _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
                 if grads.dgate is not None or grads.dbias is not None:
                     o_t, l_t = plan.pair(s, t, q_s)
-                    shifted = l_t.to(compute) if bias is None else l_t.to(compute) + bias
-                    weight = torch.exp(shifted - total.masked_fill(total == NEG_INF, 0.0))
-                    weighted = o_t.to(compute) * weight[..., None]
+                    # exp(l_t + bias - L): lse_in is L - bias, +inf on empty rows (weight 0)
+                    weight = torch.sub(l_t, lse_in).exp_()
+                    d_o = d_out_c * o_t  # dO * o_t in the compute dtype
                     if grads.dgate is not None:
-                        grads.dgate[:, s, t] += (d_out.to(compute) * weighted).sum(2)
+                        dgates[s][t].add_((d_o * weight[..., None]).sum(2))
                     if grads.dbias is not None:
-                        gated = weighted if gate is None else weighted * gate
-                        grads.dbias[:, s, t] += ((d_out.to(compute) * gated).sum(-1) - weight * delta).sum(-1)
+                        rows = (d_o if gate is None else d_o * gate).sum(-1)
+                        dbiases[s][t].add_(rows.sub_(delta).mul_(weight).sum(-1))
             else:
                 alone = len(peers) == 1 and gate is None
                 o_t, l_t = (o_s, None) if alone else plan.pair(s, t, q_s)
-                lse_in = lse[:, :, t, rows]
+                lse_in = lses[s][:, :, t]
                 lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
-                g_out = d_out if gate is None else (d_out.to(compute) * gate).to(p.q.dtype)
+                g_out = d_out if gate is None else d_out_c * gate
+                if g_out.dtype != p.q.dtype:
+                    g_out = g_out.to(p.q.dtype)
                 dq, dk, dv = pair_backward(g_out, q_s, k_t, v_t, o_t, lse_in, pair_mask,
                                            causal, p.scale)
                 if grads.dgate is not None:
-                    grads.dgate[:, s, t] += (d_out.to(compute) * o_t.to(compute)).sum(2)
-            if grads.dq is not None:
-                grads.dq[:, :, rows] += dq
-            if grads.dk is not None:
-                grads.dk[:, :, plan.kv_off[t]:plan.kv_off[t + 1]] += dk
-            if grads.dv is not None:
-                grads.dv[:, :, plan.kv_off[t]:plan.kv_off[t + 1]] += dv
+                    dgates[s][t].add_((d_out_c * o_t).sum(2))
+            if dqs is not None:
+                dqs[s].add_(dq)
+            if dks is not None:
+                dks[t].add_(dk)
+            if dvs is not None:
+                dvs[t].add_(dv)
         if grads.dsinks is not None:
             grads.dsinks -= (torch.exp(sink - total) * delta).sum((0, 2))
     dmask = None
