@@ -58,6 +58,19 @@ class _Plan:
         self._k = self._v = None
         # gate and bias in the compute dtype, cast once per call (usually float32 already)
         self.gate, self.bias = _in_dtype(p.gate, self.compute), _in_dtype(p.bias, self.compute)
+        self._pair_gates = self._pair_biases = None
+
+    def pair_gates(self):
+        """gate[:, s, p] as (B, H, 1, Ev) for every pair (gate_rows[s][p]), or None."""
+        if self._pair_gates is None and self.gate is not None:
+            self._pair_gates = _by_pair(self.gate.unsqueeze(-2))
+        return self._pair_gates
+
+    def pair_biases(self):
+        """bias[:, s, p] as (B, H, 1) for every pair, or None."""
+        if self._pair_biases is None and self.bias is not None:
+            self._pair_biases = _by_pair(self.bias.unsqueeze(-1))
+        return self._pair_biases
 
     def rows(self, s: int):
         return slice(self.q_off[s], self.q_off[s + 1])
@@ -162,19 +175,6 @@ def _mark_empty_rows(out: Tensor, lse: Tensor, mask: Tensor):
     return out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, NEG_INF)
 
 
-def _gate(problem: AttentionProblem, s: int, p: int, compute) -> Optional[Tensor]:
-    """gate[:, s, p] as (B, Hq, 1, Ev) in the compute dtype."""
-    if problem.gate is None:
-        return None
-    return problem.gate[:, s, p, :, None, :].to(compute)
-
-
-def _bias(problem: AttentionProblem, s: int, p: int, compute):
-    if problem.bias is None:
-        return None
-    return problem.bias[:, s, p, :, None].to(compute)
-
-
 def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
     return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
 
@@ -251,8 +251,8 @@ def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
     """O = sum_p exp(l_p + bias_p - L) g_p * o_p in the compute dtype. The lse and the bias and
     gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast."""
     batch, heads, q_len = q_shape[:3]
-    compute, gates, biases = plan.compute, plan.gate, plan.bias
-    shifted = [l if biases is None else l + biases[:, s, t, :, None] for t, _o, l in results]
+    compute, gates, biases = plan.compute, plan.pair_gates(), plan.pair_biases()
+    shifted = [l if biases is None else l + biases[s][t] for t, _o, l in results]
     terms = shifted + ([sink.expand(batch, heads, q_len)] if sink is not None else [])
     if not terms:
         return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
@@ -264,7 +264,7 @@ def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
         if gates is None:
             acc = o * weight if acc is None else acc.addcmul_(o, weight)
         else:
-            gate = gates[:, s, t, :, None, :]
+            gate = gates[s][t]
             acc = (o * weight).mul_(gate) if acc is None else acc.addcmul_(o * weight, gate)
     if acc is None:  # only the sink
         return p.q.new_zeros(batch, heads, q_len, value_dim), total
@@ -273,7 +273,7 @@ def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
 
 def _merge_peer(p, plan, s, results, lse, rows, q_shape, value_dim):
     batch, heads, q_len = q_shape[:3]
-    compute, gates = plan.compute, plan.gate
+    compute, gates = plan.compute, plan.pair_gates()
     acc = None
     for t, o, l in results:
         lse[:, :, t, rows] = l
@@ -281,7 +281,7 @@ def _merge_peer(p, plan, s, results, lse, rows, q_shape, value_dim):
             term = o if o.dtype == compute else o.to(compute)
             acc = term.clone() if acc is None else acc.add_(term)
         else:
-            gate = gates[:, s, t, :, None, :]
+            gate = gates[s][t]
             acc = o * gate if acc is None else acc.addcmul_(o, gate)
     if acc is None:
         return p.q.new_zeros(batch, heads, q_len, value_dim)
@@ -374,8 +374,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     lses = _split(_in_dtype(lse, compute), q_lens, -1)  # joint (B, H, L), peer (B, H, S, L)
     dqs, dks, dvs = _split(grads.dq, q_lens, 2), _split(grads.dk, p.kv_lens, 2), _split(grads.dv, p.kv_lens, 2)
     # per pair: gate (B, H, 1, Ev) and bias (B, H, 1) in the compute dtype, and their gradients
-    gates = _by_pair(None if plan.gate is None else plan.gate.unsqueeze(-2))
-    biases = _by_pair(None if plan.bias is None else plan.bias.unsqueeze(-1))
+    gates, biases = plan.pair_gates(), plan.pair_biases()
     dgates, dbiases = _by_pair(grads.dgate), _by_pair(grads.dbias)
     for s in range(p.num_streams):
         q_s = queries[s]
