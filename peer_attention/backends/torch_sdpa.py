@@ -288,26 +288,71 @@ def _merge_peer(p, plan, s, results, lse, rows, q_shape, value_dim):
     return acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)
 
 
+class _StreamSums:
+    """The gradient of a packed q/k/v, summed per stream over the pairs it takes part in: the
+    first term kept (cast to the compute dtype if needed), the others added in place, the streams
+    concatenated once at the end (no zero buffer, no add into it per pair)."""
+
+    def __init__(self, like: Tensor, lens, compute):
+        self.like, self.lens, self.compute = like, lens, compute
+        self.parts = [None] * len(lens)
+
+    def add(self, i: int, grad: Tensor):
+        part = self.parts[i]
+        if part is None:
+            self.parts[i] = grad if grad.dtype == self.compute else grad.to(self.compute)
+        else:
+            part.add_(grad)
+
+    def result(self) -> Tensor:
+        like = self.like
+        parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
+                             device=like.device) if part is None else part
+                 for part, n in zip(self.parts, self.lens)]
+        total = torch.cat(parts, 2) if len(parts) > 1 else parts[0].contiguous()
+        return total if total.dtype == like.dtype else total.to(like.dtype)
+
+
+class _PairGrads:
+    """The gradient of gate or bias (B, S, S, ...): one term per attended pair, stacked once
+    when every pair has one, else written into a zero buffer."""
+
+    def __init__(self, like: Tensor, compute):
+        self.like, self.compute = like, compute
+        self.parts = {}
+
+    def set(self, s: int, t: int, grad: Tensor):
+        self.parts[s, t] = grad
+
+    def result(self) -> Tensor:
+        like, n = self.like, self.like.shape[1]
+        if len(self.parts) == n * n:
+            total = torch.stack([torch.stack([self.parts[s, t] for t in range(n)], 1)
+                                 for s in range(n)], 1)
+        else:
+            total = torch.zeros(like.shape, dtype=self.compute, device=like.device)
+            for (s, t), grad in self.parts.items():
+                total[:, s, t] = grad
+        return total if total.dtype == like.dtype else total.to(like.dtype)
+
+
 class _Grads:
-    """Gradient accumulators (compute dtype for sums over pairs, cast once at the end)."""
+    """Gradient sums (compute dtype for sums over pairs, cast once at the end)."""
 
     def __init__(self, problem: AttentionProblem, needs_grad, compute):
         p = problem
-
-        def buffer(t, need):
-            return torch.zeros(t.shape, dtype=compute, device=t.device) if (need and t is not None) else None
-
-        self.dq, self.dk = buffer(p.q, needs_grad[0]), buffer(p.k, needs_grad[1])
-        self.dv = buffer(p.v, needs_grad[2])
-        self.dgate, self.dbias = buffer(p.gate, needs_grad[3]), buffer(p.bias, needs_grad[4])
-        self.dsinks = buffer(p.sinks, needs_grad[6])
+        self.dq = _StreamSums(p.q, p.q_lens, compute) if needs_grad[0] else None
+        self.dk = _StreamSums(p.k, p.kv_lens, compute) if needs_grad[1] else None
+        self.dv = _StreamSums(p.v, p.kv_lens, compute) if needs_grad[2] else None
+        self.dgate = _PairGrads(p.gate, compute) if needs_grad[3] and p.gate is not None else None
+        self.dbias = _PairGrads(p.bias, compute) if needs_grad[4] and p.bias is not None else None
+        self.dsinks = (torch.zeros(p.sinks.shape, dtype=compute, device=p.sinks.device)
+                       if needs_grad[6] and p.sinks is not None else None)
 
     def result(self, problem: AttentionProblem, dmask):
         p = problem
-        out = []
-        for grad, like in ((self.dq, p.q), (self.dk, p.k), (self.dv, p.v), (self.dgate, p.gate),
-                           (self.dbias, p.bias)):
-            out.append(empty_grad(p.q) if grad is None else grad.to(like.dtype))
+        out = [empty_grad(p.q) if grad is None else grad.result()
+               for grad in (self.dq, self.dk, self.dv, self.dgate, self.dbias)]
         out.append(empty_grad(p.q) if dmask is None else dmask)
         out.append(empty_grad(p.q) if self.dsinks is None else self.dsinks.to(p.sinks.dtype))
         return tuple(out)
@@ -372,10 +417,8 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     keys, values = plan.key_streams()
     queries, d_outs, outs = _split(p.q, q_lens, 2), _split(grad_out, q_lens, 2), _split(out, q_lens, 2)
     lses = _split(_in_dtype(lse, compute), q_lens, -1)  # joint (B, H, L), peer (B, H, S, L)
-    dqs, dks, dvs = _split(grads.dq, q_lens, 2), _split(grads.dk, p.kv_lens, 2), _split(grads.dv, p.kv_lens, 2)
     # per pair: gate (B, H, 1, Ev) and bias (B, H, 1) in the compute dtype, and their gradients
     gates, biases = plan.pair_gates(), plan.pair_biases()
-    dgates, dbiases = _by_pair(grads.dgate), _by_pair(grads.dbias)
     for s in range(p.num_streams):
         q_s = queries[s]
         if q_s.shape[2] == 0:
@@ -417,10 +460,10 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                     weight = torch.sub(l_t, lse_in).exp_()
                     d_o = d_out_c * o_t  # dO * o_t in the compute dtype
                     if grads.dgate is not None:
-                        dgates[s][t].add_((d_o * weight[..., None]).sum(2))
+                        grads.dgate.set(s, t, (d_o * weight[..., None]).sum(2))
                     if grads.dbias is not None:
                         rows = (d_o if gate is None else d_o * gate).sum(-1)
-                        dbiases[s][t].add_(rows.sub_(delta).mul_(weight).sum(-1))
+                        grads.dbias.set(s, t, rows.sub_(delta).mul_(weight).sum(-1))
             else:
                 alone = len(peers) == 1 and gate is None
                 o_t, l_t = (o_s, None) if alone else plan.pair(s, t, q_s)
@@ -432,13 +475,13 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 dq, dk, dv = pair_backward(g_out, q_s, k_t, v_t, o_t, lse_in, pair_mask,
                                            causal, p.scale)
                 if grads.dgate is not None:
-                    dgates[s][t].add_((d_out_c * o_t).sum(2))
-            if dqs is not None:
-                dqs[s].add_(dq)
-            if dks is not None:
-                dks[t].add_(dk)
-            if dvs is not None:
-                dvs[t].add_(dv)
+                    grads.dgate.set(s, t, (d_out_c * o_t).sum(2))
+            if grads.dq is not None:
+                grads.dq.add(s, dq)
+            if grads.dk is not None:
+                grads.dk.add(t, dk)
+            if grads.dv is not None:
+                grads.dv.add(t, dv)
         if grads.dsinks is not None:
             grads.dsinks -= (torch.exp(sink - total) * delta).sum((0, 2))
     dmask = None

@@ -205,12 +205,14 @@ def test_merge_logsumexp_of_one_two_or_more_terms(terms):
                                atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("q_lens", [(5, 2, 7), (5, 0, 7)], ids=["full", "empty-stream"])
 @pytest.mark.parametrize("normalize", ["joint", "peer"])
-def test_three_streams_every_pair_with_gate_bias_and_sinks_float64(normalize):
-    """Three streams on every peer (the merge of three terms, four with the sink), an empty
-    stream, gate and bias (joint) per pair, GQA: outputs, lse and every gradient to 1e-12."""
+def test_three_streams_every_pair_with_gate_bias_and_sinks_float64(normalize, q_lens):
+    """Three streams on every peer (the merge of three terms, four with the sink), gate and
+    bias (joint) per pair, GQA, with and without an empty query stream (whose pairs have no
+    gate or bias gradient terms): outputs, lse and every gradient to 1e-12."""
     gen = torch.Generator().manual_seed(9)
-    q_lens, kv_lens = (5, 0, 7), (6, 3, 4)
+    kv_lens = (6, 3, 4)
     joint = normalize == "joint"
     q = torch.randn(2, 4, sum(q_lens), 16, generator=gen, dtype=torch.float64).requires_grad_()
     k = torch.randn(2, 2, sum(kv_lens), 16, generator=gen, dtype=torch.float64).requires_grad_()
