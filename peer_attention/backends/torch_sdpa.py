@@ -205,12 +205,9 @@ def _forward(problem: AttentionProblem):
     value_dim = p.v.shape[-1]
     joint = p.normalize == JOINT
     num_streams = p.num_streams
-    # peer: pairs a stream does not attend keep lse -inf; joint: every row's lse comes from its
-    # stream's merge (concatenated once at the end, as the outputs are)
-    lse = None if joint else q.new_full(lse_shape(q, num_streams, p.normalize), NEG_INF,
-                                        dtype=compute)
     sink = _sink(p, compute)
     queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
+    # joint: a row's lse comes from its stream's merge; peer: (t, lse) of every attended pair
     outs, lses = [], []
     for s in range(num_streams):
         q_s = queries[s]
@@ -219,19 +216,35 @@ def _forward(problem: AttentionProblem):
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
-            if not joint:
-                lse[:, :, results[0][0], plan.rows(s)] = l_s
         elif joint:
             o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim)
         else:
-            o_s = _merge_peer(p, plan, s, results, lse, plan.rows(s), q_s.shape, value_dim)
-        if num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
-            return o_s.contiguous(), (contiguous_lse(l_s) if joint else lse)
+            o_s = _merge_peer(p, plan, s, results, q_s.shape, value_dim)
+        if not joint:
+            l_s = [(t, l) for t, _o, l in results]
+        if num_streams == 1 and joint:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
+            return o_s.contiguous(), contiguous_lse(l_s)
         outs.append(o_s)
-        if joint:
-            lses.append(l_s)
-    # cat writes contiguous results (the op's layout) from the kernels' (B, L, H, .) layouts
-    return torch.cat(outs, 2), (torch.cat(lses, 2) if joint else lse)
+        lses.append(l_s)
+    # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts
+    out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
+    return out, (torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses))
+
+
+def _peer_lse(p, plan, lses):
+    """The peer normalisation's lse (B, H, S, L): when every query stream attended every key
+    stream (the common table), one stack per stream and one cat; else -inf where a pair was not
+    attended and each pair's lse written into its block."""
+    num_streams = p.num_streams
+    if all(len(pairs) == num_streams for pairs in lses):
+        blocks = [torch.stack([l for _t, l in pairs], 2) for pairs in lses]
+        return torch.cat(blocks, 3) if num_streams > 1 else blocks[0].contiguous()
+    lse = p.q.new_full(lse_shape(p.q, num_streams, p.normalize), NEG_INF, dtype=plan.compute)
+    for s, pairs in enumerate(lses):
+        rows = plan.rows(s)
+        for t, l in pairs:
+            lse[:, :, t, rows] = l
+    return lse
 
 
 def _safe_logsumexp(terms: List[Tensor], compute):
@@ -271,12 +284,11 @@ def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
     return (acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)), total
 
 
-def _merge_peer(p, plan, s, results, lse, rows, q_shape, value_dim):
+def _merge_peer(p, plan, s, results, q_shape, value_dim):
     batch, heads, q_len = q_shape[:3]
     compute, gates = plan.compute, plan.pair_gates()
     acc = None
-    for t, o, l in results:
-        lse[:, :, t, rows] = l
+    for t, o, _l in results:
         if gates is None:  # o + o promotes nothing: accumulate in the compute dtype
             term = o if o.dtype == compute else o.to(compute)
             acc = term.clone() if acc is None else acc.add_(term)
