@@ -49,7 +49,6 @@ class _Plan:
         self.p = p
         self.compute = lse_dtype(p.q.dtype)
         self.q_off = p.stream_offsets(p.q_lens)
-        self.kv_off = p.stream_offsets(p.kv_lens)
         n = p.num_streams
         self.peers = [[s] if p.diagonal_peers else [t for t in range(n) if p.peers[s * n + t]]
                       for s in range(n)]
@@ -61,7 +60,7 @@ class _Plan:
         self._pair_gates = self._pair_biases = None
 
     def pair_gates(self):
-        """gate[:, s, p] as (B, H, 1, Ev) for every pair (gate_rows[s][p]), or None."""
+        """gate[:, s, p] as (B, H, 1, Ev) for every pair ([s][p]), or None."""
         if self._pair_gates is None and self.gate is not None:
             self._pair_gates = _by_pair(self.gate.unsqueeze(-2))
         return self._pair_gates
@@ -74,9 +73,6 @@ class _Plan:
 
     def rows(self, s: int):
         return slice(self.q_off[s], self.q_off[s + 1])
-
-    def keys(self, t: Tensor, p: int) -> Tensor:
-        return t.narrow(2, self.kv_off[p], self.p.kv_lens[p])
 
     def key_streams(self):
         """(k, v) of every key stream: one split per role per call, not a narrow per pair."""
