@@ -49,18 +49,38 @@ class _Plan:
         self.p = p
         self.compute = lse_dtype(p.q.dtype)
         self.q_off = p.stream_offsets(p.q_lens)
-        self.kv_off = p.stream_offsets(p.kv_lens)
         n = p.num_streams
         self.peers = [[s] if p.diagonal_peers else [t for t in range(n) if p.peers[s * n + t]]
                       for s in range(n)]
         self._kv_masks = {}
         self.user_mask = _user_mask(p)
+        self._k = self._v = None
+        # gate and bias in the compute dtype, cast once per call (usually float32 already)
+        self.gate, self.bias = _in_dtype(p.gate, self.compute), _in_dtype(p.bias, self.compute)
+        self._pair_gates = self._pair_biases = None
+
+    def pair_gates(self):
+        """gate[:, s, p] as (B, H, 1, Ev) for every pair ([s][p]), or None."""
+        if self._pair_gates is None and self.gate is not None:
+            self._pair_gates = _by_pair(self.gate.unsqueeze(-2))
+        return self._pair_gates
+
+    def pair_biases(self):
+        """bias[:, s, p] as (B, H, 1) for every pair, or None."""
+        if self._pair_biases is None and self.bias is not None:
+            self._pair_biases = _by_pair(self.bias.unsqueeze(-1))
+        return self._pair_biases
 
     def rows(self, s: int):
         return slice(self.q_off[s], self.q_off[s + 1])
 
-    def keys(self, t: Tensor, p: int) -> Tensor:
-        return t.narrow(2, self.kv_off[p], self.p.kv_lens[p])
+    def key_streams(self):
+        """(k, v) of every key stream: one split per role per call, not a narrow per pair."""
+        if self._k is None:
+            lens = self.p.kv_lens
+            self._k = self.p.k.split_with_sizes(lens, 2)
+            self._v = self.p.v.split_with_sizes(lens, 2)
+        return self._k, self._v
 
     def _key_mask(self, p: int) -> Optional[Tensor]:
         """The additive mask of any pair whose keys are stream p: attn_mask and kv_lengths."""
@@ -93,13 +113,17 @@ class _Plan:
 
     def pair(self, s: int, p: int, q_s: Tensor, v: Optional[Tensor] = None):
         """(out, lse) of query stream s on key stream p; rows that see no key get lse -inf."""
-        values = self.keys(self.p.v, p) if v is None else v
+        keys, values = self.key_streams()
         mask = self.mask(s, p)
-        out, lse = pair_forward(q_s, self.keys(self.p.k, p), values, mask, self.causal(s, p),
-                                self.p.scale)
+        out, lse = pair_forward(q_s, keys[p], values[p] if v is None else v, mask,
+                                self.causal(s, p), self.p.scale)
         if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for such rows
             out, lse = _mark_empty_rows(out, lse, mask)
         return out, lse
+
+
+def _in_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _user_mask(p: AttentionProblem) -> Optional[Tensor]:
@@ -147,19 +171,6 @@ def _mark_empty_rows(out: Tensor, lse: Tensor, mask: Tensor):
     return out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, NEG_INF)
 
 
-def _gate(problem: AttentionProblem, s: int, p: int, compute) -> Optional[Tensor]:
-    """gate[:, s, p] as (B, Hq, 1, Ev) in the compute dtype."""
-    if problem.gate is None:
-        return None
-    return problem.gate[:, s, p, :, None, :].to(compute)
-
-
-def _bias(problem: AttentionProblem, s: int, p: int, compute):
-    if problem.bias is None:
-        return None
-    return problem.bias[:, s, p, :, None].to(compute)
-
-
 def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
     return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
 
@@ -187,87 +198,169 @@ def _forward(problem: AttentionProblem):
         return _one_call_forward(p)
     plan = _Plan(p)
     q, compute = p.q, plan.compute
-    batch, heads, q_total = q.shape[:3]
     value_dim = p.v.shape[-1]
     joint = p.normalize == JOINT
-    one_call = p.num_streams == 1 and joint  # the lse comes from the merge or the kernel
-    lse = None if one_call else q.new_full(lse_shape(q, p.num_streams, p.normalize), NEG_INF,
-                                           dtype=compute)
-    out = None if p.num_streams == 1 else q.new_empty(batch, heads, q_total, value_dim)
+    num_streams = p.num_streams
     sink = _sink(p, compute)
-    for s in range(p.num_streams):
-        rows = plan.rows(s)
-        q_s = q[:, :, rows]
+    queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
+    # joint: a row's lse comes from its stream's merge; peer: (t, lse) of every attended pair
+    outs, lses = [], []
+    for s in range(num_streams):
+        q_s = queries[s]
         results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
                    if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
-            if not joint:
-                lse[:, :, results[0][0], rows] = l_s
-                l_s = None
         elif joint:
-            o_s, l_s = _merge_joint(p, s, results, sink, q_s.shape, value_dim, compute)
+            o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim)
         else:
-            o_s, l_s = _merge_peer(p, s, results, lse, rows, q_s.shape, value_dim, compute)
-        if p.num_streams == 1:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
-            return o_s.contiguous(), (contiguous_lse(l_s.to(compute)) if joint else lse)
-        out[:, :, rows] = o_s
-        if joint:
-            lse[:, :, rows] = l_s
-    return out, lse
+            o_s = _merge_peer(p, plan, s, results, q_s.shape, value_dim)
+        if not joint:
+            l_s = [(t, l) for t, _o, l in results]
+        if num_streams == 1 and joint:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
+            return o_s.contiguous(), contiguous_lse(l_s)
+        outs.append(o_s)
+        lses.append(l_s)
+    # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts
+    out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
+    return out, (torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses))
 
 
-def _merge_joint(p, s, results, sink, q_shape, value_dim, compute):
+def _peer_lse(p, plan, lses):
+    """The peer normalisation's lse (B, H, S, L): when every query stream attended every key
+    stream (the common table), one stack per stream and one cat; else -inf where a pair was not
+    attended and each pair's lse written into its block."""
+    num_streams = p.num_streams
+    if all(len(pairs) == num_streams for pairs in lses):
+        blocks = [torch.stack([l for _t, l in pairs], 2) for pairs in lses]
+        return torch.cat(blocks, 3) if num_streams > 1 else blocks[0].contiguous()
+    lse = p.q.new_full(lse_shape(p.q, num_streams, p.normalize), NEG_INF, dtype=plan.compute)
+    for s, pairs in enumerate(lses):
+        rows = plan.rows(s)
+        for t, l in pairs:
+            lse[:, :, t, rows] = l
+    return lse
+
+
+def _safe_logsumexp(terms: List[Tensor], compute):
+    """(L, S): L = logsumexp of the terms, -inf on rows where every term is -inf, and S = L
+    with those rows at the smallest finite number, so that exp(term - S) is 0 there (not nan)
+    and exp(term - L) elsewhere. One or two terms (the common case) skip torch.stack."""
+    if len(terms) == 1:
+        total = terms[0]
+    elif len(terms) == 2:
+        total = torch.logaddexp(terms[0], terms[1])
+    else:
+        total = torch.stack(terms).logsumexp(0)
+    return total, total.clamp_min(torch.finfo(compute).min)
+
+
+def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
+    """O = sum_p exp(l_p + bias_p - L) g_p * o_p in the compute dtype. The lse and the bias and
+    gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast."""
     batch, heads, q_len = q_shape[:3]
-    shifted = []
-    for t, _o, l in results:
-        bias = _bias(p, s, t, compute)
-        shifted.append(l.to(compute) if bias is None else l.to(compute) + bias)
+    compute, gates, biases = plan.compute, plan.pair_gates(), plan.pair_biases()
+    shifted = [l if biases is None else l + biases[s][t] for t, _o, l in results]
     terms = shifted + ([sink.expand(batch, heads, q_len)] if sink is not None else [])
     if not terms:
         return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
             (batch, heads, q_len), NEG_INF, dtype=compute)
-    total = torch.stack(terms).logsumexp(0)
-    safe_total = total.masked_fill(total == NEG_INF, 0.0)  # such rows have every term -inf
-    acc = torch.zeros(batch, heads, q_len, value_dim, dtype=compute, device=p.q.device)
+    total, safe_total = _safe_logsumexp(terms, compute)
+    acc = None
     for (t, o, _l), l_shifted in zip(results, shifted):
-        gate = _gate(p, s, t, compute)
-        weighted = o.to(compute) * torch.exp(l_shifted - safe_total)[..., None]
-        acc += weighted if gate is None else weighted * gate
-    return acc.to(p.q.dtype), total
+        weight = torch.sub(l_shifted, safe_total).exp_()[..., None]
+        if gates is None:
+            acc = o * weight if acc is None else acc.addcmul_(o, weight)
+        else:
+            gate = gates[s][t]
+            acc = (o * weight).mul_(gate) if acc is None else acc.addcmul_(o * weight, gate)
+    if acc is None:  # only the sink
+        return p.q.new_zeros(batch, heads, q_len, value_dim), total
+    return (acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)), total
 
 
-def _merge_peer(p, s, results, lse, rows, q_shape, value_dim, compute):
+def _merge_peer(p, plan, s, results, q_shape, value_dim):
     batch, heads, q_len = q_shape[:3]
-    acc = torch.zeros(batch, heads, q_len, value_dim, dtype=compute, device=p.q.device)
-    for t, o, l in results:
-        lse[:, :, t, rows] = l
-        gate = _gate(p, s, t, compute)
-        acc += o.to(compute) if gate is None else o.to(compute) * gate
-    return acc.to(p.q.dtype), None
+    compute, gates = plan.compute, plan.pair_gates()
+    acc = None
+    for t, o, _l in results:
+        if gates is None:  # o + o promotes nothing: accumulate in the compute dtype
+            term = o if o.dtype == compute else o.to(compute)
+            acc = term.clone() if acc is None else acc.add_(term)
+        else:
+            gate = gates[s][t]
+            acc = o * gate if acc is None else acc.addcmul_(o, gate)
+    if acc is None:
+        return p.q.new_zeros(batch, heads, q_len, value_dim)
+    return acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)
+
+
+class _StreamSums:
+    """The gradient of a packed q/k/v, summed per stream over the pairs it takes part in: the
+    first term kept (cast to the compute dtype if needed), the others added in place, the streams
+    concatenated once at the end (no zero buffer, no add into it per pair)."""
+
+    def __init__(self, like: Tensor, lens, compute):
+        self.like, self.lens, self.compute = like, lens, compute
+        self.parts = [None] * len(lens)
+
+    def add(self, i: int, grad: Tensor):
+        part = self.parts[i]
+        if part is None:
+            self.parts[i] = grad if grad.dtype == self.compute else grad.to(self.compute)
+        else:
+            part.add_(grad)
+
+    def result(self) -> Tensor:
+        like = self.like
+        parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
+                             device=like.device) if part is None else part
+                 for part, n in zip(self.parts, self.lens)]
+        total = torch.cat(parts, 2) if len(parts) > 1 else parts[0].contiguous()
+        return total if total.dtype == like.dtype else total.to(like.dtype)
+
+
+class _PairGrads:
+    """The gradient of gate or bias (B, S, S, ...): one term per attended pair, stacked once
+    when every pair has one, else written into a zero buffer."""
+
+    def __init__(self, like: Tensor, compute):
+        self.like, self.compute = like, compute
+        self.parts = {}
+
+    def set(self, s: int, t: int, grad: Tensor):
+        self.parts[s, t] = grad
+
+    def result(self) -> Tensor:
+        like, n = self.like, self.like.shape[1]
+        if len(self.parts) == n * n:
+            total = torch.stack([torch.stack([self.parts[s, t] for t in range(n)], 1)
+                                 for s in range(n)], 1)
+        else:
+            total = torch.zeros(like.shape, dtype=self.compute, device=like.device)
+            for (s, t), grad in self.parts.items():
+                total[:, s, t] = grad
+        return total if total.dtype == like.dtype else total.to(like.dtype)
 
 
 class _Grads:
-    """Gradient accumulators (compute dtype for sums over pairs, cast once at the end)."""
+    """Gradient sums (compute dtype for sums over pairs, cast once at the end)."""
 
     def __init__(self, problem: AttentionProblem, needs_grad, compute):
         p = problem
-
-        def buffer(t, need):
-            return torch.zeros(t.shape, dtype=compute, device=t.device) if (need and t is not None) else None
-
-        self.dq, self.dk = buffer(p.q, needs_grad[0]), buffer(p.k, needs_grad[1])
-        self.dv = buffer(p.v, needs_grad[2])
-        self.dgate, self.dbias = buffer(p.gate, needs_grad[3]), buffer(p.bias, needs_grad[4])
-        self.dsinks = buffer(p.sinks, needs_grad[6])
+        self.dq = _StreamSums(p.q, p.q_lens, compute) if needs_grad[0] else None
+        self.dk = _StreamSums(p.k, p.kv_lens, compute) if needs_grad[1] else None
+        self.dv = _StreamSums(p.v, p.kv_lens, compute) if needs_grad[2] else None
+        self.dgate = _PairGrads(p.gate, compute) if needs_grad[3] and p.gate is not None else None
+        self.dbias = _PairGrads(p.bias, compute) if needs_grad[4] and p.bias is not None else None
+        self.dsinks = (torch.zeros(p.sinks.shape, dtype=compute, device=p.sinks.device)
+                       if needs_grad[6] and p.sinks is not None else None)
 
     def result(self, problem: AttentionProblem, dmask):
         p = problem
-        out = []
-        for grad, like in ((self.dq, p.q), (self.dk, p.k), (self.dv, p.v), (self.dgate, p.gate),
-                           (self.dbias, p.bias)):
-            out.append(empty_grad(p.q) if grad is None else grad.to(like.dtype))
+        out = [empty_grad(p.q) if grad is None else grad.result()
+               for grad in (self.dq, self.dk, self.dv, self.dgate, self.dbias)]
         out.append(empty_grad(p.q) if dmask is None else dmask)
         out.append(empty_grad(p.q) if self.dsinks is None else self.dsinks.to(p.sinks.dtype))
         return tuple(out)
@@ -302,6 +395,19 @@ def _one_call_backward(p: AttentionProblem, mask, causal: bool, grad_out, out, l
             dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
 
 
+def _by_pair(t: Optional[Tensor]):
+    """t[:, s, p] of a (B, S, S, ...) tensor for every pair, as nested tuples of views: two
+    unbinds of one row each instead of two selects per pair."""
+    return None if t is None else [row.unbind(1) for row in t.unbind(1)]
+
+
+def _split(t: Optional[Tensor], lens, dim: int):
+    """The streams of a packed tensor (views, one split)."""
+    if t is None:
+        return None
+    return t.split_with_sizes(lens, dim) if len(lens) > 1 else (t,)
+
+
 def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     p = problem
     if _is_one_call(p):
@@ -316,64 +422,75 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     joint = p.normalize == JOINT
     heads, kv_heads = p.q.shape[1], p.k.shape[1]
     sink = _sink(p, compute)
+    q_lens = p.q_lens
+    keys, values = plan.key_streams()
+    queries, d_outs, outs = _split(p.q, q_lens, 2), _split(grad_out, q_lens, 2), _split(out, q_lens, 2)
+    lses = _split(_in_dtype(lse, compute), q_lens, -1)  # joint (B, H, L), peer (B, H, S, L)
+    # per pair: gate (B, H, 1, Ev) and bias (B, H, 1) in the compute dtype, and their gradients
+    gates, biases = plan.pair_gates(), plan.pair_biases()
     for s in range(p.num_streams):
-        rows = plan.rows(s)
-        q_s = p.q[:, :, rows]
+        q_s = queries[s]
         if q_s.shape[2] == 0:
             continue
-        d_out, o_s = grad_out[:, :, rows], out[:, :, rows]
+        d_out, o_s = d_outs[s].contiguous(), outs[s]  # the kernels take grad_out contiguous
+        d_out_c = d_out if d_out.dtype == compute else d_out.to(compute)
         delta = None
         if joint and (grads.dbias is not None or grads.dsinks is not None):
-            delta = (d_out.to(compute) * o_s.to(compute)).sum(-1)
-        total = lse[:, :, rows].to(compute) if joint else None
+            delta = (d_out_c * o_s).sum(-1)
+        if joint:
+            total = lses[s]
+            lse_rows = total.masked_fill(total == NEG_INF, float("inf"))  # P = 0 on empty rows
         peers = [t for t in plan.peers[s] if p.kv_lens[t] > 0]
         for t in peers:
             causal, pair_mask = plan.causal(s, t), plan.mask(s, t)
-            k_t, v_t = plan.keys(p.k, t), plan.keys(p.v, t)
-            gate = _gate(p, s, t, compute)
+            k_t, v_t = keys[t], values[t]
+            gate = None if gates is None else gates[s][t]
             if joint:
-                bias = _bias(p, s, t, compute)
-                lse_in = total if bias is None else total - bias
-                lse_in = lse_in.masked_fill(total == NEG_INF, float("inf"))  # P = 0 on empty rows
+                bias = None if biases is None else biases[s][t]
+                lse_in = lse_rows if bias is None else lse_rows - bias
                 k_in, v_in, expanded, g_in = k_t, v_t, False, gate
                 if gate is not None:  # the kernel sees values g_p * v_p
                     if kv_heads != heads and p.gate.stride(3) != 0:  # a gate per query head
                         k_in, v_in, expanded = _repeat_heads(k_t, heads), _repeat_heads(v_t, heads), True
                     elif kv_heads != heads:
                         g_in = gate[:, :1]
-                    v_in = (v_in.to(compute) * g_in).to(p.q.dtype)
-                dq, dk, dv = pair_backward(d_out, q_s, k_in, v_in, o_s, lse_in.to(lse.dtype),
-                                           pair_mask, causal, p.scale)
+                    v_in = v_in * g_in  # in the compute dtype (promoted), then the kernel's
+                    if v_in.dtype != p.q.dtype:
+                        v_in = v_in.to(p.q.dtype)
+                dq, dk, dv = pair_backward(d_out, q_s, k_in, v_in, o_s, lse_in, pair_mask,
+                                           causal, p.scale)
                 if gate is not None:
-                    dv = dv.to(compute) * g_in
+                    dv = dv * g_in
                 if expanded:
                     dk, dv = _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
                 if grads.dgate is not None or grads.dbias is not None:
                     o_t, l_t = plan.pair(s, t, q_s)
-                    shifted = l_t.to(compute) if bias is None else l_t.to(compute) + bias
-                    weight = torch.exp(shifted - total.masked_fill(total == NEG_INF, 0.0))
-                    weighted = o_t.to(compute) * weight[..., None]
+                    # exp(l_t + bias - L): lse_in is L - bias, +inf on empty rows (weight 0)
+                    weight = torch.sub(l_t, lse_in).exp_()
+                    d_o = d_out_c * o_t  # dO * o_t in the compute dtype
                     if grads.dgate is not None:
-                        grads.dgate[:, s, t] += (d_out.to(compute) * weighted).sum(2)
+                        grads.dgate.set(s, t, (d_o * weight[..., None]).sum(2))
                     if grads.dbias is not None:
-                        gated = weighted if gate is None else weighted * gate
-                        grads.dbias[:, s, t] += ((d_out.to(compute) * gated).sum(-1) - weight * delta).sum(-1)
+                        rows = (d_o if gate is None else d_o * gate).sum(-1)
+                        grads.dbias.set(s, t, rows.sub_(delta).mul_(weight).sum(-1))
             else:
                 alone = len(peers) == 1 and gate is None
                 o_t, l_t = (o_s, None) if alone else plan.pair(s, t, q_s)
-                lse_in = lse[:, :, t, rows]
+                lse_in = lses[s][:, :, t]
                 lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
-                g_out = d_out if gate is None else (d_out.to(compute) * gate).to(p.q.dtype)
+                g_out = d_out if gate is None else d_out_c * gate
+                if g_out.dtype != p.q.dtype:
+                    g_out = g_out.to(p.q.dtype)
                 dq, dk, dv = pair_backward(g_out, q_s, k_t, v_t, o_t, lse_in, pair_mask,
                                            causal, p.scale)
                 if grads.dgate is not None:
-                    grads.dgate[:, s, t] += (d_out.to(compute) * o_t.to(compute)).sum(2)
+                    grads.dgate.set(s, t, (d_out_c * o_t).sum(2))
             if grads.dq is not None:
-                grads.dq[:, :, rows] += dq
+                grads.dq.add(s, dq)
             if grads.dk is not None:
-                grads.dk[:, :, plan.kv_off[t]:plan.kv_off[t + 1]] += dk
+                grads.dk.add(t, dk)
             if grads.dv is not None:
-                grads.dv[:, :, plan.kv_off[t]:plan.kv_off[t + 1]] += dv
+                grads.dv.add(t, dv)
         if grads.dsinks is not None:
             grads.dsinks -= (torch.exp(sink - total) * delta).sum((0, 2))
     dmask = None

@@ -183,6 +183,52 @@ VARIANTS = {
 }
 
 
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 5])
+def test_merge_logsumexp_of_one_two_or_more_terms(terms):
+    """The joint merge's lse: one term as is, two through logaddexp, more through a stack; all
+    equal torch.logsumexp in float64, -inf (weights exp(term - safe) of 0, not nan) on rows
+    where every term is -inf, and on rows where only some are."""
+    from peer_attention.backends.torch_sdpa import _safe_logsumexp
+    gen = torch.Generator().manual_seed(terms)
+    parts = [torch.randn(2, 3, 6, generator=gen, dtype=torch.float64) * 30 for _ in range(terms)]
+    for i, part in enumerate(parts):
+        part[:, :, 0] = float("-inf")  # every term -inf
+        if terms > 1:
+            part[:, 1, 1 + i % 5] = float("-inf")  # one term -inf
+    total, safe = _safe_logsumexp(parts, torch.float64)
+    torch.testing.assert_close(total, torch.stack(parts).logsumexp(0), atol=1e-12, rtol=0)
+    assert torch.isneginf(total[:, :, 0]).all() and torch.isfinite(safe).all()
+    weights = torch.stack([torch.exp(part - safe) for part in parts])
+    assert not weights.isnan().any() and (weights[:, :, :, 0] == 0).all()
+    torch.testing.assert_close(weights[:, :, :, 1:].sum(0), torch.ones(2, 3, 5, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("q_lens", [(5, 2, 7), (5, 0, 7)], ids=["full", "empty-stream"])
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_three_streams_every_pair_with_gate_bias_and_sinks_float64(normalize, q_lens):
+    """Three streams on every peer (the merge of three terms, four with the sink), gate and
+    bias (joint) per pair, GQA, with and without an empty query stream (whose pairs have no
+    gate or bias gradient terms): outputs, lse and every gradient to 1e-12."""
+    gen = torch.Generator().manual_seed(9)
+    kv_lens = (6, 3, 4)
+    joint = normalize == "joint"
+    q = torch.randn(2, 4, sum(q_lens), 16, generator=gen, dtype=torch.float64).requires_grad_()
+    k = torch.randn(2, 2, sum(kv_lens), 16, generator=gen, dtype=torch.float64).requires_grad_()
+    v = torch.randn(2, 2, sum(kv_lens), 12, generator=gen, dtype=torch.float64).requires_grad_()
+    gate = torch.rand(2, 3, 3, 4, 12, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64).requires_grad_() if joint else None
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_() if joint else None
+    problem = AttentionProblem(q, k, v, q_lens, kv_lens, (1,) * 9, gate, bias, None, None, None,
+                               0.0, True, 0.3, normalize, sinks=sinks)
+    grad_out = torch.randn(2, 4, sum(q_lens), 12, generator=gen, dtype=torch.float64)
+    got = _op_outputs_and_grads("torch", problem, grad_out)
+    want = _op_outputs_and_grads("reference", problem, grad_out)
+    assert got[0].is_contiguous() and got[1].is_contiguous()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variants_match_reference_float64(variant):
     """sinks, the diagonal (varlen) peer table, windows and bottom-right alignment, through the
