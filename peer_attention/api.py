@@ -226,8 +226,8 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
     )
     batch, num_q_heads, value_dim, q_lens, kv_lens = shapes
     q0 = queries[0]
-    if window is None and sinks is None and softcap == 0.0 and type(softcap) is float:
-        window_left = window_right = -1  # the common call: no variant
+    if window is None and sinks is None and type(softcap) is float and softcap == 0.0:
+        window_left = window_right = -1  # the common call, no variant: no checks to run
     else:
         softcap, window, sinks = check_peer_variants(softcap, window, sinks, normalize,
                                                      num_q_heads, q0)

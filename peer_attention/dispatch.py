@@ -119,7 +119,9 @@ def forward_op(name: str):
     return _ops[name][0]
 
 
-_GRAD_TENSORS = (0, 1, 2, 6, 7, 9, 19, 20)  # q k v gate bias attn_mask alibi_slopes sinks
+# the inputs whose requires_grad asks for autograd: the differentiable ones, and alibi_slopes (no
+# gradient, as through the op, but the output must not record the kernel's own ops for it)
+_GRAD_TENSORS = ops.GRAD_INPUTS + (19,)
 _functorch_active = torch._C._are_functorch_transforms_active
 _jit_tracing = torch._C._is_tracing
 _autocast_enabled = torch._C._is_any_autocast_enabled
@@ -139,7 +141,7 @@ def _plain_eager(problem: AttentionProblem) -> bool:
 def forward(name: str, problem: AttentionProblem):
     """(out, lse) of backend `name` on `problem`, with autograd: the registered op, or for a Python
     backend in plain eager mode the same kernel without the dispatcher's cost (ops.eager_kernels)."""
-    eager = ops._eager.get(name)
+    eager = ops.eager_kernels(name)
     if eager is None or not _plain_eager(problem):
         return _ops[name][0](*problem)
     kernel, function = eager

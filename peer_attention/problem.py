@@ -127,9 +127,10 @@ class AttentionProblem(NamedTuple):
 
     @property
     def has_variants(self) -> bool:
-        """Any SPEC section 9 option beyond plain attention."""
-        return (self.has_window or self.bottom_right or self.softcap > 0
-                or self.alibi_slopes is not None or self.sinks is not None)
+        """Any SPEC section 9 option beyond plain attention (has_window spelled out: it is read
+        on every call's backend selection)."""
+        return (self.window_left >= 0 or self.window_right >= 0 or self.bottom_right
+                or self.softcap > 0 or self.alibi_slopes is not None or self.sinks is not None)
 
     def self_offset(self, s: int) -> int:
         """Diagonal offset of stream s's self pair: M_s - L_s bottom-right, 0 top-left."""

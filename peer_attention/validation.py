@@ -189,7 +189,7 @@ def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
                 f"{name}: nested (jagged) tensors are not served by peer_attention; call "
                 "torch.nn.functional.scaled_dot_product_attention (patch_torch() hands them to it)")
     dtype = query.dtype
-    if dtype not in SUPPORTED_DTYPES:
+    if dtype not in SUPPORTED_DTYPES:  # (the call only for the error: a call costs ~0.1 us)
         check_float_dtype("query", query)
     if not (key.dtype is dtype and value.dtype is dtype and key.device == query.device
             and value.device == query.device):
@@ -334,6 +334,7 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
             f"keys, values: expected {num_streams} streams as queries, "
             f"got {len(keys)} keys and {len(values)} values"
         )
+    # the checks' calls only for the errors: on this path each call counts (issue 9: <= 20 us)
     if is_causal is not True and is_causal is not False:
         check_bool("is_causal", is_causal)
     if enable_gqa is not True and enable_gqa is not False:
@@ -596,9 +597,8 @@ def check_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 def check_peer_variants(softcap, window, sinks, normalize: str, num_q_heads: int, ref: Tensor):
-    """peer_attention's SPEC section 9 options. Returns (softcap, (left, right), sinks)."""
-    if window is None and sinks is None and type(softcap) is float and softcap == 0.0:
-        return 0.0, (-1, -1), None  # the common call: no ABC checks on the hot path
+    """peer_attention's SPEC section 9 options. Returns (softcap, (left, right), sinks).
+    (api._peer_problem skips the call for the common call: no window, no sinks, softcap 0.0.)"""
     softcap = check_softcap(softcap)
     window = (-1, -1) if window is None else check_window("window", window)
     if sinks is not None:

@@ -118,9 +118,7 @@ class Backend:
             reasons.append(f"{problem.num_streams} streams > {caps.max_streams}")
         if problem.normalize not in caps.normalize:
             reasons.append(f"normalize={problem.normalize!r} not supported")
-        if (problem.window_left >= 0 or problem.window_right >= 0 or problem.bottom_right
-                or problem.softcap > 0 or problem.alibi_slopes is not None
-                or problem.sinks is not None or not problem.peers):  # problem.has_variants, inline
+        if problem.has_variants or not problem.peers:  # not peers: the diagonal (varlen) table
             reasons.extend(_variant_reasons(caps, problem))
         extra = self.extra_reasons(problem)
         return reasons + extra if extra else reasons
