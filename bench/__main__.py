@@ -107,39 +107,38 @@ def _settings(quick: bool, preset=None) -> RunSettings:
     return RunSettings()
 
 
-def _quick_gpu_flex(providers):
-    """Compiling FlexAttention for each shape would take longer than --quick's minute or two."""
-    def build(case, inputs):
-        raise Skipped("in --quick on a GPU: compiling FlexAttention per shape takes minutes; "
-                      "run without --quick or name it with --provider")
-    return [Provider(p.name, p.package, p.kinds, build) if p.name == "flex" else p for p in providers]
+def _run_only_where(providers, name: str, runs, reason: str):
+    """Provider `name` runs only the cases where runs(case) holds; on the others it is a
+    skipped row with `reason` (the other providers unchanged)."""
+    def wrap(provider):
+        def build(case, inputs):
+            if not runs(case):
+                raise Skipped(reason)
+            return provider.build(case, inputs)
+        return Provider(provider.name, provider.package, provider.kinds, build,
+                        provider.materializes_scores)
+    return [wrap(p) if p.name == name else p for p in providers]
 
 
 def _preset_cpu(providers):
     """The cpu preset runs the reference on the peer cases only (cpu_runs)."""
-    def wrap(provider):
-        def build(case, inputs):
-            if not cpu_runs(case, provider.name):
-                raise Skipped("in the cpu preset the reference is the baseline of the peer cases "
-                              "only")
-            return provider.build(case, inputs)
-        return Provider(provider.name, provider.package, provider.kinds, build,
-                        provider.materializes_scores)
-    return [wrap(p) for p in providers]
+    return _run_only_where(providers, "pa.reference", lambda case: cpu_runs(case, "pa.reference"),
+                           "in the cpu preset the reference is the baseline of the peer cases only")
 
 
 def _preset_flex(providers, quick: bool):
     """FlexAttention compiles per shape: in a preset it runs the cases flex_runs() names."""
-    def wrap(provider):
-        def build(case, inputs):
-            if not flex_runs(case, quick):
-                raise Skipped("in the headline preset FlexAttention runs at E=128, L=4k and 16k and "
-                              "on the peer cases only (a compile per shape); run --suite sdpa "
-                              "--provider flex for the rest")
-            return provider.build(case, inputs)
-        return Provider(provider.name, provider.package, provider.kinds, build,
-                        provider.materializes_scores)
-    return [wrap(p) if p.name == "flex" else p for p in providers]
+    return _run_only_where(providers, "flex", lambda case: flex_runs(case, quick),
+                           "in the headline preset FlexAttention runs at E=128, L=4k and 16k and "
+                           "on the peer cases only (a compile per shape); run --suite sdpa "
+                           "--provider flex for the rest")
+
+
+def _quick_gpu_flex(providers):
+    """Compiling FlexAttention for each shape would take longer than --quick's minute or two."""
+    return _run_only_where(providers, "flex", lambda case: False,
+                           "in --quick on a GPU: compiling FlexAttention per shape takes minutes; "
+                           "run without --quick or name it with --provider")
 
 
 def select_cases(args):

@@ -112,6 +112,13 @@ def _cell(r) -> str:
     return text + ("!" if _is_false(r.get("correct")) else "")
 
 
+def _aligned(header: List[str], lines: List[List[str]]) -> List[str]:
+    """The header and lines as text columns, each as wide as its widest cell."""
+    widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    return out + ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+
+
 def headline_table(rows: Sequence[Dict]) -> str:
     """Cells: TFLOP/s ('!' = failed the reference check, '-' = did not run, blank = not
     applicable); 'best other' is the fastest correct provider outside the package; the ratio
@@ -140,9 +147,7 @@ def headline_table(rows: Sequence[Dict]) -> str:
                  if p in cells and cells[p].get("peak_mb") not in ("", None)]
         line.append("/".join(peaks))
         lines.append(line)
-    widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out = _aligned(header, lines)
     legend = ("TFLOP/s per provider ('!' failed the reference check, '-' did not run: see "
               "results.csv); ratios = package provider / best other; peak MB of the package "
               f"providers ({'/'.join(ours)})")
@@ -197,9 +202,7 @@ def cpu_table(rows: Sequence[Dict], dropin: float = 0.95, peer: float = 3.0) -> 
         line = [case_id.split("/", 1)[1], mode] + [_ms(cells.get(p)) for p in providers]
         line.append(_target_text(cells, kinds[case_id], dropin, peer))
         lines.append(line)
-    widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out = _aligned(header, lines)
     out.append("ms per call, median of rounds that call every provider once in shuffled order "
                "('!' failed the reference check, '-' did not run: see results.csv)")
     return "\n".join(out)
