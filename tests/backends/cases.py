@@ -2,6 +2,8 @@
 tests.helpers.assert_matches_reference, with the backend under test as a parameter."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 import peer_attention as pa
@@ -71,3 +73,16 @@ def peer_case(backend, *, q_lens, kv_lens, batch=1, q_heads=2, kv_heads=2, head_
         return peer_attention_reference(qs, ks, vs, gate=gate, bias=bias, **ref_kw)
 
     return kernel_fn, reference_fn, inputs, names
+
+
+# every combination of the peer features (bias only with the joint normalisation), for the
+# backends' feature-grid tests
+FEATURES = [
+    dict(normalize=n, is_causal=c, gate=g, bias=b, kv_lengths=k, gqa=h)
+    for n, c, g, b, k, h in itertools.product(("joint", "peer"), *[(False, True)] * 5)
+    if not (n == "peer" and b)
+]
+
+
+def feature_id(f) -> str:
+    return "-".join([f["normalize"]] + [k for k in ("is_causal", "gate", "bias", "kv_lengths", "gqa") if f[k]])

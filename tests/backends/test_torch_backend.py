@@ -1,8 +1,6 @@
 """backend="torch" (torch's fused SDPA kernels, composed): forward and backward of every feature
 it claims against the reference under SPEC section 8, torch's dropout reproduced bit for bit,
 auto picking it on the CPU, and its reasons for what it declines."""
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +11,7 @@ from peer_attention.api import peer_problem, sdpa_problem
 from peer_attention.problem import AttentionProblem
 from tests.helpers import assert_matches_reference, recorded_dispatch
 
-from .cases import peer_case, sdpa_case
+from .cases import FEATURES, feature_id, peer_case, sdpa_case
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 G = torch.Generator().manual_seed(1)
@@ -107,18 +105,7 @@ def test_peer_matches_reference(name, dtype):
     assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names)
 
 
-FEATURES = [
-    dict(normalize=n, is_causal=c, gate=g, bias=b, kv_lengths=k, gqa=h)
-    for n, c, g, b, k, h in itertools.product(("joint", "peer"), *[(False, True)] * 5)
-    if not (n == "peer" and b)
-]
-
-
-def _feature_id(f):
-    return "-".join([f["normalize"]] + [k for k in ("is_causal", "gate", "bias", "kv_lengths", "gqa") if f[k]])
-
-
-@pytest.mark.parametrize("features", FEATURES, ids=_feature_id)
+@pytest.mark.parametrize("features", FEATURES, ids=feature_id)
 def test_every_feature_combination_float64(features):
     """Two streams, odd sizes, all peers but one pair; float64 to 1e-12 (the composition adds
     no error of its own)."""

@@ -1,12 +1,11 @@
 """Multi-stream peer attention through backend="triton": forward and backward (q, k, v, gate,
 bias) against the reference under SPEC section 8."""
-import itertools
-
 import pytest
 import torch
 
 from tests.helpers import assert_matches_reference
 
+from ..backends.cases import FEATURES, feature_id
 from .cases import DTYPES, peer_case
 
 SCENARIOS = {
@@ -38,18 +37,7 @@ def test_peer_matches_reference(name, dtype):
     assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names)
 
 
-FEATURES = [
-    dict(normalize=n, is_causal=c, gate=g, bias=b, kv_lengths=k, gqa=h)
-    for n, c, g, b, k, h in itertools.product(("joint", "peer"), *[(False, True)] * 5)
-    if not (n == "peer" and b)
-]
-
-
-def _feature_id(f):
-    return "-".join([f["normalize"]] + [k for k in ("is_causal", "gate", "bias", "kv_lengths", "gqa") if f[k]])
-
-
-@pytest.mark.parametrize("features", FEATURES, ids=_feature_id)
+@pytest.mark.parametrize("features", FEATURES, ids=feature_id)
 def test_every_feature_combination_float32(features):
     """Two streams, odd sizes, all peers but one pair: every combination of the features."""
     f = features
