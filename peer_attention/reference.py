@@ -50,8 +50,10 @@ def dropout_keep_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
 
 def _repeat_kv_heads(t: Tensor, num_q_heads: int) -> Tensor:
     """GQA: query head h reads key/value head h // (Hq / H)."""
-    group = num_q_heads // t.shape[1]
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
+    heads = t.shape[1]
+    if heads == num_q_heads or heads == 0:  # (zero key/value heads: zero query heads too)
+        return t
+    return t.repeat_interleave(num_q_heads // heads, dim=1)
 
 
 def peer_attention_reference(

@@ -99,26 +99,44 @@ def check_heads(num_q_heads: int, num_kv_heads: int, enable_gqa: bool, where: st
 # scaled_dot_product_attention
 # ---------------------------------------------------------------------------------------------
 
+class DropoutRangeError(ValueError, RuntimeError):
+    """dropout_p outside [0, 1] or NaN: a ValueError naming the argument (this package's rule for
+    bad input) that is also the RuntimeError torch's SDPA raises for it."""
+
+
+class ZeroHeadsError(ValueError):
+    """Zero key/value heads for some query heads (GQA): rejected here and never handed to torch
+    (patch_torch raises it instead of falling through), whose kernels divide by the head count."""
+
+
+def _dropout_number(dropout_p, expected: str, allow_tensor: bool) -> float:
+    """dropout_p as a float; TypeError for what is not a real number (torch's SDPA also takes a
+    bool and a 0-dim tensor that does not require grad: `allow_tensor`)."""
+    if allow_tensor and isinstance(dropout_p, Tensor):
+        if dropout_p.dim() == 0 and not dropout_p.requires_grad and not dropout_p.is_complex():
+            return float(dropout_p)
+    elif isinstance(dropout_p, numbers.Real) and (allow_tensor or not isinstance(dropout_p, bool)):
+        return float(dropout_p)
+    raise TypeError(f"dropout_p: expected a float in {expected}, got {type(dropout_p).__name__}")
+
+
 def check_dropout(dropout_p) -> float:
     """flash-attn's rule: a probability in [0, 1)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
+    dropout_p = _dropout_number(dropout_p, "[0, 1)", allow_tensor=False)
     if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+        raise DropoutRangeError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
     return dropout_p
 
 
 def check_sdpa_dropout(dropout_p) -> float:
-    """torch's rule: any p <= 1 (p <= 0 means no dropout, p = 1 drops everything)."""
+    """torch's rule: a probability in [0, 1] (1 drops everything); negative or NaN raise, as
+    torch's SDPA does."""
     if type(dropout_p) is float and dropout_p == 0.0:  # the common call: no ABC check
         return 0.0
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1], got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
-    if not dropout_p <= 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p}")
-    return max(dropout_p, 0.0)
+    dropout_p = _dropout_number(dropout_p, "[0, 1]", allow_tensor=True)
+    if not 0.0 <= dropout_p <= 1.0:  # also rejects NaN
+        raise DropoutRangeError(f"dropout_p: expected a float in [0, 1], got {dropout_p}")
+    return dropout_p
 
 
 def _padded(shape, ndim: int) -> Tuple[int, ...]:
@@ -129,10 +147,11 @@ def _broadcast(*shapes):
     """The broadcast of equally long shapes, or None when they do not broadcast."""
     out = []
     for sizes in zip(*shapes):
-        size = max(sizes)
-        if any(n != size and n != 1 for n in sizes):
+        sized = [n for n in sizes if n != 1]  # a 1 broadcasts to any size, 0 included
+        size = sized[0] if sized else 1
+        if any(n != size for n in sized):
             return None
-        out.append(0 if 0 in sizes and size == 1 else size)
+        out.append(size)
     return tuple(out)
 
 
@@ -154,13 +173,14 @@ def sdpa_layout(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
     hq, hk, hv = qs[-3], ks[-3], vs[-3]
     if enable_gqa:
         for name, h in (("key", hk), ("value", hv)):
-            if h == 0 or hq % h != 0:
-                raise ValueError(
+            if (h == 0 and hq != 0) or (h != 0 and hq % h != 0):
+                error = ZeroHeadsError if h == 0 else ValueError
+                raise error(
                     f"{name}: with enable_gqa the query heads Hq={hq} must be a multiple of the "
                     f"{name} heads H={h}")
         heads = hq
     else:
-        heads = max(hq, hk, hv)
+        heads = 0 if 0 in (hq, hk, hv) else max(hq, hk, hv)  # 1 broadcasts to any size, 0 too
         for name, h in (("query", hq), ("key", hk), ("value", hv)):
             if h != heads and h != 1:
                 raise ValueError(
@@ -175,7 +195,7 @@ def sdpa_layout(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
             f"key {_shape(key)} and value {_shape(value)}")
     plain = (query.dim() == key.dim() == value.dim() == ndim
              and qs[:-3] == ks[:-3] == vs[:-3] == lead
-             and hk == hv and hq == heads and heads % hk == 0)
+             and hk == hv and hq == heads and (heads % hk == 0 if hk else heads == 0))
     return lead, heads, out_ndim, not plain
 
 
@@ -500,6 +520,8 @@ def _check_flash_common(q, k, v, dims: int, layout: str, kv_layout: str, v_layou
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"v: expected {_fmt(tuple(k.shape[:-1]) + ('Ev',))} as k, got {_shape(v)}")
     num_q_heads, num_kv_heads = q.shape[-2], k.shape[-2]
+    if num_kv_heads == 0 and num_q_heads == 0:
+        return  # no heads at all: an empty result
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(
             f"k: the query heads Hq={num_q_heads} must be a multiple of the key/value heads "
@@ -547,8 +569,8 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, total_name: str) -> List
     check_tensor(name, cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"{name}: expected shape (batch + 1,) with batch >= 1, got {_shape(cu_seqlens)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name}: expected shape (batch + 1,), got {_shape(cu_seqlens)}")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"{name}: expected {name}[0] = 0, got {offsets[0]}")
@@ -577,7 +599,7 @@ def check_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     for name, value, lens in (("max_seqlen_q", max_seqlen_q, q_lens),
                               ("max_seqlen_k", max_seqlen_k, kv_lens)):
         check_int(name, value, 0)
-        if value < max(lens):
+        if lens and value < max(lens):
             raise ValueError(f"{name}: expected at least the longest sequence, {max(lens)}, "
                              f"got {value}")
     batch = len(q_lens)

@@ -4,8 +4,10 @@ over the argument space torch accepts (outputs, dtypes, shapes and first-order g
 over the calls torch rejects (direct calls raise ValueError/TypeError naming the argument; under
 the patch the call falls through, so the exception type is torch's own).
 
-Not compared here: dropout with 0 < p < 1 (this package draws its own mask from torch's seed;
-tests/triton/test_dropout.py and the reference tests check its statistics and determinism)."""
+Dropout with 0 < p < 1 is compared only through torch's own gradcheck options (batched
+gradients, fast mode) with a fixed seed, as torch's test_transformers.py runs it; its numbers are
+checked in tests/backends/test_torch_backend.py (bit for bit on the CPU),
+tests/triton/test_dropout.py and the reference tests."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,8 +86,6 @@ ACCEPTED = [
     ("no_keys", lambda: call(r(2, 3, 5, 4), r(2, 3, 0, 4), r(2, 3, 0, 4))),
     ("head_dim_zero", lambda: call(r(2, 3, 5, 0), r(2, 3, 6, 0), r(2, 3, 6, 4))),
     ("dropout_one", lambda: call(r(2, 3, 5, 4), r(2, 3, 6, 4), r(2, 3, 6, 4), dropout_p=1.0)),
-    ("dropout_negative", lambda: call(r(2, 3, 5, 4), r(2, 3, 6, 4), r(2, 3, 6, 4),
-                                      dropout_p=-0.2)),
     ("dropout_int_zero", lambda: call(r(2, 3, 5, 4), r(2, 3, 6, 4), r(2, 3, 6, 4), dropout_p=0)),
     ("causal_bias_upper_left", lambda: call(r(2, 3, 4, 4), r(2, 3, 7, 4), r(2, 3, 7, 4),
                                             attn_mask=causal_upper_left(4, 7))),
@@ -312,3 +312,76 @@ def test_peer_attention_under_autocast():
     for o, w in zip(outs, want):
         assert o.dtype == torch.bfloat16
         assert torch.equal(o, w)
+
+
+BAD_DROPOUT = [-0.1, -1e-9, 1.5, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("dropout_p", BAD_DROPOUT, ids=str)
+def test_dropout_outside_unit_interval_is_rejected(dropout_p):
+    """torch raises (a RuntimeError) for dropout_p < 0, > 1 or NaN; a direct call raises a
+    ValueError naming dropout_p that is also a RuntimeError; a patched call raises torch's own."""
+    _gen.manual_seed(10)
+    args = (r(2, 3, 5, 4), r(2, 3, 6, 4), r(2, 3, 6, 4))
+    for runtime_error in (ValueError, RuntimeError):
+        with pytest.raises(runtime_error, match="dropout_p"):
+            pa.scaled_dot_product_attention(*args, dropout_p=dropout_p)
+    with pytest.raises(RuntimeError):
+        ORIGINAL(*args, dropout_p=dropout_p)
+    with pytest.raises(RuntimeError):
+        patched(args, {"dropout_p": dropout_p})
+
+
+@pytest.mark.parametrize("dropout_p", [True, torch.tensor(0.0), torch.tensor(1)], ids=str)
+def test_dropout_types_torch_accepts(dropout_p):
+    """torch's argument parser also takes a bool and a 0-dim tensor (not requiring grad)."""
+    _gen.manual_seed(11)
+    args = (r(1, 2, 3, 4), r(1, 2, 5, 4), r(1, 2, 5, 4))
+    torch.testing.assert_close(pa.scaled_dot_product_attention(*args, dropout_p=dropout_p),
+                               ORIGINAL(*args, dropout_p=dropout_p), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_p", [None, "0.1", 1j, torch.tensor([0.1]),
+                                       torch.tensor(0.1, requires_grad=True)], ids=str)
+def test_dropout_types_torch_rejects(dropout_p):
+    args = (r(1, 2, 3, 4), r(1, 2, 5, 4), r(1, 2, 5, 4))
+    with pytest.raises(TypeError, match="dropout_p"):
+        pa.scaled_dot_product_attention(*args, dropout_p=dropout_p)
+    with pytest.raises(TypeError):
+        ORIGINAL(*args, dropout_p=dropout_p)
+
+
+def _with_seed(fn):
+    """torch's wrapper_set_seed (common_methods_invocations): every call draws from seed 42 and
+    leaves the global generator as it found it."""
+    def call(*args):
+        state = torch.get_rng_state()
+        try:
+            torch.manual_seed(42)
+            return fn(*args)
+        finally:
+            torch.set_rng_state(state)
+    return call
+
+
+DROPOUT_GRADCHECK = {
+    "patched": lambda q, k, v, p: patched((q, k, v, None, p), {}),
+    "direct": lambda q, k, v, p: pa.scaled_dot_product_attention(q, k, v, None, p),
+    "reference": lambda q, k, v, p: pa.scaled_dot_product_attention(q, k, v, None, p,
+                                                                    backend="reference"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(DROPOUT_GRADCHECK))
+@pytest.mark.parametrize("input_dim", [3, 4])
+def test_dropout_gradcheck_with_torch_s_options(how, input_dim):
+    """torch's test_scaled_dot_product_attention (no mask, dropout 0.2/0.5) runs
+    common_utils.gradcheck: check_batched_grad=True and fast_mode=True, i.e. the backward runs
+    under vmap, which refuses random operations: the backward must reuse the forward's mask."""
+    _gen.manual_seed(12)
+    batch = (5,) if input_dim == 3 else (5, 2)
+    q, k, v = (r(*batch, n, 6).requires_grad_() for n in (4, 3, 3))
+    fn = DROPOUT_GRADCHECK[how]
+    for p in (0.2, 0.5):
+        assert torch.autograd.gradcheck(_with_seed(lambda *a: fn(*a, p)), (q, k, v),
+                                        check_batched_grad=True, fast_mode=True)

@@ -8,17 +8,23 @@ from __future__ import annotations
 import torch
 
 from ..ops import empty_grad
-from ..problem import AttentionProblem, lse_dtype
+from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
 from ..reference import dropout_keep_mask, peer_attention_reference
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
 
 
 def _dropout_mask(problem: AttentionProblem):
+    """The keep mask, drawn by the forward and reused by the backward (which then runs no random
+    operation: vmap, as in gradcheck's batched-gradient check, refuses them)."""
     if problem.dropout_p <= 0 or problem.dropout_seed is None:
         return None
+    keep = remembered_keep_mask(problem)
+    if keep is not None:
+        return keep
     q, k = problem.q, problem.k
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)
+    keep = dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)
+    return remember_keep_mask(problem, keep)
 
 
 def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, sinks, return_lse):

@@ -10,7 +10,9 @@ in the same state the output and the gradients are identical.
 the default generator's state from before that draw (a uint8 tensor, see `replay_torch_rng`) and
 rewinds the generator, as if the draw never happened; the forward then advances the default
 generator exactly as torch's call would, and the backward regenerates the same mask from the
-saved state. An int64 [seed, offset] (a problem built by hand) seeds a private generator.
+saved state (or reuses the keep mask the forward left on the seed tensor: no random operation in a
+backward, which vmap would refuse). An int64 [seed, offset] (a problem built by hand) seeds a
+private generator.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..ops import empty_grad
-from ..problem import AttentionProblem, lse_dtype
+from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
 
 _MATH = torch.ops.aten._scaled_dot_product_attention_math.default
 STATE_ATTR = "_peer_attention_cpu_rng_state"  # set on the seed tensor by dispatch.draw_dropout_seed
@@ -49,7 +51,9 @@ def _noise(weights: Tensor, dropout_p: float, gen) -> Tensor:
     return torch.empty_like(weights).bernoulli_(1.0 - dropout_p, generator=gen).div_(1.0 - dropout_p)
 
 
-def _dropped_attention(problem: AttentionProblem, q, k, v, mask, gen) -> Tensor:
+def _weights(problem: AttentionProblem, q, k, v, mask):
+    """(softmax weights (B, Hq, L, S), values (B, Hq, S, Ev)) in the compute dtype, as torch's
+    math path computes them before its dropout."""
     p = problem
     compute = lse_dtype(q.dtype)
     if mask is not None and mask.dtype == torch.bool:  # as torch's SDPA converts it
@@ -62,8 +66,18 @@ def _dropped_attention(problem: AttentionProblem, q, k, v, mask, gen) -> Tensor:
     values = v.to(compute)
     if values.shape[1] != heads:
         values = values.repeat_interleave(heads // values.shape[1], dim=1)
-    out = torch.matmul(weights * _noise(weights, p.dropout_p, gen), values)
-    return out.to(q.dtype)
+    return weights, values
+
+
+def _saved_noise(problem: AttentionProblem, weights: Tensor) -> Tensor:
+    """The forward's noise again: from the keep mask it left (no random draw, so a backward under
+    vmap works), else drawn again from the saved generator state (the same numbers)."""
+    keep = remembered_keep_mask(problem)
+    if keep is None:
+        return _noise(weights, problem.dropout_p, _generator(problem.dropout_seed))
+    if problem.dropout_p >= 1.0:
+        return torch.zeros_like(weights)
+    return keep.to(weights.dtype).div_(1.0 - problem.dropout_p)  # bernoulli_'s 0/1, then div_
 
 
 def dropout_forward(problem: AttentionProblem, plain_forward):
@@ -71,7 +85,10 @@ def dropout_forward(problem: AttentionProblem, plain_forward):
     `plain_forward`, the backend's forward without dropout)."""
     p = problem
     gen = _generator(p.dropout_seed)
-    out = _dropped_attention(p, p.q, p.k, p.v, p.attn_mask, gen)
+    weights, values = _weights(p, p.q, p.k, p.v, p.attn_mask)
+    noise = _noise(weights, p.dropout_p, gen)
+    remember_keep_mask(p, noise != 0)
+    out = torch.matmul(weights * noise, values).to(p.q.dtype)
     if p.dropout_seed.dtype == torch.uint8:  # advance the default generator as torch's call does
         torch.default_generator.set_state(gen.get_state())
     _, lse = plain_forward(p._replace(dropout_p=0.0, dropout_seed=None))
@@ -79,7 +96,7 @@ def dropout_forward(problem: AttentionProblem, plain_forward):
 
 
 def dropout_backward(problem: AttentionProblem, grad_out, needs_grad):
-    """Gradients through the same operations, with the mask drawn again from the saved state."""
+    """Gradients through the same operations, with the forward's mask."""
     p = problem
     originals = (p.q, p.k, p.v, p.attn_mask)
     wants = list(needs_grad[:3]) + [bool(needs_grad[5]) and p.attn_mask is not None
@@ -87,7 +104,8 @@ def dropout_backward(problem: AttentionProblem, grad_out, needs_grad):
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(w) if t is not None else None
                   for t, w in zip(originals, wants)]
-        out = _dropped_attention(p, *leaves, _generator(p.dropout_seed))
+        weights, values = _weights(p, *leaves)
+        out = torch.matmul(weights * _saved_noise(p, weights.detach()), values).to(p.q.dtype)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
     result = [next(grads).contiguous() if (leaf is not None and leaf.requires_grad) else empty_grad(p.q)
@@ -99,6 +117,9 @@ def keep_mask(problem: AttentionProblem) -> Tensor:
     """(B, Hq, Tq, Tk) bool: the keep mask this backend's forward applied to `problem`, drawn again
     from its saved generator state (for a differentiable recomputation, e.g. double backward)."""
     p = problem
+    keep = remembered_keep_mask(p)
+    if keep is not None:
+        return keep
     shape = (p.q.shape[0], p.q.shape[1], p.q.shape[2], p.k.shape[2])
     weights = torch.empty(shape, dtype=lse_dtype(p.q.dtype), device=p.q.device)
     return _noise(weights, p.dropout_p, _generator(p.dropout_seed)) != 0

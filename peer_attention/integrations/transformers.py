@@ -183,7 +183,7 @@ def _masked_forward(query, key, value, attention_mask, dropout, scaling, softcap
     and the sinks are still applied by the kernel, on the same normalised problem."""
     from .. import dispatch
     from ..api import sdpa_problem
-    from ..validation import check_sinks
+    from ..validation import check_sinks, check_softcap
 
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)
@@ -193,7 +193,8 @@ def _masked_forward(query, key, value, attention_mask, dropout, scaling, softcap
         check_sinks(s_aux, query.shape[1], query, "query")
         if problem.dropout_p > 0:
             raise ValueError("dropout: must be 0 with attention sinks (s_aux)")
-    problem = problem._replace(softcap=softcap, sinks=s_aux)
+    # the checks of the public API: _replace itself validates nothing
+    problem = problem._replace(softcap=check_softcap(softcap), sinks=s_aux)
     out, _ = dispatch.run(problem)
     return out.transpose(1, 2).contiguous()
 

@@ -176,3 +176,17 @@ def test_greedy_generation_matches_eager(name, pairs, served):
     # the decoding steps (one query, a cache of keys) ran without a mask
     decode = [p for p in served if p.q_lens == (1,)]
     assert decode and all(p.attn_mask is None for p in decode)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf")], ids=str)
+@pytest.mark.parametrize("masked", [True, False], ids=["explicit_mask", "no_mask"])
+def test_bad_softcap_is_rejected_on_every_path(softcap, masked):
+    """The attention function validates softcap as the public API does, also on the explicit-mask
+    path, which sets it on the normalised problem itself (it would reach a kernel unchecked)."""
+    from peer_attention.integrations.transformers import variants_forward
+
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril() if masked else None
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="softcap"):
+        variants_forward(module, q, k, v, mask, softcap=softcap)
