@@ -130,6 +130,8 @@ class CudaBackend(Backend):
             if atomics:
                 reasons.append("torch.use_deterministic_algorithms(True): the backward sums the "
                                f"{', '.join(atomics)} gradients with float32 atomics")
+        if problem.head_dim == 0:  # (zero heads, queries or keys never get here: dispatch)
+            reasons.append("head dim E=0 (no kernel for it)")
         for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
             if t.numel() > MAX_ELEMENTS:
                 reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")
