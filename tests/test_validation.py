@@ -300,3 +300,51 @@ def test_bad_input_leaves_inputs_alone():
     with pytest.raises(ValueError, match="kv_lengths"):
         call_peer(args)
     assert_unchanged(snap)
+
+
+# ---- dropout_p in every entry point that takes it (issue 20): torch's RuntimeError type too ----
+
+def _flash(p):
+    q = t(1, 3, 2, 4, dtype=torch.float32)
+    return pa.flash_attn_func(q, q, q, dropout_p=p)
+
+
+def _varlen(p):
+    q = t(5, 2, 4, dtype=torch.float32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    return pa.flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, dropout_p=p)
+
+
+def _multihead(p):
+    from peer_attention.nn import MultiheadAttention
+
+    module = MultiheadAttention(8, 2, dropout=p, batch_first=True)  # torch's accepts any p here
+    x = torch.randn(2, 3, 8)
+    return module(x, x, x, need_weights=False)  # training mode: dropout reaches the SDPA call
+
+
+def _transformers(p):
+    from peer_attention.integrations.transformers import peer_attention_forward
+
+    q = torch.randn(1, 2, 3, 4)
+    return peer_attention_forward(torch.nn.Module(), q, q, q, None, dropout=p)
+
+
+def _transformers_variants(p):
+    from peer_attention.integrations.transformers import variants_forward
+
+    q = torch.randn(1, 2, 3, 4)
+    return variants_forward(torch.nn.Module(), q, q, q, None, dropout=p, softcap=5.0)
+
+
+DROPOUT_ENTRY_POINTS = {"flash_attn_func": _flash, "flash_attn_varlen_func": _varlen,
+                        "MultiheadAttention": _multihead, "transformers": _transformers,
+                        "transformers_variants": _transformers_variants}
+
+
+@pytest.mark.parametrize("dropout_p", [-0.1, 1.5, float("nan")], ids=str)
+@pytest.mark.parametrize("entry", sorted(DROPOUT_ENTRY_POINTS))
+def test_every_entry_point_rejects_dropout_outside_the_unit_interval(entry, dropout_p):
+    for error in (ValueError, RuntimeError):  # ours names the argument; torch raises RuntimeError
+        with pytest.raises(error, match="dropout_p"):
+            DROPOUT_ENTRY_POINTS[entry](dropout_p)
