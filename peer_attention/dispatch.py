@@ -90,13 +90,24 @@ def _env_backend() -> Optional[str]:
 
 
 def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend:
+    return _select(problem, explicit, "not_supported_reasons", "this call")
+
+
+def select_decode(problem, explicit: Optional[str] = None) -> Backend:
+    """The backend for a decode problem (flash_attn_with_kvcache), by the same rules."""
+    return _select(problem, explicit, "decode_reasons", "this flash_attn_with_kvcache call")
+
+
+def _select(problem, explicit: Optional[str], reasons_of: str, what: str) -> Backend:
+    """The requested backend (NotImplementedError with its reasons if it cannot serve), or the
+    first of SPEED_ORDER that can; `reasons_of` names the Backend method that lists reasons."""
     name = requested_backend(explicit)
     if name is not None:
         backend = BACKENDS[name]
-        reasons = backend.not_supported_reasons(problem)
+        reasons = getattr(backend, reasons_of)(problem)
         if reasons:
             raise NotImplementedError(
-                f"backend {name!r} cannot serve this call: " + "; ".join(reasons)
+                f"backend {name!r} cannot serve {what}: " + "; ".join(reasons)
             )
         return backend
     for candidate in SPEED_ORDER:
@@ -106,11 +117,12 @@ def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend
         auto_devices = backend.capabilities.auto_devices
         if auto_devices is not None and problem.q.device.type not in auto_devices:
             continue
-        if not backend.not_supported_reasons(problem):
+        if not getattr(backend, reasons_of)(problem):
             return backend
     raise NotImplementedError(  # unreachable while the reference serves every valid problem
-        "no backend can serve this call: "
-        + "; ".join(f"{n}: {', '.join(BACKENDS[n].not_supported_reasons(problem))}" for n in SPEED_ORDER)
+        f"no backend can serve {what}: "
+        + "; ".join(f"{n}: {', '.join(getattr(BACKENDS[n], reasons_of)(problem))}"
+                    for n in SPEED_ORDER)
     )
 
 

@@ -1,0 +1,110 @@
+"""The decode problem: attention of a few query rows over each sequence's keys in a KV cache.
+
+What flash_attn_with_kvcache (SPEC section 12) hands a backend, after validation, the rotary
+embedding and the in-place append:
+
+    q           (B, Lq, Hq, E)        the query rows (rotated already), any strides
+    k_cache     (B_cache, S_max, H, E) contiguous cache, or paged (num_blocks, page_size, H, E)
+    v_cache     same first three dims, last Ev
+    block_table (B, max_blocks) int32 or None (paged): logical position t of sequence b lies in
+                block block_table[b, t // page_size], row t % page_size
+    batch_idx   (B,) int32 or None (contiguous only): the cache row of sequence b (default b)
+    leftpad     (B,) int32 or None: sequence b's keys start at cache position leftpad[b]
+    seqlens     (B,) int32: keys of sequence b (append included), counted from leftpad[b]; key j
+                of sequence b is at cache position leftpad[b] + j
+    max_seqlen  host max of seqlens (launch sizes)
+    scale, window_left, window_right (causal folded in: right = 0; -1 unbounded), softcap,
+    alibi_slopes (B, Hq) float32 or None, sinks (Hq,) or None
+    num_splits  0 = the backend's choice; only speed depends on it
+    bottom_right  True (flash-attn): query i may see key j iff
+                i + off - left <= j <= i + off + right with off = seqlens[b] - Lq; False: off = 0
+                (top-left, SDPA's is_causal, for the drop-in's decode route); ALiBi adds
+                - slope * |i + off - j|.
+
+A backend's decode(problem) returns (out (B, Lq, Hq, Ev) in q's dtype, lse (B, Hq, Lq) float32,
+float64 for float64 inputs; -inf where a row sees no key and there is no sink). GQA: query head h
+reads key/value head h // (Hq / H).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class DecodeProblem(NamedTuple):
+    q: Tensor
+    k_cache: Tensor
+    v_cache: Tensor
+    block_table: Optional[Tensor]
+    batch_idx: Optional[Tensor]
+    leftpad: Optional[Tensor]
+    seqlens: Tensor
+    max_seqlen: int
+    scale: float
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
+    sinks: Optional[Tensor] = None
+    num_splits: int = 0
+    bottom_right: bool = True
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_cache.shape[3]
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[2]
+
+    @property
+    def has_band(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+
+def key_slots(problem: DecodeProblem, length: int, align_right: bool = False):
+    """Where the keys of every sequence lie: (rows, slots, valid), each (B, length). Column c is
+    key c of the sequence (align_right=False), or key c - (length - seqlens[b]) (align_right:
+    the keys end at the last column, padding on the left). rows/slots index dims 0/1 of the
+    cache; invalid columns point at (0, 0) and are marked False in `valid`."""
+    q = problem.q
+    batch, device = q.shape[0], q.device
+    columns = torch.arange(length, device=device)[None, :]
+    counts = problem.seqlens.to(device=device, dtype=torch.long)[:, None]
+    keys = columns - (length - counts) if align_right else columns.expand(batch, length)
+    valid = (keys >= 0) & (keys < counts)
+    positions = torch.where(valid, keys, 0)
+    if problem.leftpad is not None:
+        positions = positions + problem.leftpad.long()[:, None]
+    positions = torch.where(valid, positions, 0)
+    if problem.paged:
+        page = problem.k_cache.shape[1]
+        rows = problem.block_table.long().gather(1, positions // page)
+        return torch.where(valid, rows, 0), positions % page, valid
+    if problem.batch_idx is not None:
+        rows = problem.batch_idx.long()[:, None].expand(batch, length)
+    else:
+        rows = torch.arange(batch, device=device)[:, None].expand(batch, length)
+    return rows, positions, valid
+
+
+def gather_keys(problem: DecodeProblem, length: int, align_right: bool = False
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(k (B, length, H, E), v (B, length, H, Ev), valid (B, length)): each sequence's keys copied
+    out of the cache (key_slots' placement; invalid columns hold some cache row, to be masked)."""
+    rows, slots, valid = key_slots(problem, length, align_right)
+    return problem.k_cache[rows, slots], problem.v_cache[rows, slots], valid
