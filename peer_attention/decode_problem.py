@@ -108,3 +108,27 @@ def gather_keys(problem: DecodeProblem, length: int, align_right: bool = False
     out of the cache (key_slots' placement; invalid columns hold some cache row, to be masked)."""
     rows, slots, valid = key_slots(problem, length, align_right)
     return problem.k_cache[rows, slots], problem.v_cache[rows, slots], valid
+
+
+def from_attention(problem, max_query_len: int, min_keys: int) -> Optional[DecodeProblem]:
+    """The decode problem of a one-stream attention problem (the drop-in SDPA, flash_attn_func)
+    with a decode shape (L <= max_query_len queries over S >= min_keys keys), the keys read in
+    place as a contiguous cache (B, S, H, E) (a strided view, no copy); None for any other
+    problem (several streams, a mask, dropout, gate, bias, kv_lengths)."""
+    p = problem
+    if (len(p.q_lens) != 1 or p.peers != (1,) or p.normalize != "joint" or p.attn_mask is not None
+            or p.dropout_p > 0 or p.gate is not None or p.bias is not None
+            or p.kv_lengths is not None):
+        return None
+    batch, _, q_len, _ = p.q.shape
+    kv_len = p.k.shape[2]
+    if not 0 < q_len <= max_query_len or kv_len < min_keys:
+        return None
+    left, right = p.window_left, p.window_right
+    if p.is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    seqlens = torch.full((batch,), kv_len, dtype=torch.int32, device=p.q.device)
+    slopes = p.alibi_slopes
+    return DecodeProblem(p.q.transpose(1, 2), p.k.transpose(1, 2), p.v.transpose(1, 2), None,
+                         None, None, seqlens, kv_len, p.scale, left, right, p.softcap,
+                         slopes, p.sinks, 0, bool(p.bottom_right))
