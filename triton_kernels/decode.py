@@ -212,20 +212,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def auto_splits(programs: int, key_tiles: int, sm_count: int) -> int:
-    """flash-attn's rule: no split when the (batch, head, row block) programs fill the GPU;
-    else the fewest splits whose last wave is within 85% of the best wave efficiency, counting
-    only splits that change the tiles per split."""
-    if programs >= 0.8 * sm_count or key_tiles <= 1:
-        return 1
-    limit = min(MAX_SPLITS, key_tiles, 2 * sm_count)
-    efficiency = {}
-    for splits in range(1, limit + 1):
-        if splits > 1 and -(-key_tiles // splits) == -(-key_tiles // (splits - 1)):
-            continue  # the same tiles per split as one fewer split: no gain
-        waves = programs * splits / sm_count
-        efficiency[splits] = waves / -(-waves // 1)
-    best = max(efficiency.values())
-    return min(s for s, e in efficiency.items() if e >= 0.85 * best)
+    """Enough splits for about two programs per SM (decode is bound by memory bandwidth: every SM
+    must be streaming the cache, with a second program to hide its latency), each split keeping
+    at least two key tiles (the merge's cost stays small against the reads)."""
+    wanted = -(-2 * sm_count // max(programs, 1))
+    return max(1, min(wanted, key_tiles // 2, MAX_SPLITS))
 
 
 def launch_config(problem):
