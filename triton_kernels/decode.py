@@ -239,20 +239,15 @@ def num_splits_for(problem, programs: int, block_n: int) -> int:
     return auto_splits(programs, key_tiles, _sm_count(problem.q.device.index or 0))
 
 
-def decode_attention(problem, out=None, lse=None):
-    """(out, lse) of a DecodeProblem (peer_attention.decode_problem): out (B, Lq, Hq, Ev) in q's
-    dtype (or written into the given `out`, any strides), lse (B, Hq, Lq) float32."""
+def decode_launches(problem, out, lse):
+    """[(kernel, grid, args, kwargs)] of a decode call (the split kernel, then the merge when
+    there are several splits): the one place the arguments are assembled, shared by
+    decode_attention and compile checks."""
     q = problem.q
     batch, q_len, num_q_heads, _ = q.shape
     num_kv_heads = problem.num_kv_heads
     group = num_q_heads // num_kv_heads
     ev = problem.value_dim
-    if out is None:
-        out = torch.empty(batch, q_len, num_q_heads, ev, dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
-    if batch == 0 or q_len == 0:
-        return out, lse
     block_m, block_n, warps = launch_config(problem)
     row_blocks = triton.cdiv(q_len * group, block_m)
     splits = num_splits_for(problem, batch * num_kv_heads * row_blocks, block_n)
@@ -267,35 +262,56 @@ def decode_attention(problem, out=None, lse=None):
     kc, vc = problem.k_cache, problem.v_cache
     dummy = problem.seqlens
     table = problem.block_table if problem.paged else dummy
-    slopes = problem.alibi_slopes
+    slopes, sinks = problem.alibi_slopes, problem.sinks
     softcap = problem.softcap
     scale_log2 = (softcap if softcap > 0 else problem.scale) * 1.4426950408889634
     left, right = problem.window_left, problem.window_right
-    _decode_split[(splits, batch * num_kv_heads, row_blocks)](
+    rtne = INTERPRET and q.dtype == torch.bfloat16
+    split_args = (
         q, kc, vc, table,
         problem.batch_idx if problem.batch_idx is not None else dummy,
         problem.leftpad if problem.leftpad is not None else dummy, problem.seqlens,
-        slopes if slopes is not None else dummy,
-        problem.sinks if problem.sinks is not None else dummy, part_o, part_l, out, lse,
+        slopes if slopes is not None else dummy, sinks if sinks is not None else dummy,
+        part_o, part_l, out, lse,
         *q.stride(), *kc.stride(), *vc.stride(),
         *(table.stride() if problem.paged else (0, 0)),
         *(slopes.stride() if slopes is not None else (0, 0)),
         *out.stride(), *lse.stride(),
         q_len, num_q_heads, num_kv_heads, group, splits, kc.shape[1],
         problem.head_dim, ev, left, right, scale_log2,
-        problem.scale / softcap if softcap > 0 else 0.0,
+        problem.scale / softcap if softcap > 0 else 0.0)
+    split_kwargs = dict(
         PAGED=problem.paged, HAS_BATCH_IDX=problem.batch_idx is not None,
         HAS_LEFTPAD=problem.leftpad is not None, BAND=left >= 0 or right >= 0,
         BOTTOM_RIGHT=bool(problem.bottom_right), SOFTCAP=softcap > 0,
-        HAS_ALIBI=slopes is not None, HAS_SINKS=problem.sinks is not None, DIRECT=direct,
-        F32_DOT=use_f32_dot(q.dtype), BF16_RTNE=INTERPRET and q.dtype == torch.bfloat16,
-        E_PAD=padded_dim(problem.head_dim), EV_PAD=padded_dim(ev), BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps)
+        HAS_ALIBI=slopes is not None, HAS_SINKS=sinks is not None, DIRECT=direct,
+        F32_DOT=use_f32_dot(q.dtype), BF16_RTNE=rtne, E_PAD=padded_dim(problem.head_dim),
+        EV_PAD=padded_dim(ev), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    launches = [(_decode_split, (splits, batch * num_kv_heads, row_blocks), split_args,
+                 split_kwargs)]
     if not direct:
-        _decode_merge[(batch * num_q_heads * q_len,)](
-            part_o, part_l, problem.sinks if problem.sinks is not None else dummy, out, lse,
-            *out.stride(), *lse.stride(), batch * num_q_heads * q_len, q_len, num_q_heads,
-            splits, ev, HAS_SINKS=problem.sinks is not None,
-            BF16_RTNE=INTERPRET and q.dtype == torch.bfloat16,
-            SPLITS_PAD=max(2, triton.next_power_of_2(splits)), EV_PAD=padded_dim(ev))
+        rows = batch * num_q_heads * q_len
+        merge_args = (part_o, part_l, sinks if sinks is not None else dummy, out, lse,
+                      *out.stride(), *lse.stride(), rows, q_len, num_q_heads, splits, ev)
+        merge_kwargs = dict(HAS_SINKS=sinks is not None, BF16_RTNE=rtne,
+                            SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+                            EV_PAD=padded_dim(ev))
+        launches.append((_decode_merge, (rows,), merge_args, merge_kwargs))
+    return launches
+
+
+def decode_attention(problem, out=None, lse=None):
+    """(out, lse) of a DecodeProblem (peer_attention.decode_problem): out (B, Lq, Hq, Ev) in q's
+    dtype (or written into the given `out`, any strides), lse (B, Hq, Lq) float32."""
+    q = problem.q
+    batch, q_len, num_q_heads, _ = q.shape
+    if out is None:
+        out = torch.empty(batch, q_len, num_q_heads, problem.value_dim, dtype=q.dtype,
+                          device=q.device)
+    if lse is None:
+        lse = torch.empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
+    if batch == 0 or q_len == 0:
+        return out, lse
+    for kernel, grid, args, kwargs in decode_launches(problem, out, lse):
+        kernel[grid](*args, **kwargs)
     return out, lse
