@@ -111,24 +111,51 @@ def gather_keys(problem: DecodeProblem, length: int, align_right: bool = False
 
 
 def from_attention(problem, max_query_len: int, min_keys: int) -> Optional[DecodeProblem]:
-    """The decode problem of a one-stream attention problem (the drop-in SDPA, flash_attn_func)
-    with a decode shape (L <= max_query_len queries over S >= min_keys keys), the keys read in
-    place as a contiguous cache (B, S, H, E) (a strided view, no copy); None for any other
-    problem (several streams, a mask, dropout, gate, bias, kv_lengths)."""
+    """The decode problem of an attention problem with a decode shape (every sequence L <=
+    max_query_len queries, the longest S >= min_keys keys), or None. Served: one stream (the
+    drop-in SDPA, flash_attn_func), its keys read in place as a contiguous cache (B, S, H, E);
+    and varlen batches (the diagonal peer table) whose sequences all have the same query count,
+    the packed keys read in place as one cache row with each sequence's start as its leftpad.
+    Not served (None): a mask, dropout, gate, bias, kv_lengths, several streams otherwise."""
     p = problem
-    if (len(p.q_lens) != 1 or p.peers != (1,) or p.normalize != "joint" or p.attn_mask is not None
-            or p.dropout_p > 0 or p.gate is not None or p.bias is not None
-            or p.kv_lengths is not None):
+    if (p.normalize != "joint" or p.attn_mask is not None or p.dropout_p > 0 or p.gate is not None
+            or p.bias is not None or p.kv_lengths is not None):
         return None
-    batch, _, q_len, _ = p.q.shape
-    kv_len = p.k.shape[2]
-    if not 0 < q_len <= max_query_len or kv_len < min_keys:
+    one_stream = len(p.q_lens) == 1 and p.peers == (1,)
+    varlen = p.diagonal_peers and len(set(p.q_lens)) == 1 and p.q.shape[0] == 1
+    if not (one_stream or varlen):
+        return None
+    q_len = p.q_lens[0]
+    if not 0 < q_len <= max_query_len or max(p.kv_lens) < min_keys:
         return None
     left, right = p.window_left, p.window_right
     if p.is_causal:
         right = 0 if right < 0 else min(right, 0)
-    seqlens = torch.full((batch,), kv_len, dtype=torch.int32, device=p.q.device)
+    device = p.q.device
+    k, v = p.k.transpose(1, 2), p.v.transpose(1, 2)  # (B0, S, H, .): the cache, in place
+    if one_stream:
+        batch = p.q.shape[0]
+        q = p.q.transpose(1, 2)
+        seqlens = torch.full((batch,), p.kv_lens[0], dtype=torch.int32, device=device)
+        batch_idx = leftpad = None
+    else:  # sequence b: queries b*L .. (b+1)*L - 1, keys at the packed offset kv_off[b]
+        batch = len(p.q_lens)
+        q = p.q.transpose(1, 2).reshape(batch, q_len, p.q.shape[1], p.q.shape[3])
+        seqlens = torch.tensor(p.kv_lens, dtype=torch.int32, device=device)
+        leftpad = torch.tensor(p.stream_offsets(p.kv_lens)[:-1], dtype=torch.int32, device=device)
+        batch_idx = torch.zeros(batch, dtype=torch.int32, device=device)
     slopes = p.alibi_slopes
-    return DecodeProblem(p.q.transpose(1, 2), p.k.transpose(1, 2), p.v.transpose(1, 2), None,
-                         None, None, seqlens, kv_len, p.scale, left, right, p.softcap,
-                         slopes, p.sinks, 0, bool(p.bottom_right))
+    if slopes is not None and slopes.shape[0] != batch:  # varlen: one row serves every sequence
+        slopes = slopes.expand(batch, slopes.shape[1])
+    return DecodeProblem(q, k, v, None, batch_idx, leftpad, seqlens, max(p.kv_lens), p.scale,
+                         left, right, p.softcap, slopes, p.sinks, 0, bool(p.bottom_right))
+
+
+def decode_outputs(route: DecodeProblem, out: Tensor, lse: Tensor):
+    """Views of an attention problem's out (B0, Hq, T, Ev) and lse (B0, Hq, T) in the decode
+    layouts (B, Lq, Hq, Ev) and (B, Hq, Lq), for from_attention's route to write into."""
+    batch, q_len, heads, _ = route.q.shape
+    out_view = out.transpose(1, 2).reshape(batch, q_len, heads, out.shape[-1])
+    if lse.shape[0] == batch:
+        return out_view, lse
+    return out_view, lse[0].view(heads, batch, q_len).transpose(0, 1)

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from ..decode_problem import DecodeProblem, from_attention
+from ..decode_problem import DecodeProblem, decode_outputs, from_attention
 from ..problem import AttentionProblem
 from .base import Backend, Capabilities
 
@@ -91,7 +91,8 @@ class TritonBackend(Backend):
             q = problem.q
             out = torch.empty(q.shape[0], q.shape[1], q.shape[2], problem.value_dim,
                               dtype=q.dtype, device=q.device)
-            _, lse = decode.decode_attention(route, out=out.transpose(1, 2))
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+            decode.decode_attention(route, *decode_outputs(route, out, lse))
             return out, lse
         return forward(problem)
 

@@ -172,3 +172,25 @@ def test_prefill_and_masked_calls_keep_the_regular_kernels():
                                         backend="triton")
         pa.scaled_dot_product_attention(q1, k[:, :, :40], v[:, :, :40], backend="triton")
     assert not calls
+
+
+def test_varlen_decode_batch_uses_split_kv():
+    """flash_attn_varlen_func with one query per sequence (a decode batch in packed layout)."""
+    g = torch.Generator().manual_seed(4)
+    kv_lens = [130, 40, 200]
+    cu_k = torch.tensor([0, 130, 170, 370], dtype=torch.int32)
+    cu_q = torch.arange(4, dtype=torch.int32) * 2
+    q = torch.randn(6, 4, 16, generator=g)
+    k = torch.randn(sum(kv_lens), 2, 16, generator=g)
+    v = torch.randn(sum(kv_lens), 2, 8, generator=g)
+    options = dict(causal=True, alibi_slopes=torch.rand(4), window_size=(50, 0))
+    with counted_decode() as calls:
+        out, lse, _ = pa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 200, backend="triton",
+                                                return_attn_probs=True, **options)
+    assert len(calls) == 1
+    with decode_route_off():
+        before, before_lse, _ = pa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 200,
+                                                          backend="triton",
+                                                          return_attn_probs=True, **options)
+    torch.testing.assert_close(out, before, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse, before_lse, rtol=0, atol=2e-6)
