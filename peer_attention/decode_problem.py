@@ -27,6 +27,7 @@ reads key/value head h // (Hq / H).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -110,6 +111,14 @@ def gather_keys(problem: DecodeProblem, length: int, align_right: bool = False
     return problem.k_cache[rows, slots], problem.v_cache[rows, slots], valid
 
 
+@functools.lru_cache(maxsize=64)
+def _equal_counts(batch: int, count: int, device) -> Tensor:
+    """(batch,) int32 filled with `count`, made once per shape and device: the drop-in's decode
+    route runs every generated token, and a fill launch per call is avoidable overhead (the
+    tensor is only ever read)."""
+    return torch.full((batch,), count, dtype=torch.int32, device=device)
+
+
 def from_attention(problem, max_query_len: int, min_keys: int) -> Optional[DecodeProblem]:
     """The decode problem of an attention problem with a decode shape (every sequence L <=
     max_query_len queries, the longest S >= min_keys keys), or None. Served: one stream (the
@@ -136,7 +145,7 @@ def from_attention(problem, max_query_len: int, min_keys: int) -> Optional[Decod
     if one_stream:
         batch = p.q.shape[0]
         q = p.q.transpose(1, 2)
-        seqlens = torch.full((batch,), p.kv_lens[0], dtype=torch.int32, device=device)
+        seqlens = _equal_counts(batch, p.kv_lens[0], device)
         batch_idx = leftpad = None
     else:  # sequence b: queries b*L .. (b+1)*L - 1, keys at the packed offset kv_off[b]
         batch = len(p.q_lens)

@@ -182,3 +182,14 @@ def test_inference_only():
     with torch.no_grad():
         out = pa.flash_attn_with_kvcache(**args)
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("batch, q_len", [(0, 1), (2, 0)])
+def test_empty_batch_or_queries(backend, batch, q_len):
+    q = torch.randn(batch, q_len, 4, 8)
+    k_cache, v_cache = torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 6)
+    out, lse = pa.flash_attn_with_kvcache(q, k_cache, v_cache, causal=True, backend=backend,
+                                          cache_seqlens=torch.full((batch,), 3, dtype=torch.int32),
+                                          return_softmax_lse=True)
+    assert out.shape == (batch, q_len, 4, 6) and lse.shape == (batch, 4, q_len)

@@ -194,3 +194,13 @@ def test_varlen_decode_batch_uses_split_kv():
                                                           return_attn_probs=True, **options)
     torch.testing.assert_close(out, before, rtol=0, atol=2e-6)
     torch.testing.assert_close(lse, before_lse, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("batch, q_len", [(0, 1), (2, 0)])
+def test_empty_batch_or_queries(batch, q_len):
+    q = torch.randn(batch, q_len, 4, 8)
+    k_cache, v_cache = torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 6)
+    out, lse = pa.flash_attn_with_kvcache(q, k_cache, v_cache, backend="triton",
+                                          cache_seqlens=torch.full((batch,), 3, dtype=torch.int32),
+                                          return_softmax_lse=True)
+    assert out.shape == (batch, q_len, 4, 6) and lse.shape == (batch, 4, q_len)
