@@ -16,6 +16,8 @@ embedding and the in-place append:
     scale, window_left, window_right (causal folded in: right = 0; -1 unbounded), softcap,
     alibi_slopes (B, Hq) float32 or None, sinks (Hq,) or None
     num_splits  0 = the backend's choice; only speed depends on it
+    min_seqlen  host min of seqlens (-1: unknown); equal to max_seqlen, with no block table,
+                batch rows or leftpad, the keys are the plain slice k_cache[:B, :max_seqlen]
     bottom_right  True (flash-attn): query i may see key j iff
                 i + off - left <= j <= i + off + right with off = seqlens[b] - Lq; False: off = 0
                 (top-left, SDPA's is_causal, for the drop-in's decode route); ALiBi adds
@@ -51,6 +53,7 @@ class DecodeProblem(NamedTuple):
     sinks: Optional[Tensor] = None
     num_splits: int = 0
     bottom_right: bool = True
+    min_seqlen: int = -1
 
     @property
     def paged(self) -> bool:
@@ -75,6 +78,12 @@ class DecodeProblem(NamedTuple):
     @property
     def has_band(self) -> bool:
         return self.window_left >= 0 or self.window_right >= 0
+
+    @property
+    def plain_slice(self) -> bool:
+        """Every sequence's keys are k_cache[b, :max_seqlen]: no gather needed."""
+        return (self.block_table is None and self.batch_idx is None and self.leftpad is None
+                and self.min_seqlen == self.max_seqlen)
 
 
 def key_slots(problem: DecodeProblem, length: int, align_right: bool = False):
@@ -157,7 +166,8 @@ def from_attention(problem, max_query_len: int, min_keys: int) -> Optional[Decod
     if slopes is not None and slopes.shape[0] != batch:  # varlen: one row serves every sequence
         slopes = slopes.expand(batch, slopes.shape[1])
     return DecodeProblem(q, k, v, None, batch_idx, leftpad, seqlens, max(p.kv_lens), p.scale,
-                         left, right, p.softcap, slopes, p.sinks, 0, bool(p.bottom_right))
+                         left, right, p.softcap, slopes, p.sinks, 0, bool(p.bottom_right),
+                         min(p.kv_lens))
 
 
 def decode_outputs(route: DecodeProblem, out: Tensor, lse: Tensor):

@@ -72,12 +72,11 @@ def decode_problem(args: KVCacheArgs, q, k_cache, v_cache, block_table, sinks) -
     seqlens = args.cache_seqlens + args.new_len
     if args.leftpad is not None:
         seqlens = seqlens - args.leftpad
-    max_seqlen = max((n + args.new_len - pad for n, pad in zip(args.seqlens_host, args.leftpad_host)),
-                     default=0)
+    counts = [n + args.new_len - pad for n, pad in zip(args.seqlens_host, args.leftpad_host)]
     left, right = args.window
     return DecodeProblem(q, k_cache, v_cache, block_table, args.batch_idx, args.leftpad,
-                         seqlens, max_seqlen, args.scale, left, right, args.softcap,
-                         args.alibi_slopes, sinks, args.num_splits, True)
+                         seqlens, max(counts, default=0), args.scale, left, right, args.softcap,
+                         args.alibi_slopes, sinks, args.num_splits, True, min(counts, default=0))
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,

@@ -193,3 +193,17 @@ def test_empty_batch_or_queries(backend, batch, q_len):
                                           cache_seqlens=torch.full((batch,), 3, dtype=torch.int32),
                                           return_softmax_lse=True)
     assert out.shape == (batch, q_len, 4, 6) and lse.shape == (batch, 4, q_len)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_torch_equal_lengths_read_the_cache_in_place(option):
+    """Equal lengths, no pages/rows/leftpad: the torch backend slices the cache (no gather)."""
+    case = Case(new_len=2, q_len=2)
+    args = make_inputs(case, F64)
+    args["cache_seqlens"] = torch.full((case.batch,), 20, dtype=torch.int32)
+    options = resolve(OPTIONS[option], case)
+    want = pa.flash_attn_with_kvcache(**{**args, "k_cache": args["k_cache"].clone(),
+                                         "v_cache": args["v_cache"].clone()},
+                                      backend="reference", **options)
+    got = pa.flash_attn_with_kvcache(**args, backend="torch", **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

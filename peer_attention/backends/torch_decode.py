@@ -50,9 +50,16 @@ def torch_decode(problem: DecodeProblem, forward):
     batch, q_len, num_q_heads, _ = q.shape
     compute = lse_dtype(q.dtype)
     n_max = max(p.max_seqlen, 1)  # one fully masked column when every sequence is empty
-    k, v, valid = gather_keys(p, n_max, align_right=True)
+    sliced = p.plain_slice and p.max_seqlen > 0
+    if sliced:  # equal lengths from row b's start: a view, no padding
+        k, v = p.k_cache[:batch, :n_max], p.v_cache[:batch, :n_max]
+        valid = torch.ones(1, n_max, dtype=torch.bool, device=q.device)
+    else:
+        k, v, valid = gather_keys(p, n_max, align_right=True)
     k, v, qt = k.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2)
-    mask = _mask(p, valid, n_max, compute).expand(batch, num_q_heads, q_len, n_max)
+    mask = None
+    if not sliced or p.has_band or p.alibi_slopes is not None or p.softcap > 0:
+        mask = _mask(p, valid, n_max, compute).expand(batch, num_q_heads, q_len, n_max)
     if p.softcap > 0:
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         (out,), (lse,) = peer_attention_reference(
