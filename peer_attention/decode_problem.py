@@ -154,7 +154,11 @@ def from_attention(problem, max_query_len: int, min_keys: int) -> Optional[Decod
     if one_stream:
         batch = p.q.shape[0]
         q = p.q.transpose(1, 2)
-        seqlens = _equal_counts(batch, p.kv_lens[0], device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # (a cached tensor made during a CUDA graph capture would live in its private pool)
+            seqlens = torch.full((batch,), p.kv_lens[0], dtype=torch.int32, device=device)
+        else:
+            seqlens = _equal_counts(batch, p.kv_lens[0], device)
         batch_idx = leftpad = None
     else:  # sequence b: queries b*L .. (b+1)*L - 1, keys at the packed offset kv_off[b]
         batch = len(p.q_lens)
