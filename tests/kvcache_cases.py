@@ -29,9 +29,8 @@ class Case(NamedTuple):
     rotary_dim: int = 8
 
 
-def make_inputs(case: Case, dtype=torch.float32, seed: int = 0):
-    """Inputs as a dict of flash_attn_with_kvcache's keyword arguments, plus "seqlens" (the
-    host list of cache_seqlens) and "contiguous" (k_cache, v_cache, rows) for the oracle."""
+def make_inputs(case: Case, dtype=torch.float32, seed: int = 0, device="cpu"):
+    """Inputs as a dict of flash_attn_with_kvcache's keyword arguments (on `device`)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -77,11 +76,16 @@ def make_inputs(case: Case, dtype=torch.float32, seed: int = 0):
                 v_pages[order[b, j]] = v_full[b, span]
         args["k_cache"], args["v_cache"] = k_pages, v_pages
         args["block_table"] = order.to(torch.int32)
-    return args
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+
+
+def on_cpu(args):
+    return {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in args.items()}
 
 
 def contiguous_view(args, case: Case):
     """(k, v) (B, capacity, H, .) of each sequence's cache (rows or pages put back in order)."""
+    args = on_cpu(args)
     kc, vc = args["k_cache"], args["v_cache"]
     if case.page_size is None:
         rows = args.get("cache_batch_idx")
@@ -112,6 +116,7 @@ def rotate(x, cos, sin, positions, interleaved: bool):
 def expected_caches(args, case: Case):
     """The whole k_cache / v_cache after the append, in float64: a loop over sequences and new
     positions, each row written to its cache row (cache_batch_idx) or page (block_table)."""
+    args = on_cpu(args)
     k_cache, v_cache = args["k_cache"].to(F64).clone(), args["v_cache"].to(F64).clone()
     for b, n in enumerate(args["cache_seqlens"].tolist()):
         positions = list(range(n, n + case.new_len))
@@ -135,7 +140,10 @@ def expected_caches(args, case: Case):
 def oracle(args, case: Case, k_seq, v_seq, *, causal=False, window_size=(-1, -1), softcap=0.0,
            alibi_slopes=None, sinks=None, softmax_scale=None, dtype=F64):
     """(out (B, Lq, Hq, Ev), lse (B, Hq, Lq)) from the caches after the append, computed in
-    `dtype` (float64 for the exact answer)."""
+    `dtype` (float64 for the exact answer), on the CPU."""
+    args = on_cpu(args)
+    alibi_slopes = None if alibi_slopes is None else alibi_slopes.cpu()
+    sinks = None if sinks is None else sinks.cpu()
     q_all = args["q"].to(F64)
     batch, q_len, hq, head_dim = q_all.shape
     scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
@@ -197,19 +205,22 @@ ORACLE_OPTIONS = ("causal", "window_size", "softcap", "alibi_slopes", "sinks", "
 ROTATED_CACHE_ATOL = {F64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def run_and_check(case: Case, backend: str, dtype=torch.float32, seed: int = 0, **options):
+def run_and_check(case: Case, backend: str, dtype=torch.float32, seed: int = 0, device="cpu",
+                  **options):
     """One flash_attn_with_kvcache call on `case`: the caches must hold exactly the appended rows
     (and nothing else changed), the output and lse must match the oracle (SPEC section 8).
     Returns (out, lse, args)."""
     import peer_attention as pa
 
-    args = make_inputs(case, dtype, seed)
+    args = make_inputs(case, dtype, seed, device)
+    options = {name: t.to(device) if isinstance(t, torch.Tensor) else t
+               for name, t in options.items()}
     want_k, want_v = expected_caches(args, case)
     out, lse = pa.flash_attn_with_kvcache(**args, return_softmax_lse=True, backend=backend,
                                           **options)
     cache_atol = ROTATED_CACHE_ATOL[dtype] if case.rotary else 0.0
-    torch.testing.assert_close(args["k_cache"].to(F64), want_k, rtol=0, atol=cache_atol)
-    torch.testing.assert_close(args["v_cache"].to(F64), want_v, rtol=0, atol=0)
+    torch.testing.assert_close(args["k_cache"].cpu().to(F64), want_k, rtol=0, atol=cache_atol)
+    torch.testing.assert_close(args["v_cache"].cpu().to(F64), want_v, rtol=0, atol=0)
     k_seq, v_seq = (t.to(F64) for t in contiguous_view(args, case))
     wanted = {name: options[name] for name in ORACLE_OPTIONS if name in options}
     exact_out, exact_lse = oracle(args, case, k_seq, v_seq, **wanted)
@@ -223,6 +234,7 @@ def run_and_check(case: Case, backend: str, dtype=torch.float32, seed: int = 0, 
     else:
         in_dtype, _ = oracle(args, case, k_seq.to(dtype), v_seq.to(dtype), dtype=dtype, **wanted)
         tol = spec8_tolerance(out, exact_out, in_dtype)
+    out, lse = out.cpu(), lse.cpu()
     err = (out.double() - exact_out).abs().max().item()
     assert err <= tol, f"out: max error {err} > {tol}"
     finite = torch.isfinite(exact_lse)
