@@ -211,6 +211,10 @@ def run_cases(cases: Sequence[Case], providers: Sequence[Provider], modes: Seque
             from .variants import run_variant_case
             rows += run_variant_case(case, providers, modes, settings, progress)
             continue
+        if case.suite == "decode":  # flash_attn_with_kvcache style calls: bench/decode.py
+            from .decode import run_decode_case
+            rows += run_decode_case(case, providers, modes, settings, progress)
+            continue
         case_rows: List[Dict[str, object]] = []
         applicable = [p for p in providers if case.kind in p.kinds]
         groups = [(False, [m for m in modes if m == "fwd"]), (True, [m for m in modes if m in BACKWARD_MODES])]
