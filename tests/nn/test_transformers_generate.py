@@ -80,3 +80,38 @@ def test_greedy_generation_equals_eager_through_decode_kernels(name, cache, deco
     # row through the decode kernels
     steps = (NEW_TOKENS - 1) * ours.config.num_hidden_layers
     assert decode_calls.count(1) == steps, decode_calls
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_batch_equals_eager_through_decode_kernels(cache, decode_calls):
+    """Padding arrives as a mask: its prefix shape becomes cache_leftpad of
+    flash_attn_with_kvcache over transformers' cache, read in place."""
+    eager, ours = build_pair("llama")
+    tokens = torch.randint(1, SMALL["vocab_size"], (2, PROMPT),
+                           generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    tokens[1, :2] = 0
+    want = greedy(eager, tokens, mask, cache)
+    with pa.use_backend("triton"):
+        got = greedy(ours, tokens, mask, cache)
+    assert torch.equal(got, want)
+    assert decode_calls.count(1) == (NEW_TOKENS - 1) * ours.config.num_hidden_layers
+
+
+def test_masks_that_are_no_cache_prefix_keep_the_masked_path():
+    """A hole in the keys, or autograd, is not a KV-cache decode: cache_decode declines."""
+    from peer_attention.integrations.transformers_decode import cache_decode
+
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    prefix = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
+    prefix[..., 2:7] = True
+    with torch.no_grad():
+        out = cache_decode(q, k, v, prefix, None, True)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, prefix, enable_gqa=True)
+        torch.testing.assert_close(out, want.transpose(1, 2))
+        holed = prefix.clone()
+        holed[..., 4] = False
+        assert cache_decode(q, k, v, holed, None, True) is None
+        assert cache_decode(q, k, v, prefix.float(), None, True) is None
+    assert cache_decode(q.requires_grad_(), k, v, prefix, None, True) is None
