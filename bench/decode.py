@@ -272,13 +272,13 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
                        note=str(exc))
         except NotImplementedError as exc:  # a backend that declines, with its reasons
             row.update(status="unsupported", note=str(exc))
-        except RuntimeError as exc:
-            if "No viable backend" in str(exc):  # torch's SDPA backend does not take this call
-                row.update(status="unsupported", note=f"torch: {str(exc).splitlines()[0][:160]}")
-                rows.append(row)
-                continue
-            oom = "out of memory" in str(exc)
-            row.update(status="oom" if oom else "error", note=str(exc).splitlines()[0][:200])
+        except Exception as exc:  # any other provider failure is a row, never the end of the run
+            text = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            if "No viable backend" in text:  # torch's SDPA backend does not take this call
+                row.update(status="unsupported", note=f"torch: {text}")
+            else:
+                oom = "out of memory" in text
+                row.update(status="oom" if oom else "error", note=f"{type(exc).__name__}: {text}")
         else:
             gb_s = case.kv_bytes / (ms * 1e-3) / 1e9
             row.update(status="ok", ms=ms, gb_s=gb_s, bw_fraction=gb_s / copy_gb_s,

@@ -249,6 +249,9 @@ def count_rows(cases: Sequence[Case], providers: Sequence[Provider], modes: Sequ
     for case in cases:
         if case.suite == "overhead":
             total += len([p for p in providers if p.name.startswith("pa.")]) + 1
+        elif case.suite == "decode":  # at most every decode provider, forward only
+            from .decode import decode_providers
+            total += len(decode_providers()) if "fwd" in modes else 0
         else:
             total += len([p for p in providers if case.kind in p.kinds]) * len(modes)
     return total

@@ -75,3 +75,18 @@ def test_cli_writes_decode_rows(tmp_path):
     assert {r["provider"] for r in rows} == {"pa.torch", "torch.math"}
     assert all(r["status"] == "ok" and float(r["gb_s"]) > 0 and float(r["us_per_token"]) > 0
                for r in rows)
+
+
+def test_a_failing_provider_is_a_row_with_its_reason():
+    from unittest import mock
+
+    from bench import decode
+
+    def broken(case, x):
+        raise ValueError("bad plan")
+
+    case = build_cases(["decode"], ["float32"], "cpu", quick=True)[0]
+    with mock.patch.object(decode, "decode_providers", lambda: {"broken": broken}):
+        rows = decode.run_decode_case(case, list(all_providers().values()), ["fwd"], FAST)
+    assert [(r["provider"], r["status"]) for r in rows] == [("broken", "error")]
+    assert "ValueError: bad plan" in rows[0]["note"]
