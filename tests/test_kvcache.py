@@ -75,6 +75,8 @@ def test_auto_backend_on_cpu_is_torch_and_matches():
     with recorded_dispatch("select_decode") as seen:
         run_and_check(case, None, torch.float32, causal=True)
     assert len(seen) == 1
+    from peer_attention import dispatch
+    assert dispatch.select_decode(seen[0]).name == "torch"
 
 
 def test_int_cache_seqlens_and_whole_cache_default():
