@@ -21,11 +21,10 @@ from torch import Tensor
 MAX_DECODE_QUERIES = 16
 
 
-def _key_range(mask: Tensor, windowed: bool) -> Optional[Tuple[Tensor, Tensor]]:
-    """(leftpad, end) int32 (B,) read off the last query's row; None if a row is empty."""
+def _key_range(mask: Tensor, windowed: bool) -> Tuple[Tensor, Tensor]:
+    """(leftpad, end) int32 (B,) read off the last query's row (an empty row gives a range that
+    the mask check then refuses)."""
     row = mask[:, 0, -1, :]
-    if not bool(row.any(-1).all()):
-        return None
     length = row.shape[-1]
     end = length - row.flip(-1).int().argmax(-1)
     # a window hides the padding from the last row: then the keys count from 0, and the mask check
@@ -66,10 +65,7 @@ def cache_decode(query: Tensor, key: Tensor, value: Tensor, attention_mask: Opti
         return None  # the mask check reads the device: no syncs inside graphs
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return None  # flash_attn_with_kvcache is inference only
-    key_range = _key_range(attention_mask, window[0] >= 0)
-    if key_range is None:
-        return None
-    leftpad, end = key_range
+    leftpad, end = _key_range(attention_mask, window[0] >= 0)
     expected = _band_mask(leftpad, end, q_length, key_length, window)
     if not torch.equal(expected.expand(attention_mask.shape[0], -1, -1, -1), attention_mask):
         return None

@@ -115,3 +115,13 @@ def test_masks_that_are_no_cache_prefix_keep_the_masked_path():
         assert cache_decode(q, k, v, holed, None, True) is None
         assert cache_decode(q, k, v, prefix.float(), None, True) is None
     assert cache_decode(q.requires_grad_(), k, v, prefix, None, True) is None
+
+
+def test_an_empty_mask_row_keeps_the_masked_path():
+    from peer_attention.integrations.transformers_decode import cache_decode
+
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 10, 8)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1] = False
+    with torch.no_grad():
+        assert cache_decode(q, k, k, mask, None, True) is None
