@@ -125,3 +125,45 @@ def test_an_empty_mask_row_keeps_the_masked_path():
     mask[1] = False
     with torch.no_grad():
         assert cache_decode(q, k, k, mask, None, True) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous batching (generate_batch, a paged cache): transformers 5.23 runs it with "sdpa",
+# "paged|eager" or a flash-named implementation only; "sdpa" under patch_torch() is served here
+# ---------------------------------------------------------------------------------------------
+
+def _generate_batch(model, **options):
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    prompts = [[5, 7, 9, 11, 3], [4, 8, 15, 16, 23, 42, 2]]
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1,
+                              pad_token_id=0)
+    paged = ContinuousBatchingConfig(page_size=16, num_blocks=16, max_batch_tokens=64,
+                                     max_blocks_per_request=4, **options)
+    out = model.generate_batch(prompts, generation_config=config,
+                               continuous_batching_config=paged, warmup=False)
+    return {name: result.generated_tokens for name, result in out.items()}
+
+
+def test_continuous_batching_through_patch_torch_equals_torch():
+    from peer_attention.patching import patch_torch
+    from tests.helpers import recorded_dispatch
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SMALL), attn_implementation="sdpa", dtype=torch.float32).eval()
+    want = _generate_batch(model)
+    with patch_torch(), recorded_dispatch("run") as served:
+        got = _generate_batch(model)
+    assert got == want and all(len(tokens) == NEW_TOKENS for tokens in want.values())
+    # every forward (one per new token) of both layers attended through this package
+    assert len(served) == NEW_TOKENS * model.config.num_hidden_layers
+
+
+def test_continuous_batching_refuses_a_registered_implementation():
+    """transformers' own check (switch_to_cb_friendly_attn); if it starts to accept registered
+    implementations, this test says it is time to serve the paged cache natively."""
+    _, ours = build_pair("llama")
+    with pytest.raises(ValueError, match="not supported for continuous batching"):
+        _generate_batch(ours, auto_switch_to_flash=False)
