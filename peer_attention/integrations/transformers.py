@@ -67,12 +67,7 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     if wants_variants_path(query, key, attention_mask, kwargs):
         return variants_forward(module, query, key, value, attention_mask, dropout, scaling,
                                 is_causal, **kwargs)
-    unsupported = [name for name in ("softcap", "s_aux", "cache")
-                   if kwargs.get(name) is not None]
-    if unsupported:
-        raise NotImplementedError(
-            f"attn_implementation='peer_attention' does not support {', '.join(unsupported)}; "
-            "use 'eager' or 'sdpa' for this model")
+    _refuse([name for name in ("softcap", "s_aux", "cache") if kwargs.get(name) is not None])
     q_length, kv_length = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -98,6 +93,18 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
         scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse(unsupported) -> None:
+    """NotImplementedError naming the keyword arguments this function cannot serve."""
+    if not unsupported:
+        return
+    hint = "use 'eager' or 'sdpa' for this model"
+    if "cache" in unsupported:  # a paged cache: continuous batching (transformers refuses us there)
+        hint = ("for continuous batching load the model with attn_implementation='sdpa' under "
+                "peer_attention.patch_torch()")
+    raise NotImplementedError(
+        f"attn_implementation='peer_attention' does not support {', '.join(unsupported)}; {hint}")
 
 
 def register(name: str = NAME) -> None:
@@ -150,11 +157,7 @@ def variants_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     """The attention function for calls with variants: ((B, L, Hq, Ev), None)."""
     from ..flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    unsupported = [name for name in ("position_bias", "cache") if kwargs.get(name) is not None]
-    if unsupported:
-        raise NotImplementedError(
-            f"attn_implementation='peer_attention' does not support {', '.join(unsupported)}; "
-            "use 'eager' or 'sdpa' for this model")
+    _refuse([name for name in ("position_bias", "cache") if kwargs.get(name) is not None])
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     is_causal = bool(is_causal)

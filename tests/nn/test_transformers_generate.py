@@ -167,3 +167,11 @@ def test_continuous_batching_refuses_a_registered_implementation():
     _, ours = build_pair("llama")
     with pytest.raises(ValueError, match="not supported for continuous batching"):
         _generate_batch(ours, auto_switch_to_flash=False)
+
+
+def test_a_paged_cache_reaching_the_function_is_refused_with_the_way_that_works():
+    from peer_attention.integrations.transformers import peer_attention_forward
+
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="cache.*patch_torch"):
+        peer_attention_forward(torch.nn.Module(), q, q, q, None, cache=object())
