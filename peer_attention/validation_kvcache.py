@@ -148,13 +148,13 @@ def _check_new(k, v, q, k_cache, v_cache, batch: int) -> int:
     return k.shape[1]
 
 
-def _check_values(args_b, cache_seqlens, leftpad, batch_idx, new_len: int, capacity: int,
+def _check_values(batch: int, cache_seqlens, leftpad, batch_idx, new_len: int, capacity: int,
                   batch_cache: Optional[int], paged: bool):
     """Range checks of the per-sequence integers (one host sync). Returns host lists."""
     rows = [cache_seqlens] + [t for t in (leftpad, batch_idx) if t is not None]
     host = torch.stack(rows).tolist() if len(rows) > 1 else [cache_seqlens.tolist()]
     seqlens = host[0]
-    pads = host[1] if leftpad is not None else [0] * args_b
+    pads = host[1] if leftpad is not None else [0] * batch
     idx = host[-1] if batch_idx is not None else None
     where = "block_table's max_blocks * page_size" if paged else "S_max"
     for b, n in enumerate(seqlens):

@@ -220,14 +220,18 @@ def auto_splits(programs: int, key_tiles: int, sm_count: int) -> int:
 
 
 def launch_config(problem):
-    """(BLOCK_M, BLOCK_N, num_warps): rows for the packed (query, group) tile; key tiles of 64
-    (32 for head dims above 128: registers). The interpreter uses 16 (more tiles per test)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): rows for the packed (query, group) tile; key
+    tiles of 64 (32 for head dims above 128). 8 warps for 64-row tiles and 2 stages for head dims
+    above 128 keep the tile in registers and shared memory on every target (compiled for sm_80,
+    sm_86 and sm_90a: E=256 with 64 rows and 4 warps spills; 8 warps do not, and 2 stages stay
+    under sm_86's 99 KiB). The interpreter uses 16-key tiles (more tiles per test)."""
     rows = problem.q.shape[1] * (problem.num_q_heads // problem.num_kv_heads)
     block_m = max(16, min(64, triton.next_power_of_2(max(rows, 1))))
-    if INTERPRET:
-        return block_m, 16, 4
     big = max(problem.head_dim, problem.value_dim) > 128
-    return block_m, 32 if big else 64, 4
+    warps = 8 if block_m == 64 else 4
+    if INTERPRET:
+        return block_m, 16, warps, 1
+    return block_m, 32 if big else 64, warps, 2 if big else 3
 
 
 def num_splits_for(problem, programs: int, block_n: int) -> int:
@@ -248,7 +252,7 @@ def decode_launches(problem, out, lse):
     num_kv_heads = problem.num_kv_heads
     group = num_q_heads // num_kv_heads
     ev = problem.value_dim
-    block_m, block_n, warps = launch_config(problem)
+    block_m, block_n, warps, stages = launch_config(problem)
     row_blocks = triton.cdiv(q_len * group, block_m)
     splits = num_splits_for(problem, batch * num_kv_heads * row_blocks, block_n)
     direct = splits == 1
@@ -286,7 +290,8 @@ def decode_launches(problem, out, lse):
         BOTTOM_RIGHT=bool(problem.bottom_right), SOFTCAP=softcap > 0,
         HAS_ALIBI=slopes is not None, HAS_SINKS=sinks is not None, DIRECT=direct,
         F32_DOT=use_f32_dot(q.dtype), BF16_RTNE=rtne, E_PAD=padded_dim(problem.head_dim),
-        EV_PAD=padded_dim(ev), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        EV_PAD=padded_dim(ev), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages)
     launches = [(_decode_split, (splits, batch * num_kv_heads, row_blocks), split_args,
                  split_kwargs)]
     if not direct:
