@@ -15,22 +15,23 @@ read / time, against copy_gb_s, the device-to-device copy bandwidth measured in 
 ((read + written bytes) / time of a large tensor copy); bw_fraction = gb_s / copy_gb_s.
 us_per_token = time / (B * L). Every call is non-causal (the L <= 16 queries see the whole cache:
 the same keys for every provider). Outputs are checked against float64 math on the gathered
-cache where it fits (CHECK_MAX_SCORES); speedup = the fastest torch SDPA row / this row.
+cache where it fits (CHECK_MAX_SCORES), with SPEC section 8's tolerance; speedup = the fastest
+torch SDPA row / this row.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .cases import Case
+from .check import CHECK_MAX_SCORES  # above this many scores: no float64 check (it would not fit)
 from .timing import median_ms
 
 SUITE = "decode"
-CHECK_MAX_SCORES = 1 << 24
 GQA = 8
 TORCH_BACKENDS = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
                   "cudnn": "CUDNN_ATTENTION"}
@@ -126,14 +127,22 @@ def make_decode_inputs(case: DecodeCase) -> DecodeInputs:
     return DecodeInputs(q, k_cache, v_cache, block_table, seqlens, k, v)
 
 
-def reference_output(x: DecodeInputs) -> torch.Tensor:
-    """float64 math over the gathered keys: (B, L, Hq, E)."""
-    q = x.q.double().transpose(1, 2)
+def reference_output(x: DecodeInputs, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Plain math over the gathered keys in `dtype`: (B, L, Hq, E)."""
+    q = x.q.to(dtype).transpose(1, 2)
     group = q.shape[1] // x.k.shape[1]
-    k = x.k.double().repeat_interleave(group, 1)
-    v = x.v.double().repeat_interleave(group, 1)
+    k = x.k.to(dtype).repeat_interleave(group, 1)
+    v = x.v.to(dtype).repeat_interleave(group, 1)
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def tolerance(x: DecodeInputs, want: torch.Tensor) -> float:
+    """SPEC section 8 (as bench/check.py): 2x the error of the same math in the input dtype,
+    plus 1e-5; at least 1e-4 in float32."""
+    err = float((reference_output(x, x.q.dtype).double() - want).abs().max())
+    floor = 1e-4 if x.q.dtype == torch.float32 else 0.0
+    return max(2 * err + 1e-5, floor)
 
 
 # ---- providers -----------------------------------------------------------------------------
@@ -232,14 +241,6 @@ def copy_bandwidth_gb_s(device: str, settings) -> float:
     return _COPY_GB_S[device]
 
 
-def _max_abs(out: torch.Tensor, want: Optional[torch.Tensor]) -> Optional[float]:
-    return None if want is None else float((out.double() - want).abs().max())
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-
-
 def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], settings,
                     progress=None) -> List[Dict[str, object]]:
     """One row per decode provider (forward only: decode is inference). The bench's own provider
@@ -256,6 +257,7 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
     x = make_decode_inputs(case)
     scores = case.batch * case.q_heads * case.q_lens[0] * case.kv_lens[0]
     want = reference_output(x) if scores <= CHECK_MAX_SCORES else None
+    limit = tolerance(x, want) if want is not None else None
     rows: List[Dict[str, object]] = []
     for name, build in decode_providers().items():
         if not (name in names or everything):
@@ -264,8 +266,9 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
         try:
             fn = build(case, x)
             out = fn()
-            row["max_err"] = _max_abs(out, want)
-            row["correct"] = None if want is None else row["max_err"] <= _tolerance(x.q.dtype)
+            if want is not None:
+                row["max_err"] = float((out.double() - want).abs().max())
+                row["correct"] = row["max_err"] <= limit
             ms = median_ms(fn, case.device, settings.timing)
         except Unsupported as exc:
             row.update(status="unavailable" if "importable" in str(exc) else "unsupported",
