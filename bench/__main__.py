@@ -4,6 +4,7 @@
     python -m bench --preset headline            # the README's numbers (GPU, about 6 minutes)
     python -m bench --suite sdpa --mode fwd --dtype bfloat16
     python -m bench --list --suite peer          # the case ids
+    python -m bench --suite decode               # KV-cache decode: achieved memory bandwidth
     python -m bench --profile --case sdpa/E=128,causal=True/B4/L4096 --provider pa.triton --mode fwd
 
 See bench/README.md for the figures and their formulas.
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
         settings["interrupted"] = True
         write_json(rows, meta, settings, json_path)
     print(newcomer_summary(rows))
+    if "decode" in {r["suite"] for r in rows}:
+        from .decode import describe_bandwidth
+        print(describe_bandwidth(rows))
     if args.preset == "headline":
         print(headline_table(rows))
     elif args.preset == "cpu":

@@ -13,7 +13,7 @@ import torch
 
 from .mmdit import mmdit_cases  # SD3 / Flux / Wan I2V attention shapes (bench/mmdit.py)
 
-SUITES = ("sdpa", "peer", "memory", "overhead", "variants", "mmdit")
+SUITES = ("sdpa", "peer", "memory", "overhead", "variants", "mmdit", "decode")
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd",
                 "fwd_bwd": "fwd+bwd", "both": "fwd+bwd"}
@@ -181,8 +181,13 @@ def _variants_suite(dtype: str, device: str, quick: bool) -> List[Case]:
     return variants_suite(dtype, device, quick)
 
 
+def _decode_suite(dtype: str, device: str, quick: bool) -> List[Case]:
+    from .decode import decode_suite  # bench/decode.py imports this module
+    return decode_suite(dtype, device, quick)
+
+
 SUITE_BUILDERS = {"sdpa": sdpa_suite, "peer": peer_suite, "memory": memory_suite, "overhead": overhead_suite,
-                  "variants": _variants_suite, "mmdit": mmdit_cases}
+                  "variants": _variants_suite, "mmdit": mmdit_cases, "decode": _decode_suite}
 
 
 def build_cases(suites, dtypes, device: str, quick: bool) -> List[Case]:

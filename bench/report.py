@@ -8,6 +8,9 @@ Figures per row (one row per case x provider x mode):
   correct   the provider matched the float64 reference once before timing (check.py)
   op_us, overhead_us   overhead suite only: the backend's op called directly, and API - op
   python_us  overhead suite only: the API's own Python cost (the op stubbed out, overhead.py)
+  gb_s, copy_gb_s, bw_fraction, us_per_token   decode suite only (decode.py): bytes of K and V
+             read / time, the device's copy bandwidth measured in the run, their ratio, and
+             time / (batch x query tokens); there speedup is against the fastest torch SDPA row
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ CASE_COLUMNS = ["suite", "case_id", "family", "kind", "dtype", "device_type", "b
                 "is_causal", "mask", "dropout_p", "peers", "gate", "bias", "kv_padding", "normalize"]
 RESULT_COLUMNS = ["mode", "provider", "package", "status", "correct", "max_err", "ms", "flops", "tflops",
                   "peak_mb", "speedup", "op_us", "overhead_us", "python_us", "note"]
+DECODE_COLUMNS = ["page_size", "kv_bytes", "gb_s", "copy_gb_s", "bw_fraction", "us_per_token"]
 META_COLUMNS = ["device_name", "torch_version", "triton_version", "cuda_version", "git_commit"]
-COLUMNS = CASE_COLUMNS + RESULT_COLUMNS + META_COLUMNS
+COLUMNS = CASE_COLUMNS + RESULT_COLUMNS + DECODE_COLUMNS + META_COLUMNS
 STATUSES = ("ok", "unavailable", "unsupported", "skipped", "oom", "error")
 
 
@@ -125,6 +129,10 @@ def write_plots(rows: Sequence[Dict], meta: Dict[str, str], out_dir: str) -> Lis
     for (suite, mode), group in sorted(by_plot.items()):
         if suite == "overhead":
             paths.append(_overhead_plot(plt, group, meta, out_dir))
+            continue
+        if suite == "decode":  # decode is memory-bound: achieved bandwidth (bench/decode.py)
+            paths.append(_line_plot(plt, group, "gb_s", "GB/s (K and V read / time)",
+                                    f"{suite}, {mode}", meta, os.path.join(out_dir, "decode.png")))
             continue
         paths.append(_line_plot(plt, group, "tflops", "TFLOP/s", f"{suite}, {mode}", meta,
                                 os.path.join(out_dir, f"{suite}_{_slug(mode)}.png")))

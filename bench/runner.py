@@ -211,6 +211,10 @@ def run_cases(cases: Sequence[Case], providers: Sequence[Provider], modes: Seque
             from .variants import run_variant_case
             rows += run_variant_case(case, providers, modes, settings, progress)
             continue
+        if case.suite == "decode":  # flash_attn_with_kvcache style calls: bench/decode.py
+            from .decode import run_decode_case
+            rows += run_decode_case(case, providers, modes, settings, progress)
+            continue
         case_rows: List[Dict[str, object]] = []
         applicable = [p for p in providers if case.kind in p.kinds]
         groups = [(False, [m for m in modes if m == "fwd"]), (True, [m for m in modes if m in BACKWARD_MODES])]
@@ -245,6 +249,9 @@ def count_rows(cases: Sequence[Case], providers: Sequence[Provider], modes: Sequ
     for case in cases:
         if case.suite == "overhead":
             total += len([p for p in providers if p.name.startswith("pa.")]) + 1
+        elif case.suite == "decode":  # at most every decode provider, forward only
+            from .decode import decode_providers
+            total += len(decode_providers()) if "fwd" in modes else 0
         else:
             total += len([p for p in providers if case.kind in p.kinds]) * len(modes)
     return total

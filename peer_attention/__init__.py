@@ -8,6 +8,7 @@ See README.md for the formulas, backends and build notes.
 """
 from .api import peer_attention, scaled_dot_product_attention
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
+from .kvcache import flash_attn_with_kvcache
 from .dispatch import available_backends, use_backend
 from .patching import patch_torch, unpatch_torch
 from . import nn  # peer_attention.nn.PeerAttention, peer_attention.nn.MultiheadAttention
@@ -19,6 +20,7 @@ __all__ = [
     "peer_attention",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "available_backends",
     "use_backend",
     "patch_torch",

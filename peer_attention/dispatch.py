@@ -132,6 +132,29 @@ def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend
     )
 
 
+def select_decode(problem, explicit: Optional[str] = None) -> Backend:
+    """The backend for a decode problem (flash_attn_with_kvcache), by select()'s rules with each
+    backend's decode_reasons. (select() keeps its own copy of the loop: it runs on every SDPA
+    call, where one more call level and a getattr per backend cost ~0.5 us of a ~9 us budget.)"""
+    name = requested_backend(explicit)
+    candidates = (name,) if name is not None else SPEED_ORDER
+    for candidate in candidates:
+        backend = BACKENDS[candidate]
+        auto_devices = backend.capabilities.auto_devices
+        if name is None and (UNAVAILABLE[candidate] or (
+                auto_devices is not None and problem.q.device.type not in auto_devices)):
+            continue
+        reasons = backend.decode_reasons(problem)
+        if not reasons:
+            return backend
+        if name is not None:
+            raise NotImplementedError(f"backend {name!r} cannot serve this flash_attn_with_kvcache "
+                                      "call: " + "; ".join(reasons))
+    raise NotImplementedError(  # unreachable while the reference serves every valid problem
+        "no backend can serve this flash_attn_with_kvcache call: " + "; ".join(
+            f"{n}: {', '.join(BACKENDS[n].decode_reasons(problem))}" for n in SPEED_ORDER))
+
+
 def forward_op(name: str):
     """The registered forward op of backend `name` (autograd included)."""
     return _ops[name][0]

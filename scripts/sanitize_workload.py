@@ -107,6 +107,28 @@ def feature_calls(backend: str):
             return compare(call(backend), call("reference"), [q, k, v])
         return run
 
+    def kvcache(page_size, splits):
+        def run(dtype, E):  # inference only: the output's gap (no gradients)
+            B, H, Hq, capacity = 3, 2, 8, 320
+            lens = torch.tensor([5, 170, 317], dtype=torch.int32, device=DEVICE)
+            q = torch.randn(B, 2, Hq, E, device=DEVICE, dtype=dtype)
+            k_new, v_new = (torch.randn(B, 2, H, E, device=DEVICE, dtype=dtype) for _ in range(2))
+            if page_size is None:
+                shape, table = (B, capacity, H, E), None
+            else:
+                blocks = capacity // page_size
+                shape = (B * blocks + 2, page_size, H, E)
+                table = torch.randperm(B * blocks, device=DEVICE).view(B, blocks).int()
+            k_cache = torch.randn(shape, device=DEVICE, dtype=dtype)
+            v_cache = torch.randn(shape, device=DEVICE, dtype=dtype)
+            outs = []
+            for b, n in ((backend, splits), ("reference", 0)):
+                outs.append(pa.flash_attn_with_kvcache(
+                    q, k_cache.clone(), v_cache.clone(), k_new, v_new, cache_seqlens=lens,
+                    block_table=table, causal=True, num_splits=n, backend=b).float())
+            return (outs[0] - outs[1]).abs().max().item()
+        return run
+
     calls = [
         ("sdpa", sdpa(70, 70)),
         ("sdpa-causal-ragged", sdpa(130, 65, causal=True)),
@@ -120,6 +142,10 @@ def feature_calls(backend: str):
     ]
     if backend == "cuda":
         calls.append(("bottom-right-causal", bottom_right(50, 130)))
+    if backend == "triton":  # the split-KV decode kernels: the drop-in's route and the KV cache
+        calls.append(("sdpa-decode-route", sdpa(4, 300, gqa=True)))
+        calls.append(("kvcache-paged-append-splits", kvcache(page_size=16, splits=3)))
+        calls.append(("kvcache-contiguous-auto", kvcache(page_size=None, splits=0)))
     return calls
 
 

@@ -6,7 +6,9 @@ A new backend plugs in by subclassing `Backend`:
   * `extra_reasons(problem)`: anything the capability table cannot express (optional);
   * `forward(problem)` and `backward(problem, grad_out, out, lse, needs_grad)` on the normalised
     problem of `peer_attention.problem` (Python backends), or kernels registered from C++ for
-    the ops `peer_attention::NAME_fwd/NAME_bwd` (set `python_kernels = False`).
+    the ops `peer_attention::NAME_fwd/NAME_bwd` (set `python_kernels = False`);
+  * optionally `decode(problem)` on the decode problem of `peer_attention.decode_problem`
+    (flash_attn_with_kvcache), with `decode_reasons(problem)` saying why it cannot serve one.
 Dispatch, validation, layouts and autograd are done for it.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import FrozenSet, List, Optional
 
 import torch
 
+from ..decode_problem import DecodeProblem
 from ..problem import AttentionProblem
 
 # name -> unavailable_reason(), filled once by dispatch at import (torch.compile reads a dict
@@ -122,6 +125,31 @@ class Backend:
             reasons.extend(_variant_reasons(caps, problem))
         extra = self.extra_reasons(problem)
         return reasons + extra if extra else reasons
+
+    def decode_reasons(self, problem: DecodeProblem) -> List[str]:
+        """Every reason this backend cannot serve a decode (KV-cache) problem; a backend that
+        serves them overrides this with common_decode_reasons(problem) + its own."""
+        return ["decode over a KV cache (flash_attn_with_kvcache) is not implemented by this "
+                "backend"]
+
+    def common_decode_reasons(self, problem: DecodeProblem) -> List[str]:
+        """The capability table's answer for a decode problem: availability, device, dtype,
+        head dims, GQA, and the variants."""
+        why = UNAVAILABLE.get(self.name)
+        reasons = [why] if why else []
+        caps, q = self.capabilities, problem.q
+        if q.device.type not in caps.devices:
+            reasons.append(f"device {q.device.type!r} not in {sorted(caps.devices)}")
+        if q.dtype not in caps.dtypes:
+            reasons.append(f"dtype {q.dtype} not in {sorted(str(d) for d in caps.dtypes)}")
+        if caps.max_head_dim is not None:
+            for label, dim in (("E", problem.head_dim), ("Ev", problem.value_dim)):
+                if dim > caps.max_head_dim:
+                    reasons.append(f"head dim {label}={dim} > {caps.max_head_dim}")
+        return reasons
+
+    def decode(self, problem: DecodeProblem):
+        raise NotImplementedError(self.decode_reasons(problem)[0])
 
     def forward(self, problem: AttentionProblem):
         raise NotImplementedError

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..decode_problem import DecodeProblem, gather_keys
 from ..ops import empty_grad
 from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
 from ..reference import dropout_keep_mask, peer_attention_reference
@@ -69,6 +70,14 @@ class ReferenceBackend(Backend):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=-1) if len(lses) > 1 else lses[0]
         return out.contiguous(), lse.to(lse_dtype(p.q.dtype)).contiguous()
+
+    def decode_reasons(self, problem: DecodeProblem):
+        return self.common_decode_reasons(problem)
+
+    def decode(self, problem: DecodeProblem):
+        """Each sequence's keys gathered out of the cache and attended by the oracle, one
+        sequence at a time (bottom-right alignment on its own key count)."""
+        return decode_reference(problem)
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
         """Honours the given (out, lse) as FlashAttention's backward does: they may be the merged
@@ -140,3 +149,34 @@ def _surrogate(problem: AttentionProblem, leaves, out, lse):
         outs = _run(problem, *leaves, return_lse=False)
         return torch.cat(outs, dim=2) * 0.0
     return total
+
+
+def decode_reference(problem: DecodeProblem):
+    """(out (B, Lq, Hq, Ev), lse (B, Hq, Lq)) of a decode problem, straight from the oracle:
+    float16/bfloat16 computed in float32, float64 in float64."""
+    p = problem
+    q = p.q
+    io_dtype = q.dtype
+    compute = torch.float32 if io_dtype in (torch.float16, torch.bfloat16) else io_dtype
+    batch, q_len, num_q_heads, _ = q.shape
+    k_all, v_all, _valid = gather_keys(p, p.max_seqlen)
+    counts = p.seqlens.tolist()
+    sinks = None if p.sinks is None else p.sinks.to(compute)
+    outs, lses = [], []
+    for b in range(batch):
+        n = counts[b]
+        keys = k_all[b:b + 1, :n].transpose(1, 2).to(compute)      # (1, H, n, E)
+        values = v_all[b:b + 1, :n].transpose(1, 2).to(compute)
+        slopes = None if p.alibi_slopes is None else p.alibi_slopes[b:b + 1]
+        # top-left (off = 0) is bottom-right alignment with the keys' count equal to Lq's
+        (out,), (lse,) = peer_attention_reference(
+            [q[b:b + 1].transpose(1, 2).to(compute)], [keys], [values], scale=p.scale,
+            window=(p.window_left, p.window_right), bottom_right=p.bottom_right,
+            softcap=p.softcap, alibi_slopes=slopes, sinks=sinks, return_lse=True)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    if batch == 0:
+        return (q.new_zeros(0, q_len, num_q_heads, p.value_dim),
+                q.new_zeros(0, num_q_heads, q_len, dtype=lse_dtype(io_dtype)))
+    out = torch.cat(outs).to(io_dtype).contiguous()
+    return out, torch.cat(lses).to(lse_dtype(io_dtype)).contiguous()

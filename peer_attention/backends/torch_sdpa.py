@@ -27,6 +27,7 @@ from torch import Tensor
 from ..ops import empty_grad
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
+from .torch_decode import torch_decode
 from .torch_dropout import dropout_backward, dropout_forward
 from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
 
@@ -552,6 +553,17 @@ class TorchBackend(Backend):
                 reasons.append(f"dropout on {device}: torch's fused kernels draw their mask "
                                "inside the kernel, which a composition cannot replay")
         return reasons
+
+    def decode_reasons(self, problem) -> List[str]:
+        reasons = self.common_decode_reasons(problem)
+        q = problem.q
+        if not q.is_cpu and q.dtype not in _CUDA_DTYPES:
+            reasons.append(f"dtype {q.dtype} not served by torch's fused kernels on {q.device.type}")
+        return reasons
+
+    def decode(self, problem):
+        """Over a gathered cache (see torch_decode.py)."""
+        return torch_decode(problem, _forward)
 
     def forward(self, problem: AttentionProblem):
         if problem.dropout_p > 0:

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import torch
 
+from ..decode_problem import DecodeProblem, decode_outputs, from_attention
 from ..problem import AttentionProblem
 from .base import Backend, Capabilities
 
@@ -66,9 +67,33 @@ class TritonBackend(Backend):
             return [f"batch x query heads = {rows} > {MAX_GRID_Y} (the kernels' grid axis 1)"]
         return []
 
-    def forward(self, problem: AttentionProblem):
-        from ..triton_kernels import forward
+    def decode_reasons(self, problem: DecodeProblem) -> List[str]:
+        reasons = self.common_decode_reasons(problem)
+        if problem.q.device.type == "cpu" and not interpreter_enabled():
+            reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+        rows = problem.q.shape[0] * problem.num_kv_heads
+        if rows > MAX_GRID_Y:
+            reasons.append(f"batch x key/value heads = {rows} > {MAX_GRID_Y} (the decode "
+                           "kernel's grid axis 1)")
+        return reasons
 
+    def decode(self, problem: DecodeProblem):
+        from ..triton_kernels.decode import decode_attention
+
+        return decode_attention(problem)
+
+    def forward(self, problem: AttentionProblem):
+        from ..triton_kernels import decode, forward
+
+        # decode shapes (a few queries over many keys): the split-KV kernels, same numbers
+        route = from_attention(problem, decode.MAX_QUERY_ROWS, decode.MIN_DECODE_KEYS)
+        if route is not None and route.q.shape[0] * route.num_kv_heads <= MAX_GRID_Y:
+            q = problem.q
+            out = torch.empty(q.shape[0], q.shape[1], q.shape[2], problem.value_dim,
+                              dtype=q.dtype, device=q.device)
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+            decode.decode_attention(route, *decode_outputs(route, out, lse))
+            return out, lse
         return forward(problem)
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):

@@ -20,6 +20,11 @@ Variants (SPEC section 9) are served natively, without a materialised mask: Gemm
 window" with the keys ending at the last query (no padding, no custom mask function), so the
 kernel applies the band itself; anything else gets transformers' SDPA boolean mask.
 
+Decode steps: with a dynamic cache and no padding there is no mask, and the drop-in sends short
+queries over long keys to the split-KV decode kernels; with a static cache or padding the mask
+says which cache slots hold keys, and a prefix-shaped mask is served by flash_attn_with_kvcache
+over the cache in place (transformers_decode.py).
+
 transformers is an optional dependency: this module imports it only inside functions.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..api import scaled_dot_product_attention
+from .transformers_decode import cache_decode
 
 NAME = "peer_attention"
 
@@ -61,18 +67,17 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
     if wants_variants_path(query, key, attention_mask, kwargs):
         return variants_forward(module, query, key, value, attention_mask, dropout, scaling,
                                 is_causal, **kwargs)
-    unsupported = [name for name in ("softcap", "s_aux", "cache")
-                   if kwargs.get(name) is not None]
-    if unsupported:
-        raise NotImplementedError(
-            f"attn_implementation='peer_attention' does not support {', '.join(unsupported)}; "
-            "use 'eager' or 'sdpa' for this model")
+    _refuse([name for name in ("softcap", "s_aux", "cache") if kwargs.get(name) is not None])
     q_length, kv_length = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is None:  # a decode step over a static cache or padding: the KV-cache API
+        out = cache_decode(query, key, value, attention_mask, scaling, bool(is_causal))
+        if out is not None:
+            return out, None
     # a single query token (decoding) sees every cached key; a mask, when given, already says it all
     is_causal = bool(is_causal) and attention_mask is None and q_length > 1
-    position_bias = kwargs.get("position_bias")
     if is_causal and kv_length > q_length:
         # top-left causal alignment: keys past the last query position are masked anyway
         key, value = key[:, :, :q_length], value[:, :, :q_length]
@@ -88,6 +93,18 @@ def peer_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, 
         scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse(unsupported) -> None:
+    """NotImplementedError naming the keyword arguments this function cannot serve."""
+    if not unsupported:
+        return
+    hint = "use 'eager' or 'sdpa' for this model"
+    if "cache" in unsupported:  # a paged cache: continuous batching (transformers refuses us there)
+        hint = ("for continuous batching load the model with attn_implementation='sdpa' under "
+                "peer_attention.patch_torch()")
+    raise NotImplementedError(
+        f"attn_implementation='peer_attention' does not support {', '.join(unsupported)}; {hint}")
 
 
 def register(name: str = NAME) -> None:
@@ -140,11 +157,7 @@ def variants_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value:
     """The attention function for calls with variants: ((B, L, Hq, Ev), None)."""
     from ..flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    unsupported = [name for name in ("position_bias", "cache") if kwargs.get(name) is not None]
-    if unsupported:
-        raise NotImplementedError(
-            f"attn_implementation='peer_attention' does not support {', '.join(unsupported)}; "
-            "use 'eager' or 'sdpa' for this model")
+    _refuse([name for name in ("position_bias", "cache") if kwargs.get(name) is not None])
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     is_causal = bool(is_causal)
@@ -164,6 +177,10 @@ def variants_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value:
         out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               causal=is_causal, window_size=_band(is_causal, sliding_window),
                               **options)
+        return out, None
+    out = cache_decode(query, key, value, attention_mask, scaling, is_causal,
+                       _band(is_causal, sliding_window), softcap, s_aux)
+    if out is not None:  # a decode step over a static cache or padding: the KV-cache API
         return out, None
     return _masked_forward(query, key, value, attention_mask, dropout, scaling, softcap, s_aux), None
 

@@ -32,7 +32,7 @@ def _smallest_per_family(cases, limit):
     return picked[:limit]
 
 
-@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("suite", [s for s in SUITES if s != "decode"])  # test_decode_suite.py
 def test_each_suite_runs_on_tiny_shapes(suite):
     cases = _smallest_per_family(build_cases([suite], ["float32"], "cpu", quick=True), limit=2)
     assert cases

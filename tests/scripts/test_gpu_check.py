@@ -160,3 +160,16 @@ def test_sanitize_workload_calls_run_and_compare(monkeypatch):
     real = pa.scaled_dot_product_attention
     monkeypatch.setattr(pa, "scaled_dot_product_attention", lambda *a, **kw: real(*a, **kw) * 1.5)
     assert calls["sdpa-gqa"](torch.float32, 16) > 0.1
+
+
+def test_sanitize_workload_decode_calls(monkeypatch):
+    """The workload's split-KV decode calls (Triton under the interpreter here) agree with the
+    reference: the route of a decode-shaped SDPA and flash_attn_with_kvcache, paged and not."""
+    import torch
+
+    import sanitize_workload as workload
+
+    monkeypatch.setattr(workload, "DEVICE", "cpu")
+    calls = dict(workload.feature_calls("triton"))
+    for name in ("kvcache-paged-append-splits", "kvcache-contiguous-auto"):
+        assert calls[name](torch.float32, 16) < 1e-4, name
