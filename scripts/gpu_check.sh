@@ -134,7 +134,7 @@ step_bench_warm() {
   # one process per pa.triton kernel variant (and flex's compiles), so that the compiles run in
   # parallel; their timings are thrown away (the GPU is shared here), their checks are kept
   local pids=() i=0 spec
-  for spec in "pa.triton|causal=False/B" "pa.triton|causal=True/B" "pa.triton|S3" \
+  for spec in "pa.triton|E=128/B" "pa.triton|causal=True" "pa.triton|S3," \
               "pa.triton|same work" "flex|L16384"; do
     PEER_ATTENTION_TRITON_AUTOTUNE=1 "$PYTHON" -m bench --preset gpucheck --no-plots \
       --provider "${spec%%|*}" --case "${spec#*|}" --out "$DIR/bench-warm/$i" \
