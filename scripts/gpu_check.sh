@@ -24,6 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+SELF=$ROOT/scripts/gpu_check.sh
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -68,6 +69,7 @@ pytest_step() {  # pytest_step WORKERS ARGS...: junit XML per step
   # shellcheck disable=SC2046
   "$PYTHON" -m pytest -q -p no:cacheprovider $(xdist "$workers") --junitxml="$DIR/junit_$STEP.xml" "$@"
 }
+lower_priority() { renice -n 5 -p $$ > /dev/null 2>&1 || true; }  # for this step's processes
 sanitize() {  # sanitize TOOL BACKEND
   command -v compute-sanitizer >/dev/null || skip "compute-sanitizer is not on PATH"
   [ "$2" = cuda ] && ! have_extension && skip "no peer_attention._C (see the build step)"
@@ -119,7 +121,9 @@ step_build() {
   "$PYTHON" -c "import peer_attention as pa; print(pa.available_backends())"
 }
 
+# the build (on the longest chain) goes first on the CPUs: the Triton lanes beside it are niced
 step_triton_suite() {
+  lower_priority
   PEER_ATTENTION_TEST_DEVICE=cuda PEER_ATTENTION_TRITON_AUTOTUNE=0 pytest_step 4 -k triton \
     tests/triton tests/gpu/test_spec_scale.py::test_bottom_right_causal \
     tests/gpu/test_spec_scale.py::test_many_batch_heads tests/gpu/test_spec_scale.py::test_memory_linear_in_tokens
@@ -133,6 +137,7 @@ step_triton_autotune() {
 step_bench_warm() {
   # one process per pa.triton kernel variant (and flex's compiles), so that the compiles run in
   # parallel; their timings are thrown away (the GPU is shared here), their checks are kept
+  lower_priority
   local pids=() i=0 spec
   for spec in "pa.triton|E=128/B" "pa.triton|causal=True" "pa.triton|S3," \
               "pa.triton|same work" "flex|L16384"; do
@@ -179,7 +184,7 @@ if [ "${1:-}" = "--step" ]; then  # internal: one step, under the time box its c
 fi
 
 case "${1:-}" in
-  -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,24p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 # --- the plan's budget ----------------------------------------------------------------------
@@ -227,7 +232,7 @@ run_step() {
   fi
   [ "$box" -gt "$left" ] && box=$left && note="box cut to the $left s left"
   local began=$SECONDS
-  timeout -s INT --kill-after=5 "$box" bash "$0" --step "$name" > "$DIR/$name.log" 2>&1
+  timeout -s INT --kill-after=5 "$box" bash "$SELF" --step "$name" > "$DIR/$name.log" 2>&1
   rc=$?
   if [ "$rc" = 200 ] && [ -f "$DIR/$name.skip" ]; then
     rc=skip; note=$(cat "$DIR/$name.skip"); rm -f "$DIR/$name.skip"
