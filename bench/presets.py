@@ -81,12 +81,23 @@ GPU_CHECK_PROVIDERS = HEADLINE_PROVIDERS[:2] + ("pa.torch",) + HEADLINE_PROVIDER
 
 
 def gpu_check_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
-    """The headline's cases at the GPU check's lengths: no head dims 64/256, no per-peer case."""
-    length = _shrink(quick)[0]
-    keep = {length(n) for n in GPU_CHECK_LENGTHS}
-    return [c for c in headline_cases(dtype, device, quick)
-            if (c.kind == "peer" and c.normalize == "joint") or "same work" in c.family
-            or (c.kind == "sdpa" and c.head_dim == _shrink(quick)[1](128) and c.seq_len in keep)]
+    """The headline's cases at the GPU check's lengths (no head dims 64/256, no per-peer case),
+    the most telling first, since results are written case by case and the step is time-boxed:
+    SDPA at 16k, peer attention, causal SDPA at 16k, then 8k, then the same-work SDPA."""
+    length, dim = _shrink(quick)[:2]
+    longest, shorter = length(GPU_CHECK_LENGTHS[1]), length(GPU_CHECK_LENGTHS[0])
+
+    def rank(c: Case) -> int:
+        if "same work" in c.family:
+            return 5
+        if c.kind == "peer":
+            return 1 if c.normalize == "joint" else -1
+        if c.head_dim != dim(128) or c.seq_len not in (longest, shorter):
+            return -1
+        return {(longest, False): 0, (longest, True): 2, (shorter, False): 3,
+                (shorter, True): 4}[(c.seq_len, c.is_causal)]
+    ranked = [(rank(c), i, c) for i, c in enumerate(headline_cases(dtype, device, quick))]
+    return [c for r, _, c in sorted(ranked, key=lambda t: t[:2]) if r >= 0]
 
 
 def gpu_check_flex_runs(case: Case, quick: bool) -> bool:

@@ -42,8 +42,8 @@ PLAN=(
   "cuda-tests|build|90|tests/cuda + tests/gpu on the CUDA kernels"
   "memcheck-cuda|build|40|compute-sanitizer memcheck, sanitize_workload.py --backend cuda (every instantiation)"
   "racecheck-cuda|memcheck-cuda|60|compute-sanitizer racecheck, sanitize_workload.py --backend cuda"
-  "bench|build,triton-suite,triton-autotune,bench-warm,racecheck-triton,cuda-tests,racecheck-cuda|165|python -m bench --preset gpucheck (alone on the GPU, autotune on)"
-  "decode|bench|25|python -m bench --suite decode, when bench/ has that suite"
+  "bench|build,triton-suite,triton-autotune,bench-warm,racecheck-triton,cuda-tests,racecheck-cuda|180|python -m bench --preset gpucheck (alone on the GPU, autotune on)"
+  "decode|bench|20|python -m bench --suite decode, when bench/ has that suite"
 )
 BUDGET=${GPU_CHECK_BUDGET:-480}
 RESERVE=${GPU_CHECK_RESERVE:-20}
