@@ -20,7 +20,7 @@
 # Environment: PYTHON (python3), GPU_CHECK_BUDGET (s, 480: the device call's limit),
 # GPU_CHECK_RESERVE (s kept for the summary and the files, 20), GPU_CHECK_BOX_<STEP> (a step's
 # box in s, e.g. GPU_CHECK_BOX_BENCH=200), GPU_CHECK_COMMIT (when the tree has no .git),
-# GPU_CHECK_PACK (1 with $OUT: pack into at most 8 files), MAX_JOBS (build jobs: all cores).
+# MAX_JOBS (build jobs: all cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -196,8 +196,12 @@ fi
 
 # --- the run --------------------------------------------------------------------------------
 COMMIT=${GPU_CHECK_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+RESULTS=""
 if [ -n "${OUT:-}" ]; then
-  DIR=$OUT
+  # the steps write into a work folder; after each step its files are packed into $OUT (at most
+  # 8 files), so that a run stopped from outside still returns what it had
+  DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+  RESULTS=$OUT
 elif [ -n "${1:-}" ]; then
   DIR=$1
 else
@@ -210,7 +214,7 @@ export DIR COMMIT PYTHON
 : > "$DIR/steps.tsv"
 START=$SECONDS
 DEADLINE=$(( BUDGET - RESERVE ))
-echo "gpu_check: results in $DIR; ends within ${BUDGET} s"
+echo "gpu_check: results in ${RESULTS:-$DIR}; ends within ${BUDGET} s"
 
 declare -A STATE PID BOX AFTER BEGAN
 NAMES=()
@@ -241,6 +245,11 @@ run_step() {
   echo "== $name: $( [ "$rc" = 0 ] && echo ok || echo "$rc" ) after $(( SECONDS - began )) s (box $box s)"
 }
 
+snapshot() {  # the summary so far, packed into $OUT
+  "$PYTHON" scripts/gpu_check_report.py summary "$DIR" > /dev/null
+  [ -z "$RESULTS" ] || "$PYTHON" scripts/gpu_check_report.py collect "$DIR" "$RESULTS" > /dev/null
+}
+
 ready() {  # every step NAME runs after has ended
   local dep
   for dep in ${AFTER[$1]//,/ }; do
@@ -263,6 +272,7 @@ while :; do
         active=1
         if ! kill -0 "${PID[$name]}" 2>/dev/null; then
           wait "${PID[$name]}"; STATE[$name]=done
+          snapshot
         fi ;;
     esac
   done
@@ -274,13 +284,14 @@ echo
 echo "gpu_check: the steps took $(( SECONDS - START )) s"
 "$PYTHON" scripts/gpu_check_report.py notes "$DIR" > /dev/null
 SUMMARY=$("$PYTHON" scripts/gpu_check_report.py summary "$DIR")
-if [ "${GPU_CHECK_PACK:-$([ -n "${OUT:-}" ] && echo 1 || echo 0)}" = 1 ]; then
-  echo "files left for collection: $("$PYTHON" scripts/gpu_check_report.py collect "$DIR")"
-fi
 NAME=$("$PYTHON" scripts/gpu_check_report.py name \
   "$(sed -n 's/^device: \([^,]*\),.*/\1/p' "$DIR/env.txt" 2>/dev/null | head -1)" "$COMMIT")
+failed=$(awk -F'\t' '$2 != "0" && $2 != "skip"' "$DIR/steps.tsv" | wc -l)
+if [ -n "$RESULTS" ]; then
+  echo "files in \$OUT: $("$PYTHON" scripts/gpu_check_report.py collect "$DIR" "$RESULTS")"
+  rm -rf "$DIR"
+fi
 echo "commit the results as bench/results/$NAME/ (see bench/README.md, 'The GPU check'); took $(( SECONDS - START )) s"
 echo
 echo "$SUMMARY"
-failed=$(awk -F'\t' '$2 != "0" && $2 != "skip"' "$DIR/steps.tsv" | wc -l)
 exit $(( failed > 0 ? 1 : 0 ))

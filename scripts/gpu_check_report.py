@@ -8,7 +8,7 @@ returns, the NOTES.md draft, and auto's backend order proposed from the measurem
         -> 2026-11-21_h200_1a2b3c4 (the folder under bench/results/)
     python scripts/gpu_check_report.py summary DIR      -> the tables (also DIR/summary.txt)
     python scripts/gpu_check_report.py notes DIR        -> DIR/NOTES.md, a draft to complete
-    python scripts/gpu_check_report.py collect DIR      -> at most 8 files of at most 16 MiB
+    python scripts/gpu_check_report.py collect DIR OUT  -> at most 8 files of at most 16 MiB in OUT
     python scripts/gpu_check_report.py order CSV [KIND] -> an AUTO_ORDER entry for dispatch.py
 
 The summary reads what the steps leave in DIR: steps.tsv (step, exit status, seconds, time box,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import math
 import re
 import sys
@@ -361,47 +362,56 @@ def order_entry(rows: List[Dict[str, str]], kind: str) -> str:
 
 # --- the files that come back ------------------------------------------------------------------
 
-def collect(folder: Path, limit: int = MAX_BYTES) -> List[str]:
-    """Leave at most MAX_FILES plain files of at most `limit` bytes at the top of `folder`: the
-    KEPT ones (bench/results.csv copied up as bench_results.csv) and one archive of the rest. If
-    the archive is too big, logs keep their last MiB and images are left out. Returns what is left."""
-    bench_csv = folder / "bench" / "results.csv"
-    if bench_csv.exists():
-        (folder / "bench_results.csv").write_bytes(bench_csv.read_bytes())
-    rest = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix()
+def collect(work: Path, dest: Path, limit: int = MAX_BYTES) -> List[str]:
+    """Put into `dest` at most MAX_FILES plain files of at most `limit` bytes: the KEPT ones of
+    `work` (its bench/results.csv as bench_results.csv) and one archive of the rest of `work`
+    (logs kept to their last MiB, big images and JSON left out, if it would exceed `limit`).
+    Run after every step, so that a run stopped from outside still leaves its latest results;
+    `work` is left as it is. Returns the names in `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = {name: work / name for name in KEPT}
+    sources["bench_results.csv"] = work / "bench" / "results.csv"
+    for name, path in sources.items():
+        if path.is_file():
+            _replace(dest / name, path.read_bytes())
+    rest = sorted(p for p in work.rglob("*") if p.is_file() and p.relative_to(work).as_posix()
                   not in KEPT + (ARCHIVE,))
-    archive = folder / ARCHIVE
     for trimmed in (False, True):
-        with tarfile.open(archive, "w:gz") as tar:
-            for p in rest:
-                name = p.relative_to(folder).as_posix()
-                if trimmed and p.suffix in (".png", ".json") and p.stat().st_size > 2**20:
-                    continue
-                if trimmed and p.stat().st_size > 2**20:
-                    _add_tail(tar, p, name, 2**20)
-                else:
-                    tar.add(p, arcname=name)
-        if archive.stat().st_size <= limit:
+        data = _archive(work, rest, trimmed)
+        if len(data) <= limit:
             break
-    if archive.stat().st_size > limit:  # still too big: keep its first `limit` bytes at least
-        with open(archive, "r+b") as f:
-            f.truncate(limit)
-    for p in rest:
-        p.unlink()
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(d.iterdir()):
-            d.rmdir()
-    left = sorted(p.name for p in folder.iterdir())
-    assert len(left) <= MAX_FILES, left
+    _replace(dest / ARCHIVE, data[:limit])  # still too big: its first `limit` bytes at least
+    left = sorted(p.name for p in dest.iterdir())
+    if len(left) > MAX_FILES:
+        raise RuntimeError(f"{dest} holds {len(left)} entries, more than a lent machine returns")
     return left
 
 
-def _add_tail(tar: tarfile.TarFile, path: Path, name: str, keep: int) -> None:
-    import io
-    data = path.read_bytes()[-keep:]
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+def _archive(work: Path, paths: Sequence[Path], trimmed: bool) -> bytes:
+    """A tar.gz of `paths` (relative to `work`), each read once (files still being written are
+    taken as they are at that moment)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if trimmed and len(data) > 2**20:
+                if path.suffix in (".png", ".json"):
+                    continue
+                data = data[-2**20:]
+            info = tarfile.TarInfo(path.relative_to(work).as_posix())
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write through a temporary name, so that a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def main(argv: List[str]) -> int:
@@ -413,17 +423,15 @@ def main(argv: List[str]) -> int:
     if command == "name" and len(args) in (2, 3):
         print(results_name(*args))
         return 0
-    if command in ("summary", "notes", "collect") and len(args) == 1:
+    if command in ("summary", "notes") and len(args) == 1:
         folder = Path(args[0])
-        if command == "summary":
-            text = summary(folder)
-            (folder / "summary.txt").write_text(text + "\n")
-        elif command == "notes":
-            text = notes(folder)
-            (folder / "NOTES.md").write_text(text)
-        else:
-            text = " ".join(collect(folder))
+        text = summary(folder) if command == "summary" else notes(folder)
+        _replace(folder / ("summary.txt" if command == "summary" else "NOTES.md"),
+                 (text + ("\n" if command == "summary" else "")).encode())
         print(text)
+        return 0
+    if command == "collect" and len(args) == 2:
+        print(" ".join(collect(Path(args[0]), Path(args[1]))))
         return 0
     if command == "order" and len(args) in (1, 2):
         print(order_entry(read_rows(Path(args[0])), args[1] if len(args) > 1 else "default"))

@@ -22,7 +22,7 @@ REQUIRED = {"env", "build", "triton-suite", "triton-autotune", "memcheck-triton"
 
 def run_script(*args, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_") and k != "OUT"}
-    full_env.update(PYTHON=sys.executable, **env)
+    full_env.update(PYTHON=sys.executable, TMPDIR=os.environ.get("TMPDIR", "/tmp"), **env)
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
                           env=full_env, cwd=ROOT, timeout=120)
 
@@ -105,19 +105,71 @@ def test_fake_run_a_step_over_its_box_or_failing_leaves_the_others(tmp_path):
     check_returned_files(out)
 
 
+def test_a_run_stopped_from_outside_leaves_the_finished_steps_in_out(tmp_path):
+    """The device tool stops a command at its time limit: $OUT then still holds at most 8 files
+    with the steps that had ended (packed after every step)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_") and k != "OUT"}
+    env.update(PYTHON=sys.executable, GPU_CHECK_FAKE="1", OUT=str(out),
+               GPU_CHECK_FAKE_SLEEP="bench=60", TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and "racecheck-cuda" not in _text(out / "summary.txt"):
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:  # every process of the run's session (timeout puts each step in a group of its own)
+        for pid in _session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    check_returned_files(out)
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"racecheck-cuda\s+ok", summary) and not re.search(r"^bench ", summary, re.M)
+    assert (out / "env.txt").exists() and (out / "gpu_check_logs.tar.gz").exists()
+
+
+def _session_pids(sid):
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # the fields after the name: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _text(path):
+    return path.read_text() if path.exists() else ""
+
+
 def test_collect_keeps_the_archive_under_the_size_limit(tmp_path):
-    (tmp_path / "summary.txt").write_text("s\n")
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "results.csv").write_text("a,b\n1,2\n")
-    (tmp_path / "bench" / "plot.png").write_bytes(os.urandom(3 * 2**20))
-    (tmp_path / "big.log").write_bytes(os.urandom(3 * 2**20))
-    left = report.collect(tmp_path, limit=2 * 2**20 + 2**19)
+    work, dest = tmp_path / "work", tmp_path / "out"
+    (work / "bench").mkdir(parents=True)
+    (work / "summary.txt").write_text("s\n")
+    (work / "bench" / "results.csv").write_text("a,b\n1,2\n")
+    (work / "bench" / "plot.png").write_bytes(os.urandom(3 * 2**20))
+    (work / "big.log").write_bytes(os.urandom(3 * 2**20))
+    left = report.collect(work, dest, limit=2 * 2**20 + 2**19)
     assert left == ["bench_results.csv", "gpu_check_logs.tar.gz", "summary.txt"]
-    assert (tmp_path / "gpu_check_logs.tar.gz").stat().st_size <= 2 * 2**20 + 2**19
+    assert (dest / "gpu_check_logs.tar.gz").stat().st_size <= 2 * 2**20 + 2**19
     import tarfile
-    with tarfile.open(tmp_path / "gpu_check_logs.tar.gz") as tar:
+    with tarfile.open(dest / "gpu_check_logs.tar.gz") as tar:
         sizes = {m.name: m.size for m in tar.getmembers()}
     assert sizes["big.log"] == 2**20 and "bench/plot.png" not in sizes  # its last MiB; no image
+    assert (work / "big.log").stat().st_size == 3 * 2**20  # the work folder is left as it is
+    for i in range(6):  # 9 entries
+        (dest / f"extra{i}").write_text("")
+    with pytest.raises(RuntimeError, match="more than a lent machine returns"):
+        report.collect(work, dest)
 
 
 def test_results_folder_name():
