@@ -29,16 +29,18 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # The plan: name|runs after (steps that must have ended)|time box in s|what it does.
-# Worst case (the boxes along the longest chain, plus the reserve) must fit GPU_CHECK_BUDGET.
+# Worst case (the boxes along the longest chain, plus the reserve) must fit GPU_CHECK_BUDGET. The
+# chain build -> memcheck-cuda -> racecheck-cuda (220 s) sets the time before the bench; the steps
+# beside it have boxes up to that.
 PLAN=(
   "env||15|nvidia-smi, driver, nvcc, python, torch, CUDA, cuDNN, triton, compute-sanitizer, flash-attn"
   "prepare|env|15|peer_attention.triton_kernels importable from the tree; import check"
   "build|prepare|120|peer_attention._C for the visible GPU's arch only, MAX_JOBS = all cores (timed)"
-  "triton-suite|prepare|150|tests/triton on CUDA tensors + tests/gpu Triton bottom-right/review cases, autotune off"
-  "triton-autotune|prepare|180|tests/gpu SPEC-scale SDPA and peer (gates, biases, their backward) on Triton, autotune ON"
-  "bench-warm|prepare|180|the bench's pa.triton and flex cases in parallel processes, autotune on, checked against float64 (fills the compile caches)"
-  "memcheck-triton|prepare|70|compute-sanitizer memcheck, sanitize_workload.py --backend triton"
-  "racecheck-triton|memcheck-triton|100|compute-sanitizer racecheck, sanitize_workload.py --backend triton"
+  "triton-suite|prepare|180|tests/triton on CUDA tensors + tests/gpu Triton bottom-right/review cases, autotune off"
+  "triton-autotune|prepare|210|tests/gpu SPEC-scale SDPA and peer (gates, biases, their backward) on Triton, autotune ON"
+  "bench-warm|prepare|200|the bench's pa.triton and flex cases in parallel processes, autotune on, checked against float64 (fills the compile caches)"
+  "memcheck-triton|prepare|90|compute-sanitizer memcheck, sanitize_workload.py --backend triton"
+  "racecheck-triton|memcheck-triton|120|compute-sanitizer racecheck, sanitize_workload.py --backend triton"
   "cuda-tests|build|90|tests/cuda + tests/gpu on the CUDA kernels"
   "memcheck-cuda|build|40|compute-sanitizer memcheck, sanitize_workload.py --backend cuda (every instantiation)"
   "racecheck-cuda|memcheck-cuda|60|compute-sanitizer racecheck, sanitize_workload.py --backend cuda"
