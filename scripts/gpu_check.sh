@@ -19,7 +19,8 @@
 #
 # Environment: PYTHON (python3), GPU_CHECK_BUDGET (s, 480: the device call's limit),
 # GPU_CHECK_RESERVE (s kept for the summary and the files, 20), GPU_CHECK_BOX_<STEP> (a step's
-# box in s, e.g. GPU_CHECK_BOX_BENCH=200), GPU_CHECK_COMMIT (when the tree has no .git),
+# box in s, e.g. GPU_CHECK_BOX_BENCH=200), GPU_CHECK_STEPS (a comma list: only those steps),
+# GPU_CHECK_COMMIT (when the tree has no .git),
 # MAX_JOBS (build jobs: all cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,13 +51,23 @@ PLAN=(
 BUDGET=${GPU_CHECK_BUDGET:-480}
 RESERVE=${GPU_CHECK_RESERVE:-20}
 
-# the plan with GPU_CHECK_BOX_<STEP> overrides applied
+# the plan with GPU_CHECK_BOX_<STEP> overrides applied, and only the steps GPU_CHECK_STEPS names
+# (a comma list; default all), e.g. a second run of what failed: GPU_CHECK_STEPS=env,prepare,build,cuda-tests
 plan_lines() {
-  local entry name after box what var
+  local entry name after box what var dep kept selected=",${GPU_CHECK_STEPS:-},"
   for entry in "${PLAN[@]}"; do
     IFS='|' read -r name after box what <<< "$entry"
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ "$selected" != *",$name,"* ]]; then
+      continue
+    fi
+    kept=""
+    for dep in ${after//,/ }; do
+      if [ -z "${GPU_CHECK_STEPS:-}" ] || [[ "$selected" == *",$dep,"* ]]; then
+        kept=${kept:+$kept,}$dep
+      fi
+    done
     var=GPU_CHECK_BOX_$(echo "$name" | tr 'a-z-' 'A-Z_')
-    echo "$name|$after|${!var:-$box}|$what"
+    echo "$name|$kept|${!var:-$box}|$what"
   done
 }
 

@@ -54,6 +54,20 @@ def test_dry_run_fails_when_the_boxes_exceed_the_budget():
     assert "OVER the 480 s budget" in done.stdout and "does not fit" in done.stderr
 
 
+def test_a_second_run_of_some_steps(tmp_path):
+    """GPU_CHECK_STEPS: only the named steps run, ordered among themselves as in the plan."""
+    selected = "env,prepare,build,cuda-tests,bench"
+    done = run_script(GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS=selected)
+    assert done.returncode == 0
+    rows = plan_rows(done.stdout)
+    assert list(rows) == selected.split(",")
+    assert rows["bench"] == (180, 30 + 120 + 90 + 180)  # after build and cuda-tests only
+    out = tmp_path / "out"
+    done = run_script(GPU_CHECK_FAKE="1", OUT=str(out), GPU_CHECK_STEPS=selected)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [s["step"] for s in report.read_steps(out)] == selected.split(",")
+
+
 def test_plan_schedule_is_the_longest_chain():
     steps = report.parse_plan(["a||10|", "b|a|20|", "c|a|50|", "d|b,c|5|"])
     assert report.schedule(steps) == {"a": (0, 10), "b": (10, 30), "c": (10, 60), "d": (60, 65)}
