@@ -52,22 +52,26 @@ BUDGET=${GPU_CHECK_BUDGET:-480}
 RESERVE=${GPU_CHECK_RESERVE:-20}
 
 # the plan with GPU_CHECK_BOX_<STEP> overrides applied, and only the steps GPU_CHECK_STEPS names
-# (a comma list; default all), e.g. a second run of what failed: GPU_CHECK_STEPS=env,prepare,build,cuda-tests
+# (a comma list; default all), e.g. a second run of what failed: GPU_CHECK_STEPS=env,prepare,
+# build,cuda-tests. A step left out passes its own order on: what ran after it runs after the
+# steps it ran after.
 plan_lines() {
-  local entry name after box what var dep kept selected=",${GPU_CHECK_STEPS:-},"
+  local entry name after box what var dep deps selected=",${GPU_CHECK_STEPS:-},"
+  local -A stands_for  # step -> the selected steps that stand for it (itself when selected)
   for entry in "${PLAN[@]}"; do
     IFS='|' read -r name after box what <<< "$entry"
+    deps=""
+    for dep in ${after//,/ }; do
+      deps="$deps,${stands_for[$dep]}"
+    done
+    deps=$(echo "$deps" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)
     if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ "$selected" != *",$name,"* ]]; then
+      stands_for[$name]=$deps
       continue
     fi
-    kept=""
-    for dep in ${after//,/ }; do
-      if [ -z "${GPU_CHECK_STEPS:-}" ] || [[ "$selected" == *",$dep,"* ]]; then
-        kept=${kept:+$kept,}$dep
-      fi
-    done
+    stands_for[$name]=$name
     var=GPU_CHECK_BOX_$(echo "$name" | tr 'a-z-' 'A-Z_')
-    echo "$name|$kept|${!var:-$box}|$what"
+    echo "$name|$deps|${!var:-$box}|$what"
   done
 }
 

@@ -62,6 +62,9 @@ def test_a_second_run_of_some_steps(tmp_path):
     rows = plan_rows(done.stdout)
     assert list(rows) == selected.split(",")
     assert rows["bench"] == (180, 30 + 120 + 90 + 180)  # after build and cuda-tests only
+    # a step left out passes its order on: decode (after bench) still runs after cuda-tests
+    rows = plan_rows(run_script(GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="env,prepare,cuda-tests,decode").stdout)
+    assert rows["cuda-tests"] == (90, 30 + 90) and rows["decode"] == (20, 30 + 90 + 20)
     out = tmp_path / "out"
     done = run_script(GPU_CHECK_FAKE="1", OUT=str(out), GPU_CHECK_STEPS=selected)
     assert done.returncode == 0, done.stdout + done.stderr
