@@ -20,8 +20,7 @@
 # Environment: PYTHON (python3), GPU_CHECK_BUDGET (s, 480: the device call's limit),
 # GPU_CHECK_RESERVE (s kept for the summary and the files, 20), GPU_CHECK_BOX_<STEP> (a step's
 # box in s, e.g. GPU_CHECK_BOX_BENCH=200), GPU_CHECK_STEPS (a comma list: only those steps),
-# GPU_CHECK_COMMIT (when the tree has no .git),
-# MAX_JOBS (build jobs: all cores).
+# GPU_CHECK_COMMIT (when the tree has no .git), MAX_JOBS (build jobs: all cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -201,7 +200,7 @@ if [ "${1:-}" = "--step" ]; then  # internal: one step, under the time box its c
 fi
 
 case "${1:-}" in
-  -h|--help) sed -n '2,24p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"; exit 0 ;;
 esac
 
 # --- the plan's budget ----------------------------------------------------------------------
@@ -238,6 +237,7 @@ NAMES=()
 while IFS='|' read -r name after box _; do
   NAMES+=("$name"); STATE[$name]=pending; AFTER[$name]=$after; BOX[$name]=$box
 done < <(plan_lines)
+plan_lines > "$DIR/plan.txt"  # the summary lists the steps in this order
 
 record() {  # record NAME RC SECONDS BOX NOTE
   printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$DIR/steps.tsv"

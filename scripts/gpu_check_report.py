@@ -215,8 +215,10 @@ def status_of(rc: str) -> str:
 
 
 def steps_table(folder: Path) -> str:
+    """One row per step that ended, in the plan's order (plan.txt) when it is there."""
+    order = {line.split("|")[0]: i for i, line in enumerate(_lines(folder / "plan.txt"))}
     rows = []
-    for s in read_steps(folder):
+    for s in sorted(read_steps(folder), key=lambda s: order.get(s["step"], len(order))):
         found = details(s["step"], folder) if s["rc"] != "skip" else ""
         text = "; ".join(d for d in (s["note"], found) if d)
         rows.append([s["step"], status_of(s["rc"]), f"{s['seconds']}/{s['box'] or '-'} s", text])

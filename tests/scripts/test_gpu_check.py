@@ -48,6 +48,11 @@ def test_dry_run_lists_the_steps_and_fits_8_minutes():
     assert rows["bench"][1] - rows["bench"][0] == max(e for s, (_, e) in rows.items() if s != "decode" and s != "bench")
 
 
+def test_help():
+    done = run_script("--help")
+    assert done.returncode == 0 and "GPU_CHECK_DRY_RUN=1" in done.stdout and "MAX_JOBS" in done.stdout
+
+
 def test_dry_run_fails_when_the_boxes_exceed_the_budget():
     done = run_script(GPU_CHECK_DRY_RUN="1", GPU_CHECK_BOX_BENCH="400")
     assert done.returncode == 1
@@ -96,6 +101,8 @@ def test_fake_run_orchestrates_every_step_and_leaves_8_files_at_most(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     steps = {s["step"]: s for s in report.read_steps(out)}
     assert set(steps) == REQUIRED | {"prepare", "bench-warm"}
+    listed = [l.split()[0] for l in (out / "summary.txt").read_text().splitlines()[1:len(steps) + 1]]
+    assert listed == list(plan_rows(run_script(GPU_CHECK_DRY_RUN="1").stdout))  # the plan's order
     assert all(s["rc"] in ("0", "skip") for s in steps.values()), steps
     assert steps["decode"]["rc"] == "skip"
     check_returned_files(out)
