@@ -19,7 +19,7 @@ import time
 import torch
 
 from .cases import DTYPES, MODE_ALIASES, MODES, SUITES, build_cases
-from .presets import PRESETS, cpu_runs, flex_runs
+from .presets import PRESETS, cpu_runs
 from .providers import Provider, all_providers
 from .report import complete, format_table, metadata, write_csv, write_json, write_plots
 from .runner import RunSettings, Skipped, count_rows, run_cases
@@ -127,12 +127,19 @@ def _preset_cpu(providers):
                            "in the cpu preset the reference is the baseline of the peer cases only")
 
 
-def _preset_flex(providers, quick: bool):
-    """FlexAttention compiles per shape: in a preset it runs the cases flex_runs() names."""
-    return _run_only_where(providers, "flex", lambda case: flex_runs(case, quick),
-                           "in the headline preset FlexAttention runs at E=128, L=4k and 16k and "
-                           "on the peer cases only (a compile per shape); run --suite sdpa "
-                           "--provider flex for the rest")
+FLEX_REASONS = {
+    "headline": "in the headline preset FlexAttention runs at E=128, L=4k and 16k and on the peer "
+                "cases only (a compile per shape); run --suite sdpa --provider flex for the rest",
+    "gpucheck": "in the gpucheck preset FlexAttention runs the SDPA cases at L=16k only (a "
+                "compile per shape)",
+}
+
+
+def _preset_flex(providers, preset: str, quick: bool):
+    """FlexAttention compiles per shape: in a preset it runs the cases the preset's flex_runs
+    names."""
+    runs = PRESETS[preset].flex_runs
+    return _run_only_where(providers, "flex", lambda case: runs(case, quick), FLEX_REASONS[preset])
 
 
 def _quick_gpu_flex(providers):
@@ -157,8 +164,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = select_cases(args)
     providers = args.providers
-    if args.preset == "headline":
-        providers = _preset_flex(providers, args.quick)
+    if args.preset and PRESETS[args.preset].flex_runs:
+        providers = _preset_flex(providers, args.preset, args.quick)
     elif args.preset == "cpu":
         providers = _preset_cpu(providers)
     elif args.quick and args.device == "cuda" and not (args.provider and "flex" in args.provider):
@@ -217,7 +224,7 @@ def main(argv=None) -> int:
     if "decode" in {r["suite"] for r in rows}:
         from .decode import describe_bandwidth
         print(describe_bandwidth(rows))
-    if args.preset == "headline":
+    if args.preset in ("headline", "gpucheck"):
         print(headline_table(rows))
     elif args.preset == "cpu":
         print(cpu_table(rows))

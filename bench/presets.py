@@ -8,6 +8,11 @@
              compositions and FlashAttention-4 (flash_attn.cute) when importable. Meant to take
              under 6 minutes on an H100, autotuning included (FlexAttention compiles per shape, so
              it runs on a subset of the cases; the others say so).
+  gpucheck   the bench step of scripts/gpu_check.sh (issue 18), about 2.5 minutes on an H200:
+             the headline's core at L = 8k and 16k only (SDPA head dim 128, causal and not; peer
+             attention 3 x 4k, gates + bias, joint; the same work as one 12k stream), bf16, fwd
+             and fwd+bwd, the headline's providers plus pa.torch (what auto's order per device
+             kind is set from); FlexAttention at L = 16k only.
   cpu        the CPU targets of issue 9 (`python -m bench --preset cpu`, a few minutes on 2
              cores): the drop-in (auto, i.e. the `torch` backend, and pa.torch) against torch's
              own CPU SDPA at (B, H, L, E) = (12, 3, 1030, 16), float32 and bfloat16, target
@@ -23,7 +28,7 @@ for a smoke run on any machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .cases import HIDDEN, TOKENS_PER_BATCH, Case, _sdpa_case
 
@@ -71,6 +76,36 @@ def flex_runs(case: Case, quick: bool) -> bool:
     return case.head_dim == dim(128) and case.seq_len in {length(n) for n in FLEX_SDPA_LENGTHS}
 
 
+GPU_CHECK_LENGTHS = (8192, 16384)
+GPU_CHECK_PROVIDERS = HEADLINE_PROVIDERS[:2] + ("pa.torch",) + HEADLINE_PROVIDERS[2:]
+
+
+def gpu_check_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
+    """The headline's cases at the GPU check's lengths (no head dims 64/256, no per-peer case),
+    the most telling first, since results are written case by case and the step is time-boxed:
+    SDPA at 16k, peer attention, causal SDPA at 16k, then 8k, then the same-work SDPA."""
+    length, dim = _shrink(quick)[:2]
+    longest, shorter = length(GPU_CHECK_LENGTHS[1]), length(GPU_CHECK_LENGTHS[0])
+
+    def rank(c: Case) -> int:
+        if "same work" in c.family:
+            return 5
+        if c.kind == "peer":
+            return 1 if c.normalize == "joint" else -1
+        if c.head_dim != dim(128) or c.seq_len not in (longest, shorter):
+            return -1
+        return {(longest, False): 0, (longest, True): 2, (shorter, False): 3,
+                (shorter, True): 4}[(c.seq_len, c.is_causal)]
+    ranked = [(rank(c), i, c) for i, c in enumerate(headline_cases(dtype, device, quick))]
+    return [c for r, _, c in sorted(ranked, key=lambda t: t[:2]) if r >= 0]
+
+
+def gpu_check_flex_runs(case: Case, quick: bool) -> bool:
+    """FlexAttention (a compile per shape) at the longest SDPA length only."""
+    return case.kind == "sdpa" and "same work" not in case.family and \
+        case.seq_len == _shrink(quick)[0](GPU_CHECK_LENGTHS[-1])
+
+
 CPU_PROVIDERS = ("pa.auto", "pa.torch", "pa.reference", "torch.sdpa", "torch.flash",
                  "compose.pairs", "compose.concat")
 CPU_DROPIN = (12, 3, 1030, 16)                     # (B, H, L, E) of issue 9's measurement
@@ -107,11 +142,14 @@ class Preset:
     modes: Tuple[str, ...]
     dtypes: Dict[str, str]              # device type -> default dtype list
     interleave: bool = False            # time a case's providers in alternation
+    flex_runs: Optional[Callable[[Case, bool], bool]] = None  # (case, quick): flex runs it
 
 
 PRESETS: Dict[str, Preset] = {
     "headline": Preset(headline_cases, HEADLINE_PROVIDERS, HEADLINE_MODES,
-                       {"cuda": "bfloat16", "cpu": "float32"}),
+                       {"cuda": "bfloat16", "cpu": "float32"}, flex_runs=flex_runs),
+    "gpucheck": Preset(gpu_check_cases, GPU_CHECK_PROVIDERS, HEADLINE_MODES,
+                       {"cuda": "bfloat16", "cpu": "float32"}, flex_runs=gpu_check_flex_runs),
     "cpu": Preset(cpu_cases, CPU_PROVIDERS, ("fwd", "fwd+bwd"),
                   {"cuda": "float32,bfloat16", "cpu": "float32,bfloat16"}, interleave=True),
 }

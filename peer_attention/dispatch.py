@@ -2,15 +2,15 @@
 
 Precedence of the request: the `backend=` keyword, then the innermost `use_backend(...)` block,
 then the PEER_ATTENTION_BACKEND environment variable, else auto. Auto takes the first backend of
-SPEED_ORDER that can serve the problem; the reference serves everything, so auto never fails
-where the reference works. An explicit backend that cannot serve raises NotImplementedError
-listing its reasons.
+auto_order(device) (AUTO_ORDER's entry for the device kind, else SPEED_ORDER) that can serve the
+problem; the reference serves everything, so auto never fails where the reference works. An
+explicit backend that cannot serve raises NotImplementedError listing its reasons.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,28 @@ BACKENDS: Dict[str, Backend] = {
 # on a GPU (tests/cuda) before auto prefers them. An explicit backend="cuda" still uses them.
 # "torch" (torch's own fused kernels, composed) serves the CPU and what our kernels do not.
 SPEED_ORDER = ("triton", "cuda", "torch", "reference")
+# auto's order per device kind ("cpu", or "sm90" for a GPU of compute capability 9.0), set from
+# the GPU check's measurements (`scripts/gpu_check_report.py order`, bench/README.md); a kind
+# without an entry uses SPEED_ORDER. Each entry ends with "reference", which serves everything.
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {}
+_device_kinds: Dict[torch.device, str] = {}
+
+
+def device_kind(device: torch.device) -> str:
+    kind = _device_kinds.get(device)
+    if kind is None:
+        kind = device.type
+        if device.type == "cuda":  # get_device_properties: torch.compile constant-folds it
+            props = torch.cuda.get_device_properties(device)
+            kind = f"sm{props.major}{props.minor}"
+        _device_kinds[device] = kind
+    return kind
+
+
+def auto_order(device: torch.device) -> Tuple[str, ...]:
+    """The backends auto tries for tensors on `device`, fastest first."""
+    return AUTO_ORDER.get(device_kind(device), SPEED_ORDER)
+
 
 _ops: Dict[str, tuple] = {}
 for _backend in BACKENDS.values():
@@ -117,7 +139,8 @@ def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend
         return BACKENDS[_EMPTY_BACKEND] if no_scores(problem.q, problem.k) else backend
     if no_scores(problem.q, problem.k):
         return BACKENDS[_EMPTY_BACKEND]
-    for candidate in SPEED_ORDER:
+    # an empty table costs nothing (reading q.device and the kind costs ~0.1 us a call)
+    for candidate in auto_order(problem.q.device) if AUTO_ORDER else SPEED_ORDER:
         if UNAVAILABLE[candidate]:
             continue  # cannot run on this machine at all: no need to look at the problem
         backend = BACKENDS[candidate]
@@ -137,7 +160,7 @@ def select_decode(problem, explicit: Optional[str] = None) -> Backend:
     backend's decode_reasons. (select() keeps its own copy of the loop: it runs on every SDPA
     call, where one more call level and a getattr per backend cost ~0.5 us of a ~9 us budget.)"""
     name = requested_backend(explicit)
-    candidates = (name,) if name is not None else SPEED_ORDER
+    candidates = (name,) if name is not None else auto_order(problem.q.device)
     for candidate in candidates:
         backend = BACKENDS[candidate]
         auto_devices = backend.capabilities.auto_devices

@@ -1,132 +1,118 @@
 #!/usr/bin/env bash
-# One-command GPU check (issue 10): build, test, sanitize and benchmark on a CUDA machine.
+# The GPU check (issue 18): build, correctness (autotuning on where it matters), sanitizers and
+# the headline numbers in ONE command that ends within 8 minutes of wall time on a lent H200.
 #
-#   scripts/gpu_check.sh test       environment, timed build of peer_attention._C for the visible
-#                                   GPU (all cores), the whole test suite on the GPU (Triton with
-#                                   its real compiler, tests/cuda, tests/gpu at GPU-scale shapes)
-#                                   with Triton autotuning off (one config per kernel)
-#   scripts/gpu_check.sh sanitize   compute-sanitizer memcheck, racecheck, synccheck, initcheck over
-#                                   scripts/sanitize_workload.py (every CUDA kernel; the Triton
-#                                   kernels forward and backward with each feature)
-#   scripts/gpu_check.sh bench      python -m bench --preset headline (autotuning on)
-#   scripts/gpu_check.sh all        test, sanitize, bench
-# Several may be named: `scripts/gpu_check.sh test sanitize` (one 9-minute command on an H100),
-# then `scripts/gpu_check.sh bench` (another).
+#   bash scripts/gpu_check.sh                      the whole plan (no arguments)
+#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh  the steps with their time boxes; exit 1 if the
+#                                                  worst case exceeds the budget
+#   GPU_CHECK_FAKE=1 bash scripts/gpu_check.sh     every step replaced by a quick fake
+#                                                  (scripts/gpu_check_fake.py): the orchestration,
+#                                                  time boxes and collected files, on any machine
 #
-# Results (logs, junit XML, sanitizer logs, bench CSV/JSON/plots, summary.txt) go to $OUT when it
-# is set, else bench/results/<date>_<gpu>_<commit>/. With $OUT set and GPU_CHECK_PACK=1 (the
-# default there) everything but summary.txt and env.txt is packed into gpu_check.tar.gz, since
-# only a few files come back from a lent machine. A summary table is printed last.
+# Each step runs under its own time box (`timeout`, SIGINT first so that pytest writes its XML and
+# the bench its CSV), writes its results as it goes, and a step cut short leaves the others'.
+# Steps not ordered against each other run at the same time (the build beside the Triton tests).
+# Results go to $OUT when set (a lent machine returns at most 8 files of at most 16 MiB: the
+# summary, env, steps, the bench CSV, a NOTES.md draft and one archive of the rest), else to the
+# folder given as the first argument, else bench/results/<date>_<gpu>_<commit>/. The summary
+# table is printed last; the exit status is 1 when a step failed or ran out of time.
 #
-# Environment: PYTHON (default python3), MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST
-# (default: the visible GPU's), PEER_ATTENTION_GPU_TIER (1 default, 2 = more tests/gpu cases),
-# GPU_CHECK_COMMIT (the commit to name when the tree has no .git), GPU_CHECK_DEADLINE (s for the
-# whole call: 540, or 1080 for bench after test/sanitize), GPU_CHECK_TEST_TIMEOUT (s, 240),
-# GPU_CHECK_SANITIZE_TIMEOUT (s per tool, 75), GPU_CHECK_BENCH_TIMEOUT (s, 540),
-# GPU_CHECK_TEST_WORKERS (pytest-xdist workers, 8), GPU_CHECK_DRY_RUN=1 (print the steps only).
+# Environment: PYTHON (python3), GPU_CHECK_BUDGET (s, 480: the device call's limit),
+# GPU_CHECK_RESERVE (s kept for the summary and the files, 20), GPU_CHECK_BOX_<STEP> (a step's
+# box in s, e.g. GPU_CHECK_BOX_BENCH=200), GPU_CHECK_STEPS (a comma list: only those steps),
+# GPU_CHECK_COMMIT (when the tree has no .git), MAX_JOBS (build jobs: all cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-
-usage() {
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
-}
-
-COMMANDS=()
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) usage; exit 0 ;;
-    test|sanitize|bench) COMMANDS+=("$arg") ;;
-    all) COMMANDS+=(test sanitize bench) ;;
-    *) echo "gpu_check.sh: unknown command '$arg' (expected test, sanitize, bench or all)" >&2
-       usage >&2; exit 2 ;;
-  esac
-done
-if [ ${#COMMANDS[@]} -eq 0 ]; then
-  echo "gpu_check.sh: name a command: test, sanitize, bench or all" >&2
-  usage >&2
-  exit 2
-fi
-
+ROOT=$PWD
+SELF=$ROOT/scripts/gpu_check.sh
 PYTHON=${PYTHON:-python3}
-DRY=${GPU_CHECK_DRY_RUN:-0}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-240}
-SANITIZE_TIMEOUT=${GPU_CHECK_SANITIZE_TIMEOUT:-75}
-BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-540}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-gpu_name() {
-  if [ "$DRY" = 1 ] || ! command -v nvidia-smi >/dev/null 2>&1; then
-    echo "${GPU_CHECK_GPU_NAME:-unknown GPU}"
-  else
-    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
-  fi
-}
-COMMIT=${GPU_CHECK_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
-if [ -n "${OUT:-}" ]; then
-  DIR=$OUT
-else
-  DIR=bench/results/$("$PYTHON" scripts/gpu_check_report.py name "$(gpu_name)" "$COMMIT")
-fi
-mkdir -p "$DIR"
-: > "$DIR/steps.tsv"
-echo "gpu_check: ${COMMANDS[*]} -> $DIR"
+# The plan: name|runs after (steps that must have ended)|time box in s|what it does.
+# Worst case (the boxes along the longest chain, plus the reserve) must fit GPU_CHECK_BUDGET. The
+# chain build -> memcheck-cuda -> racecheck-cuda (220 s) sets the time before the bench; the steps
+# beside it have boxes up to that.
+PLAN=(
+  "env||15|nvidia-smi, driver, nvcc, python, torch, CUDA, cuDNN, triton, compute-sanitizer, flash-attn"
+  "prepare|env|15|peer_attention.triton_kernels importable from the tree; import check"
+  "build|prepare|120|peer_attention._C for the visible GPU's arch only, MAX_JOBS = all cores (timed)"
+  "triton-suite|prepare|180|tests/triton on CUDA tensors + tests/gpu Triton bottom-right/review cases, autotune off"
+  "triton-autotune|prepare|210|tests/gpu SPEC-scale SDPA and peer (gates, biases, their backward) on Triton, autotune ON"
+  "bench-warm|prepare|200|the bench's pa.triton and flex cases in parallel processes, autotune on, checked against float64 (fills the compile caches)"
+  "memcheck-triton|prepare|90|compute-sanitizer memcheck, sanitize_workload.py --backend triton"
+  "racecheck-triton|memcheck-triton|120|compute-sanitizer racecheck, sanitize_workload.py --backend triton"
+  "cuda-tests|build|90|tests/cuda + tests/gpu on the CUDA kernels"
+  "memcheck-cuda|build|40|compute-sanitizer memcheck, sanitize_workload.py --backend cuda (every instantiation)"
+  "racecheck-cuda|memcheck-cuda|60|compute-sanitizer racecheck, sanitize_workload.py --backend cuda"
+  "bench|build,triton-suite,triton-autotune,bench-warm,racecheck-triton,cuda-tests,racecheck-cuda|180|python -m bench --preset gpucheck (alone on the GPU, autotune on)"
+  "decode|bench|20|python -m bench --suite decode, when bench/ has that suite"
+)
+BUDGET=${GPU_CHECK_BUDGET:-480}
+RESERVE=${GPU_CHECK_RESERVE:-20}
 
-# The whole invocation has a deadline (GPU_CHECK_DEADLINE seconds; default 540, one lent-machine
-# command, or 1080 when bench runs after test/sanitize): a step gets at most what is left.
-START=$(date +%s)
-if [ -z "${GPU_CHECK_DEADLINE:-}" ]; then
-  GPU_CHECK_DEADLINE=540
-  [[ " ${COMMANDS[*]} " == *" bench "* && "${COMMANDS[*]}" != "bench" ]] && GPU_CHECK_DEADLINE=1080
-fi
-time_left() { echo $(( GPU_CHECK_DEADLINE - ($(date +%s) - START) - 15 )); }
-
-# run_step NAME LOG TIMEOUT CMD...: run CMD with its output in LOG (and the terminal's tail) under
-# min(TIMEOUT, time left), record its exit status and seconds in steps.tsv. SIGINT first, so that
-# pytest still writes its junit XML and the bench its JSON.
-run_step() {
-  local name=$1 log=$2 limit=$3
-  shift 3
-  if [ "$DRY" = 1 ]; then
-    echo "[dry run] $name (autotune=${PEER_ATTENTION_TRITON_AUTOTUNE:-default}): $*"
-    printf '%s\t0\t0\tdry run\n' "$name" >> "$DIR/steps.tsv"
-    return 0
-  fi
-  local left
-  left=$(time_left)
-  if [ "$left" -lt 10 ]; then
-    echo "== $name: skipped, the ${GPU_CHECK_DEADLINE} s deadline is reached"
-    printf '%s\tskip\t0\tno time left before the %s s deadline\n' "$name" "$GPU_CHECK_DEADLINE" >> "$DIR/steps.tsv"
-    return 0
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (at most ${limit} s): $*"
-  local start rc
-  start=$(date +%s)
-  timeout -s INT --kill-after=30 "$limit" "$@" > "$DIR/$log" 2>&1
-  rc=$?
-  tail -n 5 "$DIR/$log"
-  printf '%s\t%s\t%s\t\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$DIR/steps.tsv"
-  return $rc
+# the plan with GPU_CHECK_BOX_<STEP> overrides applied, and only the steps GPU_CHECK_STEPS names
+# (a comma list; default all), e.g. a second run of what failed: GPU_CHECK_STEPS=env,prepare,
+# build,cuda-tests. A step left out passes its own order on: what ran after it runs after the
+# steps it ran after.
+plan_lines() {
+  local entry name after box what var dep deps selected=",${GPU_CHECK_STEPS:-},"
+  local -A stands_for  # step -> the selected steps that stand for it (itself when selected)
+  for entry in "${PLAN[@]}"; do
+    IFS='|' read -r name after box what <<< "$entry"
+    deps=""
+    for dep in ${after//,/ }; do
+      deps="$deps,${stands_for[$dep]}"
+    done
+    deps=$(echo "$deps" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ "$selected" != *",$name,"* ]]; then
+      stands_for[$name]=$deps
+      continue
+    fi
+    stands_for[$name]=$name
+    var=GPU_CHECK_BOX_$(echo "$name" | tr 'a-z-' 'A-Z_')
+    echo "$name|$deps|${!var:-$box}|$what"
+  done
 }
 
-print_environment() {
+# --- the steps (each runs as `gpu_check.sh --step NAME` under its time box) ------------------
+# A step that cannot run here exits 200 after writing why into $DIR/NAME.skip.
+
+skip() { echo "$*" > "$DIR/$STEP.skip"; echo "skipped: $*"; exit 200; }
+have_extension() { ls peer_attention/_C*.so >/dev/null 2>&1; }
+xdist() { "$PYTHON" -c "import xdist" 2>/dev/null && echo "-n $1"; }
+pytest_step() {  # pytest_step WORKERS ARGS...: junit XML per step
+  local workers=$1; shift
+  # shellcheck disable=SC2046
+  "$PYTHON" -m pytest -q -p no:cacheprovider $(xdist "$workers") --junitxml="$DIR/junit_$STEP.xml" "$@"
+}
+lower_priority() { renice -n 5 -p $$ > /dev/null 2>&1 || true; }  # for this step's processes
+sanitize() {  # sanitize TOOL BACKEND
+  command -v compute-sanitizer >/dev/null || skip "compute-sanitizer is not on PATH"
+  [ "$2" = cuda ] && ! have_extension && skip "no peer_attention._C (see the build step)"
+  # no caching allocator: memcheck then sees every out-of-bounds access of a tensor
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 PEER_ATTENTION_TRITON_AUTOTUNE=0 \
+    compute-sanitizer --tool "$1" --error-exitcode 3 --log-file "$DIR/$STEP.sanitizer.log" \
+    "$PYTHON" scripts/sanitize_workload.py --backend "$2"
+}
+
+step_env() {
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit: $COMMIT"
     echo "cores: $(nproc)"
-    if [ "$DRY" != 1 ]; then
-      nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
-      command -v nvcc >/dev/null && nvcc --version | tail -2
-      "$PYTHON" - <<'PY' 2>&1
-import sys
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.sm,clocks.max.sm \
+      --format=csv 2>&1
+    command -v nvcc >/dev/null && nvcc --version | tail -2
+    command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
+    "$PYTHON" - <<'PY' 2>&1
+import importlib.util, sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| cuDNN", torch.backends.cudnn.version())
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as exc:
-    print("triton: not importable:", exc)
+for name in ("triton", "flash_attn", "xdist"):
+    found = importlib.util.find_spec(name)
+    version = getattr(__import__(name), "__version__", "") if found else ""
+    print(f"{name}: {version or ('present' if found else 'not importable')}")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
@@ -134,80 +120,195 @@ if torch.cuda.is_available():
 else:
     print("device: no CUDA device is visible")
 PY
-      command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1
-    fi
   } | tee "$DIR/env.txt"
 }
 
-# The extension and the editable install (peer_attention.triton_kernels is mapped by setup.py):
-# rebuilt unless both import and the extension is newer than every csrc/ file.
-BUILT=0
-ensure_built() {
-  [ "$BUILT" = 1 ] && return 0
-  BUILT=1
-  if [ "$DRY" != 1 ]; then
-    local so
-    so=$(ls peer_attention/_C*.so 2>/dev/null | head -1)
-    if [ -n "$so" ] && [ -z "$(find csrc -newer "$so" -type f | head -1)" ] \
-        && (cd / && "$PYTHON" -c "import peer_attention._C, peer_attention.triton_kernels") 2>/dev/null; then
-      printf 'build\t0\t0\treused %s\n' "$so" >> "$DIR/steps.tsv"
-      return 0
-    fi
-  fi
-  MAX_JOBS=${MAX_JOBS:-$(nproc)} PEER_ATTENTION_BUILD_CUDA=1 run_step build build.log 900 \
-    "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -e .
+step_prepare() {
+  # the checkout that travels has no peer_attention/triton_kernels link (git ignores it)
+  [ -e peer_attention/triton_kernels ] || ln -s ../triton_kernels peer_attention/triton_kernels
+  "$PYTHON" -c "import peer_attention as pa, peer_attention.triton_kernels; print(pa.available_backends())"
 }
 
-do_test() {
-  ensure_built || echo "gpu_check: the build failed; the tests run without the extension"
-  local parallel=()
-  if "$PYTHON" -c "import xdist" 2>/dev/null; then
-    parallel=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
-  fi
-  PEER_ATTENTION_TRITON_AUTOTUNE=0 run_step tests tests.log "$TEST_TIMEOUT" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" --junitxml="$DIR/junit_tests.xml" tests
+step_build() {
+  local start=$SECONDS
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} PEER_ATTENTION_BUILD_CUDA=1 \
+    "$PYTHON" setup.py build_ext --inplace || return $?
+  echo "build took $(( SECONDS - start )) s (MAX_JOBS=${MAX_JOBS:-$(nproc)}, archs: the visible GPU's)"
+  "$PYTHON" -c "import peer_attention as pa; print(pa.available_backends())"
 }
 
-do_sanitize() {
-  ensure_built || echo "gpu_check: the build failed; the sanitizers see the Triton kernels only"
-  if [ "$DRY" != 1 ] && ! command -v compute-sanitizer >/dev/null 2>&1; then
-    printf 'sanitize\t127\t0\tcompute-sanitizer is not on PATH\n' >> "$DIR/steps.tsv"
-    return 1
+# the build (on the longest chain) goes first on the CPUs: the Triton lanes beside it are niced
+step_triton_suite() {
+  lower_priority
+  PEER_ATTENTION_TEST_DEVICE=cuda PEER_ATTENTION_TRITON_AUTOTUNE=0 pytest_step 4 -k triton \
+    tests/triton tests/gpu/test_spec_scale.py::test_bottom_right_causal \
+    tests/gpu/test_spec_scale.py::test_many_batch_heads tests/gpu/test_spec_scale.py::test_memory_linear_in_tokens
+}
+
+step_triton_autotune() {
+  PEER_ATTENTION_TRITON_AUTOTUNE=1 pytest_step 6 -k triton \
+    tests/gpu/test_spec_scale.py::test_peer tests/gpu/test_spec_scale.py::test_sdpa
+}
+
+step_bench_warm() {
+  # one process per pa.triton kernel variant (and flex's compiles), so that the compiles run in
+  # parallel; their timings are thrown away (the GPU is shared here), their checks are kept
+  lower_priority
+  local pids=() i=0 spec
+  for spec in "pa.triton|E=128/B" "pa.triton|causal=True" "pa.triton|S3," \
+              "pa.triton|same work" "flex|L16384"; do
+    PEER_ATTENTION_TRITON_AUTOTUNE=1 "$PYTHON" -m bench --preset gpucheck --no-plots \
+      --provider "${spec%%|*}" --case "${spec#*|}" --out "$DIR/bench-warm/$i" \
+      > "$DIR/bench-warm-$i.log" 2>&1 &
+    pids+=($!)
+    i=$(( i + 1 ))
+  done
+  local rc=0 pid
+  for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+  tail -n 3 "$DIR"/bench-warm-*.log
+  return $rc
+}
+
+step_memcheck_triton() { sanitize memcheck triton; }
+step_racecheck_triton() { sanitize racecheck triton; }
+step_memcheck_cuda() { sanitize memcheck cuda; }
+step_racecheck_cuda() { sanitize racecheck cuda; }
+
+step_cuda_tests() {
+  have_extension || skip "no peer_attention._C (see the build step)"
+  pytest_step 4 -k cuda tests/cuda tests/gpu
+}
+
+step_bench() {
+  PEER_ATTENTION_TRITON_AUTOTUNE=1 "$PYTHON" -m bench --preset gpucheck --out "$DIR/bench"
+}
+
+step_decode() {
+  "$PYTHON" -c "import sys; from bench.cases import SUITES; sys.exit('decode' not in SUITES)" \
+    || skip "bench/ has no decode suite yet (python -m bench --suite decode)"
+  PEER_ATTENTION_TRITON_AUTOTUNE=1 "$PYTHON" -m bench --suite decode --dtype bfloat16 --no-plots \
+    --out "$DIR/decode"
+}
+
+if [ "${1:-}" = "--step" ]; then  # internal: one step, under the time box its caller set
+  STEP=$2
+  if [ "${GPU_CHECK_FAKE:-0}" = 1 ]; then
+    exec "$PYTHON" scripts/gpu_check_fake.py "$STEP" "$DIR"
   fi
-  local tool steps=4 share
-  for tool in memcheck racecheck synccheck initcheck; do
-    share=$(( $(time_left) / steps ))
-    steps=$(( steps - 1 ))
-    [ "$share" -gt "$SANITIZE_TIMEOUT" ] && share=$SANITIZE_TIMEOUT
-    # no caching allocator: memcheck then sees every out-of-bounds access of a tensor
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 PEER_ATTENTION_TRITON_AUTOTUNE=0 \
-      run_step "sanitize $tool" "sanitize_${tool}.out" "$share" \
-      compute-sanitizer --tool "$tool" --error-exitcode 3 --log-file "$DIR/sanitize_${tool}.log" \
-      "$PYTHON" scripts/sanitize_workload.py --backend all
+  "step_${STEP//-/_}"
+  exit $?
+fi
+
+case "${1:-}" in
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"; exit 0 ;;
+esac
+
+# --- the plan's budget ----------------------------------------------------------------------
+if ! plan_lines | "$PYTHON" scripts/gpu_check_report.py plan "$BUDGET" "$RESERVE"; then
+  echo "gpu_check: the plan does not fit the ${BUDGET} s budget" >&2
+  exit 1
+fi
+[ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] && exit 0
+
+# --- the run --------------------------------------------------------------------------------
+COMMIT=${GPU_CHECK_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+RESULTS=""
+if [ -n "${OUT:-}" ]; then
+  # the steps write into a work folder; after each step its files are packed into $OUT (at most
+  # 8 files), so that a run stopped from outside still returns what it had
+  DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+  RESULTS=$OUT
+elif [ -n "${1:-}" ]; then
+  DIR=$1
+else
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  DIR=bench/results/$("$PYTHON" scripts/gpu_check_report.py name "${gpu:-unknown GPU}" "$COMMIT")
+fi
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+export DIR COMMIT PYTHON
+: > "$DIR/steps.tsv"
+START=$SECONDS
+DEADLINE=$(( BUDGET - RESERVE ))
+echo "gpu_check: results in ${RESULTS:-$DIR}; ends within ${BUDGET} s"
+
+declare -A STATE PID BOX AFTER BEGAN
+NAMES=()
+while IFS='|' read -r name after box _; do
+  NAMES+=("$name"); STATE[$name]=pending; AFTER[$name]=$after; BOX[$name]=$box
+done < <(plan_lines)
+plan_lines > "$DIR/plan.txt"  # the summary lists the steps in this order
+
+record() {  # record NAME RC SECONDS BOX NOTE
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$DIR/steps.tsv"
+}
+
+# run_step NAME: the step under min(its box, the time left), its output in DIR/NAME.log
+run_step() {
+  local name=$1 box=${BOX[$1]} left rc note=""
+  left=$(( DEADLINE - (SECONDS - START) ))
+  if [ "$left" -lt 5 ]; then
+    record "$name" skip 0 "$box" "no time left before the ${DEADLINE} s deadline"
+    return
+  fi
+  [ "$box" -gt "$left" ] && box=$left && note="box cut to the $left s left"
+  local began=$SECONDS
+  timeout -s INT --kill-after=5 "$box" bash "$SELF" --step "$name" > "$DIR/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" = 200 ] && [ -f "$DIR/$name.skip" ]; then
+    rc=skip; note=$(cat "$DIR/$name.skip"); rm -f "$DIR/$name.skip"
+  fi
+  record "$name" "$rc" "$(( SECONDS - began ))" "$box" "$note"
+  echo "== $name: $( [ "$rc" = 0 ] && echo ok || echo "$rc" ) after $(( SECONDS - began )) s (box $box s)"
+}
+
+snapshot() {  # the summary so far, packed into $OUT
+  "$PYTHON" scripts/gpu_check_report.py summary "$DIR" > /dev/null
+  [ -z "$RESULTS" ] || "$PYTHON" scripts/gpu_check_report.py collect "$DIR" "$RESULTS" > /dev/null
+}
+
+ready() {  # every step NAME runs after has ended
+  local dep
+  for dep in ${AFTER[$1]//,/ }; do
+    [ "${STATE[$dep]}" = done ] || return 1
   done
 }
 
-do_bench() {
-  ensure_built || echo "gpu_check: the build failed; pa.cuda will be unavailable"
-  PEER_ATTENTION_TRITON_AUTOTUNE=1 run_step "bench headline" bench.log "$BENCH_TIMEOUT" \
-    "$PYTHON" -m bench --preset headline --out "$DIR/bench"
-}
-
-print_environment
-for command in "${COMMANDS[@]}"; do
-  "do_$command"
+while :; do
+  active=0
+  for name in "${NAMES[@]}"; do
+    case "${STATE[$name]}" in
+      pending)
+        active=1
+        if ready "$name"; then
+          echo "== $name: started at $(( SECONDS - START )) s"
+          run_step "$name" &
+          PID[$name]=$!; STATE[$name]=running; BEGAN[$name]=$SECONDS
+        fi ;;
+      running)
+        active=1
+        if ! kill -0 "${PID[$name]}" 2>/dev/null; then
+          wait "${PID[$name]}"; STATE[$name]=done
+          snapshot
+        fi ;;
+    esac
+  done
+  [ "$active" = 0 ] && break
+  sleep 0.3
 done
 
 echo
-NAME=$("$PYTHON" scripts/gpu_check_report.py name "$(gpu_name)" "$COMMIT")
+echo "gpu_check: the steps took $(( SECONDS - START )) s"
+"$PYTHON" scripts/gpu_check_report.py notes "$DIR" > /dev/null
 SUMMARY=$("$PYTHON" scripts/gpu_check_report.py summary "$DIR")
-if [ -n "${OUT:-}" ] && [ "${GPU_CHECK_PACK:-1}" = 1 ] && [ "$DRY" != 1 ]; then
-  # a lent machine returns only a few files: everything else goes into one archive
-  (cd "$DIR" && tar czf /tmp/gpu_check.tar.gz --exclude=summary.txt --exclude=env.txt \
-     --exclude=steps.tsv . && find . -mindepth 1 ! -name env.txt ! -name summary.txt \
-     ! -name steps.tsv -delete && mv /tmp/gpu_check.tar.gz .)
+NAME=$("$PYTHON" scripts/gpu_check_report.py name \
+  "$(sed -n 's/^device: \([^,]*\),.*/\1/p' "$DIR/env.txt" 2>/dev/null | head -1)" "$COMMIT")
+failed=$(awk -F'\t' '$2 != "0" && $2 != "skip"' "$DIR/steps.tsv" | wc -l)
+if [ -n "$RESULTS" ]; then
+  echo "files in \$OUT: $("$PYTHON" scripts/gpu_check_report.py collect "$DIR" "$RESULTS")"
+  rm -rf "$DIR"
 fi
-echo "gpu_check: ${COMMANDS[*]} took $(( $(date +%s) - START )) s; results in $DIR (commit them under bench/results/$NAME/ with a NOTES.md)"
+echo "commit the results as bench/results/$NAME/ (see bench/README.md, 'The GPU check'); took $(( SECONDS - START )) s"
+echo
 echo "$SUMMARY"
-FAILED=$(awk -F'\t' '$2 != "0" && $2 != "skip"' "$DIR/steps.tsv" | wc -l)
-exit $(( FAILED > 0 ? 1 : 0 ))
+exit $(( failed > 0 ? 1 : 0 ))

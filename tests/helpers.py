@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, List, Sequence
 from unittest import mock
 
@@ -30,9 +31,16 @@ def outputs_and_grads(fn: Callable, inputs: Sequence, grad_outputs: Sequence[Ten
     return [o.detach() for o in outs], [g.detach() for g in grads]
 
 
+# PEER_ATTENTION_TEST_DEVICE=cuda (scripts/gpu_check.sh): the inputs of assert_matches_reference
+# go to that device, so that suites written with CPU tensors (tests/triton) run on a GPU
+TEST_DEVICE = os.environ.get("PEER_ATTENTION_TEST_DEVICE") or None
+
+
 def _cast(inputs: Sequence, dtype: torch.dtype, requires_grad: Sequence[bool]):
     cast = []
     for t, rg in zip(inputs, requires_grad):
+        if isinstance(t, Tensor) and TEST_DEVICE is not None:
+            t = t.detach().to(TEST_DEVICE)
         if isinstance(t, Tensor) and t.is_floating_point():
             cast.append(t.detach().to(dtype).requires_grad_(rg))
         else:

@@ -316,3 +316,25 @@ def test_auto_never_picks_the_triton_interpreter_on_cpu(no_env):
     assert dispatch.select(problem).name == "torch"
     if not dispatch.BACKENDS["triton"].not_supported_reasons(problem):  # interpreter on
         assert dispatch.select(problem, "triton").name == "triton"  # explicit still may
+
+
+def test_auto_order_per_device_kind(monkeypatch, no_env):
+    """AUTO_ORDER (set from the GPU check's bench) picks auto's order for a device kind; a kind
+    without an entry keeps SPEED_ORDER."""
+    assert dispatch.device_kind(torch.device("cpu")) == "cpu"
+    assert dispatch.auto_order(torch.device("cpu")) == dispatch.SPEED_ORDER
+    q, k, v = qkv()
+    problem = api.sdpa_problem(q, k, v)
+    served_by_default = dispatch.select(problem).name
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "sm90", ("reference",))  # another kind: no effect
+    assert dispatch.select(problem).name == served_by_default
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("reference",))
+    assert dispatch.auto_order(torch.device("cpu")) == ("reference",)
+    assert served_by_default != "reference" and dispatch.select(problem).name == "reference"
+
+
+def test_auto_order_entries_are_complete():
+    """Every entry names known backends and ends with the reference, which serves everything."""
+    for kind, order in dispatch.AUTO_ORDER.items():
+        assert set(order) <= set(dispatch.BACKENDS) and order[-1] == "reference", kind
+        assert len(set(order)) == len(order), kind

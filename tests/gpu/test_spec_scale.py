@@ -3,10 +3,11 @@ head dims 64/128/256, float16/bfloat16, every feature a backend claims) against 
 reference (SPEC section 8: max abs error <= 2x the reference's own error in the input dtype
 + 1e-5), forward and backward. Skipped without a CUDA device.
 
-Tiered so that scripts/gpu_check.sh `test` + `sanitize` fit in 9 minutes on an H100:
-PEER_ATTENTION_GPU_TIER=1 (default) runs the tier-1 cases (every feature once, L up to 4k);
-=2 adds the tier-2 cases (more lengths and dtype/head-dim combinations). Run with
-PEER_ATTENTION_TRITON_AUTOTUNE=0 (gpu_check.sh does) so that each Triton kernel compiles once.
+Tiered so that scripts/gpu_check.sh fits its 8 minutes: PEER_ATTENTION_GPU_TIER=1 (default)
+runs the tier-1 cases (every feature once, L up to 4k); =2 adds the tier-2 cases (more lengths and
+dtype/head-dim combinations). gpu_check.sh runs test_sdpa and test_peer on Triton with autotuning
+on (every fitting config compiled and benchmarked first: step triton-autotune) and the rest with
+PEER_ATTENTION_TRITON_AUTOTUNE=0 (one config per kernel).
 """
 import importlib.util
 import math
