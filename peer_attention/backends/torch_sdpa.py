@@ -28,7 +28,9 @@ from ..ops import empty_grad
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
 from .torch_dropout import dropout_backward, dropout_forward
+from .torch_fused import FUSED, fused_backward, fused_backward_serves, fused_forward, plan as fused_plan
 from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
+from .torch_pair import mark_empty_rows as _mark_empty_rows
 
 NEG_INF = float("-inf")
 _CUDA_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -159,28 +161,26 @@ def _band_mask(p: AttentionProblem, s: int, dtype) -> Tensor:
     return torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
 
 
-def _mark_empty_rows(out: Tensor, lse: Tensor, mask: Tensor):
-    # a top-left causal row sees key 0, so only the mask can empty a row
-    if lse.device.type == "cpu":
-        candidates = lse == 0
-        if not bool(candidates.any()):
-            return out, lse
-        empty = candidates & (mask == NEG_INF).all(-1)
-        return out, lse.masked_fill(empty, NEG_INF)
-    empty = (mask == NEG_INF).all(-1).expand(lse.shape)
-    return out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, NEG_INF)
-
-
 def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
     return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
 
 
+_DENSE_TABLES = {n: (1,) * (n * n) for n in range(1, 17)}
+
+
 def _is_one_call(p: AttentionProblem) -> bool:
-    """SDPA as the drop-in sees it: one stream on itself, the kernel's own flags, nothing to merge."""
-    return (len(p.q_lens) == 1 and p.normalize == JOINT and p.peers == (1,) and p.gate is None
-            and p.bias is None and p.sinks is None and p.kv_lengths is None
-            and p.window_left < 0 and p.window_right < 0 and not p.bottom_right
-            and p.q_lens[0] > 0 and p.kv_lens[0] > 0)
+    """One kernel call on the packed q, k, v with the kernel's own flags, nothing to merge: SDPA as
+    the drop-in sees it, or joint attention where every stream attends every stream with no
+    per-pair term (then the packed tensors are what a user's torch.cat + one SDPA call sees)."""
+    if (p.normalize != JOINT or p.gate is not None or p.bias is not None or p.sinks is not None
+            or p.kv_lengths is not None or p.window_left >= 0 or p.window_right >= 0
+            or p.bottom_right):
+        return False
+    streams = len(p.q_lens)
+    if streams == 1:
+        return p.peers == (1,) and p.q_lens[0] > 0 and p.kv_lens[0] > 0
+    return (not p.is_causal and p.attn_mask is None and p.peers == _DENSE_TABLES.get(streams)
+            and p.q.shape[2] > 0 and p.k.shape[2] > 0)
 
 
 def _one_call_forward(p: AttentionProblem):
@@ -197,6 +197,8 @@ def _forward(problem: AttentionProblem):
     if _is_one_call(p):
         return _one_call_forward(p)
     plan = _Plan(p)
+    if fused_plan(p) == FUSED:
+        return fused_forward(plan)
     q, compute = p.q, plan.compute
     value_dim = p.v.shape[-1]
     joint = p.normalize == JOINT
@@ -304,6 +306,11 @@ class _StreamSums:
     def __init__(self, like: Tensor, lens, compute):
         self.like, self.lens, self.compute = like, lens, compute
         self.parts = [None] * len(lens)
+        self.packed = None
+
+    def set_packed(self, grad: Tensor):
+        """The gradient of every stream at once (one kernel call covered them all), as it comes."""
+        self.packed = grad
 
     def add(self, i: int, grad: Tensor):
         part = self.parts[i]
@@ -314,6 +321,8 @@ class _StreamSums:
 
     def result(self) -> Tensor:
         like = self.like
+        if self.packed is not None:
+            return self.packed if self.packed.dtype == like.dtype else self.packed.to(like.dtype)
         parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
                              device=like.device) if part is None else part
                  for part, n in zip(self.parts, self.lens)]
@@ -419,6 +428,8 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                                   needs_grad)
     compute = plan.compute
     grads = _Grads(p, needs_grad, compute)
+    if fused_backward_serves(p, needs_grad):
+        return fused_backward(plan, grads, grad_out, out, lse, needs_grad)
     joint = p.normalize == JOINT
     heads, kv_heads = p.q.shape[1], p.k.shape[1]
     sink = _sink(p, compute)
