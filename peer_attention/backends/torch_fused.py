@@ -11,12 +11,14 @@ pair), the packed q is one call: what `torch.cat` of the streams + one SDPA + a 
 The kernel's lse is then the joint lse, the same numbers the pair plan saves, so either plan's
 backward serves either plan's forward. Backward: the same call's backward gives dq_s, dK_s, dV_s;
 dv_p = g[s,p] * dV_s[p] and dgate[s,p] = sum_j dV_s[p] * V_p, with no forward run again. dbias
-needs each pair's share of the softmax mass: the pair plan's backward serves it.
+needs each pair's share of the softmax mass: the pair plan serves a bias that requires grad (its
+forward keeps the pair outputs for its backward).
 
 `plan(problem)` says which plan a call takes (the rule is measured: see docs/torch_backend.md).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional
 
@@ -42,16 +44,40 @@ def fused_serves(p: AttentionProblem) -> bool:
 
 
 # Causal self pairs: the fused call computes the masked half of each self block that the pair
-# plan's causal kernel skips, and reads an (L_s, M) mask. Measured on the 2-core CPU (bench
-# --preset cpu, torch 2.11): S3 x 1024 tokens, causal, the pair plan is faster; at a few hundred
-# tokens per stream or less the per-pair calls and merges cost more than the masked half.
-CAUSAL_FUSED_MAX_QUERIES = 256
+# plan's causal kernel skips, and reads an (L_s, M) mask. Measured on the 2-core CPU (torch 2.11,
+# the two plans forced in alternation, B 2, gate + bias + causal): fused 1.3-1.5x faster at 3
+# streams of <= 128 tokens, even at 256 (0.96x), and 0.45x at 256 without gate or bias (the pairs
+# then need no merge weights). The rule: fused while the longest query stream is <= 128 tokens.
+CAUSAL_FUSED_MAX_QUERIES = 128
+
+
+_forced: list = []  # innermost forced_plan() last
+
+
+@contextlib.contextmanager
+def forced_plan(name: str):
+    """Take plan `name` wherever it can serve (the bench times both plans; tests check both)."""
+    if name not in (PAIRS, FUSED):
+        raise ValueError(f"forced_plan: expected {PAIRS!r} or {FUSED!r}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def pairs_forced() -> bool:
+    return bool(_forced) and _forced[-1] == PAIRS
 
 
 def plan(p: AttentionProblem) -> str:
     """FUSED or PAIRS for the forward (the backward decides again: fused_backward_serves)."""
     if p.num_streams == 1 or not fused_serves(p) or sum(p.q_lens) == 0 or sum(p.kv_lens) == 0:
         return PAIRS
+    if _forced:
+        return _forced[-1]
+    if p.bias is not None and p.bias.requires_grad:
+        return PAIRS  # dbias needs each pair's output: the pair plan's forward keeps them
     if p.q.device.type != "cpu" and (p.bias is not None or p.kv_lengths is not None or p.is_causal):
         return PAIRS  # the CUDA kernel takes its bias at the full (B, H, L, M) shape: no key rows
     if p.is_causal and max(p.q_lens) > CAUSAL_FUSED_MAX_QUERIES:

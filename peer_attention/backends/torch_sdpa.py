@@ -28,7 +28,8 @@ from ..ops import empty_grad
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
 from .torch_dropout import dropout_backward, dropout_forward
-from .torch_fused import FUSED, fused_backward, fused_backward_serves, fused_forward, plan as fused_plan
+from .torch_fused import FUSED, fused_backward, fused_backward_serves, fused_forward, pairs_forced
+from .torch_fused import plan as fused_plan
 from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
 from .torch_pair import mark_empty_rows as _mark_empty_rows
 
@@ -180,7 +181,7 @@ def _is_one_call(p: AttentionProblem) -> bool:
     if streams == 1:
         return p.peers == (1,) and p.q_lens[0] > 0 and p.kv_lens[0] > 0
     return (not p.is_causal and p.attn_mask is None and p.peers == _DENSE_TABLES.get(streams)
-            and p.q.shape[2] > 0 and p.k.shape[2] > 0)
+            and p.q.shape[2] > 0 and p.k.shape[2] > 0 and not pairs_forced())
 
 
 def _one_call_forward(p: AttentionProblem):
@@ -205,12 +206,15 @@ def _forward(problem: AttentionProblem):
     num_streams = p.num_streams
     sink = _sink(p, compute)
     queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
+    kept = {} if _backward_reruns_pairs(p) else None
     # joint: a row's lse comes from its stream's merge; peer: (t, lse) of every attended pair
     outs, lses = [], []
     for s in range(num_streams):
         q_s = queries[s]
         results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
                    if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
+        if kept is not None:
+            kept.update(((s, t), (o, l)) for t, o, l in results)
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
@@ -226,7 +230,29 @@ def _forward(problem: AttentionProblem):
         lses.append(l_s)
     # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts
     out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
-    return out, (torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses))
+    lse = torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses)
+    if kept:
+        setattr(lse, KEPT_PAIRS, kept)
+    return out, lse
+
+
+# The pair outputs the backward needs again (peer mode; gate or bias gradients), kept on the lse
+# the forward returns: the eager path's autograd hands that very tensor to the backward, which then
+# runs no pair forward again (as the composition's autograd keeps each pair's output). Elsewhere
+# (the registered op) the attribute may be gone and the backward recomputes the same numbers.
+KEPT_PAIRS = "_peer_attention_pair_outputs"
+
+
+def _backward_reruns_pairs(p: AttentionProblem) -> bool:
+    if p.normalize == JOINT and p.gate is None and p.bias is None:
+        return False
+    return any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.gate, p.bias))
+
+
+def _kept_or_again(plan, kept, s: int, t: int, q_s):
+    """Pair (s, t)'s (out, lse) as the forward computed them."""
+    pair = None if kept is None else kept.get((s, t))
+    return plan.pair(s, t, q_s) if pair is None else pair
 
 
 def _peer_lse(p, plan, lses):
@@ -427,6 +453,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
         return _one_call_backward(p, plan.mask(0, 0), plan.causal(0, 0), grad_out, out, lse,
                                   needs_grad)
     compute = plan.compute
+    kept = getattr(lse, KEPT_PAIRS, None)
     grads = _Grads(p, needs_grad, compute)
     if fused_backward_serves(p, needs_grad):
         return fused_backward(plan, grads, grad_out, out, lse, needs_grad)
@@ -475,7 +502,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 if expanded:
                     dk, dv = _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
                 if grads.dgate is not None or grads.dbias is not None:
-                    o_t, l_t = plan.pair(s, t, q_s)
+                    o_t, l_t = _kept_or_again(plan, kept, s, t, q_s)
                     # exp(l_t + bias - L): lse_in is L - bias, +inf on empty rows (weight 0)
                     weight = torch.sub(l_t, lse_in).exp_()
                     d_o = d_out_c * o_t  # dO * o_t in the compute dtype
@@ -486,7 +513,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                         grads.dbias.set(s, t, rows.sub_(delta).mul_(weight).sum(-1))
             else:
                 alone = len(peers) == 1 and gate is None
-                o_t, l_t = (o_s, None) if alone else plan.pair(s, t, q_s)
+                o_t, l_t = (o_s, None) if alone else _kept_or_again(plan, kept, s, t, q_s)
                 lse_in = lses[s][:, :, t]
                 lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
                 g_out = d_out if gate is None else d_out_c * gate
