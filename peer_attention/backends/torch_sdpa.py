@@ -1,7 +1,10 @@
 """The `torch` backend: peer attention composed of torch's own fused SDPA kernels.
 
-SDPA is one kernel call. Peer attention is one call per attended stream pair (s, p), each giving
-the pair's output o_p and log-sum-exp l_p, merged per query row:
+SDPA is one kernel call. Joint peer attention without per-pair structure that needs them takes
+the fused plan of torch_fused.py (a call per query stream over the concatenated keys, or one call
+on the packed streams; `torch_fused.plan` is the rule). Otherwise (the pairs plan) it is one call
+per attended stream pair (s, p), each giving the pair's output o_p and log-sum-exp l_p, merged per
+query row:
   joint: L = logsumexp_p(l_p + bias_p) (and the sink), O = sum_p exp(l_p + bias_p - L) g_p * o_p
   peer:  O = sum_p g_p * o_p, the saved lse is l_p per peer.
 Causal self pairs are the kernels' own (top-left) causal flag; kv_lengths an additive (B, 1, 1, M)
