@@ -60,8 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--list", action="store_true", help="print the selected case ids and providers, run nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--plots", action="store_true",
-                        help="draw the plots in --quick on the CPU too (skipped there by default: "
-                             "tiny shapes give noise-level TFLOP/s)")
+                        help="draw the TFLOP/s plots in --quick on the CPU too (skipped there by "
+                             "default: tiny shapes give noise-level TFLOP/s; the plots of speed "
+                             "relative to the fastest other provider are drawn at any size)")
     parser.add_argument("--full-table", action="store_true",
                         help="also print every row in the terminal (results.csv always has them)")
     parser.add_argument("--profile", action="store_true",
@@ -228,8 +229,10 @@ def main(argv=None) -> int:
         print(headline_table(rows))
     elif args.preset == "cpu":
         print(cpu_table(rows))
-    skip_plots = args.no_plots or (args.quick and args.device == "cpu" and not args.plots)
-    plots = [] if skip_plots else write_plots(rows, meta, args.out)
+    throughput = not (args.quick and args.device == "cpu") or args.plots
+    plots = [] if args.no_plots else write_plots(rows, meta, args.out, throughput)
+    if plots:
+        print("plots (PNG): " + ", ".join(plots))
     print(f"{len(rows)} rows in {settings['elapsed_s']:.1f} s; every row (with the reasons) in {csv_path}; "
           f"also results.json and {len(plots)} plots in {args.out}")
     return 130 if interrupted else 0

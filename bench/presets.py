@@ -18,9 +18,15 @@
              own CPU SDPA at (B, H, L, E) = (12, 3, 1030, 16), float32 and bfloat16, target
              >= 0.95x; peer attention with 3 streams x 1024 tokens (B 2, 4 heads, E 32, gates,
              joint + bias + causal, and per-peer) against the reference, target >= 3x, and the
-             compositions. fwd and fwd+bwd. The providers of a case are timed in alternation
-             (round after round, in shuffled order, medians), so that the load of a shared machine
-             weighs on all of them alike.
+             compositions; and (issue 20) peer attention through auto against the composition a
+             user writes without this package (compose.packed: torch.cat + one SDPA + split;
+             compose.concat: one SDPA per query stream over concatenated keys; compose.pairs: SDPA
+             per pair + gated sum for the per-peer softmax), target >= 1.0x, at MMDiT-like (154 +
+             1024 tokens, 4 heads x 64), SD3-like (333 + 4096) and Wan-like (video over text +
+             image, per-peer) shapes and at tiny ones, with the `torch` backend's two plans
+             (pa.torch.pairs, pa.torch.fused) timed beside it. fwd and fwd+bwd. The providers of a
+             case are timed in alternation (round after round, in shuffled order, medians), so
+             that the load of a shared machine weighs on all of them alike.
 
 `--quick` shrinks a preset's shapes (headline: lengths / 128, head dims / 4; cpu: lengths / 8)
 for a smoke run on any machine.
@@ -106,11 +112,26 @@ def gpu_check_flex_runs(case: Case, quick: bool) -> bool:
         case.seq_len == _shrink(quick)[0](GPU_CHECK_LENGTHS[-1])
 
 
-CPU_PROVIDERS = ("pa.auto", "pa.torch", "pa.reference", "torch.sdpa", "torch.flash",
-                 "compose.pairs", "compose.concat")
+CPU_PROVIDERS = ("pa.auto", "pa.torch", "pa.torch.pairs", "pa.torch.fused", "pa.reference",
+                 "torch.sdpa", "torch.flash", "compose.pairs", "compose.concat", "compose.packed")
 CPU_DROPIN = (12, 3, 1030, 16)                     # (B, H, L, E) of issue 9's measurement
 CPU_PEER = (2, 4, (1024, 1024, 1024), 32)         # (B, H, stream lengths, E)
-DROPIN_TARGET, PEER_TARGET = 0.95, 3.0
+DROPIN_TARGET, PEER_TARGET, COMPOSITION_TARGET = 0.95, 3.0, 1.0
+ISSUE9_PEER_PREFIX = "S3,"  # the reference is the baseline of these peer cases only
+_WAN_PEERS = ((False, True, True), (False, False, False), (False, False, False))
+# issue 20's cases against the compositions: (family, B, H, E, q lens, kv lens, options, tiny)
+CPU_COMPOSITION = [
+    ("mmdit,joint", 1, 4, 64, (154, 1024), (154, 1024), {}, False),
+    ("sd3,joint", 1, 4, 64, (333, 4096), (333, 4096), {}, False),
+    ("mmdit,joint,gate", 1, 4, 64, (154, 1024), (154, 1024), dict(gate=True), False),
+    ("wan,video->text+image,peer", 1, 4, 64, (1024, 0, 0), (0, 154, 257),
+     dict(peers=_WAN_PEERS, normalize="peer"), False),
+    ("tiny,S2,joint", 4, 2, 16, (32, 16), (32, 16), {}, True),
+    ("tiny,S3,joint,gate,bias,causal", 4, 2, 16, (32, 16, 8), (32, 16, 8),
+     dict(gate=True, bias=True, is_causal=True), True),
+    ("tiny,S3,peer,gate", 4, 2, 16, (32, 16, 8), (32, 16, 8), dict(gate=True, normalize="peer"),
+     True),
+]
 
 
 def cpu_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
@@ -127,12 +148,19 @@ def cpu_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
                       lens, lens, dtype, device, "peer", gate=True, bias=True, is_causal=True))
     cases.append(Case("cpu", f"S3,peer,gate,E={dim}", batch, heads, heads, dim, dim, lens, lens,
                       dtype, device, "peer", gate=True, normalize="peer"))
+    for family, batch, heads, dim, q_lens, kv_lens, opts, tiny in CPU_COMPOSITION:
+        size = (lambda n: n) if tiny else shrink
+        cases.append(Case("cpu", f"{family},E={dim}", batch, heads, heads, dim, dim,
+                          tuple(size(n) if n else 0 for n in q_lens),
+                          tuple(size(n) if n else 0 for n in kv_lens), dtype, device, "peer", **opts))
     return cases
 
 
 def cpu_runs(case: Case, provider: str) -> bool:
-    """The reference runs the peer cases only (it is the baseline there, not on SDPA)."""
-    return provider != "pa.reference" or case.kind == "peer"
+    """The reference runs issue 9's peer cases only (it is the baseline there, not on SDPA nor on
+    the cases against the compositions)."""
+    return provider != "pa.reference" or (case.kind == "peer"
+                                          and case.family.startswith(ISSUE9_PEER_PREFIX))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, neve
   pa.cuda, pa.triton, pa.torch,      this package, through its public API with backend=NAME
   pa.reference
   pa.auto                            this package's own choice (what patch_torch() gives); only when named
+  pa.torch.pairs, pa.torch.fused     the `torch` backend with one of its peer plans forced (a pair call
+                                     per attended pair + merges, or a call per query stream over the
+                                     concatenated keys); only when named (the cpu preset compares them)
   torch.flash/efficient/cudnn/math   torch SDPA with one backend forced (torch.nn.attention.sdpa_kernel)
   torch.sdpa                         torch SDPA with its own backend choice; only when named
   flex                               FlexAttention (torch.compile'd on CUDA, eager on CPU): a block
@@ -14,6 +17,9 @@ outputs, or raises `Unavailable` / `Unsupported` with the reason (reported, neve
   compose.pairs                      peer mode as a user writes it: SDPA per pair, then the gated sum
   compose.concat                     joint mode as a user writes it: SDPA over the concatenated keys of
                                      the attended peers with an additive mask, the gate folded into V
+  compose.packed                     joint mode of streams that all attend all (no gate, bias or causal
+                                     self pair) as an MMDiT block writes it: torch.cat of the streams'
+                                     q/k/v, one SDPA (kv_lengths as a key mask), a split
   fa4                                FlashAttention-4 (flash_attn.cute), Hopper/Blackwell, when installed
 """
 from __future__ import annotations
@@ -60,8 +66,9 @@ def _gqa(case: Case) -> bool:
 
 # ---- this package --------------------------------------------------------------------------
 
-def _package(backend: str) -> Provider:
-    """backend="auto": the package's own choice, as patch_torch() and a plain call make it."""
+def _package(backend: str, plan: Optional[str] = None) -> Provider:
+    """backend="auto": the package's own choice, as patch_torch() and a plain call make it; plan: the
+    `torch` backend's peer plan forced ("pairs" or "fused"; a plan that cannot serve falls back)."""
     def build(case: Case, x: Inputs) -> Built:
         import peer_attention as pa
 
@@ -79,7 +86,18 @@ def _package(backend: str) -> Provider:
                     x.queries, x.keys, x.values, peers=case.peer_table(), gate=x.gate, bias=x.bias,
                     normalize=case.normalize, is_causal=case.is_causal, kv_lengths=x.kv_lengths,
                     enable_gqa=_gqa(case), backend=backend)
-        return run, ""
+        if plan is None:
+            return run, ""
+        if case.kind != "peer":
+            raise Unsupported("a peer plan: peer attention cases only")
+        from peer_attention.backends.torch_fused import forced_plan
+
+        def run_forced():
+            with forced_plan(plan):
+                return run()
+        return run_forced, f"{plan} plan forced"
+    if plan is not None:
+        return Provider(f"pa.{backend}.{plan}", True, ("peer",), build, default=False)
     return Provider(f"pa.{backend}", True, ("sdpa", "peer"), build,
                     materializes_scores=(backend == "reference"), default=(backend != "auto"))
 
@@ -219,6 +237,26 @@ def _build_concat(case: Case, x: Inputs) -> Built:
             outs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa))
         return outs
     return run, "SDPA over concatenated keys + additive mask"
+
+
+def _build_packed(case: Case, x: Inputs) -> Built:
+    dense = all(all(row) for row in case.peer_table())
+    if case.kind != "peer" or case.normalize != "joint" or not dense or x.gate is not None \
+            or x.bias is not None or case.is_causal:
+        raise Unsupported("one SDPA over the packed streams: joint, every stream attending every "
+                          "stream, no gate, bias or causal self pair")
+    mask = None
+    if x.kv_lengths is not None:  # each stream's padding, over the packed keys
+        allowed = torch.cat([_allowed_mask(case, x, 0, p) for p in range(case.num_streams)], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=x.queries[0].dtype,
+                           device=allowed.device).masked_fill(~allowed, float("-inf"))
+    lens = list(case.q_lens)
+
+    def run():
+        q, k, v = (torch.cat(t, dim=2) for t in (x.queries, x.keys, x.values))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=_gqa(case))
+        return list(out.split(lens, dim=2))
+    return run, "torch.cat of the streams + one SDPA + split"
 
 
 # ---- FlexAttention -------------------------------------------------------------------------
@@ -427,6 +465,7 @@ def _build_fa4(case: Case, x: Inputs) -> Built:
 
 def all_providers() -> Dict[str, Provider]:
     providers = [_package(name) for name in PACKAGE_BACKENDS + ("auto",)]
+    providers += [_package("torch", plan) for plan in ("pairs", "fused")]
     providers += [_torch_sdpa(label, attr) for label, attr in (
         ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
         ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"), ("sdpa", None))]
@@ -434,6 +473,7 @@ def all_providers() -> Dict[str, Provider]:
         Provider("flex", False, ("sdpa", "peer"), _build_flex),
         Provider("compose.pairs", False, ("peer",), _build_pairs),
         Provider("compose.concat", False, ("peer",), _build_concat),
+        Provider("compose.packed", False, ("peer",), _build_packed),
         Provider("fa4", False, ("sdpa",), _build_fa4),
     ]
     return {p.name: p for p in providers}

@@ -2,6 +2,7 @@
 
 Figures per row (one row per case x provider x mode):
   ms        median milliseconds of one call (timing.py)
+  ms_q1, ms_q3  first and third quartiles of the same repeats (the plots' error bars)
   tflops    flops / (ms * 1e-3) / 1e12, flops from flops.py (MATH.md's count)
   peak_mb   GPU memory the call needs on top of what was allocated before it (empty on CPU)
   speedup   ms of the best correct non-package provider of the same case and mode / ms
@@ -27,7 +28,8 @@ import torch
 CASE_COLUMNS = ["suite", "case_id", "family", "kind", "dtype", "device_type", "batch", "q_heads",
                 "kv_heads", "head_dim", "value_dim", "q_lens", "kv_lens", "seq_len", "num_streams",
                 "is_causal", "mask", "dropout_p", "peers", "gate", "bias", "kv_padding", "normalize"]
-RESULT_COLUMNS = ["mode", "provider", "package", "status", "correct", "max_err", "ms", "flops", "tflops",
+RESULT_COLUMNS = ["mode", "provider", "package", "status", "correct", "max_err", "ms", "ms_q1", "ms_q3",
+                  "flops", "tflops",
                   "peak_mb", "speedup", "op_us", "overhead_us", "python_us", "note"]
 DECODE_COLUMNS = ["page_size", "kv_bytes", "gb_s", "copy_gb_s", "bw_fraction", "us_per_token"]
 META_COLUMNS = ["device_name", "torch_version", "triton_version", "cuda_version", "git_commit"]
@@ -115,14 +117,32 @@ def format_table(rows: Sequence[Dict], note_width: int = 70) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------
 
-def write_plots(rows: Sequence[Dict], meta: Dict[str, str], out_dir: str) -> List[str]:
-    """TFLOP/s against sequence length, one line per provider, one PNG per suite and mode (a
-    panel per case family and dtype); peak memory for the memory suite; bars for overhead."""
+def write_plots(rows: Sequence[Dict], meta: Dict[str, str], out_dir: str,
+                throughput: bool = True) -> List[str]:
+    """PNG plots; returns their paths.
+
+    At any size: per suite, each package provider's speed relative to the fastest provider outside
+    the package, per case and mode, with the spread of the repeats (<suite>_vs_best_other.png).
+    With `throughput` (off for --quick on the CPU, where tiny shapes give noise-level TFLOP/s):
+    TFLOP/s against sequence length, one line per provider, one PNG per suite and mode (a panel
+    per case family and dtype); GB/s where rows carry a `gbps` figure (decode); peak memory for
+    the memory suite; bars for the overhead suite."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
+    by_suite = defaultdict(list)
+    for r in rows:
+        by_suite[r["suite"]].append(r)
+    for suite, group in sorted(by_suite.items()):
+        if suite != "overhead":
+            path = _relative_plot(plt, group, suite, meta,
+                                  os.path.join(out_dir, f"{_slug(suite)}_vs_best_other.png"))
+            if path:
+                paths.append(path)
+    if not throughput:
+        return paths
     by_plot = defaultdict(list)
     for r in rows:
         by_plot[(r["suite"], r["mode"])].append(r)
@@ -136,11 +156,82 @@ def write_plots(rows: Sequence[Dict], meta: Dict[str, str], out_dir: str) -> Lis
             continue
         paths.append(_line_plot(plt, group, "tflops", "TFLOP/s", f"{suite}, {mode}", meta,
                                 os.path.join(out_dir, f"{suite}_{_slug(mode)}.png")))
+        if any(r.get("gbps") not in ("", None) for r in group):
+            paths.append(_line_plot(plt, group, "gbps", "GB/s (bytes read and written / time)",
+                                    f"{suite}, {mode}, bandwidth", meta,
+                                    os.path.join(out_dir, f"{suite}_{_slug(mode)}_gbps.png")))
         if suite == "memory":
             paths.append(_line_plot(plt, group, "peak_mb", "peak MB (GPU; not measured on CPU)",
                                     f"{suite}, {mode}, peak memory", meta,
                                     os.path.join(out_dir, f"{suite}_{_slug(mode)}_peak_mb.png")))
     return paths
+
+
+def _number(value):
+    return None if value in ("", None) else float(value)
+
+
+def relative_speeds(rows: Sequence[Dict]) -> List[Dict]:
+    """Per case, mode and package provider: speed = best other's median ms / ours, and the range
+    [best / our third quartile, best / our first quartile] of the repeats."""
+    grid = defaultdict(list)
+    for r in rows:
+        if r.get("status") == "ok" and _number(r.get("ms")):
+            grid[(r["case_id"], r["mode"])].append(r)
+    points = []
+    for (case_id, mode), cells in grid.items():
+        others = [r for r in cells if not _is_package(r) and r.get("correct") in (True, "True")]
+        if not others:
+            continue
+        best = min(others, key=lambda r: float(r["ms"]))
+        best_ms = float(best["ms"])
+        for r in cells:
+            if not _is_package(r):
+                continue
+            ms, q1, q3 = float(r["ms"]), _number(r.get("ms_q1")), _number(r.get("ms_q3"))
+            points.append(dict(case_id=case_id, mode=mode, provider=r["provider"], best=best["provider"],
+                               speed=best_ms / ms, low=best_ms / q3 if q3 else best_ms / ms,
+                               high=best_ms / q1 if q1 else best_ms / ms,
+                               wrong=r.get("correct") in (False, "False")))
+    return points
+
+
+def _is_package(r) -> bool:
+    return r.get("package") in (True, "True")
+
+
+def _relative_plot(plt, rows, suite, meta, path):
+    points = relative_speeds(rows)
+    if not points:
+        return None
+    labels = list(dict.fromkeys((p["case_id"], p["mode"]) for p in points))
+    best = {(p["case_id"], p["mode"]): p["best"] for p in points}
+    providers = sorted({p["provider"] for p in points})
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.3 * len(labels)))
+    step = 0.6 / max(1, len(providers))
+    for i, provider in enumerate(providers):
+        mine = [p for p in points if p["provider"] == provider]
+        ys = [labels.index((p["case_id"], p["mode"])) + (i - (len(providers) - 1) / 2) * step for p in mine]
+        xs = [p["speed"] for p in mine]
+        err = [[p["speed"] - p["low"] for p in mine], [p["high"] - p["speed"] for p in mine]]
+        wrong = any(p["wrong"] for p in mine)
+        ax.errorbar(xs, ys, xerr=err, fmt="o", markersize=4, capsize=2,
+                    label=provider + (" (WRONG in some rows)" if wrong else ""))
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels([f"{c.split('/', 1)[-1]} [{m}] vs {best[(c, m)]}" for c, m in labels], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed vs the fastest provider outside the package (> 1: faster); "
+                  "bars: quartiles of the repeats", fontsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{suite} | {meta['device_name']} | torch {meta['torch_version']} | "
+                 f"{meta['git_commit'][:12]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def _slug(text: str) -> str:

@@ -90,10 +90,13 @@ def _prepare(case: Case, provider: Provider, oracle: Oracle, inputs: Inputs):
     return run, [n for n in (note, oracle.note, failure) if n], correct, err
 
 
-def _timed_row(case: Case, row: Dict[str, object], mode: str, ms: float, timed, notes) -> Dict:
+def _timed_row(case: Case, row: Dict[str, object], mode: str, ms: float, timed, notes,
+               spread=None) -> Dict:
     flops = case_flops(case, mode)
-    return dict(row, status="ok", ms=ms, flops=flops, tflops=tflops_per_s(flops, ms),
-                peak_mb=peak_memory_mb(timed, case.device), note="; ".join(notes))
+    q1, q3 = spread if spread else ("", "")
+    return dict(row, status="ok", ms=ms, ms_q1=q1, ms_q3=q3, flops=flops,
+                tflops=tflops_per_s(flops, ms), peak_mb=peak_memory_mb(timed, case.device),
+                note="; ".join(notes))
 
 
 def _failed_row(row: Dict[str, object], exc: BaseException, notes) -> Dict:
@@ -115,8 +118,9 @@ def run_provider(case: Case, provider: Provider, oracle: Oracle, inputs: Inputs,
         row = dict(base, mode=mode, correct=correct, max_err=err)
         try:
             timed = _timed(run, inputs, mode)
-            rows.append(_timed_row(case, row, mode, median_ms(timed, case.device, settings.timing),
-                                   timed, notes))
+            spread: list = []
+            ms = median_ms(timed, case.device, settings.timing, spread)
+            rows.append(_timed_row(case, row, mode, ms, timed, notes, spread[0] if spread else None))
             del timed
         except Exception as exc:
             rows.append(_failed_row(row, exc, notes))
@@ -147,13 +151,15 @@ def run_providers_interleaved(case: Case, providers: Sequence[Provider], oracle:
                 pending[name] = (row, notes)
             except Exception as exc:
                 rows.append(_failed_row(row, exc, notes))
-        results = interleaved_ms(timed, case.device, settings.timing)
+        spreads: Dict[str, tuple] = {}
+        results = interleaved_ms(timed, case.device, settings.timing, spreads=spreads)
         for name, (row, notes) in pending.items():
             result = results[name]
             if isinstance(result, Exception):
                 rows.append(_failed_row(row, result, notes))
             else:
-                rows.append(_timed_row(case, row, mode, result, timed[name], notes))
+                rows.append(_timed_row(case, row, mode, result, timed[name], notes,
+                                       spreads.get(name)))
     return rows
 
 

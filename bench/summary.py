@@ -6,7 +6,9 @@
   headline_table(rows)     one line per case and mode: TFLOP/s per provider, the fastest provider
                            outside the package, and each package provider's ratio to it;
   cpu_table(rows)          the cpu preset: milliseconds per provider, and issue 9's targets (the
-                           drop-in against torch's own SDPA, peer attention against the reference).
+                           drop-in against torch's own SDPA, peer attention against the reference)
+                           and issue 20's (peer attention through auto against the fastest
+                           composition a user writes without this package).
 """
 from __future__ import annotations
 
@@ -186,7 +188,41 @@ def _target_text(cells: Dict[str, Dict], kind_is_sdpa: bool, dropin: float, peer
     return f"{', '.join(parts)} vs {baseline} (>= {target:g}: {'met' if met else 'NOT met'})"
 
 
-def cpu_table(rows: Sequence[Dict], dropin: float = 0.95, peer: float = 3.0) -> str:
+COMPOSITIONS = ("compose.packed", "compose.concat", "compose.pairs")
+
+
+def _checked(r) -> bool:
+    return r is not None and _ok(r) and _is_true(r.get("correct"))
+
+
+def _composition_text(cells: Dict[str, Dict], target: float) -> str:
+    """'pa.auto 1.02x compose.packed (>= 1: met)': the fastest correct composition's time / auto's."""
+    comps = [cells[c] for c in COMPOSITIONS if _checked(cells.get(c))]
+    ours = cells.get("pa.auto")
+    if not comps or not _checked(ours):
+        return ""
+    best = min(comps, key=lambda r: float(r["ms"]))
+    ratio = float(best["ms"]) / float(ours["ms"])
+    return (f"pa.auto {ratio:.2f}x {best['provider']} (>= {target:g}: "
+            f"{'met' if ratio >= target else 'NOT met'})")
+
+
+def composition_ratios(rows: Sequence[Dict]) -> List[float]:
+    """pa.auto's speed against the fastest composition, one number per peer case and mode."""
+    grid: Dict[tuple, Dict[str, Dict]] = defaultdict(dict)
+    for r in rows:
+        if r.get("kind") == "peer":
+            grid[(r["case_id"], r["mode"])][r["provider"]] = r
+    ratios = []
+    for cells in grid.values():
+        comps = [cells[c] for c in COMPOSITIONS if _checked(cells.get(c))]
+        if comps and _checked(cells.get("pa.auto")):
+            ratios.append(min(float(c["ms"]) for c in comps) / float(cells["pa.auto"]["ms"]))
+    return ratios
+
+
+def cpu_table(rows: Sequence[Dict], dropin: float = 0.95, peer: float = 3.0,
+              composition: float = 1.0) -> str:
     """Cells: median ms of the interleaved rounds ('!' failed the reference check, '-' did not
     run); the last column: each package provider's speed against the preset's baseline."""
     timed = [r for r in rows if r.get("suite") == "cpu"]
@@ -200,9 +236,16 @@ def cpu_table(rows: Sequence[Dict], dropin: float = 0.95, peer: float = 3.0) -> 
     lines = []
     for (case_id, mode), cells in grid.items():
         line = [case_id.split("/", 1)[1], mode] + [_ms(cells.get(p)) for p in providers]
-        line.append(_target_text(cells, kinds[case_id], dropin, peer))
+        targets = [_composition_text(cells, composition)] if not kinds[case_id] else []
+        if kinds[case_id] or _ok(cells.get(PEER_BASELINE) or {}) or not targets[0]:
+            targets.append(_target_text(cells, kinds[case_id], dropin, peer))
+        line.append("; ".join(t for t in targets if t))
         lines.append(line)
     out = _aligned(header, lines)
     out.append("ms per call, median of rounds that call every provider once in shuffled order "
                "('!' failed the reference check, '-' did not run: see results.csv)")
+    ratios = composition_ratios(timed)
+    if ratios:
+        out.append(f"peer attention (pa.auto) vs the fastest composition: {_ratio_text(ratios)} "
+                   f"over {len(ratios)} rows (target >= {composition:g})")
     return "\n".join(out)

@@ -7,6 +7,8 @@
   timed in rounds, each round calling every provider once in a shuffled order, and each gets the
   median of its rounds. On a shared machine the load then weighs on all providers alike, so
   their ratios hold where single timings of one provider after the other drift by +-15%.
+- spread: the first and third quartiles of the same repeats (columns ms_q1, ms_q3), which the
+  plots draw as error bars.
 - peak memory (GPU only): torch.cuda.max_memory_allocated() during one call minus the memory
   allocated just before it, i.e. what the call itself needs on top of its inputs (for "bwd": on
   top of the saved forward graph). On the CPU it is not measured (reported empty).
@@ -17,7 +19,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -38,14 +40,27 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, settings: TimingSettings) -> float:
-    """Median wall time of fn() in milliseconds."""
+def quartiles(samples: List[float]) -> Tuple[float, float]:
+    """(first, third) quartile of the repeats (both the sample itself when there is one)."""
+    if len(samples) < 2:
+        return samples[0], samples[0]
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, q3
+
+
+def median_ms(fn: Callable[[], object], device: str, settings: TimingSettings,
+              spread: Optional[list] = None) -> float:
+    """Median wall time of fn() in milliseconds; `spread` (a list) gets its quartiles appended."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
         except ImportError:
-            return _cuda_events_ms(fn, settings)
-        return float(do_bench(fn, warmup=settings.warmup_ms, rep=settings.rep_ms, return_mode="median"))
+            return _cuda_events_ms(fn, settings, spread)
+        median, q1, q3 = do_bench(fn, warmup=settings.warmup_ms, rep=settings.rep_ms,
+                                  quantiles=[0.5, 0.25, 0.75])
+        if spread is not None:
+            spread.append((float(q1), float(q3)))
+        return float(median)
     for _ in range(settings.warmup):
         fn()
     samples, start = [], time.perf_counter()
@@ -54,13 +69,17 @@ def median_ms(fn: Callable[[], object], device: str, settings: TimingSettings) -
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
+    if spread is not None:
+        spread.append(quartiles(samples))
     return statistics.median(samples)
 
 
 def interleaved_ms(fns: Dict[str, Callable[[], object]], device: str, settings: TimingSettings,
-                   seed: int = 0) -> Dict[str, object]:
+                   seed: int = 0, spreads: Optional[Dict[str, Tuple[float, float]]] = None
+                   ) -> Dict[str, object]:
     """{name: median ms over rounds} of several functions timed in alternation (see the module
-    docstring); a function that raises gets the exception instead and leaves the rounds."""
+    docstring); a function that raises gets the exception instead and leaves the rounds.
+    `spreads` (a dict) gets each timed function's quartiles."""
     results: Dict[str, object] = {}
     alive = list(fns)
     for name in list(alive):
@@ -90,10 +109,12 @@ def interleaved_ms(fns: Dict[str, Callable[[], object]], device: str, settings: 
     for name, values in samples.items():
         if name not in results:
             results[name] = statistics.median(values)
+            if spreads is not None:
+                spreads[name] = quartiles(values)
     return results
 
 
-def _cuda_events_ms(fn, settings: TimingSettings) -> float:
+def _cuda_events_ms(fn, settings: TimingSettings, spread: Optional[list] = None) -> float:
     for _ in range(settings.warmup):
         fn()
     torch.cuda.synchronize()
@@ -105,6 +126,8 @@ def _cuda_events_ms(fn, settings: TimingSettings) -> float:
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end))
+    if spread is not None:
+        spread.append(quartiles(samples))
     return statistics.median(samples)
 
 

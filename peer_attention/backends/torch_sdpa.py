@@ -1,7 +1,10 @@
 """The `torch` backend: peer attention composed of torch's own fused SDPA kernels.
 
-SDPA is one kernel call. Peer attention is one call per attended stream pair (s, p), each giving
-the pair's output o_p and log-sum-exp l_p, merged per query row:
+SDPA is one kernel call. Joint peer attention without per-pair structure that needs them takes
+the fused plan of torch_fused.py (a call per query stream over the concatenated keys, or one call
+on the packed streams; `torch_fused.plan` is the rule). Otherwise (the pairs plan) it is one call
+per attended stream pair (s, p), each giving the pair's output o_p and log-sum-exp l_p, merged per
+query row:
   joint: L = logsumexp_p(l_p + bias_p) (and the sink), O = sum_p exp(l_p + bias_p - L) g_p * o_p
   peer:  O = sum_p g_p * o_p, the saved lse is l_p per peer.
 Causal self pairs are the kernels' own (top-left) causal flag; kv_lengths an additive (B, 1, 1, M)
@@ -29,7 +32,10 @@ from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
 from .torch_decode import torch_decode
 from .torch_dropout import dropout_backward, dropout_forward
+from .torch_fused import FUSED, fused_backward, fused_backward_serves, fused_forward, pairs_forced
+from .torch_fused import plan as fused_plan
 from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
+from .torch_pair import mark_empty_rows as _mark_empty_rows
 
 NEG_INF = float("-inf")
 _CUDA_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -160,28 +166,26 @@ def _band_mask(p: AttentionProblem, s: int, dtype) -> Tensor:
     return torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
 
 
-def _mark_empty_rows(out: Tensor, lse: Tensor, mask: Tensor):
-    # a top-left causal row sees key 0, so only the mask can empty a row
-    if lse.device.type == "cpu":
-        candidates = lse == 0
-        if not bool(candidates.any()):
-            return out, lse
-        empty = candidates & (mask == NEG_INF).all(-1)
-        return out, lse.masked_fill(empty, NEG_INF)
-    empty = (mask == NEG_INF).all(-1).expand(lse.shape)
-    return out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, NEG_INF)
-
-
 def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
     return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
 
 
+_DENSE_TABLES = {n: (1,) * (n * n) for n in range(1, 17)}
+
+
 def _is_one_call(p: AttentionProblem) -> bool:
-    """SDPA as the drop-in sees it: one stream on itself, the kernel's own flags, nothing to merge."""
-    return (len(p.q_lens) == 1 and p.normalize == JOINT and p.peers == (1,) and p.gate is None
-            and p.bias is None and p.sinks is None and p.kv_lengths is None
-            and p.window_left < 0 and p.window_right < 0 and not p.bottom_right
-            and p.q_lens[0] > 0 and p.kv_lens[0] > 0)
+    """One kernel call on the packed q, k, v with the kernel's own flags, nothing to merge: SDPA as
+    the drop-in sees it, or joint attention where every stream attends every stream with no
+    per-pair term (then the packed tensors are what a user's torch.cat + one SDPA call sees)."""
+    if (p.normalize != JOINT or p.gate is not None or p.bias is not None or p.sinks is not None
+            or p.kv_lengths is not None or p.window_left >= 0 or p.window_right >= 0
+            or p.bottom_right):
+        return False
+    streams = len(p.q_lens)
+    if streams == 1:
+        return p.peers == (1,) and p.q_lens[0] > 0 and p.kv_lens[0] > 0
+    return (not p.is_causal and p.attn_mask is None and p.peers == _DENSE_TABLES.get(streams)
+            and p.q.shape[2] > 0 and p.k.shape[2] > 0 and not pairs_forced())
 
 
 def _one_call_forward(p: AttentionProblem):
@@ -198,18 +202,23 @@ def _forward(problem: AttentionProblem):
     if _is_one_call(p):
         return _one_call_forward(p)
     plan = _Plan(p)
+    if fused_plan(p) == FUSED:
+        return fused_forward(plan)
     q, compute = p.q, plan.compute
     value_dim = p.v.shape[-1]
     joint = p.normalize == JOINT
     num_streams = p.num_streams
     sink = _sink(p, compute)
     queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
+    kept = {} if _backward_reruns_pairs(p) else None
     # joint: a row's lse comes from its stream's merge; peer: (t, lse) of every attended pair
     outs, lses = [], []
     for s in range(num_streams):
         q_s = queries[s]
         results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
                    if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
+        if kept is not None:
+            kept.update(((s, t), (o, l)) for t, o, l in results)
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
@@ -225,7 +234,29 @@ def _forward(problem: AttentionProblem):
         lses.append(l_s)
     # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts
     out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
-    return out, (torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses))
+    lse = torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses)
+    if kept:
+        setattr(lse, KEPT_PAIRS, kept)
+    return out, lse
+
+
+# The pair outputs the backward needs again (peer mode; gate or bias gradients), kept on the lse
+# the forward returns: the eager path's autograd hands that very tensor to the backward, which then
+# runs no pair forward again (as the composition's autograd keeps each pair's output). Elsewhere
+# (the registered op) the attribute may be gone and the backward recomputes the same numbers.
+KEPT_PAIRS = "_peer_attention_pair_outputs"
+
+
+def _backward_reruns_pairs(p: AttentionProblem) -> bool:
+    if p.normalize == JOINT and p.gate is None and p.bias is None:
+        return False
+    return any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.gate, p.bias))
+
+
+def _kept_or_again(plan, kept, s: int, t: int, q_s):
+    """Pair (s, t)'s (out, lse) as the forward computed them."""
+    pair = None if kept is None else kept.get((s, t))
+    return plan.pair(s, t, q_s) if pair is None else pair
 
 
 def _peer_lse(p, plan, lses):
@@ -305,6 +336,11 @@ class _StreamSums:
     def __init__(self, like: Tensor, lens, compute):
         self.like, self.lens, self.compute = like, lens, compute
         self.parts = [None] * len(lens)
+        self.packed = None
+
+    def set_packed(self, grad: Tensor):
+        """The gradient of every stream at once (one kernel call covered them all), as it comes."""
+        self.packed = grad
 
     def add(self, i: int, grad: Tensor):
         part = self.parts[i]
@@ -315,6 +351,8 @@ class _StreamSums:
 
     def result(self) -> Tensor:
         like = self.like
+        if self.packed is not None:
+            return self.packed if self.packed.dtype == like.dtype else self.packed.to(like.dtype)
         parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
                              device=like.device) if part is None else part
                  for part, n in zip(self.parts, self.lens)]
@@ -419,7 +457,10 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
         return _one_call_backward(p, plan.mask(0, 0), plan.causal(0, 0), grad_out, out, lse,
                                   needs_grad)
     compute = plan.compute
+    kept = getattr(lse, KEPT_PAIRS, None)
     grads = _Grads(p, needs_grad, compute)
+    if fused_backward_serves(p, needs_grad):
+        return fused_backward(plan, grads, grad_out, out, lse, needs_grad)
     joint = p.normalize == JOINT
     heads, kv_heads = p.q.shape[1], p.k.shape[1]
     sink = _sink(p, compute)
@@ -465,7 +506,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 if expanded:
                     dk, dv = _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
                 if grads.dgate is not None or grads.dbias is not None:
-                    o_t, l_t = plan.pair(s, t, q_s)
+                    o_t, l_t = _kept_or_again(plan, kept, s, t, q_s)
                     # exp(l_t + bias - L): lse_in is L - bias, +inf on empty rows (weight 0)
                     weight = torch.sub(l_t, lse_in).exp_()
                     d_o = d_out_c * o_t  # dO * o_t in the compute dtype
@@ -476,7 +517,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                         grads.dbias.set(s, t, rows.sub_(delta).mul_(weight).sum(-1))
             else:
                 alone = len(peers) == 1 and gate is None
-                o_t, l_t = (o_s, None) if alone else plan.pair(s, t, q_s)
+                o_t, l_t = (o_s, None) if alone else _kept_or_again(plan, kept, s, t, q_s)
                 lse_in = lses[s][:, :, t]
                 lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
                 g_out = d_out if gate is None else d_out_c * gate

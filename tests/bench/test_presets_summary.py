@@ -151,9 +151,17 @@ def test_cpu_case_list_is_the_issue_s():
     float32 = cpu_cases("float32", "cpu")
     dropin = [c for c in float32 if c.kind == "sdpa"]
     assert [(c.batch, c.q_heads, c.seq_len, c.head_dim) for c in dropin] == [(12, 3, 1030, 16)]
-    peer = [c for c in float32 if c.kind == "peer"]
+    peer = [c for c in float32 if c.kind == "peer" and c.family.startswith("S3,")]
     assert sorted(c.normalize for c in peer) == ["joint", "peer"]
     assert all(c.q_lens == (1024,) * 3 and c.gate for c in peer)
+    # issue 20: against the compositions, MMDiT-like and SD3-like joint, per-peer, tiny
+    against = {c.family: c for c in float32 if c.kind == "peer" and not c.family.startswith("S3,")}
+    assert against["mmdit,joint,E=64"].q_lens == (154, 1024)
+    assert against["sd3,joint,E=64"].q_lens == (333, 4096)
+    assert {c.normalize for c in against.values()} == {"joint", "peer"}
+    assert any(f.startswith("tiny,") for f in against)
+    assert [c.q_lens for c in cpu_cases("float32", "cpu", quick=True)
+            if c.family == "tiny,S2,joint,E=16"] == [(32, 16)]  # tiny already: not shrunk
     assert [c.kind for c in cpu_cases("bfloat16", "cpu")] == ["sdpa"]  # peer: float32 only
     assert set(CPU_PROVIDERS) <= set(all_providers())
     args = cli.parse_args(["--preset", "cpu", "--device", "cpu"])
@@ -209,6 +217,23 @@ def test_cpu_table_ratios_against_torch_and_the_reference():
     assert "pa.auto 1.00x, pa.torch 0.83x vs torch.sdpa (>= 0.95: NOT met)" in lines[1]
     assert "pa.torch 5.00x vs pa.reference (>= 3: met)" in lines[2]
     assert "100.0!" in lines[3] and "no package row to compare" in lines[3]
+
+
+def test_cpu_table_ratio_against_the_fastest_composition():
+    case = "mmdit,joint/B1/L154x1024/float32"
+    rows = [dict(_row(case, "fwd", provider, suite="cpu"), ms=ms, kind="peer")
+            for provider, ms in (("pa.auto", 8.0), ("compose.packed", 10.0), ("compose.concat", 9.0),
+                                 ("pa.torch.pairs", 12.0))]
+    rows += [dict(_row(case, "fwd+bwd", provider, suite="cpu"), ms=ms, kind="peer")
+             for provider, ms in (("pa.auto", 20.0), ("compose.packed", 18.0))]
+    from bench.summary import composition_ratios, cpu_table
+
+    lines = cpu_table(rows).splitlines()
+    assert "pa.auto 1.12x compose.concat (>= 1: met)" in lines[1]
+    assert "pa.auto 0.90x compose.packed (>= 1: NOT met)" in lines[2]
+    assert "no pa.reference row" not in lines[1]
+    assert "vs the fastest composition: median" in lines[-1]
+    assert sorted(composition_ratios(rows)) == [0.9, 1.125]
 
 
 def test_cpu_preset_runs_on_tiny_shapes(tmp_path, capsys):

@@ -152,8 +152,40 @@ def test_cli_writes_csv_json_and_plots(tmp_path, capsys):
     assert data["columns"] == COLUMNS and len(data["rows"]) == len(rows)
     assert set(data["meta"]) == {"device_name", "torch_version", "triton_version", "cuda_version", "git_commit"}
     assert all(set(r) == set(COLUMNS) for r in data["rows"])
-    for name in ("sdpa_fwd.png", "sdpa_bwd.png"):
+    for name in ("sdpa_fwd.png", "sdpa_bwd.png", "sdpa_vs_best_other.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
+    assert all(float(r["ms_q1"]) <= float(r["ms"]) <= float(r["ms_q3"])
+               for r in rows if r["status"] == "ok")
+
+
+def test_quick_cpu_run_draws_the_relative_speed_plots(tmp_path, capsys):
+    """Issue 20: the main job's --quick on the CPU draws, per suite, our speed relative to the
+    fastest provider outside the package with the spread of the repeats, and says where (no
+    TFLOP/s plots there: noise at tiny shapes)."""
+    out = str(tmp_path / "out")
+    code = cli.main(["--quick", "--device", "cpu", "--suite", "sdpa,peer", "--case", "/B2/",
+                     "--mode", "fwd", "--provider", "pa.torch,torch.math,compose.pairs,compose.packed",
+                     "--out", out])
+    assert code == 0
+    printed = capsys.readouterr().out
+    paths = [os.path.join(out, f"{suite}_vs_best_other.png") for suite in ("sdpa", "peer")]
+    assert "plots (PNG): " in printed and all(path in printed for path in paths)
+    assert sorted(os.listdir(out)) == ["peer_vs_best_other.png", "results.csv", "results.json",
+                                       "sdpa_vs_best_other.png"]
+    for path in paths:
+        assert os.path.getsize(path) > 1000
+
+
+def test_relative_speeds_use_the_fastest_correct_other_and_the_quartiles():
+    from bench.report import relative_speeds
+
+    def row(provider, package, ms, q1="", q3="", correct=True):
+        return dict(case_id="c", mode="fwd", provider=provider, package=package, status="ok",
+                    ms=ms, ms_q1=q1, ms_q3=q3, correct=correct)
+    points = relative_speeds([row("pa.torch", True, 2.0, 1.0, 4.0), row("torch.math", False, 4.0),
+                              row("flex", False, 1.0, correct=False)])
+    assert points == [dict(case_id="c", mode="fwd", provider="pa.torch", best="torch.math",
+                           speed=2.0, low=1.0, high=4.0, wrong=False)]
 
 
 def test_complete_fills_every_column():

@@ -1,0 +1,288 @@
+"""The `torch` backend's fused plan for joint normalisation: one torch SDPA call per query stream
+over the concatenated keys of the peers it attends, instead of one call per pair plus merges.
+
+  keys    K_s = cat_p K_p, p in P(s) (the packed k itself when P(s) is every stream)
+  values  V_s = cat_p g[s,p] * V_p: the gate folded into a scaled copy (the packed v without one)
+  mask    an additive row per key, (B|1, H|1, 1, M): bias[s,p] on p's keys, -inf on kv_lengths
+          padding; a causal self pair adds its (L_s, M_s) lower-triangular block
+When every stream attends every stream with the same mask row (no gate, no bias, no causal self
+pair), the packed q is one call: what `torch.cat` of the streams + one SDPA + a split computes.
+
+The kernel's lse is then the joint lse, the same numbers the pair plan saves, so either plan's
+backward serves either plan's forward. Backward: the same call's backward gives dq_s, dK_s, dV_s;
+dv_p = g[s,p] * dV_s[p] and dgate[s,p] = sum_j dV_s[p] * V_p, with no forward run again. dbias
+needs each pair's share of the softmax mass: the pair plan serves a bias that requires grad (its
+forward keeps the pair outputs for its backward).
+
+`plan(problem)` says which plan a call takes (the rule is measured: see docs/torch_backend.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ..problem import JOINT, AttentionProblem
+from .torch_pair import NEG_INF, contiguous_lse, mark_empty_rows, pair_backward, pair_forward
+
+PAIRS, FUSED = "pairs", "fused"
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def fused_serves(p: AttentionProblem) -> bool:
+    """The fused plan computes this problem exactly: joint, no per-pair structure it cannot write
+    as a key row or the self pair's causal block."""
+    return (p.normalize == JOINT and p.attn_mask is None and p.sinks is None
+            and p.dropout_p == 0 and p.window_left < 0 and p.window_right < 0
+            and not p.bottom_right and p.softcap == 0 and p.alibi_slopes is None
+            # a gate in V rounds g * v to 16 bits (the pair plan multiplies in float32); with GQA
+            # it would need K/V repeated per query head
+            and (p.gate is None or (p.q.dtype in _FULL_PRECISION and p.k.shape[1] == p.q.shape[1])))
+
+
+# Causal self pairs: the fused call computes the masked half of each self block that the pair
+# plan's causal kernel skips, and reads an (L_s, M) mask. Measured on the 2-core CPU (torch 2.11,
+# the two plans forced in alternation, B 2, gate + bias + causal): fused 1.3-1.5x faster at 3
+# streams of <= 128 tokens, even at 256 (0.96x), and 0.45x at 256 without gate or bias (the pairs
+# then need no merge weights). The rule: fused while the longest query stream is <= 128 tokens.
+CAUSAL_FUSED_MAX_QUERIES = 128
+
+
+_forced: list = []  # innermost forced_plan() last
+
+
+@contextlib.contextmanager
+def forced_plan(name: str):
+    """Take plan `name` wherever it can serve (the bench times both plans; tests check both)."""
+    if name not in (PAIRS, FUSED):
+        raise ValueError(f"forced_plan: expected {PAIRS!r} or {FUSED!r}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def pairs_forced() -> bool:
+    return bool(_forced) and _forced[-1] == PAIRS
+
+
+def plan(p: AttentionProblem) -> str:
+    """FUSED or PAIRS for the forward (the backward decides again: fused_backward_serves)."""
+    if p.num_streams == 1 or not fused_serves(p) or sum(p.q_lens) == 0 or sum(p.kv_lens) == 0:
+        return PAIRS
+    if _forced:
+        return _forced[-1]
+    if p.bias is not None and p.bias.requires_grad:
+        return PAIRS  # dbias needs each pair's output: the pair plan's forward keeps them
+    if p.q.device.type != "cpu" and (p.bias is not None or p.kv_lengths is not None or p.is_causal):
+        return PAIRS  # the CUDA kernel takes its bias at the full (B, H, L, M) shape: no key rows
+    if p.is_causal and max(p.q_lens) > CAUSAL_FUSED_MAX_QUERIES:
+        return PAIRS
+    return FUSED
+
+
+def fused_backward_serves(p: AttentionProblem, needs_grad) -> bool:
+    return plan(p) == FUSED and not (needs_grad[4] and p.bias is not None)
+
+
+class _Streams:
+    """Per query stream: its attended key streams, the concatenated K and gated V, the mask."""
+
+    def __init__(self, pair_plan):
+        self.pp = pair_plan
+        p = pair_plan.p
+        self.p = p
+        self.nonempty = [t for t in range(p.num_streams) if p.kv_lens[t] > 0]
+        self.kv_off = p.stream_offsets(p.kv_lens)
+        self._rows = False  # not built yet (None: no row terms)
+
+    def attended(self, s: int) -> List[int]:
+        return [t for t in self.pp.peers[s] if self.p.kv_lens[t] > 0]
+
+    def keys(self, attended: List[int]) -> Tensor:
+        if attended == self.nonempty:
+            return self.p.k
+        keys, _ = self.pp.key_streams()
+        return torch.cat([keys[t] for t in attended], 2)
+
+    def values(self, s: int, attended: List[int]) -> Tensor:
+        p = self.p
+        gates = self.pp.pair_gates()
+        if gates is None:
+            if attended == self.nonempty:
+                return p.v
+            _, values = self.pp.key_streams()
+            return torch.cat([values[t] for t in attended], 2)
+        _, values = self.pp.key_streams()
+        scaled = torch.cat([values[t] * gates[s][t] for t in attended], 2)
+        return scaled if scaled.dtype == p.q.dtype else scaled.to(p.q.dtype)
+
+    def rows(self) -> Optional[Tensor]:
+        """(B|1, H|1, S, Tk) additive terms of every query stream on every packed key: bias[s, p]
+        on p's keys, -inf on kv_lengths padding; None without either. A few ops for all streams."""
+        if self._rows is not False:
+            return self._rows
+        p = self.p
+        rows = None
+        if p.bias is not None:  # (B, S, S, H) -> (B, H, S, S) -> each peer's value on its keys
+            repeats, _, _ = _key_layout(tuple(p.kv_lens), p.q.device)
+            rows = self.pp.bias.permute(0, 3, 1, 2).repeat_interleave(
+                repeats, dim=3, output_size=p.k.shape[2])
+        if p.kv_lengths is not None:
+            _, stream_of_key, position = _key_layout(tuple(p.kv_lens), p.kv_lengths.device)
+            padding = position >= p.kv_lengths[:, stream_of_key]  # (B, Tk)
+            dtype = self.pp.compute if rows is not None else p.q.dtype
+            pad = torch.where(padding, NEG_INF, 0.0).to(device=p.q.device, dtype=dtype)[:, None, None]
+            rows = pad if rows is None else rows + pad
+        self._rows = rows
+        return rows
+
+    def mask(self, s: int, attended: List[int]) -> Optional[Tensor]:
+        """The additive mask of query stream s over its concatenated keys, or None."""
+        p = self.p
+        rows = self.rows()
+        if rows is not None:
+            if rows.shape[2] > 1:  # a bias: one row per query stream (else one for all)
+                rows = rows[:, :, s:s + 1]
+            if attended != self.nonempty:
+                index = _key_index(tuple(attended), tuple(self.kv_off), rows.device)
+                rows = rows.index_select(3, index)
+        if not (p.is_causal and s in attended):
+            return rows
+        self_at = sum(p.kv_lens[t] for t in attended[:attended.index(s)])
+        kv_total = sum(p.kv_lens[t] for t in attended)
+        dtype = rows.dtype if rows is not None else p.q.dtype
+        block = _causal_rows(p.q_lens[s], kv_total, self_at, p.kv_lens[s], dtype, p.q.device)
+        return block if rows is None else rows + block
+
+    def one_call(self) -> bool:
+        """Every query stream sees the same keys with the same mask row: the packed q is one call."""
+        p = self.p
+        return (p.gate is None and p.bias is None and not p.is_causal
+                and all(self.attended(s) == self.nonempty for s in range(p.num_streams)))
+
+
+def _kept(builder):
+    """A per-shape table kept across calls (a training loop repeats its shapes); built as a normal
+    tensor even inside inference_mode, so that later calls outside it may use it."""
+    @functools.lru_cache(maxsize=64)
+    def kept(*args):
+        with torch.inference_mode(False):
+            return builder(*args)
+    return kept
+
+
+@_kept
+def _key_layout(kv_lens, device):
+    """(per-stream key counts, stream of each packed key, its position in its stream) as tensors."""
+    counts = torch.tensor(kv_lens, device=device)
+    stream = torch.repeat_interleave(torch.arange(len(kv_lens), device=device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return counts, stream, torch.arange(int(sum(kv_lens)), device=device) - starts[stream]
+
+
+@_kept
+def _key_index(attended, kv_off, device):
+    """The packed positions of the attended streams' keys, in order."""
+    return torch.cat([torch.arange(kv_off[t], kv_off[t + 1], device=device) for t in attended])
+
+
+_CACHED_MASK_ELEMENTS = 1 << 20  # larger causal tables are built per call, not kept
+
+
+def _causal_rows(q_len, kv_total, self_at, self_len, dtype, device) -> Tensor:
+    """(1, 1, L, M) additive: 0, except -inf above the diagonal of the self pair's block (key j of
+    the self stream visible to query i iff j <= i, top-left as the kernels' flag)."""
+    if q_len * kv_total <= _CACHED_MASK_ELEMENTS:
+        return _cached_causal_rows(q_len, kv_total, self_at, self_len, dtype, device)
+    return _build_causal_rows(q_len, kv_total, self_at, self_len, dtype, device)
+
+
+def _build_causal_rows(q_len, kv_total, self_at, self_len, dtype, device) -> Tensor:
+    hidden = torch.ones(q_len, self_len, dtype=torch.bool, device=device).triu_(1)
+    mask = torch.zeros(q_len, kv_total, dtype=dtype, device=device)
+    mask[:, self_at:self_at + self_len].masked_fill_(hidden, NEG_INF)
+    return mask[None, None]
+
+
+_cached_causal_rows = _kept(_build_causal_rows)
+
+
+def fused_forward(pair_plan):
+    """(out, lse) of the joint problem, one kernel call per query stream (or one in all)."""
+    p = pair_plan.p
+    streams = _Streams(pair_plan)
+    if streams.one_call():
+        mask = streams.mask(0, streams.nonempty)
+        out, lse = _call(p.q, p.k, p.v, mask, p.scale)
+        return out.contiguous(), contiguous_lse(lse)
+    batch, heads = p.q.shape[:2]
+    outs, lses = [], []
+    for s, q_s in enumerate(p.q.split_with_sizes(p.q_lens, 2)):
+        attended = streams.attended(s)
+        if not attended or q_s.shape[2] == 0:
+            outs.append(q_s.new_zeros(batch, heads, q_s.shape[2], p.v.shape[-1]))
+            lses.append(q_s.new_full((batch, heads, q_s.shape[2]), NEG_INF, dtype=pair_plan.compute))
+            continue
+        out, lse = _call(q_s, streams.keys(attended), streams.values(s, attended),
+                         streams.mask(s, attended), p.scale)
+        outs.append(out)
+        lses.append(lse)
+    # cat writes the op's layout from the kernels' (B, L, H, .) layouts
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _call(q, k, v, mask, scale):
+    out, lse = pair_forward(q, k, v, mask, False, scale)
+    if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for rows that see no key
+        out, lse = mark_empty_rows(out, lse, mask)
+    return out, lse
+
+
+def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
+    """The seven gradients of the fused plan (grads: torch_sdpa._Grads of this problem)."""
+    p = pair_plan.p
+    streams = _Streams(pair_plan)
+    if streams.one_call():
+        mask = streams.mask(0, streams.nonempty)
+        dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, _lse_in(lse, mask), mask, False,
+                                   p.scale)
+        for sums, grad in ((grads.dq, dq), (grads.dk, dk), (grads.dv, dv)):
+            if sums is not None:
+                sums.set_packed(grad)
+        return grads.result(p, None)
+    gates = pair_plan.pair_gates()
+    _, values = pair_plan.key_streams()
+    lens = p.q_lens
+    for s, (q_s, d_out, o_s, l_s) in enumerate(zip(
+            p.q.split_with_sizes(lens, 2), grad_out.split_with_sizes(lens, 2),
+            out.split_with_sizes(lens, 2), lse.split_with_sizes(lens, -1))):
+        attended = streams.attended(s)
+        if not attended or q_s.shape[2] == 0:
+            continue
+        mask = streams.mask(s, attended)
+        dq, dk, dv = pair_backward(d_out, q_s, streams.keys(attended), streams.values(s, attended),
+                                   o_s, _lse_in(l_s, mask), mask, False, p.scale)
+        if grads.dq is not None:
+            grads.dq.add(s, dq)
+        kv_lens = [p.kv_lens[t] for t in attended]
+        for t, dk_t, dv_t in zip(attended, dk.split_with_sizes(kv_lens, 2),
+                                 dv.split_with_sizes(kv_lens, 2)):
+            if grads.dk is not None:
+                grads.dk.add(t, dk_t)
+            if gates is not None:  # values g * v: dgate = sum_j dV * v, dv = g * dV
+                if grads.dgate is not None:
+                    grads.dgate.set(s, t, (dv_t * values[t]).sum(2))
+                dv_t = dv_t * gates[s][t]
+            if grads.dv is not None:
+                grads.dv.add(t, dv_t)
+    return grads.result(p, None)
+
+
+def _lse_in(lse: Tensor, mask) -> Tensor:
+    """The lse the kernel's backward recomputes P from: +inf on rows that saw no key (P = 0)."""
+    return lse if mask is None else lse.masked_fill(lse == NEG_INF, float("inf"))

@@ -1,0 +1,103 @@
+"""The `torch` backend's two plans for peer attention (issue 20, item 4): which one a call takes,
+both exact (forward and every gradient, each plan forced), and the backward not running the pair
+forwards again when the forward kept them. No timing here: bench --preset cpu measures the plans."""
+import pytest
+import torch
+
+import peer_attention as pa
+from peer_attention.api import peer_problem
+from peer_attention.backends import torch_fused, torch_sdpa
+from peer_attention.backends.torch_fused import FUSED, PAIRS, forced_plan
+from tests.helpers import assert_matches_reference
+
+from .cases import FEATURES, feature_id, peer_case
+
+
+def _problem(lens=(5, 9), heads=2, kv_heads=2, dtype=torch.float32, gate=False, bias=False,
+             **kw):
+    qs = [torch.randn(1, heads, n, 8, dtype=dtype) for n in lens]
+    ks = [torch.randn(1, kv_heads, n, 8, dtype=dtype) for n in lens]
+    vs = [torch.randn(1, kv_heads, n, 8, dtype=dtype) for n in lens]
+    s = len(lens)
+    return peer_problem(qs, ks, vs, gate=torch.rand(1, s, s, heads, 8) if gate else None,
+                        bias=torch.randn(1, s, s, heads) if bias else None,
+                        enable_gqa=heads != kv_heads, **kw)
+
+
+def test_plan_rule():
+    """One call on the packed streams when nothing differs per pair; fused per query stream for
+    gates, biases, kv_lengths, sparse tables and short causal streams; pairs for the per-peer
+    softmax, 16-bit gates, gates with GQA and long causal streams."""
+    assert torch_sdpa._is_one_call(_problem())
+    assert torch_sdpa._is_one_call(_problem((5, 0, 3)))
+    assert not torch_sdpa._is_one_call(_problem(gate=True))
+    assert torch_fused.plan(_problem(gate=True, bias=True)) == FUSED
+    grad_bias = _problem(bias=True)
+    assert torch_fused.plan(grad_bias._replace(bias=grad_bias.bias.requires_grad_())) == PAIRS
+    assert torch_fused.plan(_problem(kv_lengths=torch.tensor([[3, 4]]))) == FUSED
+    assert torch_fused.plan(_problem(peers=[[1, 1], [0, 1]])) == FUSED
+    assert torch_fused.plan(_problem(is_causal=True, gate=True)) == FUSED
+    long = torch_fused.CAUSAL_FUSED_MAX_QUERIES + 1
+    assert torch_fused.plan(_problem((long, 4), is_causal=True, gate=True)) == PAIRS
+    assert torch_fused.plan(_problem(normalize="peer", gate=True)) == PAIRS
+    assert torch_fused.plan(_problem(dtype=torch.bfloat16, gate=True)) == PAIRS
+    assert torch_fused.plan(_problem(heads=4, kv_heads=2, gate=True)) == PAIRS
+    assert torch_fused.plan(_problem(heads=4, kv_heads=2, bias=True)) == FUSED
+    with forced_plan(PAIRS):
+        assert torch_fused.plan(_problem(gate=True)) == PAIRS
+        assert not torch_sdpa._is_one_call(_problem())
+    with forced_plan(FUSED):
+        assert torch_fused.plan(_problem((long, 4), is_causal=True)) == FUSED
+        assert torch_fused.plan(_problem(normalize="peer")) == PAIRS  # fused cannot serve it
+    with pytest.raises(ValueError, match="forced_plan"):
+        with forced_plan("both"):
+            pass
+
+
+JOINT_FEATURES = [f for f in FEATURES if f["normalize"] == "joint"]
+
+
+@pytest.mark.parametrize("plan", [PAIRS, FUSED])
+@pytest.mark.parametrize("features", JOINT_FEATURES, ids=feature_id)
+def test_both_plans_exact(features, plan):
+    """Each plan forced, every joint feature combination on three streams (a zero-length one, a
+    sparse table): float64 outputs and gradients (gate and bias included) to 1e-12."""
+    f = features
+    case = dict(q_lens=[5, 9, 0], kv_lens=[7, 4, 3], q_heads=2, kv_heads=1 if f["gqa"] else 2,
+                peers=[[1, 1, 0], [1, 1, 1], [0, 1, 1]], is_causal=f["is_causal"],
+                gate_shape=(1, 3, 3, 2, 12) if f["gate"] else None,
+                bias_shape=(1, 3, 3, 2) if f["bias"] else None,
+                kv_lengths=torch.tensor([[3, 4, 0]]) if f["kv_lengths"] else None)
+    kernel_fn, reference_fn, inputs, names = peer_case("torch", **case)
+    with forced_plan(plan):
+        assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float64, names=names,
+                                 float32_atol=1e-12)
+
+
+@pytest.mark.parametrize("plan", [PAIRS, FUSED])
+def test_both_plans_float32_dense(plan):
+    """The packed one-call case and the dense gate + bias case in float32 (SPEC section 8)."""
+    for gate, bias in ((None, None), ((1, 2, 2, 2, 12), (1, 2, 2, 2))):
+        kernel_fn, reference_fn, inputs, names = peer_case(
+            "torch", q_lens=[6, 11], kv_lens=[6, 11], gate_shape=gate, bias_shape=bias)
+        with forced_plan(plan):
+            assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float32, names=names)
+
+
+@pytest.mark.parametrize("normalize,bias", [("peer", None), ("joint", (1, 2, 2, 2))])
+def test_backward_reuses_the_forwards_pair_outputs(monkeypatch, normalize, bias):
+    """Per-peer softmax (and joint with a bias gradient, served by pairs): the eager backward uses
+    the pair outputs its forward kept, as the composition's autograd does, with the same numbers."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12), bias_shape=bias,
+        normalize=normalize)
+    outs = kernel_fn(*inputs)
+    calls = []
+    original = torch_sdpa._Plan.pair
+    monkeypatch.setattr(torch_sdpa._Plan, "pair",
+                        lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
+    grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+    assert calls == []
+    want = torch.autograd.grad(reference_fn(*inputs), inputs, [torch.ones_like(o) for o in outs])
+    for name, g, w in zip(names, grads, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=name)
