@@ -45,7 +45,7 @@ PLAN=(
   "memcheck-cuda|build|40|compute-sanitizer memcheck, sanitize_workload.py --backend cuda (every instantiation)"
   "racecheck-cuda|memcheck-cuda|60|compute-sanitizer racecheck, sanitize_workload.py --backend cuda"
   "bench|build,triton-suite,triton-autotune,bench-warm,racecheck-triton,cuda-tests,racecheck-cuda|180|python -m bench --preset gpucheck (alone on the GPU, autotune on)"
-  "decode|bench|20|python -m bench --suite decode, when bench/ has that suite"
+  "decode|bench|20|python -m bench --quick --suite decode (12 cases on a GPU)"
 )
 BUDGET=${GPU_CHECK_BUDGET:-480}
 RESERVE=${GPU_CHECK_RESERVE:-20}
@@ -186,7 +186,7 @@ step_bench() {
 step_decode() {
   "$PYTHON" -c "import sys; from bench.cases import SUITES; sys.exit('decode' not in SUITES)" \
     || skip "bench/ has no decode suite yet (python -m bench --suite decode)"
-  PEER_ATTENTION_TRITON_AUTOTUNE=1 "$PYTHON" -m bench --suite decode --dtype bfloat16 --no-plots \
+  PEER_ATTENTION_TRITON_AUTOTUNE=1 "$PYTHON" -m bench --quick --suite decode --dtype bfloat16 --no-plots \
     --out "$DIR/decode"
 }
 
