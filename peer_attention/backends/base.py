@@ -83,19 +83,9 @@ class Backend:
 
     def not_supported_reasons(self, problem: AttentionProblem) -> List[str]:
         """Every reason this backend cannot serve `problem` (empty when it can)."""
-        why = UNAVAILABLE.get(self.name)
-        reasons = [why] if why else []
+        reasons = self._basic_reasons(problem)
         caps = self.capabilities
         q = problem.q
-        device_type = q.device.type
-        if device_type not in caps.devices:
-            reasons.append(f"device {device_type!r} not in {sorted(caps.devices)}")
-        if q.dtype not in caps.dtypes:
-            reasons.append(f"dtype {q.dtype} not in {sorted(str(d) for d in caps.dtypes)}")
-        if caps.max_head_dim is not None:
-            for label, dim in (("E", problem.head_dim), ("Ev", problem.value_dim)):
-                if dim > caps.max_head_dim:
-                    reasons.append(f"head dim {label}={dim} > {caps.max_head_dim}")
         mask = problem.attn_mask
         if mask is not None:
             if mask.dtype == torch.bool and not caps.bool_mask:
@@ -134,7 +124,12 @@ class Backend:
 
     def common_decode_reasons(self, problem: DecodeProblem) -> List[str]:
         """The capability table's answer for a decode problem: availability, device, dtype,
-        head dims, GQA, and the variants."""
+        head dims."""
+        return self._basic_reasons(problem)
+
+    def _basic_reasons(self, problem) -> List[str]:
+        """Availability, device, dtype and head dims: what every kind of problem is asked first
+        (an attention or a decode problem: both have q, head_dim and value_dim)."""
         why = UNAVAILABLE.get(self.name)
         reasons = [why] if why else []
         caps, q = self.capabilities, problem.q
