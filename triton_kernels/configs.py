@@ -1,18 +1,25 @@
-"""Launch configurations: autotuned per architecture on a GPU, one small config under the
-interpreter (where timing means nothing and every extra config costs CI minutes).
+"""Launch configurations: per-architecture candidate lists autotuned on a GPU, one small config
+under the interpreter (where timing means nothing and every extra config costs CI minutes).
 
 Every kernel tiles queries by BLOCK_M and keys by BLOCK_N; E_PAD/EV_PAD are the padded head dims.
-Configs that cannot fit the device's shared memory or registers are pruned before tuning.
+Which candidates fit is measured, not modelled: the pruner compiles each candidate for the
+launching device exactly as the launch would (Triton's cache makes the launch's own compile a
+lookup) and keeps those whose shared memory, tensor memory and body fit it (fit.misfit), and,
+for 16-bit inputs, those that do not spill when any such fits. The compile report
+(compile_check) runs the same selection for every architecture of SPEC section 13 without a
+GPU, and checks NO_FIT, the table of what fits nowhere, from which the backend declines.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
 
-from .utils import INTERPRET
+from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, target, usage
+from .utils import INTERPRET, padded_dim
 
 # PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
 # (nothing is benchmarked; scripts/gpu_check.sh sets it so that compile time stays small)
@@ -34,113 +41,155 @@ def tune_len(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _arch_and_smem(device_index: int):
-    props = torch.cuda.get_device_properties(device_index)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    return props.major * 10 + props.minor, smem
+def table_arch(arch: int) -> int:
+    """The architecture of SPEC section 13 whose candidates and limits a device takes: sm_87
+    (Orin) as sm_80, sm_103/110 as sm_100, sm_121 as sm_120."""
+    if arch >= 120:
+        return 120
+    if arch >= 100:
+        return 100
+    if arch >= 90:
+        return 90
+    return max((a for a in ARCHS if a <= arch), default=arch)
 
 
-# (BLOCK_M, BLOCK_N, num_warps) per kernel kind, in the order autotune tries them. The first of
-# each is the one the sm90 compile report (compile_check --headline) shows to run without
-# spilling at head dim 128: the forward with two accumulators (per-peer partials, gated joint or
-# "peer" mode) takes 64-key tiles, dQ 128x64 (two score tiles live), and dK/dV 16 queries x 128
-# keys (its resident K, V, dK, dV take most registers).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture and kernel kind, in the order
+# autotune tries them; the first that fits is the config with autotuning off. Chosen from the
+# compiled code (docs/triton_compile_report.md): no spills in 16-bit kernels at head dim <= 128,
+# dK/dV with 64-128-query tiles where wgmma/tcgen05 take them, pipelined (num_stages >= 2)
+# backward configs on sm_80/86/89. The small tiles at the end are what fp32 at head dim 256
+# fits in.
+_SMALL = [(32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
 CANDIDATES = {
-    "fwd": [(128, 128, 8), (128, 64, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4), (128, 32, 4),
-            (64, 32, 4), (32, 32, 4)],
-    "fwd_two_acc": [(128, 64, 8), (64, 64, 4), (128, 128, 8), (64, 128, 4), (64, 32, 4),
-                    (32, 32, 4)],
-    "dq": [(128, 64, 8), (64, 64, 4), (64, 128, 8), (128, 128, 8), (64, 32, 4), (32, 64, 4),
-           (32, 32, 4)],
-    "dkdv": [(16, 128, 8), (16, 64, 4), (32, 128, 8), (64, 64, 8), (32, 64, 4), (128, 64, 8),
-             (64, 128, 8), (32, 32, 4)],
+    90: {
+        "fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+        "fwd_two_acc": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                        (64, 32, 4, 2)] + _SMALL,
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+               (64, 32, 4, 2)] + _SMALL,
+        "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                 (32, 64, 4, 2)] + _SMALL,
+    },
 }
-KINDS = tuple(CANDIDATES)
+CANDIDATES[100] = CANDIDATES[90]
+CANDIDATES[80] = {
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 2),
+            (64, 32, 4, 2)] + _SMALL,
+    "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+    "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)] + _SMALL,
+    "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2)] + _SMALL,
+}
+CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
+    "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
+    "dq": [(64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
+    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 2)] + _SMALL,
+}
+KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 
 
-def _stages_for(arch: int, kind: str):
-    """Software-pipelining depths worth trying: Hopper (TMA/wgmma) pipelines deeper."""
-    if kind in ("dq", "dkdv"):
-        return (2, 3) if arch >= 90 else (1, 2)
-    return (2, 3, 4) if arch >= 90 else (2, 3)
+def candidates(arch: int, kind: str):
+    return CANDIDATES[table_arch(arch)][kind]
 
 
-MAX_REGS_PER_THREAD = 224  # of the 255 a thread may hold: leave room for addresses and temps
+def _config(bm, bn, warps, stages):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
 
 
-def _fits(bm, bn, warps, stages, e_pad, ev_pad, elem, smem, kind):
-    """Rough resource model. Shared memory: the streamed tiles (one per pipeline stage) plus the
-    resident ones. Registers (32-bit words per thread): fp32 accumulators, the fp32 score tiles
-    and the resident input tiles (16-bit inputs pack two to a register)."""
-    if kind == "dkdv":  # resident K/V tiles, streamed Q/dO tiles; dK, dV and two score tiles
-        resident = bn * (e_pad + ev_pad) * elem
-        streamed = max(stages, 1) * bm * (e_pad + ev_pad) * elem
-        words = bn * (e_pad + ev_pad) + 2 * bm * bn + resident // 4
-    else:  # forward-like: resident Q (and dO), streamed K/V tiles; the output and score tiles
-        resident = bm * (e_pad + ev_pad) * elem
-        streamed = max(stages, 1) * bn * (e_pad + ev_pad) * elem
-        accumulators = 2 if kind == "fwd_two_acc" else 1
-        score_tiles = 2 if kind == "dq" else 1
-        words = (accumulators * bm * max(e_pad, ev_pad) + score_tiles * bm * bn
-                 + bm * e_pad * elem // 4)
-    if resident + streamed > smem:
-        return False
-    return words <= MAX_REGS_PER_THREAD * 32 * warps
+def blocks(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
 
 
 def autotune_configs(kind: str = "fwd"):
-    """All candidate configs of a kernel kind; the pruning hook keeps those that fit (see
-    prune). The forward's list covers both of its accumulator layouts."""
+    """Every candidate of a kernel kind on every architecture (the pruner keeps the launching
+    device's); the forward's list covers both of its accumulator layouts."""
     if INTERPRET:
         return [triton.Config(interpreter_meta(), num_warps=1, num_stages=1)]
     kinds = ("fwd", "fwd_two_acc") if kind == "fwd" else (kind,)
-    seen, configs = set(), []
-    for k in kinds:
-        for bm, bn, w in CANDIDATES[k]:
-            for st in (1, 2, 3, 4):
-                if (bm, bn, w, st) not in seen:
-                    seen.add((bm, bn, w, st))
-                    configs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w,
-                                                 num_stages=st))
-    return configs
+    seen = {}
+    for arch_lists in CANDIDATES.values():
+        for k in kinds:
+            for c in arch_lists[k]:
+                seen.setdefault(c, _config(*c))
+    return list(seen.values())
 
 
-def fitting_configs(configs, arch, smem, e_pad, ev_pad, elem, kind):
-    """The configs meant for `arch` that fit its shared memory and registers, in the order
-    autotune tries them (the compile report compiles the first)."""
-    stages = _stages_for(arch, kind)
-    order = {blocks: i for i, blocks in enumerate(CANDIDATES[kind])}
-
-    def blocks(c):
-        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
-
-    kept = [c for c in configs
-            if blocks(c) in order and c.num_stages in stages
-            and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                      e_pad, ev_pad, elem, smem, kind)]
-    kept.sort(key=lambda c: (order[blocks(c)], stages.index(c.num_stages)))
-    if not kept:  # always leave the smallest one
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept
+def ordered_configs(configs, arch: int, kind: str):
+    """The configs meant for `arch`, in the order autotune tries them."""
+    order = {c: i for i, c in enumerate(candidates(arch, kind))}
+    return sorted((c for c in configs if blocks(c) in order), key=lambda c: order[blocks(c)])
 
 
 def forward_kind(one_accumulator: bool) -> str:
     return "fwd" if one_accumulator else "fwd_two_acc"
 
 
-def make_pruner(kind: str):
+def select(configs, measure, smem_limit: int, sixteen_bit: bool, first_only: bool):
+    """The configs (in order) that fit, measured by `measure(config)` -> usage dict (with
+    "spills" where known); for 16-bit inputs the non-spilling ones when any fits. With
+    first_only, stop at the first that fits without spilling. Returns (kept, {config: reason})
+    so that a caller can say why nothing fits."""
+    kept, spilling, rejected = [], [], {}
+    for c in configs:
+        use = measure(c)
+        reason = misfit(use, smem_limit)
+        if reason:
+            rejected[c] = reason
+        elif sixteen_bit and use.get("spills"):
+            spilling.append(c)
+        else:
+            kept.append(c)
+            if first_only:
+                break
+    return (kept or spilling[:1 if first_only else None]), rejected
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(device_index: int):
+    """(arch, opt-in shared memory per block) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return props.major * 10 + props.minor, smem
+
+
+def _device_usage(compiled, device_index: int) -> dict:
+    """usage() plus spills, read from the module loaded on the device (Triton's own load, which
+    also raises OutOfResources where its shared memory exceeds the device's)."""
+    use = usage(compiled)
+    if misfit(use, 1 << 30) is None:
+        with torch.cuda.device(device_index):
+            compiled._init_handles()
+        use["spills"] = int(getattr(compiled, "n_spills", 0) or 0)
+    return use
+
+
+def make_pruner(kernel, kind: str):
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs[:1]
-        e_pad = kwargs.get("E_PAD", named_args.get("E_PAD"))
-        ev_pad = kwargs.get("EV_PAD", named_args.get("EV_PAD"))
         q = named_args["Q"]
-        arch, smem = _arch_and_smem(q.device.index if q.device.index is not None else 0)
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        arch, smem = device_limits(index)
         this_kind = forward_kind(kwargs.get("ONE_ACC", True)) if kind == "fwd" else kind
-        kept = fitting_configs(configs, arch, smem, e_pad, ev_pad, q.element_size(), this_kind)
-        if os.environ.get(AUTOTUNE_ENV, "1") == "0":  # one fixed config: no tuning (GPU tests)
-            kept = kept[:1]
+        gpu = target(arch)
+        args = list(named_args.values())
+
+        def measure(c):
+            try:
+                with torch.cuda.device(index):
+                    return _device_usage(compile_launch(kernel, args, kwargs, c, gpu), index)
+            except triton.runtime.errors.OutOfResources as exc:
+                return dict(shared=1 << 30, tmem=0, trap=False, error=str(exc))
+
+        first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
+        kept, rejected = select(ordered_configs(configs, arch, this_kind), measure, smem,
+                                q.element_size() == 2, first_only)
+        if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
+            raise RuntimeError(
+                f"peer_attention: no {this_kind} Triton config fits sm_{arch} ({smem} B shared "
+                f"memory): " + "; ".join(f"{blocks(c)}: {r}" for c, r in rejected.items()))
         return kept
     return prune
 
@@ -153,5 +202,38 @@ def tuned(kernel, kind: str = "fwd"):
     return triton.autotune(
         configs=autotune_configs(kind),
         key=TUNE_KEY,
-        prune_configs_by={"early_config_prune": make_pruner(kind)},
+        prune_configs_by={"early_config_prune": make_pruner(kernel, kind)},
     )(kernel)
+
+
+# What fits nowhere, measured by compile_check (which fails when this table is wrong either
+# way): {arch: {(kernel kind, dtype, E_PAD): reason}}. The backend declines these problems.
+NO_FIT = {}
+
+
+def no_fit_reason(arch: int, kinds, dtype, e_pad: int, ev_pad: int) -> Optional[str]:
+    table = NO_FIT.get(table_arch(arch), {})
+    name = str(dtype).replace("torch.", "")
+    for kind in kinds:
+        reason = table.get((kind, name, max(e_pad, ev_pad)))
+        if reason:
+            return f"{kind} at {name} head dim {max(e_pad, ev_pad)} fits no config on sm_{arch} ({reason})"
+    return None
+
+
+def decline_reason(problem, device_index: int) -> Optional[str]:
+    """Why the Triton kernels cannot run this problem on that CUDA device (None: they can)."""
+    arch, _ = device_limits(device_index)
+    if arch < MIN_ARCH:
+        return (f"compute capability {arch // 10}.{arch % 10} < {MIN_ARCH // 10}.0 (no tensor-core "
+                f"path for the kernels' dots)")
+    if not NO_FIT.get(table_arch(arch)):
+        return None
+    from .fwd import one_accumulator
+
+    kinds = [forward_kind(one_accumulator(problem))]
+    if any(t is not None and t.requires_grad for t in (
+            problem.q, problem.k, problem.v, problem.gate, problem.bias, problem.attn_mask)):
+        kinds += ["dq", "dkdv"]
+    return no_fit_reason(arch, kinds, problem.q.dtype, padded_dim(problem.head_dim),
+                         padded_dim(problem.value_dim))
