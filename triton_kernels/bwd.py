@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
+from .configs import interpreter_meta, tune_len, tuned
 from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
 from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
                     kv_extent, mma, probs_from_lse, query_stages, row_tile, to_io)
-from .utils import (INTERPRET, band, dropout_args, num_tiles, search_steps, stream_tables,
-                    tma_ok)
+from .utils import (INTERPRET, TILE_SIZES, band, dropout_args, launch_device, num_tiles,
+                    search_steps, stream_tables, tma_ok)
 
 
 @triton.jit
@@ -56,6 +56,29 @@ def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIA
                        + h * stride_bh).to(tl.float32) * LOG2E
     else:
         return 0.0
+
+
+# The gate/bias gradients are reduced per query tile into partial slots of PART_ROWS rows (the
+# smallest tile), summed by torch afterwards (deterministic, no atomics). A program of BLOCK_M
+# rows writes its sum into its first slot and zeros into its other BLOCK_M // PART_ROWS - 1, so
+# every config writes every slot any config writes: triton.autotune runs all candidates on the
+# same buffers, and nothing a config with smaller tiles left there may survive into the result.
+PART_ROWS = tl.constexpr(min(TILE_SIZES))
+
+
+def partial_slots(problem) -> int:
+    """Slots of the per-tile partial buffers: the longest stream in tiles of the largest size,
+    PART_ROWS rows a slot (the zeros a program writes past its stream's end stay in bounds)."""
+    largest = max(TILE_SIZES)
+    return num_row_tiles(problem, largest) * (largest // PART_ROWS)
+
+
+@triton.jit
+def _part_offset(m_start, b, s, p, h, stride_t, stride_b, stride_s, stride_p, stride_h):
+    """Offset of the (b, s, p, h) entry of the first partial slot of the tile at m_start, 64-bit
+    (slots x gate size passes 2^31 at long lengths)."""
+    return ((m_start // PART_ROWS).to(tl.int64) * stride_t + b.to(tl.int64) * stride_b
+            + s * stride_s + p * stride_p + h * stride_h)
 
 
 @triton.jit
@@ -171,9 +194,12 @@ def _bwd_preprocess(
             else:
                 delta += tl.sum(do * gate[None, :] * u, 1)
             if NEED_DGATE:  # dg_p = sum over rows of dO * U_p, one partial per tile
-                tl.store(DGatePart + (m_start // BLOCK_M) * stride_pgt + b * stride_pgb
-                         + s * stride_pgs + p * stride_pgp + h * stride_pgh + offs_ev,
-                         tl.sum(do * u, 0), mask=ev_ok)
+                sub = tl.arange(0, BLOCK_M // PART_ROWS)[:, None]
+                tl.store(DGatePart + _part_offset(m_start, b, s, p, h, stride_pgt, stride_pgb,
+                                                  stride_pgs, stride_pgp, stride_pgh)
+                         + (sub * stride_pgt + offs_ev[None, :]),
+                         tl.where(sub == 0, tl.sum(do * u, 0)[None, :], 0.0),
+                         mask=(sub >= 0) & ev_ok[None, :])
         if EXACT_DELTA:
             tl.store(Delta + b * stride_lb + h * stride_lh + rows, delta, mask=row_ok)
 
@@ -339,8 +365,10 @@ def _bwd_dq(
             HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
             EV_PAD, BLOCK_M, BLOCK_N)
         if NEED_DBIAS:
-            tl.store(DBiasPart + (m_start // BLOCK_M) * stride_pbt + b * stride_pbb
-                     + s * stride_pbs + p * stride_pbp + h * stride_pbh, tl.sum(dbias, 0))
+            sub = tl.arange(0, BLOCK_M // PART_ROWS)
+            tl.store(DBiasPart + _part_offset(m_start, b, s, p, h, stride_pbt, stride_pbb,
+                                              stride_pbs, stride_pbp, stride_pbh)
+                     + sub * stride_pbt, tl.where(sub == 0, tl.sum(dbias, 0), 0.0))
 
     if NEED_DQ:
         tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -566,7 +594,7 @@ def gradient_buffers(problem, needs_grad):
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     mask = problem.attn_mask
     dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=q.device) if need_mask else empty
-    tiles = num_row_tiles(problem, MIN_BLOCK_M)
+    tiles = partial_slots(problem)
     dgate_part = (torch.zeros((tiles,) + tuple(problem.gate.shape), dtype=torch.float32,
                               device=q.device) if need_gate else empty)
     dbias_part = (torch.zeros((tiles,) + tuple(problem.bias.shape), dtype=torch.float32,
@@ -655,11 +683,12 @@ def backward(problem, grad_out, out, lse, needs_grad):
     empty = q.new_empty(0)
     delta = torch.zeros_like(lse)
     if q.shape[2] > 0 and q.shape[0] * q.shape[1] > 0:
-        launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs)
-        if k.shape[2] == 0:  # no keys: only Delta (for the sink gradient) has work to do
-            launches = launches[:1]
-        for name, _, args, kwargs, grid in launches:
-            TUNED[name][grid](*args, **kwargs)
+        with launch_device(q):
+            launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs)
+            if k.shape[2] == 0:  # no keys: only Delta (for the sink gradient) has work to do
+                launches = launches[:1]
+            for name, _, args, kwargs, grid in launches:
+                TUNED[name][grid](*args, **kwargs)
         delta = bufs["delta"]
     dgate = bufs["dgate_part"].sum(0).to(problem.gate.dtype) if need_gate else empty
     dbias = bufs["dbias_part"].sum(0).to(problem.bias.dtype) if need_bias else empty

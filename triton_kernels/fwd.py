@@ -22,8 +22,9 @@ import triton.language as tl
 from .configs import interpreter_meta, tune_len, tuned
 from .tiles import (LN2, LOG2E, attended_peer, attended_peers, dropout_keep, kv_extent,
                     key_stages, log2_scores, mask_scores, mma, row_tile, to_io)
-from .utils import (INTERPRET, band, dropout_args, mask_for_kernel, mask_kind, num_tiles,
-                    padded_dim, search_steps, stream_tables, strides_or_zero, tma_ok, use_f32_dot)
+from .utils import (INTERPRET, band, dropout_args, launch_device, mask_for_kernel, mask_kind,
+                    num_tiles, padded_dim, search_steps, stream_tables, strides_or_zero, tma_ok,
+                    use_f32_dot)
 
 
 @triton.jit
@@ -295,8 +296,10 @@ def _has_tma(device_index: int) -> bool:
 
 
 def _device_allocator(size: int, alignment: int, stream):
-    """Global scratch for on-device tensor descriptors (triton.set_allocator)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Global scratch for on-device tensor descriptors (triton.set_allocator), called during a
+    launch: on the current device, which the launch guard (utils.launch_device) makes the
+    inputs'."""
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
 
 
 def use_tma(problem, out) -> bool:
@@ -422,6 +425,7 @@ def forward(problem):
     lse = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
     if q_total == 0 or batch * num_q_heads == 0:
         return out, lse
-    _, args, kwargs, grid = forward_launch(problem, out, lse)
-    _attn_fwd_tuned[grid](*args, **kwargs)
+    with launch_device(q):
+        _, args, kwargs, grid = forward_launch(problem, out, lse)
+        _attn_fwd_tuned[grid](*args, **kwargs)
     return out, lse
