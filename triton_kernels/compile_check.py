@@ -279,8 +279,14 @@ def check_task(task, autotune_off=False):
         return dict(row, spills=max(row.get("spill_bytes", 0), 0))
 
     configs = [_config(*c) for c in candidates(arch, kind)]
-    kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off)
+    # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
+    kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
+                            shortcut=autotune_off)
     result["kept"] = [_config_name(c) for c in kept]
+    smallest = result["rows"][-1] if not autotune_off and result["rows"] else None
+    if smallest and not smallest["fits"] and kept:
+        result["failures"].append(f"the smallest candidate {smallest['config']} does not fit but "
+                                  f"{result['kept'][0]} does (select's shortcut is wrong)")
     declined = NO_FIT.get(arch, {}).get((kind, str(DTYPES[dtype_name])[6:], dim))
     what = f"sm{arch} {kernel} {family} {dtype_name} hd{dim}"
     if not kept and not declined:

@@ -133,18 +133,31 @@ def forward_kind(one_accumulator: bool) -> str:
     return "fwd" if one_accumulator else "fwd_two_acc"
 
 
-def select(configs, measure, smem_limit: int, sixteen_bit: bool, first_only: bool):
+def select(configs, measure, smem_limit: int, sixteen_bit: bool, first_only: bool,
+           shortcut: bool = True):
     """The configs (in order) that fit, measured by `measure(config)` -> usage dict (with
     "spills" where known); for 16-bit inputs the non-spilling ones when any fits. With
-    first_only, stop at the first that fits without spilling. Returns (kept, {config: reason})
-    so that a caller can say why nothing fits."""
+    first_only, stop at the first that fits without spilling. With shortcut, the last (smallest)
+    config is measured first: when it does not fit, none does (shared memory grows with the
+    tiles and stages; compile_check's full sweep checks this). Returns (kept, {config:
+    reason}) so that a caller can say why nothing fits."""
+    measured = {}
+
+    def use(i):
+        if i not in measured:
+            measured[i] = measure(configs[i])
+        return measured[i]
+
+    if shortcut and configs:
+        reason = misfit(use(len(configs) - 1), smem_limit)
+        if reason:
+            return [], {configs[-1]: f"the smallest config does not fit: {reason}"}
     kept, spilling, rejected = [], [], {}
-    for c in configs:
-        use = measure(c)
-        reason = misfit(use, smem_limit)
+    for i, c in enumerate(configs):
+        reason = misfit(use(i), smem_limit)
         if reason:
             rejected[c] = reason
-        elif sixteen_bit and use.get("spills"):
+        elif sixteen_bit and use(i).get("spills"):
             spilling.append(c)
         else:
             kept.append(c)
@@ -161,15 +174,20 @@ def device_limits(device_index: int):
     return props.major * 10 + props.minor, smem
 
 
-def _device_usage(compiled, device_index: int) -> dict:
-    """usage() plus spills, read from the module loaded on the device (Triton's own load, which
-    also raises OutOfResources where its shared memory exceeds the device's)."""
-    use = usage(compiled)
-    if misfit(use, 1 << 30) is None:
+def measure_on_device(kernel, args, kwargs, config, arch: int, device_index: int) -> dict:
+    """usage() of the launch compiled for the device, plus its spills, read from the module
+    loaded there (Triton's own load, which raises OutOfResources where the kernel's shared
+    memory or tensor memory exceeds the device's)."""
+    try:
         with torch.cuda.device(device_index):
-            compiled._init_handles()
-        use["spills"] = int(getattr(compiled, "n_spills", 0) or 0)
-    return use
+            compiled = compile_launch(kernel, args, kwargs, config, target(arch))
+            use = usage(compiled)
+            if misfit(use, 1 << 30) is None:  # never load a trap kernel
+                compiled._init_handles()
+                use["spills"] = int(getattr(compiled, "n_spills", 0) or 0)
+        return use
+    except triton.runtime.errors.OutOfResources as exc:
+        return dict(shared=1 << 30, tmem=0, trap=False, error=str(exc))
 
 
 def make_pruner(kernel, kind: str):
@@ -177,18 +195,14 @@ def make_pruner(kernel, kind: str):
         if INTERPRET:
             return configs[:1]
         q = named_args["Q"]
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        index = q.device.index or 0  # CUDA tensors carry their index
         arch, smem = device_limits(index)
         this_kind = forward_kind(kwargs.get("ONE_ACC", True)) if kind == "fwd" else kind
-        gpu = target(arch)
         args = list(named_args.values())
+        flags = {k: v for k, v in kwargs.items() if k in kernel.arg_names}  # not grid, warmup
 
         def measure(c):
-            try:
-                with torch.cuda.device(index):
-                    return _device_usage(compile_launch(kernel, args, kwargs, c, gpu), index)
-            except triton.runtime.errors.OutOfResources as exc:
-                return dict(shared=1 << 30, tmem=0, trap=False, error=str(exc))
+            return measure_on_device(kernel, args, flags, c, arch, index)
 
         first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
         kept, rejected = select(ordered_configs(configs, arch, this_kind), measure, smem,

@@ -34,7 +34,8 @@ def test_select_never_keeps_what_does_not_fit_and_prefers_no_spills():
     assert configs.select(order, usage.get, 101376, False, True)[0] == ["spills"]
     # only spilling configs fit: keep them rather than nothing
     assert configs.select(["big", "spills"], usage.get, 101376, True, True)[0] == ["spills"]
-    kept, rejected = configs.select(["big", "trap"], usage.get, 101376, True, False)
+    kept, rejected = configs.select(["trap", "big"], usage.get, 101376, True, False,
+                                    shortcut=False)
     assert kept == [] and "200000 B of shared memory > 101376" in rejected["big"]
 
 
@@ -92,3 +93,55 @@ def test_declines_where_no_config_fits(fake_device, monkeypatch):
     assert not _reasons(_meta_problem(torch.float16, 256, True))
     fake_device(90)
     assert not _reasons(_meta_problem(torch.float32, 256, True))
+
+
+def test_select_shortcut_measures_the_smallest_first():
+    measured = []
+
+    def measure(c):
+        measured.append(c)
+        return _use(shared=c)
+    kept, rejected = configs.select([300_000, 200_000, 150_000], measure, 101376, True, True)
+    assert kept == [] and measured == [150_000]  # one compile decides: nothing fits
+    assert "smallest config does not fit" in rejected[150_000]
+    measured.clear()
+    kept, _ = configs.select([300_000, 90_000, 50_000], measure, 101376, True, True)
+    assert kept == [90_000] and measured == [50_000, 300_000, 90_000]  # each measured once
+
+
+PRUNER_SCRIPT = r"""
+import json, os, sys
+from peer_attention.triton_kernels import compile_check as cc, configs
+arch = int(sys.argv[1])
+problem = cc.family_problem("float_mask", "bf16", 128)
+_, fn, args, kwargs = [x for x in cc.kernel_launches(problem, True, arch) if x[0] == "bwd_dq"][0]
+configs.device_limits = lambda index: (arch, cc.SMEM_OPTIN[arch])  # a fake device of `arch`
+
+def measure(kernel, a, kw, config, arch_, index):  # as on the device, spills from ptxas
+    compiled = configs.compile_launch(kernel, a, kw, config, configs.target(arch_))
+    return dict(configs.usage(compiled), spills=cc.analyse(compiled, arch_, False)["spill_bytes"])
+configs.measure_on_device = measure
+prune = configs.make_pruner(fn, "dq")
+os.environ[configs.AUTOTUNE_ENV] = "0"
+kept = prune(configs.autotune_configs("dq"), dict(zip(fn.arg_names, args)), grid=(1, 1),
+             warmup=False, **kwargs)
+expected, _ = cc.autotune_off_config(fn, args, kwargs, "dq", arch, True)
+print(json.dumps([[configs.blocks(c) for c in kept], configs.blocks(expected)]))
+"""
+
+
+def test_pruner_keeps_the_config_compile_check_selects():
+    """The production pruner (its argument handling, ordering and selection) on a fake sm_120,
+    the compile measured for real: bf16 dQ at head dim 128 with a float mask, whose first
+    config the branch point's model let overflow sm_89's shared memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", PRUNER_SCRIPT, "120"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept, expected = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(kept) == 1 and kept[0] == expected, (kept, expected)
