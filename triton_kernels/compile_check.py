@@ -1,19 +1,31 @@
-"""Compile report: the kernels compiled for a GPU target without a GPU (ptxas, cuobjdump and
-nvdisasm ship with triton), with the specialisation a real launch gets.
+"""Compile check: the kernels compiled for every GPU architecture of SPEC section 13 without a
+GPU (Triton's compiler, its ptxas - the Blackwell build for sm_100a/sm_120 - and cuobjdump),
+with the specialisation a real launch gets.
 
-    python -m peer_attention.triton_kernels.compile_check --arch sm90a --headline --dump DIR
+    python -m peer_attention.triton_kernels.compile_check --arch sm90a [--jobs N]
+    python -m peer_attention.triton_kernels.compile_check --arch sm120 --autotune-off --sample 8
+    python -m peer_attention.triton_kernels.compile_check --arch sm100a --headline --dump DIR
+
+The sweep (default) compiles every kernel (forward, preprocess, dQ, dK/dV) x dtype (fp16, bf16,
+fp32) x head dim (16 ... 256) x feature family (plain, causal, gate/bias, float mask, peer mode,
+variants) at each candidate config of the architecture (configs.CANDIDATES), selects among them
+exactly as the runtime pruner does (configs.select: fits the shared memory / tensor memory, no
+trap, no spills for 16-bit inputs where possible), and exits non-zero if a config does not
+compile, nothing fits where configs.NO_FIT does not decline (or NO_FIT declines what fits), or a
+kept 16-bit kernel at head dim <= 128 spills. --autotune-off compiles only up to the config used
+with PEER_ATTENTION_TRITON_AUTOTUNE=0 (the first that fits); --sample N draws N tasks (CI).
 
 Launch-faithful: the launchers' own argument lists (fwd.forward_launch, bwd.backward_launches)
-are bound, for real-shaped CPU tensors, through Triton's own binder and argument packer, so the
-stride == 1 / divisible-by-16 specialisation is the one a CUDA launch of the same shapes gets
-(a bare signature would compile code that no launch runs). Each kernel is compiled at the
-config autotune tries first for that architecture.
+are bound, for real-shaped CPU tensors, through Triton's own binder and argument packer
+(fit.compile_launch, which the runtime pruner uses too), so the stride == 1 / divisible-by-16
+specialisation is the one a CUDA launch of the same shapes gets.
 
-Printed per kernel: config (BLOCK_M x BLOCK_N, warps, stages), wgmma instructions (PTX), TMA
-loads (PTX cp.async.bulk.tensor global -> shared), registers and spill bytes (ptxas -v), shared
-memory, and the SASS instruction count of the innermost loops that issue wgmma (the steady
-state). `--features` compiles one small problem per feature combination instead (does every
-variant compile at all); TRITON_INTERPRET must be unset (it replaces the compiler).
+--headline prints the table of the headline variants (SDPA bf16 head dim 128, the gated 3-stream
+joint forward) at the autotune-off config: shared memory vs the limit, tensor-memory columns,
+registers and spill bytes (ptxas -v), tensor-core instructions in the PTX (wgmma on sm_90,
+tcgen05.mma on sm_100, mma.sync elsewhere), TMA loads, and the SASS instruction counts of the
+innermost tensor-core loops (the steady state). `--features` compiles one small problem per
+feature combination. TRITON_INTERPRET must be unset (it replaces the compiler).
 """
 from __future__ import annotations
 

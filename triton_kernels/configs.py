@@ -12,6 +12,7 @@ GPU, and checks NO_FIT, the table of what fits nowhere, from which the backend d
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Optional
 
@@ -28,9 +29,17 @@ INTERPRETER_BLOCK = 16
 # partial buffers (gate/bias gradients) are indexed by query tile: size them for the smallest tile
 MIN_BLOCK_M = INTERPRETER_BLOCK
 
-# the autotune key: padded head dims, the features that change the loop structure, and a
-# power-of-two length bucket (so every new length does not re-tune)
-TUNE_KEY = ["E_PAD", "EV_PAD", "BAND", "PEER_MODE", "ONE_ACC", "TUNE_LEN"]
+# the autotune key: a power-of-two length bucket (so every new length does not re-tune) and every
+# compile-time flag of the kernel (tune_key): each combination is its own kernel, with its own
+# shared memory (a float mask's tile, the gate's accumulator), so a config kept for one never
+# launches another that it may not fit
+TUNE_KEY = ["TUNE_LEN"]
+
+
+def tune_key(kernel):
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+    return TUNE_KEY + [p.name for p in params if "constexpr" in str(p.annotation)
+                       and p.name not in ("BLOCK_M", "BLOCK_N")]
 
 
 def interpreter_meta():
@@ -222,7 +231,7 @@ def tuned(kernel, kind: str = "fwd"):
         return kernel
     return triton.autotune(
         configs=autotune_configs(kind),
-        key=TUNE_KEY,
+        key=tune_key(kernel),
         prune_configs_by={"early_config_prune": make_pruner(kernel, kind)},
     )(kernel)
 

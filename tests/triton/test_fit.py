@@ -145,3 +145,15 @@ def test_pruner_keeps_the_config_compile_check_selects():
     assert result.returncode == 0, result.stderr[-3000:]
     kept, expected = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(kept) == 1 and kept[0] == expected, (kept, expected)
+
+
+def test_every_compile_time_flag_is_in_the_autotune_key():
+    """A config kept for one flag combination (no mask) must not be reused for another (a float
+    mask, whose tile needs more shared memory): each is its own kernel."""
+    from peer_attention.triton_kernels import bwd, fwd
+
+    for kernel in (fwd._attn_fwd, bwd._bwd_preprocess, bwd._bwd_dq, bwd._bwd_dkdv):
+        key = configs.tune_key(kernel)
+        for flag in ("E_PAD", "EV_PAD", "MASK_KIND", "HAS_GATE", "USE_TMA", "F32_DOT"):
+            assert flag in key, (kernel, flag)
+        assert "TUNE_LEN" in key and "BLOCK_M" not in key
