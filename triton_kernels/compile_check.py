@@ -80,7 +80,8 @@ def first_config(kernel_name, problem, arch):
     """The config autotune tries first for this kernel on `arch`."""
     from .configs import _config, candidates
 
-    return _config(*candidates(arch, kernel_kind(kernel_name, problem))[0])
+    return _config(*candidates(arch, kernel_kind(kernel_name, problem),
+                               problem.q.element_size())[0])
 
 
 def _sass_loops(sass):
@@ -290,7 +291,7 @@ def check_task(task, autotune_off=False):
         result["rows"].append(row)
         return dict(row, spills=max(row.get("spill_bytes", 0), 0))
 
-    configs = [_config(*c) for c in candidates(arch, kind)]
+    configs = [_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize)]
     # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
                             shortcut=autotune_off)
@@ -355,7 +356,8 @@ def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
             use["spills"] = analyse(c, arch, loops=False)["spill_bytes"]
         return use
 
-    kept, rejected = select([_config(*c) for c in candidates(arch, kind)], measure,
+    element_size = 2 if sixteen_bit else 4
+    kept, rejected = select([_config(*c) for c in candidates(arch, kind, element_size)], measure,
                             SMEM_OPTIN[arch], sixteen_bit, first_only=True)
     if not kept:
         return None, rejected

@@ -105,8 +105,17 @@ CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
 KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 
 
-def candidates(arch: int, kind: str):
-    return CANDIDATES[table_arch(arch)][kind]
+# fp32 inputs: tiles of at most 64 x 64, at most 2 stages. Their operands take twice the bytes
+# of 16-bit ones, and the larger tiles measured on every architecture either overflow shared
+# memory or spill heavily (docs/triton_compile_report.md); compiling them only costs time.
+FP32_MAX_TILE = 64 * 64
+
+
+def candidates(arch: int, kind: str, element_size: int = 2):
+    listed = CANDIDATES[table_arch(arch)][kind]
+    if element_size == 4:
+        return [c for c in listed if c[0] * c[1] <= FP32_MAX_TILE and c[3] <= 2]
+    return listed
 
 
 def _config(bm, bn, warps, stages):
@@ -132,9 +141,10 @@ def autotune_configs(kind: str = "fwd"):
     return list(seen.values())
 
 
-def ordered_configs(configs, arch: int, kind: str):
-    """The configs meant for `arch`, in the order autotune tries them."""
-    order = {c: i for i, c in enumerate(candidates(arch, kind))}
+def ordered_configs(configs, arch: int, kind: str, element_size: int = 2):
+    """The configs meant for `arch` and the inputs' element size, in the order autotune tries
+    them."""
+    order = {c: i for i, c in enumerate(candidates(arch, kind, element_size))}
     return sorted((c for c in configs if blocks(c) in order), key=lambda c: order[blocks(c)])
 
 
@@ -214,7 +224,8 @@ def make_pruner(kernel, kind: str):
             return measure_on_device(kernel, args, flags, c, arch, index)
 
         first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
-        kept, rejected = select(ordered_configs(configs, arch, this_kind), measure, smem,
+        kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size()),
+                                measure, smem,
                                 q.element_size() == 2, first_only)
         if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
             raise RuntimeError(

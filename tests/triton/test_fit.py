@@ -157,3 +157,11 @@ def test_every_compile_time_flag_is_in_the_autotune_key():
         for flag in ("E_PAD", "EV_PAD", "MASK_KIND", "HAS_GATE", "USE_TMA", "F32_DOT"):
             assert flag in key, (kernel, flag)
         assert "TUNE_LEN" in key and "BLOCK_M" not in key
+
+
+def test_fp32_candidates_are_the_small_tiles():
+    for arch in ARCHS:
+        for kind in configs.KINDS:
+            small = configs.candidates(arch, kind, 4)
+            assert small and all(c[0] * c[1] <= 64 * 64 and c[3] <= 2 for c in small)
+            assert set(small) <= set(configs.candidates(arch, kind))
