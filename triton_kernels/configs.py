@@ -247,8 +247,9 @@ def tuned(kernel, kind: str = "fwd"):
     )(kernel)
 
 
-# What fits nowhere, measured by compile_check (which fails when this table is wrong either
-# way): {arch: {(kernel kind, dtype, E_PAD): reason}}. The backend declines these problems.
+# What fits nowhere, measured by compile_check (which fails where nothing fits and this table
+# does not decline): {arch: {(kernel kind, dtype, E_PAD): reason}}, for the family that needs the
+# most (a family that fits is declined with it). The backend declines these problems.
 NO_FIT = {}
 
 
