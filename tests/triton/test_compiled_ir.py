@@ -70,7 +70,7 @@ def offset_problems(text):
             continue
         name, op, rest = match.groups()
         defs[name] = (op, rest)
-        if op != "arith.muli" or not re.search(r": (tensor<[0-9x]+xi32>|i32)\b", rest):
+        if op != "arith.muli" or not re.search(r": (tensor<[0-9x]+xi32>|i32\b)", rest):
             continue
         operands = re.findall(r"%[\w#.]+", rest.split(":")[0])
         for a, b in (operands, operands[::-1]):
@@ -97,14 +97,17 @@ def report():
     problems = cc.feature_problems(dim=64, seq=96, dtype=torch.float32)
     problems["bf16_joint3"] = cc.feature_problems(dim=64, seq=96)["joint3_everything"]
     rows = {}
-    for variant in ("joint3_everything", "float_mask_dropout_gqa", "peer3_gate", "bf16_joint3"):
+    # sm90 loads through tensor descriptors where strides allow, sm80 through pointers
+    for arch, variant in [(90, "joint3_everything"), (90, "float_mask_dropout_gqa"),
+                          (90, "peer3_gate"), (90, "bf16_joint3"), (80, "joint3_everything"),
+                          (80, "float_mask_dropout_gqa")]:
         problem = problems[variant]
-        for name, fn, args, kwargs in cc.kernel_launches(problem, True, 90):
-            config = cc.first_config(name.replace("bwd_", ""), problem, 90)
-            text = ttir(fn, args, kwargs, config)
+        for name, fn, args, kwargs in cc.kernel_launches(problem, True, arch):
+            config = cc.first_config(name.replace("bwd_", ""), problem, arch)
+            text = ttir(fn, args, kwargs, config, arch)
             widened = sorted(set(re.findall(r"arith.extsi %(stride_\w+) : i32 to i64", text)))
-            rows[f"{name} {variant}"] = dict(dots=dot_precisions(text),
-                                             offsets32=offset_problems(text), widened=widened)
+            rows[f"{name} {variant} sm{arch}"] = dict(
+                dots=dot_precisions(text), offsets32=offset_problems(text), widened=widened)
     return rows
 
 
