@@ -128,8 +128,6 @@ def _bwd_preprocess(
     # 64-bit offsets to the tile's first row, its own rows 32-bit (as in the forward)
     row0 = (q_start + m_start).to(tl.int64)
     tile_m = tl.arange(0, BLOCK_M)
-    tile_n = tl.arange(0, BLOCK_N)
-    stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + row0 * stride_dot + tile_m[:, None] * stride_dot
                  + offs_ev[None, :] * stride_doe,
@@ -139,13 +137,16 @@ def _bwd_preprocess(
                     + row0 * stride_ot + tile_m[:, None] * stride_ot
                     + offs_ev[None, :] * stride_oe,
                     mask=row_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(Delta + stats_off + rows, tl.sum(do * o, 1), mask=row_ok)
+        tl.store(Delta + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + rows,
+                 tl.sum(do * o, 1), mask=row_ok)
 
     # U_p = sum_j P_pj v_pj of every attended peer, recomputed in fp32 (P is not rounded to the
     # input dtype: the gate/bias gradients are long sums that would accumulate that rounding).
     # EXACT_DELTA ("joint" with a gate or bias gradient): Delta = sum_p <dO * g_p, U_p> instead
     # of <dO, O> with O rounded to the output dtype.
     if PEER_MODE or NEED_DGATE or EXACT_DELTA:
+        tile_n = tl.arange(0, BLOCK_N)
+        stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         delta = tl.zeros([BLOCK_M], tl.float32)
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                     + row0 * stride_qt + tile_m[:, None] * stride_qt
