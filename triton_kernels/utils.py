@@ -22,8 +22,8 @@ def padded_dim(n: int) -> int:
 
 
 def use_f32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs need an IEEE fp32 product (not TF32); under the interpreter bf16 dots are
-    wrong, so every product is done in fp32 there."""
+    """fp32 inputs need an fp32-accurate product (tiles.F32_PRECISION, never plain TF32); under
+    the interpreter bf16 dots are wrong, so every product is done in fp32 there."""
     return INTERPRET or dtype == torch.float32
 
 
