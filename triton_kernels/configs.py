@@ -250,7 +250,8 @@ def tuned(kernel, kind: str = "fwd"):
 # What fits nowhere, measured by compile_check (which fails where nothing fits and this table
 # does not decline): {arch: {(kernel kind, dtype, E_PAD): reason}}, for the family that needs the
 # most (a family that fits is declined with it). The backend declines these problems.
-NO_FIT = {}
+_FP32_256_DKDV = "the smallest candidate, 16x32, needs 147,456 B of shared memory"
+NO_FIT = {arch: {("dkdv", "float32", 256): _FP32_256_DKDV} for arch in (86, 89, 120)}
 
 
 def no_fit_reason(arch: int, kinds, dtype, e_pad: int, ev_pad: int) -> Optional[str]:
