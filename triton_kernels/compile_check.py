@@ -444,14 +444,24 @@ def run_sweep(tasks, jobs=1, autotune_off=False, printer=print):
     import functools
 
     check = functools.partial(check_task, autotune_off=autotune_off)
-    if jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(check, tasks))
-    else:
-        results = [check(t) for t in tasks]
-    for r in results:
-        printer(format_task(r))
+    results = []
+    with concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as pool:
+        for r in pool.map(check, tasks):  # printed as they come (in order)
+            printer(format_task(r), flush=True)
+            results.append(r)
     return results
+
+
+class _Serial:
+    """ProcessPoolExecutor's map and context, in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    map = staticmethod(map)
 
 
 def format_task(r):

@@ -225,8 +225,7 @@ def make_pruner(kernel, kind: str):
 
         first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
         kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size()),
-                                measure, smem,
-                                q.element_size() == 2, first_only)
+                                measure, smem, q.element_size() == 2, first_only)
         if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
             raise RuntimeError(
                 f"peer_attention: no {this_kind} Triton config fits sm_{arch} ({smem} B shared "
@@ -258,9 +257,10 @@ def no_fit_reason(arch: int, kinds, dtype, e_pad: int, ev_pad: int) -> Optional[
     table = NO_FIT.get(table_arch(arch), {})
     name = str(dtype).replace("torch.", "")
     for kind in kinds:
-        reason = table.get((kind, name, max(e_pad, ev_pad)))
+        dim = max(e_pad, ev_pad)
+        reason = table.get((kind, name, dim))
         if reason:
-            return f"{kind} at {name} head dim {max(e_pad, ev_pad)} fits no config on sm_{arch} ({reason})"
+            return f"{kind} at {name} head dim {dim} fits no config on sm_{arch} ({reason})"
     return None
 
 

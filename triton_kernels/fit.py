@@ -57,6 +57,8 @@ def usage(compiled) -> dict:
 def misfit(use: dict, smem_limit: int) -> Optional[str]:
     """Why a kernel with this usage cannot run on a device with `smem_limit` bytes of shared
     memory per block (None: it fits)."""
+    if use.get("error"):
+        return use["error"]
     if use["trap"]:
         return "its body traps (tensor memory could not be allocated)"
     if use["shared"] > smem_limit:
