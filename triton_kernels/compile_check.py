@@ -427,14 +427,15 @@ HARDEST = (("plain", "fp32", 256, "bwd_dkdv"), ("float_mask", "bf16", 128, "bwd_
 
 
 def _sample(tasks, n, seed):
-    """n tasks: those of HARDEST, the rest drawn with `seed`."""
+    """n tasks: those of HARDEST, the rest drawn with `seed` and the architecture."""
     import random
 
     if n is None or n >= len(tasks):
         return tasks
     first = [t for t in tasks if t[1:] in HARDEST][:n]
     rest = [t for t in tasks if t not in first]
-    return first + random.Random(seed).sample(rest, max(n - len(first), 0))
+    draw = random.Random(seed * 1000 + tasks[0][0])  # each architecture draws its own
+    return first + draw.sample(rest, max(n - len(first), 0))
 
 
 def run_sweep(tasks, jobs=1, autotune_off=False, printer=print):
