@@ -72,8 +72,10 @@ _SMALL = [(32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
 _HOPPER = {
     "fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
             (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+    # at head dim 256 the gated joint forward keeps wgmma at 64 x 32 with 8 warps (254
+    # registers, no spills) where 64 x 64 spills
     "fwd_two_acc": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
-                    (64, 32, 4, 2)] + _SMALL,
+                    (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2),
            (64, 32, 4, 2)] + _SMALL,
     # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
@@ -83,9 +85,11 @@ _HOPPER = {
 CANDIDATES = {
     90: _HOPPER,
     # tcgen05 runs dK/dV 64 x 64 at head dim 128 without spilling (236 registers, 512 tensor
-    # memory columns); 128 x 128 needs 640 columns (a trap kernel)
-    100: dict(_HOPPER, dkdv=[(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (16, 128, 8, 2),
-                             (32, 64, 4, 2)] + _SMALL),
+    # memory columns); 128 x 128 needs 640 columns (a trap kernel). At head dim 256 dK and dV
+    # alone take the 512 columns (32 x 64: 544, a trap): 64 x 32 with 8 warps (mma.sync, no
+    # spills) rather than 32 x 32
+    100: dict(_HOPPER, dkdv=[(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 4, 2),
+                             (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL),
     # sm_80/86/89/120 (mma.sync): 8 warps keep the backward's 64 x 64 tiles within registers
     # (4 warps spill 64-140 B at head dim 128), pipelined
     80: {
