@@ -39,7 +39,7 @@ import tempfile
 
 import torch
 
-from .fit import SMEM_OPTIN, compile_launch, misfit, target, usage
+from .fit import SMEM_OPTIN, compile_launch, misfit, ptxas_resources, target, usage
 
 
 
@@ -80,8 +80,11 @@ def first_config(kernel_name, problem, arch):
     """The config autotune tries first for this kernel on `arch`."""
     from .configs import _config, candidates
 
+    from .utils import padded_dim
+
+    dim = padded_dim(max(problem.head_dim, problem.value_dim))
     return _config(*candidates(arch, kernel_kind(kernel_name, problem),
-                               problem.q.element_size())[0])
+                               problem.q.element_size(), dim)[0])
 
 
 def _sass_loops(sass):
@@ -105,35 +108,45 @@ def _sass_loops(sass):
     return sorted(sum(1 for x in instrs if a <= x <= b) for a, b in innermost)
 
 
-def analyse(compiled, arch, loops=True):
-    """Registers and spill bytes (ptxas -v, the architecture's own ptxas), tensor-core
-    instructions in the PTX (wgmma: sm_90, tcgen05.mma: sm_100, mma.sync: the rest), TMA loads,
-    shared memory / tensor-memory columns / trap (fit.usage) and, with `loops`, the SASS
-    instruction counts of the innermost tensor-core loops."""
-    ptx = compiled.asm["ptx"]
+def _resources(compiled, arch, use_ptxas):
+    """(registers, spill bytes). With use_ptxas: `ptxas -v` again (fit.ptxas_resources: spill
+    stores + loads, what select() and the runtime pruner judge 16-bit kernels by); else from the
+    cubin (`cuobjdump -res-usage`: registers and the stack frame), which costs no second ptxas
+    run (fp32 at head dim 256 takes ptxas minutes, and fp32 has no spill rule)."""
+    if use_ptxas:
+        return ptxas_resources(compiled, arch)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx_path = os.path.join(tmp, "k.ptx")
-        with open(ptx_path, "w") as f:
-            f.write(ptx)
-        log = subprocess.run([_tool("ptxas", arch), "-v", f"--gpu-name={gpu_name(arch)}",
-                              ptx_path, "-o", os.path.join(tmp, "v.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-        sass = ""
-        if loops:
+        cubin_path = os.path.join(tmp, "k.cubin")
+        with open(cubin_path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin_path],
+                             capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", res), re.search(r"STACK:(\d+)", res)
+    return (int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1)
+
+
+def analyse(compiled, arch, loops=True, use_ptxas=True):
+    """Registers and spill bytes (_resources), tensor-core instructions in the PTX (wgmma:
+    sm_90, tcgen05.mma: sm_100, mma.sync: the rest), TMA loads, shared memory / tensor-memory
+    columns / trap (fit.usage) and, with `loops`, the SASS instruction counts of the innermost
+    tensor-core loops."""
+    ptx = compiled.asm["ptx"]
+    registers, spill_bytes = _resources(compiled, arch, use_ptxas)
+    sass = ""
+    if loops:
+        with tempfile.TemporaryDirectory() as tmp:
             cubin_path = os.path.join(tmp, "k.cubin")
             with open(cubin_path, "wb") as f:
                 f.write(compiled.asm["cubin"])
             sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path],
                                   capture_output=True, text=True, check=True).stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(
         wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
         tcgen05=len(re.findall(r"tcgen05\.mma", ptx)),
         mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
         tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
-        registers=int(regs.group(1)) if regs else -1,
-        spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else -1,
+        registers=registers,
+        spill_bytes=spill_bytes,
         **usage(compiled),
         loop_instructions=_sass_loops(sass) if loops else [],
     )
@@ -282,7 +295,7 @@ def check_task(task, autotune_off=False):
         row = dict(config=_config_name(config))
         try:
             row.update(analyse(faithful_compile(fn, args, kwargs, config, arch), arch,
-                               loops=False))
+                               loops=False, use_ptxas=sixteen_bit))
         except Exception as exc:  # noqa: BLE001 - reported as a failure below
             row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
             result["failures"].append(f"{row['config']} does not compile ({row['error']})")
@@ -291,7 +304,8 @@ def check_task(task, autotune_off=False):
         result["rows"].append(row)
         return dict(row, spills=max(row.get("spill_bytes", 0), 0))
 
-    configs = [_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize)]
+    configs = [_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
+                                               max(kwargs["E_PAD"], kwargs["EV_PAD"]))]
     # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
                             shortcut=autotune_off)
@@ -353,12 +367,13 @@ def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
         c = compiled[_config_name(config)] = faithful_compile(fn, args, kwargs, config, arch)
         use = usage(c)
         if misfit(use, SMEM_OPTIN[arch]) is None and sixteen_bit:
-            use["spills"] = analyse(c, arch, loops=False)["spill_bytes"]
+            use["spills"] = ptxas_resources(c, arch)[1]
         return use
 
     element_size = 2 if sixteen_bit else 4
-    kept, rejected = select([_config(*c) for c in candidates(arch, kind, element_size)], measure,
-                            SMEM_OPTIN[arch], sixteen_bit, first_only=True)
+    dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
+    kept, rejected = select([_config(*c) for c in candidates(arch, kind, element_size, dim)],
+                            measure, SMEM_OPTIN[arch], sixteen_bit, first_only=True)
     if not kept:
         return None, rejected
     return kept[0], compiled[_config_name(kept[0])]

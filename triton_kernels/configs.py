@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import triton
 
-from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, target, usage
+from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, ptxas_resources, target, usage
 from .utils import INTERPRET, padded_dim
 
 # PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
@@ -113,16 +113,18 @@ CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
 KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 
 
-# fp32 inputs: tiles of at most 64 x 64, at most 2 stages. Their operands take twice the bytes
-# of 16-bit ones, and the larger tiles measured on every architecture either overflow shared
-# memory or spill heavily (docs/triton_compile_report.md); compiling them only costs time.
-FP32_MAX_TILE = 64 * 64
+# fp32 inputs: tiles of at most 64 x 64 (32 x 32 at head dim 256), at most 2 stages. Their
+# operands take twice the bytes of 16-bit ones: the larger tiles measured either overflow
+# shared memory or spill heavily (docs/triton_compile_report.md), and at head dim 256 a single
+# fp32 compile takes ptxas minutes, so trying them only costs time.
+FP32_MAX_TILE = {256: 32 * 32}
 
 
-def candidates(arch: int, kind: str, element_size: int = 2):
+def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):
     listed = CANDIDATES[table_arch(arch)][kind]
     if element_size == 4:
-        return [c for c in listed if c[0] * c[1] <= FP32_MAX_TILE and c[3] <= 2]
+        most = FP32_MAX_TILE.get(head_dim_pad, 64 * 64)
+        return [c for c in listed if c[0] * c[1] <= most and c[3] <= 2]
     return listed
 
 
@@ -149,10 +151,11 @@ def autotune_configs(kind: str = "fwd"):
     return list(seen.values())
 
 
-def ordered_configs(configs, arch: int, kind: str, element_size: int = 2):
-    """The configs meant for `arch` and the inputs' element size, in the order autotune tries
-    them."""
-    order = {c: i for i, c in enumerate(candidates(arch, kind, element_size))}
+def ordered_configs(configs, arch: int, kind: str, element_size: int = 2,
+                    head_dim_pad: int = 64):
+    """The configs meant for `arch`, the inputs' element size and (padded) head dim, in the
+    order autotune tries them."""
+    order = {c: i for i, c in enumerate(candidates(arch, kind, element_size, head_dim_pad))}
     return sorted((c for c in configs if blocks(c) in order), key=lambda c: order[blocks(c)])
 
 
@@ -202,16 +205,16 @@ def device_limits(device_index: int):
 
 
 def measure_on_device(kernel, args, kwargs, config, arch: int, device_index: int) -> dict:
-    """usage() of the launch compiled for the device, plus its spills, read from the module
-    loaded there (Triton's own load, which raises OutOfResources where the kernel's shared
-    memory or tensor memory exceeds the device's)."""
+    """usage() of the launch compiled for the device, checked by loading it there (Triton's own
+    load, which raises OutOfResources where the kernel's shared memory or tensor memory exceeds
+    the device's), plus its spills (ptxas -v, as compile_check reads them)."""
     try:
         with torch.cuda.device(device_index):
             compiled = compile_launch(kernel, args, kwargs, config, target(arch))
             use = usage(compiled)
             if misfit(use, 1 << 30) is None:  # never load a trap kernel
                 compiled._init_handles()
-                use["spills"] = int(getattr(compiled, "n_spills", 0) or 0)
+                use["spills"] = ptxas_resources(compiled, arch)[1]
         return use
     except triton.runtime.errors.OutOfResources as exc:
         return dict(shared=1 << 30, tmem=0, trap=False, error=str(exc))
@@ -232,7 +235,8 @@ def make_pruner(kernel, kind: str):
             return measure_on_device(kernel, args, flags, c, arch, index)
 
         first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
-        kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size()),
+        dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
+        kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size(), dim),
                                 measure, smem, q.element_size() == 2, first_only)
         if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
             raise RuntimeError(

@@ -9,7 +9,10 @@ allocated).
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
 from typing import Optional
 
 # the opt-in shared memory per block (bytes) of each architecture SPEC section 13 serves
@@ -66,3 +69,23 @@ def misfit(use: dict, smem_limit: int) -> Optional[str]:
     if use["tmem"] > TMEM_COLUMNS:
         return f"{use['tmem']} tensor-memory columns > {TMEM_COLUMNS}"
     return None
+
+
+def ptxas_resources(compiled, arch: int):
+    """(registers, spill bytes: stores + loads) of a compiled kernel, from `ptxas -v` run again
+    on its PTX by the architecture's bundled ptxas (Triton keeps neither; the loader's n_spills
+    is the whole stack frame, which can be non-zero without a spill)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else -1,
+            int(spills.group(1)) + int(spills.group(2)) if spills else -1)

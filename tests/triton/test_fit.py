@@ -119,7 +119,7 @@ configs.device_limits = lambda index: (arch, cc.SMEM_OPTIN[arch])  # a fake devi
 
 def measure(kernel, a, kw, config, arch_, index):  # as on the device, spills from ptxas
     compiled = configs.compile_launch(kernel, a, kw, config, configs.target(arch_))
-    return dict(configs.usage(compiled), spills=cc.analyse(compiled, arch_, False)["spill_bytes"])
+    return dict(configs.usage(compiled), spills=configs.ptxas_resources(compiled, arch_)[1])
 configs.measure_on_device = measure
 prune = configs.make_pruner(fn, "dq")
 os.environ[configs.AUTOTUNE_ENV] = "0"
@@ -165,3 +165,5 @@ def test_fp32_candidates_are_the_small_tiles():
             small = configs.candidates(arch, kind, 4)
             assert small and all(c[0] * c[1] <= 64 * 64 and c[3] <= 2 for c in small)
             assert set(small) <= set(configs.candidates(arch, kind))
+            smallest = configs.candidates(arch, kind, 4, 256)
+            assert smallest and all(c[0] * c[1] <= 32 * 32 for c in smallest)
