@@ -76,7 +76,9 @@ _HOPPER = {
     # registers, no spills) where 64 x 64 spills
     "fwd_two_acc": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
                     (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
-    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2),
+    # with a float mask at head dim 128 every larger dQ tile spills; 64 x 32 with 8 warps does
+    # not (wgmma on sm_90, tcgen05 on sm_100, mma.sync elsewhere) where 32 x 32 was left
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
            (64, 32, 4, 2)] + _SMALL,
     # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
     # select() takes 16 x 128 there and 64 x 64 at smaller head dims
@@ -96,7 +98,8 @@ CANDIDATES = {
         "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
                 (128, 32, 4, 2), (64, 32, 4, 2)] + _SMALL,
         "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
-        "dq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
+        "dq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2),
+               (64, 32, 4, 2)] + _SMALL,
         "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2),
                  (64, 32, 4, 2)] + _SMALL,
     },
@@ -104,7 +107,7 @@ CANDIDATES = {
 CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
     "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
     "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
-    "dq": [(64, 64, 8, 2), (64, 32, 4, 2)] + _SMALL,
+    "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
     # ptxas for sm_86/89 spills 64 x 64 x 2 stages at head dim 128 where sm_80's and sm_120's do
     # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not
     "dkdv": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2),
