@@ -6,8 +6,9 @@ Entry points for the "triton" backend, on the normalised problem of `peer_attent
     dropout_keep_mask(problem) -> the kernels' dropout keep mask (tests and debugging)
 
 Modules: fwd.py (forward kernel), bwd.py (backward kernels), tiles.py (device helpers shared by
-both), configs.py (launch configs / autotuning), dropout.py (the keep mask, for tests),
-compile_check.py (the sm90 compile report without a GPU),
+both), configs.py (launch configs / autotuning per architecture), fit.py (what a compiled
+config uses and whether it fits a device), dropout.py (the keep mask, for tests),
+compile_check.py (the compile check for every architecture, without a GPU),
 utils.py (host helpers).
 """
 from .bwd import backward

@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MIN_BLOCK_M, interpreter_meta, tune_len, tuned
+from .configs import interpreter_meta, tune_len, tuned
 from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
 from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
                     kv_extent, mma, probs_from_lse, query_stages, row_tile, to_io)
-from .utils import (INTERPRET, band, dropout_args, num_tiles, search_steps, stream_tables,
-                    tma_ok)
+from .utils import (INTERPRET, TILE_SIZES, band, dropout_args, launch_device, num_tiles,
+                    search_steps, stream_tables, tma_ok)
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _exact_pv(probs, v, F32_DOT: tl.constexpr):
     dtype (two tensor-core products, ~16 significant bits of P) instead of an fp32 FMA product
     (no tensor cores, and a register file's worth of operands)."""
     if F32_DOT:
-        return tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+        return mma(probs, v, F32_DOT)
     else:
         hi = probs.to(v.dtype)
         lo = (probs - hi.to(tl.float32)).to(v.dtype)
@@ -56,6 +56,29 @@ def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIA
                        + h * stride_bh).to(tl.float32) * LOG2E
     else:
         return 0.0
+
+
+# The gate/bias gradients are reduced per query tile into partial slots of PART_ROWS rows (the
+# smallest tile), summed by torch afterwards (deterministic, no atomics). A program of BLOCK_M
+# rows writes its sum into its first slot and zeros into its other BLOCK_M // PART_ROWS - 1, so
+# every config writes every slot any config writes: triton.autotune runs all candidates on the
+# same buffers, and nothing a config with smaller tiles left there may survive into the result.
+PART_ROWS = tl.constexpr(min(TILE_SIZES))
+
+
+def partial_slots(problem) -> int:
+    """Slots of the per-tile partial buffers: the longest stream in tiles of the largest size,
+    PART_ROWS rows a slot (the zeros a program writes past its stream's end stay in bounds)."""
+    largest = max(TILE_SIZES)
+    return num_row_tiles(problem, largest) * (largest // PART_ROWS)
+
+
+@triton.jit
+def _part_offset(m_start, b, s, p, h, stride_t, stride_b, stride_s, stride_p, stride_h):
+    """Offset of the (b, s, p, h) entry of the first partial slot of the tile at m_start, 64-bit
+    (slots x gate size passes 2^31 at long lengths)."""
+    return ((m_start // PART_ROWS).to(tl.int64) * stride_t + b.to(tl.int64) * stride_b
+            + s * stride_s + p * stride_p + h * stride_h)
 
 
 @triton.jit
@@ -102,32 +125,41 @@ def _bwd_preprocess(
     row_ok = offs_m < q_len
     ev_ok = offs_ev < EV
     rows = q_start + offs_m
+    # 64-bit offsets to the tile's first row, its own rows 32-bit (as in the forward)
+    row0 = (q_start + m_start).to(tl.int64)
+    tile_m = tl.arange(0, BLOCK_M)
     do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows[:, None] * stride_dot + offs_ev[None, :] * stride_doe,
+                 + row0 * stride_dot + tile_m[:, None] * stride_dot
+                 + offs_ev[None, :] * stride_doe,
                  mask=row_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
     if not PEER_MODE and not EXACT_DELTA:  # the FlashAttention identity: Delta = <dO, O>
         o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                    + rows[:, None] * stride_ot + offs_ev[None, :] * stride_oe,
+                    + row0 * stride_ot + tile_m[:, None] * stride_ot
+                    + offs_ev[None, :] * stride_oe,
                     mask=row_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(Delta + b * stride_lb + h * stride_lh + rows, tl.sum(do * o, 1), mask=row_ok)
+        tl.store(Delta + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + rows,
+                 tl.sum(do * o, 1), mask=row_ok)
 
     # U_p = sum_j P_pj v_pj of every attended peer, recomputed in fp32 (P is not rounded to the
     # input dtype: the gate/bias gradients are long sums that would accumulate that rounding).
     # EXACT_DELTA ("joint" with a gate or bias gradient): Delta = sum_p <dO * g_p, U_p> instead
     # of <dO, O> with O rounded to the output dtype.
     if PEER_MODE or NEED_DGATE or EXACT_DELTA:
+        tile_n = tl.arange(0, BLOCK_N)
+        stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         delta = tl.zeros([BLOCK_M], tl.float32)
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                    + rows[:, None] * stride_qt + offs_e[None, :] * stride_qe,
+                    + row0 * stride_qt + tile_m[:, None] * stride_qt
+                    + offs_e[None, :] * stride_qe,
                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
         k_head = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         v_head = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
         mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
-            + rows[:, None] * stride_mq
+            + row0 * stride_mq + tile_m[:, None] * stride_mq
         alibi2 = 0.0
         if HAS_ALIBI:
             alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
-        lse2 = _row_lse2(Lse, b * stride_lb + h * stride_lh, rows, row_ok)
+        lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
         peer_lo, peer_hi = attended_peers(PeerStart, s, DIAGONAL)
         for i in range(peer_lo, peer_hi):
             p = attended_peer(PeerList, i, s, DIAGONAL)
@@ -137,26 +169,28 @@ def _bwd_preprocess(
             n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, p == s, off, left, right,
                                             BAND, BLOCK_M, BLOCK_N)
             if PEER_MODE:
-                lse2 = _row_lse2(Lse, b * stride_lb + h * stride_lh + p * stride_ls, rows, row_ok)
+                lse2 = _row_lse2(Lse, stats_off + p * stride_ls, rows, row_ok)
             lse2_p = lse2 - _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
                                    HAS_BIAS)
             u = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
             for n_start in range(n0, n_hi, BLOCK_N):
-                offs_n = n_start + tl.arange(0, BLOCK_N)
+                offs_n = n_start + tile_n
                 key_ok = offs_n < kv_end
-                k = tl.load(k_head + (kv_start + offs_n)[:, None] * stride_kt
+                key0 = kv_start + tl.cast(n_start, tl.int64)
+                k = tl.load(k_head + key0 * stride_kt + tile_n[:, None] * stride_kt
                             + offs_e[None, :] * stride_ke,
                             mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
                 probs, dcap = probs_from_lse(
                     mma(q, tl.trans(k), F32_DOT), offs_m[:, None], offs_n[None, :],
                     lse2_p[:, None], p == s, off, left, right, kv_end, alibi2, scale_log2,
-                    softcap_scale, mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
+                    softcap_scale,
+                    mask_rows + key0 * stride_mk + tile_n[None, :] * stride_mk,
                     row_ok[:, None] & key_ok[None, :], True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
                 if HAS_DROPOUT:
                     keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + n_start, Tq, Tk,
                                         dropout_p, BLOCK_M, BLOCK_N)
                     probs = tl.where(keep, probs / (1.0 - dropout_p), 0.0)
-                v = tl.load(v_head + (kv_start + offs_n)[:, None] * stride_vt
+                v = tl.load(v_head + key0 * stride_vt + tile_n[:, None] * stride_vt
                             + offs_ev[None, :] * stride_ve,
                             mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
                 u += _exact_pv(probs, v, F32_DOT)
@@ -166,16 +200,19 @@ def _bwd_preprocess(
                                + h * stride_gh + offs_ev * stride_ge,
                                mask=ev_ok, other=0.0).to(tl.float32)
             if PEER_MODE:  # Delta_p = <dO * g_p, U_p>
-                tl.store(Delta + b * stride_lb + h * stride_lh + p * stride_ls + rows,
+                tl.store(Delta + stats_off + p * stride_ls + rows,
                          tl.sum(do * gate[None, :] * u, 1), mask=row_ok)
             else:
                 delta += tl.sum(do * gate[None, :] * u, 1)
             if NEED_DGATE:  # dg_p = sum over rows of dO * U_p, one partial per tile
-                tl.store(DGatePart + (m_start // BLOCK_M) * stride_pgt + b * stride_pgb
-                         + s * stride_pgs + p * stride_pgp + h * stride_pgh + offs_ev,
-                         tl.sum(do * u, 0), mask=ev_ok)
+                sub = tl.arange(0, BLOCK_M // PART_ROWS)[:, None]
+                tl.store(DGatePart + _part_offset(m_start, b, s, p, h, stride_pgt, stride_pgb,
+                                                  stride_pgs, stride_pgp, stride_pgh)
+                         + (sub * stride_pgt + offs_ev[None, :]),
+                         tl.where(sub == 0, tl.sum(do * u, 0)[None, :], 0.0),
+                         mask=(sub >= 0) & ev_ok[None, :])
         if EXACT_DELTA:
-            tl.store(Delta + b * stride_lb + h * stride_lh + rows, delta, mask=row_ok)
+            tl.store(Delta + stats_off + rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -193,8 +230,10 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
     """dQ (and the bias/mask gradients) over key tiles [n_lo, n_hi) of one peer."""
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
+    tile_n = tl.arange(0, BLOCK_N)
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
+        offs_n = n_start + tile_n
+        n64 = tl.cast(n_start, tl.int64)  # (64-bit: a long stream's rows x stride > 2^31)
         key_ok = offs_n < kv_end
         k_ok = offs_e[None, :] < E
         v_ok = offs_ev[None, :] < EV
@@ -205,12 +244,14 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
             k = k_desc.load([n_start, 0])
             v = v_desc.load([n_start, 0])
         else:
-            k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
-            v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=v_ok, other=0.0)
+            k = tl.load(k_ptrs + n64 * stride_kt + tile_n[:, None] * stride_kt, mask=k_ok,
+                        other=0.0)
+            v = tl.load(v_ptrs + n64 * stride_vt + tile_n[:, None] * stride_vt, mask=v_ok,
+                        other=0.0)
         probs, dcap = probs_from_lse(
             mma(q, tl.trans(k), F32_DOT), qi, offs_n[None, :], lse2[:, None], self_pair, off,
             left, right, kv_end, alibi2, scale_log2, softcap_scale,
-            mask_rows + (kv_start + offs_n)[None, :] * stride_mk,
+            mask_rows + (kv_start + n64) * stride_mk + tile_n[None, :] * stride_mk,
             row_ok[:, None] & key_ok[None, :], MASKED, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
         dp = mma(do_gated, tl.trans(v), F32_DOT)
         if HAS_DROPOUT:
@@ -223,7 +264,7 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
         if NEED_DBIAS:
             dbias += tl.sum(ds, 1)
         if NEED_DMASK:
-            tl.store(dmask_rows + (kv_start + offs_n)[None, :] * stride_dmk,
+            tl.store(dmask_rows + (kv_start + n64) * stride_dmk + tile_n[None, :] * stride_dmk,
                      to_io(ds, dmask_rows.dtype.element_ty, BF16_RTNE),
                      mask=row_ok[:, None] & key_ok[None, :])
     return dq, dbias
@@ -266,22 +307,25 @@ def _bwd_dq(
     row_ok = offs_m < q_len
     ev_ok = offs_ev < EV
     rows = q_start + offs_m
+    row0 = (q_start + m_start).to(tl.int64)  # 64-bit to the tile, 32-bit within (as forward)
+    tile_m = tl.arange(0, BLOCK_M)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + rows[:, None] * stride_qt + offs_e[None, :] * stride_qe,
+                + row0 * stride_qt + tile_m[:, None] * stride_qt + offs_e[None, :] * stride_qe,
                 mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
     do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows[:, None] * stride_dot + offs_ev[None, :] * stride_doe,
+                 + row0 * stride_dot + tile_m[:, None] * stride_dot
+                 + offs_ev[None, :] * stride_doe,
                  mask=row_ok[:, None] & ev_ok[None, :], other=0.0)
     k_head = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     v_head = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
-        + rows[:, None] * stride_mq
+        + row0 * stride_mq + tile_m[:, None] * stride_mq
     dmask_rows = DMask + b.to(tl.int64) * stride_dmb + h.to(tl.int64) * stride_dmh \
-        + rows[:, None] * stride_dmq
+        + row0 * stride_dmq + tile_m[:, None] * stride_dmq
     alibi2 = 0.0
     if HAS_ALIBI:
         alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
-    stats_off = b * stride_lb + h * stride_lh
+    stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
     delta = tl.load(Delta + stats_off + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
@@ -305,15 +349,17 @@ def _bwd_dq(
             gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
                            + offs_ev * stride_ge, mask=ev_ok, other=0.0).to(tl.float32)
             do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
-        k_ptrs = k_head + kv_start * stride_kt + offs_e[None, :] * stride_ke
-        v_ptrs = v_head + kv_start * stride_vt + offs_ev[None, :] * stride_ve
+        k_ptrs = k_head + kv_start.to(tl.int64) * stride_kt + offs_e[None, :] * stride_ke
+        v_ptrs = v_head + kv_start.to(tl.int64) * stride_vt + offs_ev[None, :] * stride_ve
         k_desc = k_head
         v_desc = v_head
         if USE_TMA:  # per (batch, kv head, peer): keys past the peer's end read as zeros
-            k_desc = tl.make_tensor_descriptor(k_head + kv_start * stride_kt, shape=[kv_len, E],
+            k_desc = tl.make_tensor_descriptor(k_head + kv_start.to(tl.int64) * stride_kt,
+                                               shape=[kv_len, E],
                                                strides=[stride_kt, 1],
                                                block_shape=[BLOCK_N, E_PAD])
-            v_desc = tl.make_tensor_descriptor(v_head + kv_start * stride_vt, shape=[kv_len, EV],
+            v_desc = tl.make_tensor_descriptor(v_head + kv_start.to(tl.int64) * stride_vt,
+                                               shape=[kv_len, EV],
                                                strides=[stride_vt, 1],
                                                block_shape=[BLOCK_N, EV_PAD])
         dbias = tl.zeros([BLOCK_M], tl.float32)
@@ -339,12 +385,14 @@ def _bwd_dq(
             HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
             EV_PAD, BLOCK_M, BLOCK_N)
         if NEED_DBIAS:
-            tl.store(DBiasPart + (m_start // BLOCK_M) * stride_pbt + b * stride_pbb
-                     + s * stride_pbs + p * stride_pbp + h * stride_pbh, tl.sum(dbias, 0))
+            sub = tl.arange(0, BLOCK_M // PART_ROWS)
+            tl.store(DBiasPart + _part_offset(m_start, b, s, p, h, stride_pbt, stride_pbb,
+                                              stride_pbs, stride_pbp, stride_pbh)
+                     + sub * stride_pbt, tl.where(sub == 0, tl.sum(dbias, 0), 0.0))
 
     if NEED_DQ:
         tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-                 + rows[:, None] * stride_dqt + offs_e[None, :] * stride_dqe,
+                 + row0 * stride_dqt + tile_m[:, None] * stride_dqt + offs_e[None, :] * stride_dqe,
                  to_io(dq * scale, DQ.dtype.element_ty, BF16_RTNE),
                  mask=row_ok[:, None] & (offs_e[None, :] < E))
 
@@ -352,7 +400,7 @@ def _bwd_dq(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, delta_ptr,
                 stride_qt, stride_dot,
-                m_lo, m_hi, q_start, q_len, offs_n, keys, col0, key_ok, kv_end, self_pair, off,
+                m_lo, m_hi, q_start, q_len, offs_n, col0, key_ok, kv_end, self_pair, off,
                 left,
                 right, alibi2, lse_shift, scale_log2, softcap_scale, mask_head, stride_mq,
                 stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
@@ -366,10 +414,13 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
     rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly."""
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
     for m_start in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_m = m_start + tile_m
         row_ok = offs_m < q_len
         rows = q_start + offs_m
+        row0 = q_start + tl.cast(m_start, tl.int64)  # 64-bit to the tile, 32-bit within
         q_ok = offs_e[None, :] < E
         do_ok = offs_ev[None, :] < EV
         if MASKED:
@@ -379,8 +430,10 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             q = q_desc.load([m_start, 0])
             do = do_desc.load([m_start, 0])
         else:
-            q = tl.load(q_head + rows[:, None] * stride_qt, mask=q_ok, other=0.0)
-            do = tl.load(do_head + rows[:, None] * stride_dot, mask=do_ok, other=0.0)
+            q = tl.load(q_head + row0 * stride_qt + tile_m[:, None] * stride_qt, mask=q_ok,
+                        other=0.0)
+            do = tl.load(do_head + row0 * stride_dot + tile_m[:, None] * stride_dot, mask=do_ok,
+                         other=0.0)
         if HAS_GATE:
             do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
@@ -389,7 +442,8 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
         probs_t, dcap = probs_from_lse(
             mma(k, tl.trans(q), F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
             self_pair, off, left, right, kv_end, alibi2, scale_log2, softcap_scale,
-            mask_head + rows[None, :] * stride_mq + keys[:, None] * stride_mk,
+            mask_head + row0 * stride_mq + tile_m[None, :] * stride_mq
+            + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
             row_ok[None, :] & key_ok[:, None], MASKED, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
         dp_t = mma(v, tl.trans(do), F32_DOT)
         kept_t = probs_t
@@ -442,13 +496,14 @@ def _bwd_dkdv(
     offs_ev = tl.arange(0, EV_PAD)
     key_ok = offs_n < kv_end
     ev_ok = offs_ev < EV
-    keys = kv_start + offs_n
     keys0 = kv_start + n_start
+    key0 = keys0.to(tl.int64)  # 64-bit to the tile, 32-bit within (as the forward)
+    tile_n = tl.arange(0, BLOCK_N)
     k = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-                + keys[:, None] * stride_kt + offs_e[None, :] * stride_ke,
+                + key0 * stride_kt + tile_n[:, None] * stride_kt + offs_e[None, :] * stride_ke,
                 mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-                + keys[:, None] * stride_vt + offs_ev[None, :] * stride_ve,
+                + key0 * stride_vt + tile_n[:, None] * stride_vt + offs_ev[None, :] * stride_ve,
                 mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
@@ -474,7 +529,7 @@ def _bwd_dkdv(
             for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
                 h = kvh * group_size + hh
                 bh = b * num_q_heads + h
-                stats_off = b * stride_lb + h * stride_lh
+                stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
                 if PEER_MODE:
                     stats_off += p * stride_ls
                 bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
@@ -497,16 +552,18 @@ def _bwd_dkdv(
                 if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
                     q_desc = tl.make_tensor_descriptor(
                         Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                        + q_start * stride_qt, shape=[q_len, E], strides=[stride_qt, 1],
+                        + q_start.to(tl.int64) * stride_qt, shape=[q_len, E],
+                        strides=[stride_qt, 1],
                         block_shape=[BLOCK_M, E_PAD])
                     do_desc = tl.make_tensor_descriptor(
                         DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                        + q_start * stride_dot, shape=[q_len, EV], strides=[stride_dot, 1],
+                        + q_start.to(tl.int64) * stride_dot, shape=[q_len, EV],
+                        strides=[stride_dot, 1],
                         block_shape=[BLOCK_M, EV_PAD])
                 dk, dv = _dkdv_tiles(
                     dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
                     Delta + stats_off, stride_qt, stride_dot, m0, m_a, q_start, q_len, offs_n,
-                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
                     scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
                     dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
                     HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
@@ -514,7 +571,7 @@ def _bwd_dkdv(
                 dk, dv = _dkdv_tiles(
                     dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
                     Delta + stats_off, stride_qt, stride_dot, m_a, m_b, q_start, q_len, offs_n,
-                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
                     scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
                     dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
                     HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
@@ -522,7 +579,7 @@ def _bwd_dkdv(
                 dk, dv = _dkdv_tiles(
                     dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
                     Delta + stats_off, stride_qt, stride_dot, m_b, m_hi, q_start, q_len, offs_n,
-                    keys, keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
+                    keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
                     scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
                     dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
                     HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
@@ -530,11 +587,11 @@ def _bwd_dkdv(
 
     out_rows = offs_n < kv_len
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-             + keys[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
+             + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
              to_io(dk * scale, DK.dtype.element_ty, BF16_RTNE),
              mask=out_rows[:, None] & (offs_e[None, :] < E))
     tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-             + keys[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
+             + key0 * stride_dvt + tile_n[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
              to_io(dv, DV.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
 
 
@@ -566,7 +623,7 @@ def gradient_buffers(problem, needs_grad):
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     mask = problem.attn_mask
     dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=q.device) if need_mask else empty
-    tiles = num_row_tiles(problem, MIN_BLOCK_M)
+    tiles = partial_slots(problem)
     dgate_part = (torch.zeros((tiles,) + tuple(problem.gate.shape), dtype=torch.float32,
                               device=q.device) if need_gate else empty)
     dbias_part = (torch.zeros((tiles,) + tuple(problem.bias.shape), dtype=torch.float32,
@@ -655,11 +712,12 @@ def backward(problem, grad_out, out, lse, needs_grad):
     empty = q.new_empty(0)
     delta = torch.zeros_like(lse)
     if q.shape[2] > 0 and q.shape[0] * q.shape[1] > 0:
-        launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs)
-        if k.shape[2] == 0:  # no keys: only Delta (for the sink gradient) has work to do
-            launches = launches[:1]
-        for name, _, args, kwargs, grid in launches:
-            TUNED[name][grid](*args, **kwargs)
+        with launch_device(q):
+            launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs)
+            if k.shape[2] == 0:  # no keys: only Delta (for the sink gradient) has work to do
+                launches = launches[:1]
+            for name, _, args, kwargs, grid in launches:
+                TUNED[name][grid](*args, **kwargs)
         delta = bufs["delta"]
     dgate = bufs["dgate_part"].sum(0).to(problem.gate.dtype) if need_gate else empty
     dbias = bufs["dbias_part"].sum(0).to(problem.bias.dtype) if need_bias else empty

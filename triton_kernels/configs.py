@@ -1,18 +1,26 @@
-"""Launch configurations: autotuned per architecture on a GPU, one small config under the
-interpreter (where timing means nothing and every extra config costs CI minutes).
+"""Launch configurations: per-architecture candidate lists autotuned on a GPU, one small config
+under the interpreter (where timing means nothing and every extra config costs CI minutes).
 
 Every kernel tiles queries by BLOCK_M and keys by BLOCK_N; E_PAD/EV_PAD are the padded head dims.
-Configs that cannot fit the device's shared memory or registers are pruned before tuning.
+Which candidates fit is measured, not modelled: the pruner compiles each candidate for the
+launching device exactly as the launch would (Triton's cache makes the launch's own compile a
+lookup) and keeps those whose shared memory, tensor memory and body fit it (fit.misfit), and,
+for 16-bit inputs, those that do not spill when any such fits. The compile report
+(compile_check) runs the same selection for every architecture of SPEC section 13 without a
+GPU, and checks NO_FIT, the table of what fits nowhere, from which the backend declines.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+from typing import Optional
 
 import torch
 import triton
 
-from .utils import INTERPRET
+from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, ptxas_resources, target, usage
+from .utils import INTERPRET, padded_dim
 
 # PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
 # (nothing is benchmarked; scripts/gpu_check.sh sets it so that compile time stays small)
@@ -21,9 +29,17 @@ INTERPRETER_BLOCK = 16
 # partial buffers (gate/bias gradients) are indexed by query tile: size them for the smallest tile
 MIN_BLOCK_M = INTERPRETER_BLOCK
 
-# the autotune key: padded head dims, the features that change the loop structure, and a
-# power-of-two length bucket (so every new length does not re-tune)
-TUNE_KEY = ["E_PAD", "EV_PAD", "BAND", "PEER_MODE", "ONE_ACC", "TUNE_LEN"]
+# the autotune key: a power-of-two length bucket (so every new length does not re-tune) and every
+# compile-time flag of the kernel (tune_key): each combination is its own kernel, with its own
+# shared memory (a float mask's tile, the gate's accumulator), so a config kept for one never
+# launches another that it may not fit
+TUNE_KEY = ["TUNE_LEN"]
+
+
+def tune_key(kernel):
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+    return TUNE_KEY + [p.name for p in params if "constexpr" in str(p.annotation)
+                       and p.name not in ("BLOCK_M", "BLOCK_N")]
 
 
 def interpreter_meta():
@@ -34,113 +50,201 @@ def tune_len(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _arch_and_smem(device_index: int):
-    props = torch.cuda.get_device_properties(device_index)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    return props.major * 10 + props.minor, smem
+def table_arch(arch: int) -> int:
+    """The architecture of SPEC section 13 whose candidates and limits a device takes: sm_87
+    (Orin) as sm_80, sm_103/110 as sm_100, sm_121 as sm_120."""
+    if arch >= 120:
+        return 120
+    if arch >= 100:
+        return 100
+    if arch >= 90:
+        return 90
+    return max((a for a in ARCHS if a <= arch), default=arch)
 
 
-# (BLOCK_M, BLOCK_N, num_warps) per kernel kind, in the order autotune tries them. The first of
-# each is the one the sm90 compile report (compile_check --headline) shows to run without
-# spilling at head dim 128: the forward with two accumulators (per-peer partials, gated joint or
-# "peer" mode) takes 64-key tiles, dQ 128x64 (two score tiles live), and dK/dV 16 queries x 128
-# keys (its resident K, V, dK, dV take most registers).
-CANDIDATES = {
-    "fwd": [(128, 128, 8), (128, 64, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4), (128, 32, 4),
-            (64, 32, 4), (32, 32, 4)],
-    "fwd_two_acc": [(128, 64, 8), (64, 64, 4), (128, 128, 8), (64, 128, 4), (64, 32, 4),
-                    (32, 32, 4)],
-    "dq": [(128, 64, 8), (64, 64, 4), (64, 128, 8), (128, 128, 8), (64, 32, 4), (32, 64, 4),
-           (32, 32, 4)],
-    "dkdv": [(16, 128, 8), (16, 64, 4), (32, 128, 8), (64, 64, 8), (32, 64, 4), (128, 64, 8),
-             (64, 128, 8), (32, 32, 4)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture and kernel kind, in the order
+# autotune tries them; the first that fits is the config with autotuning off. Chosen from the
+# compiled code (docs/triton_compile_report.md): no spills in 16-bit kernels at head dim <= 128,
+# dK/dV with 64-128-query tiles where wgmma/tcgen05 take them, pipelined (num_stages >= 2)
+# backward configs on sm_80/86/89. The small tiles at the end are what fp32 at head dim 256
+# fits in.
+_SMALL = [(32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)]
+_HOPPER = {
+    "fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+            (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+    # at head dim 256 the gated joint forward keeps wgmma at 64 x 32 with 8 warps (254
+    # registers, no spills) where 64 x 64 spills
+    "fwd_two_acc": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                    (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
+    # with a float mask at head dim 128 every larger dQ tile spills; 64 x 32 with 8 warps does
+    # not (wgmma on sm_90, tcgen05 on sm_100, mma.sync elsewhere) where 32 x 32 was left
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
+           (64, 32, 4, 2)] + _SMALL,
+    # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
+    # select() takes 16 x 128 there and 64 x 64 at smaller head dims
+    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL,
 }
-KINDS = tuple(CANDIDATES)
+CANDIDATES = {
+    90: _HOPPER,
+    # tcgen05 runs dK/dV 64 x 64 at head dim 128 without spilling (236 registers, 512 tensor
+    # memory columns); 128 x 128 needs 640 columns (a trap kernel). At head dim 256 dK and dV
+    # alone take the 512 columns (32 x 64: 544, a trap): 64 x 32 with 8 warps (mma.sync, no
+    # spills) rather than 32 x 32
+    100: dict(_HOPPER, dkdv=[(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 4, 2),
+                             (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL),
+    # sm_80/86/89/120 (mma.sync): 8 warps keep the backward's 64 x 64 tiles within registers
+    # (4 warps spill 64-140 B at head dim 128), pipelined
+    80: {
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                (128, 32, 4, 2), (64, 32, 4, 2)] + _SMALL,
+        "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+        "dq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2),
+               (64, 32, 4, 2)] + _SMALL,
+        "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2),
+                 (64, 32, 4, 2)] + _SMALL,
+    },
+}
+CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
+    "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
+    "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
+    # ptxas for sm_86/89 spills 64 x 64 x 2 stages at head dim 128 where sm_80's and sm_120's do
+    # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not
+    "dkdv": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2),
+             (64, 32, 4, 2)] + _SMALL,
+}
+KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 
 
-def _stages_for(arch: int, kind: str):
-    """Software-pipelining depths worth trying: Hopper (TMA/wgmma) pipelines deeper."""
-    if kind in ("dq", "dkdv"):
-        return (2, 3) if arch >= 90 else (1, 2)
-    return (2, 3, 4) if arch >= 90 else (2, 3)
+# fp32 inputs: tiles of at most 64 x 64 (32 x 32 at head dim 256), at most 2 stages. Their
+# operands take twice the bytes of 16-bit ones: the larger tiles measured either overflow
+# shared memory or spill heavily (docs/triton_compile_report.md), and at head dim 256 a single
+# fp32 compile takes ptxas minutes, so trying them only costs time.
+FP32_MAX_TILE = {256: 32 * 32}
 
 
-MAX_REGS_PER_THREAD = 224  # of the 255 a thread may hold: leave room for addresses and temps
+def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):
+    listed = CANDIDATES[table_arch(arch)][kind]
+    if element_size == 4:
+        most = FP32_MAX_TILE.get(head_dim_pad, 64 * 64)
+        return [c for c in listed if c[0] * c[1] <= most and c[3] <= 2]
+    return listed
 
 
-def _fits(bm, bn, warps, stages, e_pad, ev_pad, elem, smem, kind):
-    """Rough resource model. Shared memory: the streamed tiles (one per pipeline stage) plus the
-    resident ones. Registers (32-bit words per thread): fp32 accumulators, the fp32 score tiles
-    and the resident input tiles (16-bit inputs pack two to a register)."""
-    if kind == "dkdv":  # resident K/V tiles, streamed Q/dO tiles; dK, dV and two score tiles
-        resident = bn * (e_pad + ev_pad) * elem
-        streamed = max(stages, 1) * bm * (e_pad + ev_pad) * elem
-        words = bn * (e_pad + ev_pad) + 2 * bm * bn + resident // 4
-    else:  # forward-like: resident Q (and dO), streamed K/V tiles; the output and score tiles
-        resident = bm * (e_pad + ev_pad) * elem
-        streamed = max(stages, 1) * bn * (e_pad + ev_pad) * elem
-        accumulators = 2 if kind == "fwd_two_acc" else 1
-        score_tiles = 2 if kind == "dq" else 1
-        words = (accumulators * bm * max(e_pad, ev_pad) + score_tiles * bm * bn
-                 + bm * e_pad * elem // 4)
-    if resident + streamed > smem:
-        return False
-    return words <= MAX_REGS_PER_THREAD * 32 * warps
+def _config(bm, bn, warps, stages):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
+
+
+def blocks(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
 
 
 def autotune_configs(kind: str = "fwd"):
-    """All candidate configs of a kernel kind; the pruning hook keeps those that fit (see
-    prune). The forward's list covers both of its accumulator layouts."""
+    """Every candidate of a kernel kind on every architecture (the pruner keeps the launching
+    device's); the forward's list covers both of its accumulator layouts."""
     if INTERPRET:
         return [triton.Config(interpreter_meta(), num_warps=1, num_stages=1)]
     kinds = ("fwd", "fwd_two_acc") if kind == "fwd" else (kind,)
-    seen, configs = set(), []
-    for k in kinds:
-        for bm, bn, w in CANDIDATES[k]:
-            for st in (1, 2, 3, 4):
-                if (bm, bn, w, st) not in seen:
-                    seen.add((bm, bn, w, st))
-                    configs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w,
-                                                 num_stages=st))
-    return configs
+    seen = {}
+    for arch_lists in CANDIDATES.values():
+        for k in kinds:
+            for c in arch_lists[k]:
+                seen.setdefault(c, _config(*c))
+    return list(seen.values())
 
 
-def fitting_configs(configs, arch, smem, e_pad, ev_pad, elem, kind):
-    """The configs meant for `arch` that fit its shared memory and registers, in the order
-    autotune tries them (the compile report compiles the first)."""
-    stages = _stages_for(arch, kind)
-    order = {blocks: i for i, blocks in enumerate(CANDIDATES[kind])}
-
-    def blocks(c):
-        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
-
-    kept = [c for c in configs
-            if blocks(c) in order and c.num_stages in stages
-            and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                      e_pad, ev_pad, elem, smem, kind)]
-    kept.sort(key=lambda c: (order[blocks(c)], stages.index(c.num_stages)))
-    if not kept:  # always leave the smallest one
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept
+def ordered_configs(configs, arch: int, kind: str, element_size: int = 2,
+                    head_dim_pad: int = 64):
+    """The configs meant for `arch`, the inputs' element size and (padded) head dim, in the
+    order autotune tries them."""
+    order = {c: i for i, c in enumerate(candidates(arch, kind, element_size, head_dim_pad))}
+    return sorted((c for c in configs if blocks(c) in order), key=lambda c: order[blocks(c)])
 
 
 def forward_kind(one_accumulator: bool) -> str:
     return "fwd" if one_accumulator else "fwd_two_acc"
 
 
-def make_pruner(kind: str):
+def select(configs, measure, smem_limit: int, sixteen_bit: bool, first_only: bool,
+           shortcut: bool = True):
+    """The configs (in order) that fit, measured by `measure(config)` -> usage dict (with
+    "spills" where known); for 16-bit inputs the non-spilling ones when any fits. With
+    first_only, stop at the first that fits without spilling. With shortcut, the last (smallest)
+    config is measured first: when it does not fit, none does (shared memory grows with the
+    tiles and stages; compile_check's full sweep checks this). Returns (kept, {config:
+    reason}) so that a caller can say why nothing fits."""
+    measured = {}
+
+    def use(i):
+        if i not in measured:
+            measured[i] = measure(configs[i])
+        return measured[i]
+
+    if shortcut and configs:
+        reason = misfit(use(len(configs) - 1), smem_limit)
+        if reason:
+            return [], {configs[-1]: f"the smallest config does not fit: {reason}"}
+    kept, spilling, rejected = [], [], {}
+    for i, c in enumerate(configs):
+        reason = misfit(use(i), smem_limit)
+        if reason:
+            rejected[c] = reason
+        elif sixteen_bit and use(i).get("spills"):
+            spilling.append(c)
+        else:
+            kept.append(c)
+            if first_only:
+                break
+    return (kept or spilling[:1 if first_only else None]), rejected
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(device_index: int):
+    """(arch, opt-in shared memory per block) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return props.major * 10 + props.minor, smem
+
+
+def measure_on_device(kernel, args, kwargs, config, arch: int, device_index: int) -> dict:
+    """usage() of the launch compiled for the device, checked by loading it there (Triton's own
+    load, which raises OutOfResources where the kernel's shared memory or tensor memory exceeds
+    the device's), plus its spills (ptxas -v, as compile_check reads them)."""
+    try:
+        with torch.cuda.device(device_index):
+            compiled = compile_launch(kernel, args, kwargs, config, target(arch))
+            use = usage(compiled)
+            if misfit(use, 1 << 30) is None:  # never load a trap kernel
+                compiled._init_handles()
+                use["spills"] = ptxas_resources(compiled, arch)[1]
+        return use
+    except triton.runtime.errors.OutOfResources as exc:
+        return dict(shared=1 << 30, tmem=0, trap=False, error=str(exc))
+
+
+def make_pruner(kernel, kind: str):
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs[:1]
-        e_pad = kwargs.get("E_PAD", named_args.get("E_PAD"))
-        ev_pad = kwargs.get("EV_PAD", named_args.get("EV_PAD"))
         q = named_args["Q"]
-        arch, smem = _arch_and_smem(q.device.index if q.device.index is not None else 0)
+        index = q.device.index or 0  # CUDA tensors carry their index
+        arch, smem = device_limits(index)
         this_kind = forward_kind(kwargs.get("ONE_ACC", True)) if kind == "fwd" else kind
-        kept = fitting_configs(configs, arch, smem, e_pad, ev_pad, q.element_size(), this_kind)
-        if os.environ.get(AUTOTUNE_ENV, "1") == "0":  # one fixed config: no tuning (GPU tests)
-            kept = kept[:1]
+        args = list(named_args.values())
+        flags = {k: v for k, v in kwargs.items() if k in kernel.arg_names}  # not grid, warmup
+
+        def measure(c):
+            return measure_on_device(kernel, args, flags, c, arch, index)
+
+        first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
+        dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
+        kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size(), dim),
+                                measure, smem, q.element_size() == 2, first_only)
+        if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
+            raise RuntimeError(
+                f"peer_attention: no {this_kind} Triton config fits sm_{arch} ({smem} B shared "
+                f"memory): " + "; ".join(f"{blocks(c)}: {r}" for c, r in rejected.items()))
         return kept
     return prune
 
@@ -152,6 +256,42 @@ def tuned(kernel, kind: str = "fwd"):
         return kernel
     return triton.autotune(
         configs=autotune_configs(kind),
-        key=TUNE_KEY,
-        prune_configs_by={"early_config_prune": make_pruner(kind)},
+        key=tune_key(kernel),
+        prune_configs_by={"early_config_prune": make_pruner(kernel, kind)},
     )(kernel)
+
+
+# What fits nowhere, measured by compile_check (which fails where nothing fits and this table
+# does not decline): {arch: {(kernel kind, dtype, E_PAD): reason}}, for the family that needs the
+# most (a family that fits is declined with it). The backend declines these problems.
+_FP32_256_DKDV = "the smallest candidate, 16x32, needs 147,456 B of shared memory"
+NO_FIT = {arch: {("dkdv", "float32", 256): _FP32_256_DKDV} for arch in (86, 89, 120)}
+
+
+def no_fit_reason(arch: int, kinds, dtype, e_pad: int, ev_pad: int) -> Optional[str]:
+    table = NO_FIT.get(table_arch(arch), {})
+    name = str(dtype).replace("torch.", "")
+    for kind in kinds:
+        dim = max(e_pad, ev_pad)
+        reason = table.get((kind, name, dim))
+        if reason:
+            return f"{kind} at {name} head dim {dim} fits no config on sm_{arch} ({reason})"
+    return None
+
+
+def decline_reason(problem, device_index: int) -> Optional[str]:
+    """Why the Triton kernels cannot run this problem on that CUDA device (None: they can)."""
+    arch, _ = device_limits(device_index)
+    if arch < MIN_ARCH:
+        return (f"compute capability {arch // 10}.{arch % 10} < {MIN_ARCH // 10}.0 (no tensor-core "
+                f"path for the kernels' dots)")
+    if not NO_FIT.get(table_arch(arch)):
+        return None
+    from .fwd import one_accumulator
+
+    kinds = [forward_kind(one_accumulator(problem))]
+    if any(t is not None and t.requires_grad for t in (
+            problem.q, problem.k, problem.v, problem.gate, problem.bias, problem.attn_mask)):
+        kinds += ["dq", "dkdv"]
+    return no_fit_reason(arch, kinds, problem.q.dtype, padded_dim(problem.head_dim),
+                         padded_dim(problem.value_dim))

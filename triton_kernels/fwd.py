@@ -22,8 +22,9 @@ import triton.language as tl
 from .configs import interpreter_meta, tune_len, tuned
 from .tiles import (LN2, LOG2E, attended_peer, attended_peers, dropout_keep, kv_extent,
                     key_stages, log2_scores, mask_scores, mma, row_tile, to_io)
-from .utils import (INTERPRET, band, dropout_args, mask_for_kernel, mask_kind, num_tiles,
-                    padded_dim, search_steps, stream_tables, strides_or_zero, tma_ok, use_f32_dot)
+from .utils import (INTERPRET, band, dropout_args, launch_device, mask_for_kernel, mask_kind,
+                    num_tiles, padded_dim, search_steps, stream_tables, strides_or_zero, tma_ok,
+                    use_f32_dot)
 
 
 @triton.jit
@@ -45,15 +46,18 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
         qk_scale = 1.0
     else:
         qk_scale = scale_log2
+    tile_n = tl.arange(0, BLOCK_N)
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)  # key positions within stream p
+        offs_n = n_start + tile_n  # key positions within stream p
+        n64 = tl.cast(n_start, tl.int64)  # (64-bit: a long stream's rows x stride > 2^31)
         if USE_TMA:
             k = k_desc.load([n_start, 0])
         else:
             k_ok = offs_e[None, :] < E
             if MASKED:
                 k_ok = k_ok & (offs_n[:, None] < kv_end)
-            k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=k_ok, other=0.0)
+            k = tl.load(k_ptrs + n64 * stride_kt + tile_n[:, None] * stride_kt, mask=k_ok,
+                        other=0.0)
         qk = mma(q, tl.trans(k), F32_DOT)
         # (the helpers are called only when they have work: each call of a jit function costs
         # the interpreter a millisecond, nothing compiled)
@@ -63,7 +67,7 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
             if MASK_TMA:  # the attn_mask tile through its descriptor (zeros past its edges)
                 mask_src = mask_rows.load([mask_row0, kv_start + n_start])
             else:
-                mask_src = mask_rows + (kv_start + offs_n)[None, :] * stride_mk
+                mask_src = mask_rows + (kv_start + n64) * stride_mk + tile_n[None, :] * stride_mk
             qk = mask_scores(qk, qi, offs_n[None, :], self_pair, off, left, right, kv_end,
                              alibi2, mask_src, row_ok[:, None] & (offs_n[None, :] < kv_end),
                              MASKED, BAND, HAS_ALIBI, MASK_KIND, MASK_TMA)
@@ -83,7 +87,8 @@ def _peer_tiles(acc, m_i, l_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt, str
             v_ok = offs_ev[None, :] < EV
             if MASKED:
                 v_ok = v_ok & (offs_n[:, None] < kv_end)
-            v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=v_ok, other=0.0)
+            v = tl.load(v_ptrs + n64 * stride_vt + tile_n[:, None] * stride_vt, mask=v_ok,
+                        other=0.0)
         acc = acc * alpha[:, None] + mma(to_io(probs, v.dtype, BF16_RTNE), v, F32_DOT)
         m_i = m_new
     return acc, m_i, l_i
@@ -160,16 +165,23 @@ def _attn_fwd(
     offs_ev = tl.arange(0, EV_PAD)
     row_ok = offs_m < q_len
     q_rows = q_start + offs_m
+    # 64-bit offsets to the tile's first row (rows x row stride passes 2^31 in flash-attn layouts,
+    # L*H*E, and materialised masks, Tq*Tk); the tile's own rows from there stay 32-bit
+    row0 = (q_start + m_start).to(tl.int64)
+    tile_m = tl.arange(0, BLOCK_M)
+    stats = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     k_head = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     v_head = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as zeros
-        q_desc = tl.make_tensor_descriptor(q_head + q_start * stride_qt, shape=[q_len, E],
+        q_desc = tl.make_tensor_descriptor(q_head + q_start.to(tl.int64) * stride_qt,
+                                           shape=[q_len, E],
                                            strides=[stride_qt, 1], block_shape=[BLOCK_M, E_PAD])
         q = q_desc.load([m_start, 0])
     else:
-        q = tl.load(q_head + q_rows[:, None] * stride_qt + offs_e[None, :] * stride_qe,
+        q = tl.load(q_head + row0 * stride_qt + tile_m[:, None] * stride_qt
+                    + offs_e[None, :] * stride_qe,
                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
     mask_row0 = q_start + m_start
     if MASK_TMA:  # the (Tq, Tk) mask plane of (b, h) as a descriptor: no pointer tile
@@ -178,7 +190,7 @@ def _attn_fwd(
             strides=[stride_mq, 1], block_shape=[BLOCK_M, BLOCK_N])
     else:
         mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
-            + q_rows[:, None] * stride_mq
+            + row0 * stride_mq + tile_m[:, None] * stride_mq
     alibi2 = 0.0
     if HAS_ALIBI:
         alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
@@ -216,14 +228,16 @@ def _attn_fwd(
         k_desc = k_head
         v_desc = v_head
         if USE_TMA:
-            k_desc = tl.make_tensor_descriptor(k_head + kv_start * stride_kt, shape=[kv_len, E],
+            k_desc = tl.make_tensor_descriptor(k_head + kv_start.to(tl.int64) * stride_kt,
+                                               shape=[kv_len, E],
                                                strides=[stride_kt, 1],
                                                block_shape=[BLOCK_N, E_PAD])
-            v_desc = tl.make_tensor_descriptor(v_head + kv_start * stride_vt, shape=[kv_len, EV],
+            v_desc = tl.make_tensor_descriptor(v_head + kv_start.to(tl.int64) * stride_vt,
+                                               shape=[kv_len, EV],
                                                strides=[stride_vt, 1],
                                                block_shape=[BLOCK_N, EV_PAD])
-        k_ptrs = k_head + kv_start * stride_kt + offs_e[None, :] * stride_ke
-        v_ptrs = v_head + kv_start * stride_vt + offs_ev[None, :] * stride_ve
+        k_ptrs = k_head + kv_start.to(tl.int64) * stride_kt + offs_e[None, :] * stride_ke
+        v_ptrs = v_head + kv_start.to(tl.int64) * stride_vt + offs_ev[None, :] * stride_ve
         if ONE_ACC:
             m_o = m_o - (bias2 - bias_prev)  # the state in units of this peer's unbiased scores
             bias_prev = bias2
@@ -235,7 +249,7 @@ def _attn_fwd(
                 HAS_DROPOUT, USE_TMA, MASK_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
                 BLOCK_N)
             if PEER_MODE:  # (one peer)
-                tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
+                tl.store(stats + p * stride_ls + q_rows,
                          (m_o + bias2 + tl.log2(l_o)) * LN2, mask=row_ok)
         else:
             acc = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
@@ -253,7 +267,7 @@ def _attn_fwd(
             if PEER_MODE:
                 inv = tl.where(l_p > 0, 1.0 / tl.where(l_p > 0, l_p, 1.0), 0.0)
                 out += acc * (inv[:, None] * gate[None, :])
-                tl.store(Lse + b * stride_lb + h * stride_lh + p * stride_ls + q_rows,
+                tl.store(stats + p * stride_ls + q_rows,
                          (m_p + tl.log2(l_p)) * LN2, mask=row_ok)
             else:
                 m_new = tl.maximum(m_o, m_p)
@@ -274,15 +288,16 @@ def _attn_fwd(
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     if not PEER_MODE:
-        tl.store(Lse + b * stride_lb + h * stride_lh + q_rows, (m_o + tl.log2(l_o)) * LN2,
-                 mask=row_ok)
+        tl.store(stats + q_rows, (m_o + tl.log2(l_o)) * LN2, mask=row_ok)
     out = to_io(out, Out.dtype.element_ty, BF16_RTNE)
     if USE_TMA:
-        o_desc = tl.make_tensor_descriptor(o_head + q_start * stride_ot, shape=[q_len, EV],
+        o_desc = tl.make_tensor_descriptor(o_head + q_start.to(tl.int64) * stride_ot,
+                                           shape=[q_len, EV],
                                            strides=[stride_ot, 1], block_shape=[BLOCK_M, EV_PAD])
         o_desc.store([m_start, 0], out)
     else:
-        tl.store(o_head + q_rows[:, None] * stride_ot + offs_ev[None, :] * stride_oe, out,
+        tl.store(o_head + row0 * stride_ot + tile_m[:, None] * stride_ot
+                 + offs_ev[None, :] * stride_oe, out,
                  mask=row_ok[:, None] & (offs_ev[None, :] < EV))
 
 
@@ -295,8 +310,10 @@ def _has_tma(device_index: int) -> bool:
 
 
 def _device_allocator(size: int, alignment: int, stream):
-    """Global scratch for on-device tensor descriptors (triton.set_allocator)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Global scratch for on-device tensor descriptors (triton.set_allocator), called during a
+    launch: on the current device, which the launch guard (utils.launch_device) makes the
+    inputs'."""
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
 
 
 def use_tma(problem, out) -> bool:
@@ -422,6 +439,7 @@ def forward(problem):
     lse = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
     if q_total == 0 or batch * num_q_heads == 0:
         return out, lse
-    _, args, kwargs, grid = forward_launch(problem, out, lse)
-    _attn_fwd_tuned[grid](*args, **kwargs)
+    with launch_device(q):
+        _, args, kwargs, grid = forward_launch(problem, out, lse)
+        _attn_fwd_tuned[grid](*args, **kwargs)
     return out, lse

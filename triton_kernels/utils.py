@@ -1,6 +1,7 @@
 """Host-side helpers shared by the launchers: interpreter flag, dtype and shape helpers."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,9 +22,18 @@ def padded_dim(n: int) -> int:
 
 
 def use_f32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs need an IEEE fp32 product (not TF32); under the interpreter bf16 dots are
-    wrong, so every product is done in fp32 there."""
+    """fp32 inputs need an fp32-accurate product (tiles.F32_PRECISION, never plain TF32); under
+    the interpreter bf16 dots are wrong, so every product is done in fp32 there."""
     return INTERPRET or dtype == torch.float32
+
+
+def launch_device(tensor):
+    """The launch guard: Triton launches on the current CUDA device (and its current stream, and
+    allocates tensor-descriptor scratch there), which need not hold the inputs (device_map="auto"
+    models put layers on cuda:1 while cuda:0 is current)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def mask_kind(mask) -> int:

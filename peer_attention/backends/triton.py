@@ -65,6 +65,12 @@ class TritonBackend(Backend):
         rows = problem.q.shape[0] * problem.num_q_heads
         if rows > MAX_GRID_Y:
             return [f"batch x query heads = {rows} > {MAX_GRID_Y} (the kernels' grid axis 1)"]
+        if problem.q.device.type != "cpu":  # below sm_80, or no config fits the device
+            from ..triton_kernels.configs import decline_reason
+
+            reason = decline_reason(problem, problem.q.device.index or 0)
+            if reason:
+                return [reason]
         return []
 
     def decode_reasons(self, problem: DecodeProblem) -> List[str]:

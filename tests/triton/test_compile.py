@@ -51,3 +51,23 @@ def test_headline_compile_report_sm90():
         if r["spill_bytes"] != 0:
             problems.append(f"{name}: {r['spill_bytes']} spill bytes")
     assert not problems, "; ".join(problems)
+
+
+@pytest.mark.parametrize("arch, instruction", [("sm100a", "tcgen05"), ("sm120", "mma_sync"),
+                                               ("sm80", "mma_sync")])
+def test_sweep_compiles_for_blackwell_and_ampere(arch, instruction):
+    """compile_check's sweep (the CI step's, one task) for sm_100a / sm_120 (Triton's Blackwell
+    ptxas) and sm_80: bf16 dK/dV at head dim 64, the autotune-off config on tensor cores, fits,
+    no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "peer_attention.triton_kernels.compile_check", "--arch", arch,
+         "--autotune-off", "--families", "plain", "--dtypes", "bf16", "--dims", "64",
+         "--kernels", "bwd_dkdv", "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [task] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert task["kept"] and not task["failures"]
+    row = [r for r in task["rows"] if r["config"] == task["kept"][0]][0]
+    assert row[instruction] > 0 and row["spill_bytes"] == 0 and row["fits"], row
