@@ -24,7 +24,6 @@ from .base import UNAVAILABLE, Backend, Capabilities
 
 MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
 KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
-MAX_ELEMENTS = 2**31 - 1  # the kernels index each tensor with 32-bit row offsets
 # dynamic shared memory of the head-dim-256 backward kernels (DkdvConfig<256>::smem_bytes in
 # csrc/backward.cuh); sm_86/sm_89 allow only 99 KiB per block
 BACKWARD_256_SMEM_BYTES = 132736
@@ -130,7 +129,4 @@ class CudaBackend(Backend):
             if atomics:
                 reasons.append("torch.use_deterministic_algorithms(True): the backward sums the "
                                f"{', '.join(atomics)} gradients with float32 atomics")
-        for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
-            if t.numel() > MAX_ELEMENTS:
-                reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")
         return reasons
