@@ -81,15 +81,20 @@ def _has_tools():
 @pytest.mark.skipif(not _has_tools(), reason="needs nvcc and cuobjdump")
 def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
-    assert {r.kernel for r in rows} >= {"forward_kernel", "dq_kernel", "dkdv_kernel"}
+    assert {r.kernel for r in rows} == {f"{k}_kernel {v}" for k in ("forward", "dq", "dkdv")
+                                        for v in ("plain", "features")}
     for r in rows:
         assert r.head_dim == 32 and r.dtype == "fp16" and r.threads == 128
         assert 0 < r.registers <= 255 and r.spill_bytes == 0, r
         assert r.fits and r.blocks_per_sm >= 1 and r.smem > 0
         assert r.loop["hmma"] > 0 and r.loop["ldsm"] > 0, r
         assert r.loop["instructions"] > r.loop["hmma"]
-    assert "| sm80 | forward_kernel | 32 | fp16 |" in report.format_row(
-        next(r for r in rows if r.kernel == "forward_kernel"))
+    plain = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("plain")}
+    features = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("features")}
+    for kernel in plain:  # the plain path's loop is shorter: the features are compiled out
+        assert plain[kernel].loop["instructions"] < features[kernel].loop["instructions"]
+        assert plain[kernel].loop["hmma"] == features[kernel].loop["hmma"]
+    assert "| sm80 | forward_kernel plain | 32 | fp16 |" in report.format_row(plain["forward_kernel"])
 
 
 def test_instantiation_names():
