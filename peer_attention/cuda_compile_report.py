@@ -10,7 +10,8 @@ Config structs by a small host program) against the architecture's per-block lim
 (registers, shared memory, threads and the block limit; CUDA programming guide tables), and the
 static SASS of the main loop (`cuobjdump -sass`): the loop closed by a backward branch that
 issues the most HMMA (ties: the shortest one, the steady state), with its instruction count,
-HMMA, LDSM, instructions per HMMA, LDSM per HMMA and branches. Counts are static (the loop body
+HMMA, LDSM, instructions per HMMA, LDSM per HMMA, branches and the spill traffic it issues
+(LDL + STL). Counts are static (the loop body
 as compiled), not a dynamic trace.
 
 `--flash-attn PATH` (an unpacked or packed flash-attn 2.8.3 source distribution: `pip download
@@ -97,6 +98,7 @@ class LoopStats:
     hmma: int = 0
     ldsm: int = 0
     branches: int = 0
+    local: int = 0  # LDL + STL: register spills that the loop itself issues
 
     @property
     def per_hmma(self) -> Optional[float]:
@@ -138,7 +140,8 @@ def main_loop(instructions: List[Tuple[int, str]]) -> LoopStats:
         body = [op for op in body if op != "NOP"]
         stats = LoopStats(len(body), sum(op.startswith("HMMA") for op in body),
                           sum(op.startswith("LDSM") for op in body),
-                          sum(op.startswith("BRA") for op in body))
+                          sum(op.startswith("BRA") for op in body),
+                          sum(op.startswith(("LDL", "STL")) for op in body))
         if (stats.hmma, -stats.instructions) > (best.hmma, -best.instructions):
             best = stats
     return best
@@ -292,7 +295,7 @@ def _describe(name: str) -> Tuple[str, int, str]:
 
 def _loop_dict(stats: LoopStats) -> Dict[str, float]:
     return dict(instructions=stats.instructions, hmma=stats.hmma, ldsm=stats.ldsm,
-                branches=stats.branches,
+                branches=stats.branches, local=stats.local,
                 per_hmma=round(stats.per_hmma, 2) if stats.per_hmma else None,
                 ldsm_per_hmma=round(stats.ldsm_per_hmma, 2) if stats.ldsm_per_hmma else None)
 
@@ -393,8 +396,8 @@ def report_flash_attn(path: Path, work: Path) -> Row:
 
 
 HEADER = ("| arch | kernel | D | dtype | threads | regs | spill B | smem B / limit | blocks/SM "
-          "| loop instrs | HMMA | LDSM | instrs/HMMA | LDSM/HMMA | branches |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loop instrs | HMMA | LDSM | instrs/HMMA | LDSM/HMMA | branches | loop LDL+STL |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: Row) -> str:
@@ -404,7 +407,7 @@ def format_row(r: Row) -> str:
             f"| {r.spill_bytes} | {r.smem} / {r.smem_limit}{fit} | {r.blocks_per_sm} "
             f"| {loop.get('instructions', '-')} | {loop.get('hmma', '-')} | {loop.get('ldsm', '-')} "
             f"| {loop.get('per_hmma') or '-'} | {loop.get('ldsm_per_hmma') or '-'} "
-            f"| {loop.get('branches', '-')} |")
+            f"| {loop.get('branches', '-')} | {loop.get('local', '-')} |")
 
 
 def _arch(text: str) -> str:

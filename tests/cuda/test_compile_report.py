@@ -18,7 +18,7 @@ SASS = """
         /*0070*/                   NOP ;
         /*0080*/               @!P1 BRA `(.L_x_3) 0x40 ;
         /*0090*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
-        /*00a0*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*00a0*/                   STL [R1+0x4], R0 ;
         /*00b0*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
         /*00c0*/                   BRA 0x90 ;
         /*00d0*/                   EXIT ;
@@ -32,7 +32,9 @@ def test_main_loop_is_the_shortest_loop_with_the_most_hmma():
     loop = report.main_loop(body)
     # loops: 0x10-0x30 (1 HMMA), 0x40-0x80 (2 HMMA, 4 instructions without the NOP),
     # 0x90-0xc0 (2 HMMA, 4 instructions); 0xe0 is the trailing self-branch (no HMMA)
-    assert (loop.hmma, loop.instructions, loop.ldsm, loop.branches) == (2, 4, 1, 1)
+    assert (loop.hmma, loop.instructions, loop.ldsm, loop.branches, loop.local) == (2, 4, 1, 1, 0)
+    spilling = report.main_loop(body[8:])  # from 0x90 on: the STL loop is the one left
+    assert (spilling.hmma, spilling.local) == (2, 1)
     assert loop.per_hmma == 2.0 and loop.ldsm_per_hmma == 0.5
     assert report.main_loop(body[:4]).hmma == 1
     assert report.main_loop(body[:1]).hmma == 0 and report.main_loop(body[:1]).per_hmma is None
@@ -105,3 +107,17 @@ def test_instantiation_names():
                     "(peer_attention::AttentionParams)") == ("dkdv_kernel features", 96, "bf16")
     assert describe("void peer_attention::dq_kernel<64, __half>(peer_attention::AttentionParams)"
                     ) == ("dq_kernel", 64, "fp16")
+
+
+@pytest.mark.skipif(not _has_tools(), reason="needs nvcc")
+def test_backend_shared_memory_constant_matches_the_kernels(tmp_path):
+    """backends/cuda.py declines the hd > 128 backward below BACKWARD_256_SMEM_BYTES: the bytes
+    the launchers ask for (read from csrc/ by the report's host probe)."""
+    from peer_attention.backends.cuda import BACKWARD_256_SMEM_BYTES
+
+    probe = report.run_host_probe(report.OURS_PROBE, tmp_path, [report.CSRC], "probe")
+    smem = {(k, int(d), t): int(b) for k, d, t, b, _ in (line.split() for line in probe.split("\n")
+                                                         if line.strip())}
+    needed = max(smem[(k, 256, t)] for k in ("dq_kernel", "dkdv_kernel") for t in ("fp16", "bf16"))
+    assert needed == BACKWARD_256_SMEM_BYTES
+    assert max(v for (k, d, t), v in smem.items() if d <= 128 or k == "forward_kernel") <= 101376
