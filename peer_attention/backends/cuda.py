@@ -25,7 +25,8 @@ from .base import UNAVAILABLE, Backend, Capabilities
 MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
 KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
 # dynamic shared memory of the head-dim-256 backward kernels (DkdvConfig<256>::smem_bytes in
-# csrc/backward.cuh); sm_86/sm_89 allow only 99 KiB per block
+# csrc/backward.cuh; cuda_compile_report prints it); sm_86, sm_89 and sm_120 allow only 99 KiB
+# per block, so the backend declines that backward there (by the device's opt-in limit)
 BACKWARD_256_SMEM_BYTES = 132736
 
 
