@@ -129,8 +129,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
     }
     if (tile == 0) {
       const int64_t pair = pair_index(p, b, s, peer, h);
-      for (int c = tid; c < D; c += kThreads)
-        gate_s[c] = (has_gate && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
       bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
       dbias_part = 0.f;
 #pragma unroll
@@ -263,9 +265,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     while (from < S && first_s[from] >= end_s[from]) ++from;
     return from;
   };
-  // stepped copies in the plain instantiation, per-chunk ones in the features one: fewer spills
-  // in the loop (hd128 fp16 LDL+STL per iteration, stepped vs per-chunk: plain sm_80 2 vs 6,
-  // sm_89 2 vs 2; features sm_89 19 vs 2; cuda_compile_report)
+  // stepped copies in the plain instantiation, per-chunk ones in the features one, by the
+  // compiled code (hd128 fp16, cuda_compile_report, stepped vs per-chunk): plain sm_80 5.3 vs
+  // 5.8 instructions per HMMA, spills 52 vs 96 B; sm_89 104 vs 352 B; features sm_89 19 vs 2
+  // LDL+STL in the loop
   constexpr bool kStepped = !kFeatures;
   auto load_q = [&](int qs, int tile, int stage) {
     const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
@@ -312,8 +315,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     }
     if (tile == first_s[qs]) {  // a new query stream: its gate and bias on this key stream
       const int64_t pair = pair_index(p, b, qs, kp, h);
-      for (int c = tid; c < D; c += kThreads)
-        gate_s[c] = (has_gate && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
       bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
     }
     if (next < S) {

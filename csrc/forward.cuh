@@ -118,8 +118,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
     }
     if (tile == 0) {  // a new peer: its gate, bias and (per-peer modes) fresh state
       const int64_t pair = pair_index(p, b, s, peer, h);
-      for (int c = tid; c < D; c += kThreads)
-        gate_s[c] = (has_gate && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      if (kFeatures) {  // read by the gated tile product and the per-peer folds only
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = (has_gate && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
       bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
       if (fold_per_peer) {
         zero(acc);
