@@ -26,6 +26,10 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_ARCHS = "8.0;9.0a"
+# the release wheel's architectures (A100, RTX 30xx/A10, RTX 40xx/L4/L40, H100/H200, B200, RTX 50xx)
+# + PTX of 12.0 (with_ptx); CI builds DEFAULT_ARCHS only (.ci/build_cuda.sh; the release wheel:
+# .ci/build_release_wheel.sh)
+RELEASE_ARCHS = "8.0;8.6;8.9;9.0a;10.0;12.0"
 ROOT = Path(__file__).resolve().parent
 
 

@@ -40,14 +40,14 @@ struct DkdvConfig {
   }
 };
 
-__device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, int b, int h, int peer,
-                                                 int packed_row) {
+__device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, bool per_peer, int b,
+                                                 int h, int peer, int packed_row) {
   const int64_t bh = static_cast<int64_t>(b) * p.q_heads + h;
-  return p.per_peer ? (bh * p.num_streams + peer) * p.total_q + packed_row
-                    : bh * p.total_q + packed_row;
+  return per_peer ? (bh * p.num_streams + peer) * p.total_q + packed_row
+                  : bh * p.total_q + packed_row;
 }
 
-template <int D, typename T>
+template <int D, typename T, bool kFeatures>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p) {
   using Cfg = DqConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
@@ -70,6 +70,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   const int hk = h / (p.q_heads / p.kv_heads);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t2 = (lane & 3) * 2;
+  // compile-time feature switch (see forward_kernel): none of these in the plain instantiation
+  const bool has_gate = kFeatures && p.gate != nullptr;
+  const bool has_bias = kFeatures && p.bias != nullptr;
+  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool per_peer = kFeatures && p.per_peer;
+  float* const dmask = kFeatures ? p.dmask : nullptr;
+  float* const dbias = kFeatures ? p.dbias : nullptr;
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
   __syncthreads();
@@ -122,13 +129,15 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
     }
     if (tile == 0) {
       const int64_t pair = pair_index(p, b, s, peer, h);
-      for (int c = tid; c < D; c += kThreads)
-        gate_s[c] = (p.gate != nullptr && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
-      bias_log2 = p.bias != nullptr ? p.bias[pair] * kLog2e : 0.f;
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
       dbias_part = 0.f;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int64_t at = lse_row_index(p, b, h, peer, q_first + local_row[r]);
+        const int64_t at = lse_row_index(p, per_peer, b, h, peer, q_first + local_row[r]);
         row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[at]) : INFINITY;
         row_delta[r] = row_ok[r] ? p.delta[at] : 0.f;
       }
@@ -149,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
     gemm_nt<BN, D, T>(sc, q_tile, warp * 16, nullptr, k_tile, nullptr, lane);
     float dp[BN / 8][4];
     zero(dp);
-    gemm_nt<BN, D, T>(dp, do_tile, warp * 16, p.gate != nullptr ? gate_s : nullptr, v_tile,
+    gemm_nt<BN, D, T>(dp, do_tile, warp * 16, has_gate ? gate_s : nullptr, v_tile,
                       nullptr, lane);
 
     const int key0 = tile * BN, limit = limit_s[peer];
@@ -164,13 +173,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const int i = q_row0 + local_row[r];
         const bool masked = j >= limit || (causal_pair && j > i + diag);
         float x = sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r];
-        if (p.mask != nullptr && !masked && row_ok[r])
+        if (has_mask && !masked && row_ok[r])
           x += mask_log2(p, b, h, q_first + local_row[r], p.kv_offsets[peer] + j);
         const float prob = masked ? 0.f : exp2f(x);
         const float ds = prob * (dp[nt][e] - row_delta[r]);
         dbias_part += ds;
-        if (p.dmask != nullptr && !masked && row_ok[r])  // d mask = dS, in full (B, Hq, Tq, Tk)
-          p.dmask[((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first +
+        if (dmask != nullptr && !masked && row_ok[r])  // d mask = dS, in full (B, Hq, Tq, Tk)
+          dmask[((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first +
                    local_row[r]) * p.total_kv + p.kv_offsets[peer] + j] = ds;
         sc[nt][e] = ds;
       }
@@ -179,9 +188,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
     pack_a<BN, T>(dsf, sc);
     gemm_rs<BN, D, D, T>(dq, dsf, k_tile, 0, nullptr, lane);
 
-    if (p.dbias != nullptr && tile == ntiles_s[peer] - 1) {
+    if (dbias != nullptr && tile == ntiles_s[peer] - 1) {
       const float total = warp_sum(dbias_part);
-      if (lane == 0) atomicAdd(p.dbias + pair_index(p, b, s, peer, h), total);
+      if (lane == 0) atomicAdd(dbias + pair_index(p, b, s, peer, h), total);
     }
     __syncthreads();
     peer = next;
@@ -204,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   }
 }
 
-template <int D, typename T>
+template <int D, typename T, bool kFeatures>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
   using Cfg = DkdvConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
@@ -231,6 +240,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   const int hk = h / group;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t2 = (lane & 3) * 2;
+  // compile-time feature switch (see forward_kernel): none of these in the plain instantiation
+  const bool has_gate = kFeatures && p.gate != nullptr;
+  const bool has_bias = kFeatures && p.bias != nullptr;
+  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool per_peer = kFeatures && p.per_peer;
 
   if (tid < S) {
     const int q_len = p.q_offsets[tid + 1] - p.q_offsets[tid];
@@ -251,17 +265,24 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     while (from < S && first_s[from] >= end_s[from]) ++from;
     return from;
   };
+  // stepped copies in the plain instantiation, per-chunk ones in the features one, by the
+  // compiled code (hd128 fp16, cuda_compile_report, stepped vs per-chunk): plain sm_80 5.3 vs
+  // 5.8 instructions per HMMA, spills 52 vs 96 B; sm_89 104 vs 352 B; features sm_89 19 vs 2
+  // LDL+STL in the loop
+  constexpr bool kStepped = !kFeatures;
   auto load_q = [&](int qs, int tile, int stage) {
     const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
     const int row0 = tile * BM, packed0 = p.q_offsets[qs] + row0;
-    load_tile_async<BM, D>(q_tiles + stage * BM * D, q_base + packed0 * p.q_strides[2],
-                           p.q_strides[2], q_len - row0, p.head_dim, static_cast<const T*>(p.q));
-    load_tile_async<BM, D>(do_tiles + stage * BM * D,
-                           do_base + static_cast<int64_t>(packed0) * p.value_dim, p.value_dim,
-                           q_len - row0, p.value_dim, static_cast<const T*>(p.dout));
+    load_tile_async<BM, D, T, kStepped>(q_tiles + stage * BM * D,
+                                        q_base + packed0 * p.q_strides[2], p.q_strides[2],
+                                        q_len - row0, p.head_dim, static_cast<const T*>(p.q));
+    load_tile_async<BM, D, T, kStepped>(do_tiles + stage * BM * D,
+                                        do_base + static_cast<int64_t>(packed0) * p.value_dim,
+                                        p.value_dim, q_len - row0, p.value_dim,
+                                        static_cast<const T*>(p.dout));
     for (int i = tid; i < BM; i += kThreads) {
       const bool ok = row0 + i < q_len;
-      const int64_t at = lse_row_index(p, b, h, kp, packed0 + i);
+      const int64_t at = lse_row_index(p, per_peer, b, h, kp, packed0 + i);
       offset_s[stage * BM + i] = ok ? lse_to_log2_offset(p.lse[at]) : INFINITY;
       delta_s[stage * BM + i] = ok ? p.delta[at] : 0.f;
     }
@@ -294,9 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     }
     if (tile == first_s[qs]) {  // a new query stream: its gate and bias on this key stream
       const int64_t pair = pair_index(p, b, qs, kp, h);
-      for (int c = tid; c < D; c += kThreads)
-        gate_s[c] = (p.gate != nullptr && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
-      bias_log2 = p.bias != nullptr ? p.bias[pair] * kLog2e : 0.f;
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
     }
     if (next < S) {
       load_q(next, next_tile, stage ^ 1);
@@ -311,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     const T* do_tile = do_tiles + stage * BM * D;
     const float* offsets = offset_s + stage * BM;
     const float* deltas = delta_s + stage * BM;
-    const float* gate = p.gate != nullptr ? gate_s : nullptr;
+    const float* gate = has_gate ? gate_s : nullptr;
 
     float st[BM / 8][4];  // S^T: rows = keys, columns = queries
     zero(st);
@@ -333,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
         const int i = q_row0 + col;
         const bool masked = j >= limit || (causal_pair && j > i + diag);
         float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
-        if (p.mask != nullptr && !masked && i < q_len_qs)
+        if (has_mask && !masked && i < q_len_qs)
           x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
         const float prob = masked ? 0.f : exp2f(x);
         st[nt][e] = prob;
@@ -386,14 +409,14 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   }
 }
 
-template <int D, typename T>
-cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) {
+template <int D, typename T, bool kFeatures>
+cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DqConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dq_kernel<D, T>;
+  auto kernel = dq_kernel<D, T, kFeatures>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
@@ -402,15 +425,15 @@ cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-template <int D, typename T>
-cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream) {
+template <int D, typename T, bool kFeatures>
+cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DkdvConfig<D>;
   AttentionParams p = params;
   const int tiles =
       fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dkdv_kernel<D, T>;
+  auto kernel = dkdv_kernel<D, T, kFeatures>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads * Cfg::kParts, p.batch);

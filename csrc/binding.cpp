@@ -81,38 +81,132 @@ void check_variants(int64_t window_left, int64_t window_right, double softcap,
               kWho, "windows, softcap, ALiBi and sinks are not supported");
 }
 
-Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
-                 at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate,
-                 const OptTensor& bias, const OptTensor& kv_lengths, const OptTensor& attn_mask,
-                 double dropout_p, bool is_causal, bool bottom_right, double scale,
-                 c10::string_view normalize) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), kWho, "q, k, v must be CUDA tensors");
+void check_on_device_of_q(const char* name, const Tensor& t, const Tensor& q) {
+  TORCH_CHECK(t.device() == q.device(), kWho, name, ": expected device ", q.device(),
+              " (as q), got ", t.device());
+}
+
+void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, kWho, name, ": expected shape ", expected, ", got ",
+              t.sizes());
+}
+
+// Every argument against q (device, dtype, shape), before anything reads a size or a pointer:
+// a direct torch.ops.peer_attention.cuda_fwd/cuda_bwd call gets a clear error naming the
+// argument instead of a division by zero (no key/value heads) or a kernel reading host memory.
+// Device-agnostic, so that the CPU registration below runs it too (tests/cuda, without a GPU).
+void check_problem(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
+                   at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate,
+                   const OptTensor& bias, const OptTensor& kv_lengths,
+                   const OptTensor& attn_mask, double dropout_p, c10::string_view normalize) {
+  TORCH_CHECK(q.dim() == 4, kWho, "q must be 4-d (B, Hq, Tq, E), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, kWho, "k must be 4-d (B, H, Tk, E), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, kWho, "v must be 4-d (B, H, Tk, Ev), got ", v.sizes());
+  check_on_device_of_q("k", k, q);
+  check_on_device_of_q("v", v, q);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kWho,
               "dtype must be float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kWho,
-              "q, k, v must share a dtype");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kWho, "q, k, v must be 4-d");
+              "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), H = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, kWho, "k and v must have q's batch size ", B,
+              ", got ", k.size(0), " and ", v.size(0));
+  TORCH_CHECK(H > 0, kWho, "k and v must have at least one head, got ", H);
+  TORCH_CHECK(v.size(1) == H, kWho, "k and v head counts differ: ", H, " and ", v.size(1));
+  TORCH_CHECK(Hq % H == 0, kWho, "q heads (", Hq, ") must be a multiple of k/v heads (", H, ")");
+  TORCH_CHECK(v.size(2) == Tk, kWho, "k and v lengths differ: ", Tk, " and ", v.size(2));
+  TORCH_CHECK(k.size(3) == q.size(3), kWho, "q and k head dims differ: ", q.size(3), " and ",
+              k.size(3));
+  // the kernels hold lengths, offsets and head counts in int (element offsets are 64-bit)
+  constexpr int64_t kIntMax = (int64_t(1) << 31) - 1;
+  TORCH_CHECK(B <= kIntMax && Hq <= kIntMax && Tq <= kIntMax && Tk <= kIntMax, kWho,
+              "batch, heads and lengths must stay below 2^31");
   TORCH_CHECK(dropout_p == 0.0, kWho, "dropout is not supported");
+  TORCH_CHECK(normalize == "joint" || normalize == "peer", kWho,
+              "normalize must be 'joint' or 'peer', got '", std::string(normalize), "'");
+
   const int64_t S = static_cast<int64_t>(q_lens.size());
   TORCH_CHECK(S >= 1 && S <= kMaxStreams, kWho, "1..", kMaxStreams, " streams supported, got ", S);
   TORCH_CHECK(static_cast<int64_t>(kv_lens.size()) == S &&
                   static_cast<int64_t>(peers.size()) == S * S,
               kWho, "q_lens, kv_lens, peers do not describe ", S, " streams");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.size(1) == v.size(1), kWho, "bad head counts");
-  TORCH_CHECK(q.numel() < (int64_t(1) << 31) && k.numel() < (int64_t(1) << 31) &&
-                  v.numel() < (int64_t(1) << 31),
-              kWho, "tensors of 2^31 elements or more are not supported");
+  int64_t q_total = 0, kv_total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(q_lens[s] >= 0 && kv_lens[s] >= 0, kWho, "stream lengths must be >= 0");
+    q_total += q_lens[s];
+    kv_total += kv_lens[s];
+  }
+  TORCH_CHECK(q_total == Tq && kv_total == Tk, kWho, "stream lengths add up to ", q_total, " and ",
+              kv_total, ", the packed lengths are ", Tq, " and ", Tk);
+
+  const int64_t Ev = v.size(3);
+  constexpr int64_t kMaxHeadDim = kHeadDims[sizeof(kHeadDims) / sizeof(kHeadDims[0]) - 1];
+  TORCH_CHECK(std::max(q.size(3), Ev) <= kMaxHeadDim, kWho, "head dims up to ", kMaxHeadDim,
+              " supported, got E=", q.size(3), ", Ev=", Ev);
+  if (gate.has_value()) {
+    check_on_device_of_q("gate", *gate, q);
+    TORCH_CHECK(gate->is_floating_point(), kWho, "gate must be floating point, got ",
+                gate->scalar_type());
+    check_shape("gate", *gate, {B, S, S, Hq, Ev});
+  }
+  if (bias.has_value()) {
+    check_on_device_of_q("bias", *bias, q);
+    TORCH_CHECK(bias->is_floating_point(), kWho, "bias must be floating point, got ",
+                bias->scalar_type());
+    check_shape("bias", *bias, {B, S, S, Hq});
+  }
+  if (kv_lengths.has_value()) {  // the Python layer may keep it on the CPU: copied below
+    TORCH_CHECK(kv_lengths->device() == q.device() || kv_lengths->is_cpu(), kWho,
+                "kv_lengths: expected device ", q.device(), " (as q) or cpu, got ",
+                kv_lengths->device());
+    TORCH_CHECK(at::isIntegralType(kv_lengths->scalar_type(), /*includeBool=*/false), kWho,
+                "kv_lengths must be an integer tensor, got ", kv_lengths->scalar_type());
+    check_shape("kv_lengths", *kv_lengths, {B, S});
+  }
+  if (attn_mask.has_value()) {
+    check_on_device_of_q("attn_mask", *attn_mask, q);
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool || attn_mask->is_floating_point(), kWho,
+                "attn_mask must be bool or floating point, got ", attn_mask->scalar_type());
+    check_shape("attn_mask", *attn_mask, {B, Hq, Tq, Tk});
+  }
+}
+
+// The backward's own tensors: grad_out and out like the output, lse as the forward wrote it.
+void check_backward_inputs(const Tensor& grad_out, const Tensor& out, const Tensor& lse,
+                           const Tensor& q, const Tensor& v, int64_t S, bool per_peer) {
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"grad_out", grad_out},
+                                std::pair<const char*, const Tensor&>{"out", out}}) {
+    check_on_device_of_q(name, t, q);
+    TORCH_CHECK(t.is_floating_point(), kWho, name, " must be floating point, got ",
+                t.scalar_type());
+    check_shape(name, t, {B, Hq, Tq, v.size(3)});
+  }
+  check_on_device_of_q("lse", lse, q);
+  TORCH_CHECK(lse.is_floating_point(), kWho, "lse must be floating point, got ", lse.scalar_type());
+  if (per_peer)
+    check_shape("lse", lse, {B, Hq, S, Tq});
+  else
+    check_shape("lse", lse, {B, Hq, Tq});
+}
+
+Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
+                 at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate,
+                 const OptTensor& bias, const OptTensor& kv_lengths, const OptTensor& attn_mask,
+                 double dropout_p, bool is_causal, bool bottom_right, double scale,
+                 c10::string_view normalize) {
+  check_problem(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_p,
+                normalize);
+  TORCH_CHECK(q.is_cuda(), kWho, "q, k, v must be CUDA tensors, got ", q.device());
+  const int64_t S = static_cast<int64_t>(q_lens.size());
 
   Prepared out;
   out.E = q.size(3);
   out.Ev = v.size(3);
-  TORCH_CHECK(k.size(3) == out.E, kWho, "q and k head dims differ");
   out.E8 = round_up8(out.E);
   out.Ev8 = round_up8(out.Ev);
   out.head_dim_kernel = kernel_head_dim(static_cast<int>(std::max(out.E8, out.Ev8)));
-  TORCH_CHECK(out.head_dim_kernel > 0, kWho, "head dims up to 256 supported, got E=", out.E,
-              ", Ev=", out.Ev);
-  TORCH_CHECK(normalize == "joint" || normalize == "peer", kWho, "unknown normalize");
   out.per_peer = normalize == "peer";
 
   out.q = prepared(q, out.E8, false);
@@ -126,13 +220,7 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArray
   if (bias.has_value()) out.bias = bias->to(at::kFloat).contiguous();
   if (kv_lengths.has_value())
     out.kv_lengths = kv_lengths->to(q.device(), at::kInt).contiguous();
-  if (attn_mask.has_value()) {
-    TORCH_CHECK(attn_mask->dim() == 4 && attn_mask->size(0) == q.size(0) &&
-                    attn_mask->size(1) == q.size(1) && attn_mask->size(2) == q.size(2) &&
-                    attn_mask->size(3) == k.size(2),
-                kWho, "attn_mask must be (B, Hq, Tq, Tk), got ", attn_mask->sizes());
-    out.mask = additive_mask(attn_mask->to(q.device()));
-  }
+  if (attn_mask.has_value()) out.mask = additive_mask(*attn_mask);
 
   AttentionParams& p = out.params;
   p.q = out.q.data_ptr();
@@ -160,8 +248,6 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, at::IntArray
       if (peers[s * S + t]) row |= 1u << t;
     p.peer_rows[s] = row;
   }
-  TORCH_CHECK(p.q_offsets[S] == p.total_q && p.kv_offsets[S] == p.total_kv, kWho,
-              "stream lengths do not add up to the packed lengths");
   p.gate = out.gate.defined() ? out.gate.data_ptr<float>() : nullptr;
   p.bias = out.bias.defined() ? out.bias.data_ptr<float>() : nullptr;
   p.kv_lengths = out.kv_lengths.defined() ? out.kv_lengths.data_ptr<int>() : nullptr;
@@ -267,6 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
       needs_grad[5] && attn_mask.has_value() && attn_mask->is_floating_point();
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
                           dropout_p, is_causal, bottom_right, scale, normalize);
+  check_backward_inputs(grad_out, out, lse, q, v, q_lens.size(), prep.per_peer);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = q.size(0), Hq = q.size(1), H = k.size(1), Tq = q.size(2), Tk = k.size(2);
@@ -347,11 +434,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   return {dq, dk, dv, dgate, dbias, dmask_out, none()};
 }
 
+// The same ops for CPU tensors: the CUDA kernels' argument checks, then a refusal. A direct call
+// with host tensors gets the error about its arguments (or that it needs CUDA tensors) instead
+// of torch's "no kernel for CPU", and tests/cuda/test_binding_checks.py exercises every check
+// of check_problem / check_backward_inputs without a GPU.
+std::tuple<Tensor, Tensor> forward_checks_only(
+    const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
+    at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
+    const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
+    double dropout_p, bool is_causal, double scale, c10::string_view normalize,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const OptTensor& alibi_slopes, const OptTensor& sinks) {
+  check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
+  check_problem(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_p,
+                normalize);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, kWho, "q, k, v must be CUDA tensors, got ", q.device());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_checks_only(
+    const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q,
+    const Tensor& k, const Tensor& v, at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
+    at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
+    const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
+    double dropout_p, bool is_causal, double scale, c10::string_view normalize,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const OptTensor& alibi_slopes, const OptTensor& sinks, c10::List<bool> needs_grad) {
+  check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
+  TORCH_CHECK(needs_grad.size() == 7, kWho, "needs_grad must have 7 entries");
+  check_problem(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_p,
+                normalize);
+  check_backward_inputs(grad_out, out, lse, q, v, q_lens.size(), normalize == "peer");
+  TORCH_CHECK_NOT_IMPLEMENTED(false, kWho, "q, k, v must be CUDA tensors, got ", q.device());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peer_attention, CUDA, m) {
   m.impl("cuda_fwd", &forward);
   m.impl("cuda_bwd", &backward);
+}
+
+TORCH_LIBRARY_IMPL(peer_attention, CPU, m) {
+  m.impl("cuda_fwd", &forward_checks_only);
+  m.impl("cuda_bwd", &backward_checks_only);
 }
 
 }  // namespace peer_attention

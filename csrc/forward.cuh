@@ -28,7 +28,7 @@ struct ForwardConfig {
   }
 };
 
-template <int D, typename T>
+template <int D, typename T, bool kFeatures>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionParams p) {
   using Cfg = ForwardConfig<D>;
   using Ops = DTypeOps<T>;
@@ -51,6 +51,13 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
   const int hk = h / (p.q_heads / p.kv_heads);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t2 = (lane & 3) * 2;
+  // the features this instantiation serves: all of them, or none (kFeatures = false, the plain
+  // path of most calls: their code is compiled out); the launcher picks by the params
+  const bool has_gate = kFeatures && p.gate != nullptr;
+  const bool has_bias = kFeatures && p.bias != nullptr;
+  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool per_peer = kFeatures && p.per_peer;
+  const bool recompute = kFeatures && p.recompute;
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
   __syncthreads();
@@ -86,13 +93,13 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
   zero(acc);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float row_offset[2] = {INFINITY, INFINITY};  // recompute: log2-domain lse of the rows
-  if (p.recompute && !p.per_peer) {
+  if (recompute && !per_peer) {
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[row_index[r]]) : INFINITY;
   }
-  const bool fold_per_peer = p.per_peer || p.recompute;
-  const bool gate_in_tile = p.gate != nullptr && !fold_per_peer;
+  const bool fold_per_peer = per_peer || recompute;
+  const bool gate_in_tile = has_gate && !fold_per_peer;
   float bias_log2 = 0.f;
 
   int peer = next_peer(0), tile = 0, stage = 0;
@@ -111,15 +118,17 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
     }
     if (tile == 0) {  // a new peer: its gate, bias and (per-peer modes) fresh state
       const int64_t pair = pair_index(p, b, s, peer, h);
-      for (int c = tid; c < D; c += kThreads)
-        gate_s[c] = (p.gate != nullptr && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
-      bias_log2 = p.bias != nullptr ? p.bias[pair] * kLog2e : 0.f;
+      if (kFeatures) {  // read by the gated tile product and the per-peer folds only
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = (has_gate && c < p.value_dim) ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
       if (fold_per_peer) {
         zero(acc);
         row_max[0] = row_max[1] = -INFINITY;
         row_sum[0] = row_sum[1] = 0.f;
       }
-      if (p.recompute && p.per_peer) {
+      if (recompute && per_peer) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t at = ((static_cast<int64_t>(b) * p.q_heads + h) * S + peer) * p.total_q +
@@ -155,14 +164,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
         const int i = q_row0 + local_row[e >> 1];
         const bool masked = j >= limit || (causal_pair && j > i + diag);
         float x = masked ? -INFINITY : sc[nt][e] * p.scale_log2 + bias_log2;
-        if (p.mask != nullptr && !masked && q_row0 + local_row[e >> 1] < q_len)  // rows past the stream: no mask entry
+        if (has_mask && !masked && q_row0 + local_row[e >> 1] < q_len)  // rows past the stream: no mask entry
           x += mask_log2(p, b, h, q_first + local_row[e >> 1], p.kv_offsets[peer] + j);
         sc[nt][e] = x;
       }
     }
 
     float alpha[2] = {1.f, 1.f};
-    if (!p.recompute) {  // online softmax
+    if (!recompute) {  // online softmax
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float tile_max = -INFINITY;
@@ -219,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
     }
 
     if (fold_per_peer && tile == ntiles_s[peer] - 1) {
-      if (!p.recompute) {  // peer mode forward: out_accum += gate * acc / l, and lse_p
+      if (!recompute) {  // peer mode forward: out_accum += gate * acc / l, and lse_p
         float inv[2], lse[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -270,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
             }
           }
         }
-        if (p.per_peer && p.delta != nullptr) {
+        if (per_peer && p.delta != nullptr) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const float total = quad_sum(dot[r]);
@@ -287,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
     stage ^= 1;
   }
 
-  if (!p.per_peer && !p.recompute) {  // joint forward: out = acc / l, lse
+  if (!per_peer && !recompute) {  // joint forward: out = acc / l, lse
     T* out = static_cast<T*>(p.out);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -307,14 +316,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
   }
 }
 
-template <int D, typename T>
-cudaError_t run_forward(const AttentionParams& params, cudaStream_t stream) {
+template <int D, typename T, bool kFeatures>
+cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = ForwardConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = forward_kernel<D, T>;
+  auto kernel = forward_kernel<D, T, kFeatures>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);

@@ -99,24 +99,57 @@ __device__ __forceinline__ void cp_async_wait() {
 // XORed with the row (within aligned groups of 8 chunks, or 4 when D/8 is not a multiple of 8)
 // so that the 8 row addresses of one ldmatrix phase fall in different banks.
 template <int D>
-__device__ __forceinline__ int swizzle(int row, int col) {
+__host__ __device__ __forceinline__ int swizzle(int row, int col) {
   constexpr int kChunks = D / 8;
   constexpr int kMask = (kChunks % 8 == 0) ? 7 : 3;
   static_assert(kChunks % (kMask + 1) == 0, "the swizzle must stay inside the row");
   return row * D + ((((col >> 3) ^ (row & kMask)) << 3) | (col & 7));
 }
 
+// Which 16-byte chunks of a ROWS x D tile thread `tid` copies. When the threads of a block
+// cover whole rows (kThreads a multiple of D / 8: every kernel head dim but 96), each thread
+// keeps one column and its i-th copy is row tid / (D / 8) + i * kRowStep: the rows it copies
+// are a pointer stepped by kRowStep rows, without a division, modulo or 64-bit multiply per
+// chunk. (Host-callable: tests/cuda/test_tile_copy.py checks that every chunk is copied once.)
+template <int ROWS, int D>
+struct TileCopy {
+  static constexpr int kChunks = D / 8;
+  static constexpr bool kFixedColumn = kThreads % kChunks == 0;
+  static constexpr int kRowStep = kFixedColumn ? kThreads / kChunks : 1;
+  static constexpr int kCopies = kFixedColumn ? ROWS / kRowStep : 0;
+  static_assert(!kFixedColumn || ROWS % kRowStep == 0, "whole rows per round of copies");
+  __host__ __device__ static constexpr int row(int tid, int i) { return tid / kChunks + i * kRowStep; }
+  __host__ __device__ static constexpr int col(int tid) { return (tid % kChunks) * 8; }
+};
+
 // Copy a ROWS x D tile (row stride `row_stride` elements) into swizzled shared memory; rows >=
 // valid_rows and columns >= valid_cols are zero-filled (never read). `safe` is any valid address.
-template <int ROWS, int D, typename T>
+// Which thread copies which chunk does not matter to the readers: they read after
+// cp_async_wait + __syncthreads.
+// kStepped = false keeps the per-chunk loop (see dkdv_kernel: fewer spills there on sm_89).
+template <int ROWS, int D, typename T, bool kStepped = true>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t row_stride,
                                                 int valid_rows, int valid_cols, const T* safe) {
-  constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
-    const int row = idx / kChunks, col = (idx % kChunks) * 8;
-    const bool valid = row < valid_rows && col < valid_cols;
-    const T* src = valid ? gmem + row * row_stride + col : safe;
-    cp_async_16(tile + swizzle<D>(row, col), src, valid);
+  using Copy = TileCopy<ROWS, D>;
+  if constexpr (Copy::kFixedColumn && kStepped) {
+    const int row0 = Copy::row(threadIdx.x, 0), col = Copy::col(threadIdx.x);
+    const bool col_ok = col < valid_cols;
+    const T* src = gmem + row0 * row_stride + col;
+    const int64_t step = Copy::kRowStep * row_stride;
+#pragma unroll
+    for (int i = 0; i < Copy::kCopies; ++i) {
+      const int row = row0 + i * Copy::kRowStep;
+      const bool valid = col_ok && row < valid_rows;
+      cp_async_16(tile + swizzle<D>(row, col), valid ? src + i * step : safe, valid);
+    }
+  } else {
+    constexpr int kChunks = D / 8;
+    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+      const int row = idx / kChunks, col = (idx % kChunks) * 8;
+      const bool valid = row < valid_rows && col < valid_cols;
+      const T* src = valid ? gmem + row * row_stride + col : safe;
+      cp_async_16(tile + swizzle<D>(row, col), src, valid);
+    }
   }
 }
 

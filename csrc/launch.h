@@ -1,5 +1,6 @@
 // Host entry points of the kernels (torch-free). Each is instantiated for the head dims of
-// kHeadDims and the two 16-bit dtypes in the fwd_hdim*.cu / bwd_hdim*.cu files.
+// kHeadDims, the two 16-bit dtypes and both feature switches in the fwd_hdim*.cu / bwd_hdim*.cu
+// files.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -18,15 +19,65 @@ inline int kernel_head_dim(int dim) {
   return -1;
 }
 
+// FlashAttention's BOOL_SWITCH: runs the lambda-like expression with CONST_NAME a constexpr bool
+// equal to COND (each branch instantiates its own template).
+#define BOOL_SWITCH(COND, CONST_NAME, ...)  \
+  [&] {                                     \
+    if (COND) {                             \
+      constexpr bool CONST_NAME = true;     \
+      return __VA_ARGS__();                 \
+    } else {                                \
+      constexpr bool CONST_NAME = false;    \
+      return __VA_ARGS__();                 \
+    }                                       \
+  }()
+
+// Each kernel has two instantiations per head dim and dtype: kFeatures = true serves every
+// feature through runtime branches; kFeatures = false is the plain path (no attn_mask, gate,
+// bias, peer normalisation, recompute, dmask or dbias: SDPA, causal or not, GQA, kv_lengths,
+// several streams), with that code compiled out. They live in separate files
+// (fwd_hdim*_{plain,features}.cu, bwd_hdim*_{plain,features}.cu) that ninja builds in parallel.
 // T is __half or __nv_bfloat16.
-template <int D, typename T>
-cudaError_t run_forward(const AttentionParams& params, cudaStream_t stream);
+template <int D, typename T, bool kFeatures>
+cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream);
+
+template <int D, typename T, bool kFeatures>
+cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream);
+
+template <int D, typename T, bool kFeatures>
+cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream);
+
+inline bool forward_needs_features(const AttentionParams& p) {
+  return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer ||
+         p.recompute;
+}
+
+inline bool dq_needs_features(const AttentionParams& p) {
+  return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer ||
+         p.dmask != nullptr || p.dbias != nullptr;
+}
+
+inline bool dkdv_needs_features(const AttentionParams& p) {
+  return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer;
+}
 
 template <int D, typename T>
-cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream);
+cudaError_t run_forward(const AttentionParams& params, cudaStream_t stream) {
+  return BOOL_SWITCH(forward_needs_features(params), kFeatures,
+                     [&] { return run_forward_variant<D, T, kFeatures>(params, stream); });
+}
 
 template <int D, typename T>
-cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream);
+cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) {
+  return BOOL_SWITCH(dq_needs_features(params), kFeatures,
+                     [&] { return run_backward_dq_variant<D, T, kFeatures>(params, stream); });
+}
+
+template <int D, typename T>
+cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream) {
+  return BOOL_SWITCH(dkdv_needs_features(params), kFeatures,
+                     [&] { return run_backward_dkdv_variant<D, T, kFeatures>(params, stream); });
+}
 
 // delta[row] = sum_c dout[row, c] * out[row, c] over rows x cols contiguous matrices.
 template <typename T>

@@ -24,9 +24,9 @@ from .base import UNAVAILABLE, Backend, Capabilities
 
 MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
 KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
-MAX_ELEMENTS = 2**31 - 1  # the kernels index each tensor with 32-bit row offsets
 # dynamic shared memory of the head-dim-256 backward kernels (DkdvConfig<256>::smem_bytes in
-# csrc/backward.cuh); sm_86/sm_89 allow only 99 KiB per block
+# csrc/backward.cuh; cuda_compile_report prints it); sm_86, sm_89 and sm_120 allow only 99 KiB
+# per block, so the backend declines that backward there (by the device's opt-in limit)
 BACKWARD_256_SMEM_BYTES = 132736
 
 
@@ -132,7 +132,4 @@ class CudaBackend(Backend):
                                f"{', '.join(atomics)} gradients with float32 atomics")
         if problem.head_dim == 0:  # (zero heads, queries or keys never get here: dispatch)
             reasons.append("head dim E=0 (no kernel for it)")
-        for label, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
-            if t.numel() > MAX_ELEMENTS:
-                reasons.append(f"{label} has {t.numel()} elements > {MAX_ELEMENTS}")
         return reasons

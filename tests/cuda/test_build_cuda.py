@@ -78,3 +78,10 @@ def test_ptx_for_the_newest_portable_arch():
     assert build_cuda.with_ptx("8.0 8.6") == "8.0;8.6+PTX"
     assert build_cuda.with_ptx("8.0+PTX;9.0a") == "8.0+PTX;9.0a"  # already chosen
     assert build_cuda.with_ptx("9.0a") == "9.0a"  # arch-specific only: no portable PTX to add
+
+
+def test_release_archs_cover_every_served_architecture():
+    assert build_cuda.RELEASE_ARCHS == "8.0;8.6;8.9;9.0a;10.0;12.0"
+    assert build_cuda.with_ptx(build_cuda.RELEASE_ARCHS) == "8.0;8.6;8.9;9.0a;10.0;12.0+PTX"
+    script = Path(build_cuda.__file__).parent / ".ci" / "build_release_wheel.sh"
+    assert "build_cuda.RELEASE_ARCHS" in script.read_text()
