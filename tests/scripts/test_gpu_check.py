@@ -307,20 +307,26 @@ def test_sanitize_workload_lists_every_cuda_kernel():
 def test_autotune_switch_keeps_one_config(monkeypatch):
     """PEER_ATTENTION_TRITON_AUTOTUNE=0 (the check's Triton suite and sanitizers): the pruner keeps
     one config that fits the device; unset (its autotune step, the bench), every fitting one."""
+    import types
+
     import torch
     from peer_attention.triton_kernels import configs
 
     monkeypatch.setattr(configs, "INTERPRET", False)
-    monkeypatch.setattr(configs, "_arch_and_smem", lambda index: (90, 227 * 1024))
+    monkeypatch.setattr(configs, "device_limits", lambda index: (90, 227 * 1024))
+    # every candidate fits without spilling: what is kept depends on the switch alone
+    monkeypatch.setattr(configs, "measure_on_device",
+                        lambda *a, **k: dict(shared=0, tmem=0, trap=False, spills=0))
+    kernel = types.SimpleNamespace(arg_names=("Q",))
     q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
-    for kind in configs.KINDS:
+    for kind in ("fwd", "dq", "dkdv"):
         candidates = configs.autotune_configs(kind)
-        prune = configs.make_pruner(kind)
+        prune = configs.make_pruner(kernel, kind)
         monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
         tuned = prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128)
-        assert len(tuned) > 1
+        assert len(tuned) > 1, kind
         monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
-        assert prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128) == tuned[:1]
+        assert prune(candidates, {"Q": q}, E_PAD=128, EV_PAD=128) == tuned[:1], kind
 
 
 def test_sanitize_workload_calls_run_and_compare(monkeypatch):
