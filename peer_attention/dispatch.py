@@ -19,7 +19,7 @@ from .backends.base import UNAVAILABLE, Backend
 from .backends.cuda import CudaBackend
 from .backends.reference import ReferenceBackend
 from .backends.torch_dropout import STATE_ATTR, replay_torch_rng
-from .backends.torch_sdpa import TorchBackend
+from .backends.torch_backend import TorchBackend
 from .backends.triton import TritonBackend
 from .problem import AttentionProblem
 

@@ -244,7 +244,7 @@ def _call(q, k, v, mask, scale):
 
 
 def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
-    """The seven gradients of the fused plan (grads: torch_sdpa._Grads of this problem)."""
+    """The seven gradients of the fused plan (grads: torch_backend._Grads of this problem)."""
     p = pair_plan.p
     streams = _Streams(pair_plan)
     if streams.one_call():

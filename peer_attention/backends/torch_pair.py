@@ -6,7 +6,7 @@
 `mask` is None or an additive float mask broadcastable to (B, Hq, L, M) (0 / -inf for the masks
 the backend builds). The backward recomputes P = exp(scores - lse) from the lse it is given and
 D = <grad_out, out> from the two tensors it is given: the caller chooses all three (see
-torch_sdpa.py: that is how one pair's backward serves the joint merge). L and M must be > 0:
+torch_backend.py: that is how one pair's backward serves the joint merge). L and M must be > 0:
 the CPU kernel divides by zero on empty key sets.
 
 CPU: aten::_scaled_dot_product_flash_attention_for_cpu (GQA native, E == Ev only: a different

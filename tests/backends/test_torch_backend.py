@@ -176,7 +176,7 @@ def test_merge_logsumexp_of_one_two_or_more_terms(terms):
     """The joint merge's lse: one term as is, two through logaddexp, more through a stack; all
     equal torch.logsumexp in float64, -inf (weights exp(term - safe) of 0, not nan) on rows
     where every term is -inf, and on rows where only some are."""
-    from peer_attention.backends.torch_sdpa import _safe_logsumexp
+    from peer_attention.backends.torch_backend import _safe_logsumexp
     gen = torch.Generator().manual_seed(terms)
     parts = [torch.randn(2, 3, 6, generator=gen, dtype=torch.float64) * 30 for _ in range(terms)]
     for i, part in enumerate(parts):

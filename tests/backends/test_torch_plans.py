@@ -6,7 +6,7 @@ import torch
 
 import peer_attention as pa
 from peer_attention.api import peer_problem
-from peer_attention.backends import torch_fused, torch_sdpa
+from peer_attention.backends import torch_backend, torch_fused
 from peer_attention.backends.torch_fused import FUSED, PAIRS, forced_plan
 from tests.helpers import assert_matches_reference
 
@@ -28,9 +28,9 @@ def test_plan_rule():
     """One call on the packed streams when nothing differs per pair; fused per query stream for
     gates, biases, kv_lengths, sparse tables and short causal streams; pairs for the per-peer
     softmax, 16-bit gates, gates with GQA and long causal streams."""
-    assert torch_sdpa._is_one_call(_problem())
-    assert torch_sdpa._is_one_call(_problem((5, 0, 3)))
-    assert not torch_sdpa._is_one_call(_problem(gate=True))
+    assert torch_backend._is_one_call(_problem())
+    assert torch_backend._is_one_call(_problem((5, 0, 3)))
+    assert not torch_backend._is_one_call(_problem(gate=True))
     assert torch_fused.plan(_problem(gate=True, bias=True)) == FUSED
     grad_bias = _problem(bias=True)
     assert torch_fused.plan(grad_bias._replace(bias=grad_bias.bias.requires_grad_())) == PAIRS
@@ -45,7 +45,7 @@ def test_plan_rule():
     assert torch_fused.plan(_problem(heads=4, kv_heads=2, bias=True)) == FUSED
     with forced_plan(PAIRS):
         assert torch_fused.plan(_problem(gate=True)) == PAIRS
-        assert not torch_sdpa._is_one_call(_problem())
+        assert not torch_backend._is_one_call(_problem())
     with forced_plan(FUSED):
         assert torch_fused.plan(_problem((long, 4), is_causal=True)) == FUSED
         assert torch_fused.plan(_problem(normalize="peer")) == PAIRS  # fused cannot serve it
@@ -93,8 +93,8 @@ def test_backward_reuses_the_forwards_pair_outputs(monkeypatch, normalize, bias)
         normalize=normalize)
     outs = kernel_fn(*inputs)
     calls = []
-    original = torch_sdpa._Plan.pair
-    monkeypatch.setattr(torch_sdpa._Plan, "pair",
+    original = torch_backend._Plan.pair
+    monkeypatch.setattr(torch_backend._Plan, "pair",
                         lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
     grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
     assert calls == []
