@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from .dispatch import functorch_active, jit_tracing, transforms_active
 from .double_backward import recompute_output
 from .flash_attn import causal_band
 from .problem import AttentionProblem
+from .reference import LOW_PRECISION
 from .validation import check_peer, check_peer_variants, check_sdpa
 
 
@@ -26,16 +28,13 @@ def _as_4d(t: Tensor, lead_numel: int) -> Tensor:
     return t.reshape(lead_numel, t.shape[-3], t.shape[-2], t.shape[-1])
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
 def broadcast_in_fp32(t: Tensor, shape) -> Tensor:
     """t expanded to `shape`. A 16-bit t that requires grad and is broadcast is first cast to
     float32 (a copy of the small tensor only): the backward's sum over the broadcast dims then runs
     in float32 and is rounded once, not term by term."""
     if t.shape == shape:  # nothing to broadcast: no view to make either
         return t
-    if t.requires_grad and t.dtype in _LOW_PRECISION:
+    if t.requires_grad and t.dtype in LOW_PRECISION:
         t = t.float()
     return t.expand(shape)
 
@@ -158,16 +157,6 @@ def sdpa_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                         enable_gqa).problem
 
 
-_functorch_active = torch._C._are_functorch_transforms_active
-_jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its Python wrapper
-
-
-def transforms_active() -> bool:
-    """A torch.func transform (grad, vmap, jacrev, ...) or torch.jit.trace is running: the
-    registered ops have no functorch rules, so such calls are computed another way (~0.2 us)."""
-    return _functorch_active() or _jit_tracing()
-
-
 def run_under_transform(problem: AttentionProblem, backend: Optional[str], function: str) -> Tensor:
     """A call made while a torch.func transform or torch.jit.trace is active: the reference
     formulas as plain PyTorch ops, which every transform and the tracer handle."""
@@ -189,7 +178,7 @@ def run_sdpa(call: SdpaCall, backend: Optional[str] = None) -> Tensor:
     if not torch.compiler.is_compiling() and transforms_active():
         out = run_under_transform(call.problem, backend, "scaled_dot_product_attention")
     else:
-        out, _ = dispatch.run(call.problem, backend)
+        out, _ = dispatch.output_and_backend(call.problem, backend)
     if call.drop_all:
         out = out * 0.0
     if out.shape == call.out_shape:  # (B, H, L, Ev) already: no view to make
@@ -206,7 +195,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) ->
     (N, ..., Hq, L, Ev), broadcasting leading dims and heads as torch does. `attn_mask` may be
     torch's CausalBias (causal_upper_left / causal_lower_right). `backend`: None/"auto", "cuda",
-    "triton" or "reference".
+    "triton", "torch" or "reference".
     """
     call = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return run_sdpa(call, backend)
@@ -265,10 +254,10 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
     `sinks` (Hq,), normalize="joint" only: a per-head logit in every row's softmax, no value."""
     problem = _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal,
                             kv_lengths, scale, enable_gqa, softcap, window, sinks)
-    if not torch.compiler.is_compiling() and (_functorch_active() or _jit_tracing()):
+    if not torch.compiler.is_compiling() and (functorch_active() or jit_tracing()):
         out = run_under_transform(problem, backend, "peer_attention")  # transforms_active()
     else:
-        out, _ = dispatch.run(problem, backend)
+        out, _ = dispatch.output_and_backend(problem, backend)
     if len(problem.q_lens) == 1:
         return [out]
     return list(out.split_with_sizes(problem.q_lens, 2))

@@ -16,23 +16,14 @@ import torch
 
 from . import ops
 from .backends.base import UNAVAILABLE, Backend
-from .backends.cuda import CudaBackend
-from .backends.reference import ReferenceBackend
-from .backends.torch_dropout import STATE_ATTR, replay_torch_rng
-from .backends.torch_backend import TorchBackend
-from .backends.triton import TritonBackend
+from .backends.registry import BACKENDS, ORACLE, SPEED_ORDER
+from .backends.torch_dropout import STATE_ATTR
 from .problem import AttentionProblem
 
 ENV_VAR = "PEER_ATTENTION_BACKEND"
 AUTO = "auto"
 
-BACKENDS: Dict[str, Backend] = {
-    b.name: b for b in (CudaBackend(), TritonBackend(), TorchBackend(), ReferenceBackend())
-}
-# "cuda" after "triton": the CUDA kernels have not yet been run on hardware; they must be validated
-# on a GPU (tests/cuda) before auto prefers them. An explicit backend="cuda" still uses them.
-# "torch" (torch's own fused kernels, composed) serves the CPU and what our kernels do not.
-SPEED_ORDER = ("triton", "cuda", "torch", "reference")
+# BACKENDS (name -> backend) and SPEED_ORDER (auto's default order): backends/registry.py
 # auto's order per device kind ("cpu", or "sm90" for a GPU of compute capability 9.0), set from
 # the GPU check's measurements (`scripts/gpu_check_report.py order`, bench/README.md); a kind
 # without an entry uses SPEED_ORDER. Each entry ends with "reference", which serves everything.
@@ -122,7 +113,7 @@ def no_scores(q, k) -> bool:
     return 0 in q.shape[:-1] or 0 in k.shape[:-1]  # E = 0 alone leaves scores (all zero)
 
 
-_EMPTY_BACKEND = "reference"
+_EMPTY_BACKEND = ORACLE
 
 
 def select(problem: AttentionProblem, explicit: Optional[str] = None) -> Backend:
@@ -186,8 +177,8 @@ def forward_op(name: str):
 # the inputs whose requires_grad asks for autograd: the differentiable ones, and alibi_slopes (no
 # gradient, as through the op, but the output must not record the kernel's own ops for it)
 _GRAD_TENSORS = ops.GRAD_INPUTS + (19,)
-_functorch_active = torch._C._are_functorch_transforms_active
-_jit_tracing = torch._C._is_tracing
+functorch_active = torch._C._are_functorch_transforms_active
+jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its Python wrapper
 _autocast_enabled = torch._C._is_any_autocast_enabled
 _function_modes = torch._C._len_torch_function_stack
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -199,7 +190,13 @@ def _plain_eager(problem: AttentionProblem) -> bool:
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
         return False
     return (type(problem.q) is torch.Tensor and not _autocast_enabled() and not _function_modes()
-            and not _dispatch_modes() and not _functorch_active() and not _jit_tracing())
+            and not _dispatch_modes() and not functorch_active() and not jit_tracing())
+
+
+def transforms_active() -> bool:
+    """A torch.func transform (grad, vmap, jacrev, ...) or torch.jit.trace is running: the
+    registered ops have no functorch rules, so such calls are computed another way (~0.2 us)."""
+    return functorch_active() or jit_tracing()
 
 
 def forward(name: str, problem: AttentionProblem):
@@ -217,12 +214,11 @@ def forward(name: str, problem: AttentionProblem):
     return kernel(problem)
 
 
-def run(problem: AttentionProblem, explicit: Optional[str] = None):
-    """Pick a backend for `problem` and run its forward; returns (out (B, Hq, Tq, Ev), backend name)."""
+def output_and_backend(problem: AttentionProblem, explicit: Optional[str] = None):
+    """Pick a backend for `problem` and run its forward (with autograd): returns
+    (out (B, Hq, Tq, Ev), the name of the backend that served it)."""
     backend = select(problem, explicit)
-    if problem.dropout_seed is not None and backend.name == TorchBackend.name:
-        problem = replay_torch_rng(problem)  # torch's own dropout draw, from torch's RNG state
-    out, _lse = forward(backend.name, problem)
+    out, _lse = forward(backend.name, backend.prepare(problem))
     return out, backend.name
 
 

@@ -45,7 +45,7 @@ def _needs_alignment(is_causal: bool, left: int, right: int, alibi: bool,
 
 
 def _run(problem: AttentionProblem, backend: Optional[str]):
-    """(out, lse) from the chosen backend's op (dispatch.run returns no lse)."""
+    """(out, lse) from the chosen backend's op (dispatch.output_and_backend returns no lse)."""
     chosen = dispatch.select(problem, backend)
     return dispatch.forward(chosen.name, problem)
 

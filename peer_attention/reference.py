@@ -14,7 +14,18 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["safe_softmax", "peer_attention_reference", "sdpa_reference", "dropout_keep_mask"]
+from .problem import AttentionProblem, remembered_keep_mask
+
+__all__ = ["safe_softmax", "peer_attention_reference", "sdpa_reference", "dropout_keep_mask",
+           "problem_reference", "problem_keep_mask", "repeat_kv_heads", "compute_dtype"]
+
+# computed in float32 and rounded once at the end, as torch's math SDPA does on the CPU
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the oracle computes a call of `dtype` in: float32 for 16-bit inputs."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
@@ -48,12 +59,40 @@ def dropout_keep_mask(shape, dropout_p: float, seed: int, device) -> Tensor:
     return torch.rand(shape, generator=gen, device=device, dtype=torch.float32) >= dropout_p
 
 
-def _repeat_kv_heads(t: Tensor, num_q_heads: int) -> Tensor:
+def repeat_kv_heads(t: Tensor, num_q_heads: int) -> Tensor:
     """GQA: query head h reads key/value head h // (Hq / H)."""
     heads = t.shape[1]
     if heads == num_q_heads or heads == 0:  # (zero key/value heads: zero query heads too)
         return t
     return t.repeat_interleave(num_q_heads // heads, dim=1)
+
+
+def problem_keep_mask(problem: AttentionProblem) -> Tensor:
+    """(B, Hq, Tq, Tk) bool: the reference's dropout keep mask for `problem`, the one its forward
+    left on the seed when it left one, else drawn again from the seed (the same numbers)."""
+    keep = remembered_keep_mask(problem)
+    if keep is not None:
+        return keep
+    q, k = problem.q, problem.k
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)
+
+
+def problem_reference(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, sinks,
+                      dropout_mask: Optional[Tensor] = None, return_lse: bool = False):
+    """peer_attention_reference on a normalised problem, with its tensors replaced by the given
+    ones (differentiable leaves, or the problem's own cast to the compute dtype): the per-stream
+    outputs (B, Hq, L_s, Ev), with their lses when return_lse."""
+    p = problem
+    return peer_attention_reference(
+        q.split(list(p.q_lens), dim=2), k.split(list(p.kv_lens), dim=2),
+        v.split(list(p.kv_lens), dim=2),
+        peers=p.peers_nested(), gate=gate, bias=bias, normalize=p.normalize,
+        is_causal=p.is_causal, kv_lengths=p.kv_lengths, scale=p.scale, attn_mask=attn_mask,
+        dropout_mask=dropout_mask, dropout_p=p.dropout_p, return_lse=return_lse,
+        window=(p.window_left, p.window_right), bottom_right=p.bottom_right, softcap=p.softcap,
+        alibi_slopes=p.alibi_slopes, sinks=sinks,
+    )
 
 
 def peer_attention_reference(
@@ -120,8 +159,8 @@ def peer_attention_reference(
         for p in range(num_streams):
             if not bool(peers[s][p]):
                 continue
-            key = _repeat_kv_heads(keys[p], num_q_heads)
-            value = _repeat_kv_heads(values[p], num_q_heads)
+            key = repeat_kv_heads(keys[p], num_q_heads)
+            value = repeat_kv_heads(values[p], num_q_heads)
             kv_len = key.shape[2]
             z = scale * (query @ key.transpose(-1, -2))  # (B, Hq, L, M)
             if softcap > 0:

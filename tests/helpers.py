@@ -101,10 +101,10 @@ def randn(*shape, dtype=torch.float64, requires_grad=True, device="cpu", gen=Non
 
 
 @contextlib.contextmanager
-def recorded_dispatch(attribute: str = "run", record: str = "problem"):
-    """Spy on peer_attention.dispatch.<attribute> ("run" or "select"): yields the list it fills
-    with each call's problem (record="problem") or, for "run", the name of the backend that
-    served it (record="backend")."""
+def recorded_dispatch(attribute: str = "output_and_backend", record: str = "problem"):
+    """Spy on peer_attention.dispatch.<attribute> ("output_and_backend" or "select"): yields the
+    list it fills with each call's problem (record="problem") or, for "output_and_backend", the
+    name of the backend that served it (record="backend")."""
     seen = []
     original = getattr(dispatch, attribute)
 

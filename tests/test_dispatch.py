@@ -156,7 +156,7 @@ def test_auto_picks_torch_on_cpu_and_falls_back_to_reference(no_env):
     assert dispatch.select(api.sdpa_problem(q, k, v)).name == "torch"
     problem = two_streams(gate=torch.ones(4, dtype=F64), normalize="peer")
     assert dispatch.select(problem).name == "torch"
-    _, name = dispatch.run(api.sdpa_problem(q, k, v))
+    _, name = dispatch.output_and_backend(api.sdpa_problem(q, k, v))
     assert name == "torch"
     auto = pa.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(auto, torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -123,8 +123,8 @@ def test_gradient_penalties_match_torch_math(backend, route, monkeypatch):
         ours = penalties(lambda *a, **kw: pa.scaled_dot_product_attention(*a, backend=backend, **kw))
     else:  # torch's function patched, the backend chosen by use_backend
         served = []
-        run = dispatch.run
-        monkeypatch.setattr(dispatch, "run", lambda p, e=None: served.append(1) or run(p, e))
+        run = dispatch.output_and_backend
+        monkeypatch.setattr(dispatch, "output_and_backend", lambda p, e=None: served.append(1) or run(p, e))
         with pa.patch_torch(), pa.use_backend(backend):
             ours = penalties(lambda *a, **kw: F.scaled_dot_product_attention(*a, **kw))
         assert served

@@ -19,7 +19,7 @@ PYTHON_BACKENDS = ("reference", "torch")
 def _problem(name: str, backend: str):
     problem = PROBLEMS[name]()
     if problem.dropout_seed is not None and backend == "torch":
-        problem = replay_torch_rng(problem)  # as dispatch.run does for this backend
+        problem = replay_torch_rng(problem)  # as dispatch.output_and_backend does for this backend
     return problem
 
 

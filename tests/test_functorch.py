@@ -39,7 +39,7 @@ def math(*args, **kwargs):
 @pytest.fixture(params=["direct", "patched"])
 def sdpa(request):
     patch = pa.patch_torch() if request.param == "patched" else contextlib.nullcontext()
-    with recorded_dispatch("run") as calls, patch:
+    with recorded_dispatch("output_and_backend") as calls, patch:
         yield ours_direct if request.param == "direct" else ours_patched
     # neither path reaches a registered op while a transform is active
     assert calls == []

@@ -186,9 +186,9 @@ def nothing_runs(monkeypatch):
 
     def spy(*args, **kwargs):
         calls.append(args)
-        raise AssertionError("dispatch.run was reached on bad input")
+        raise AssertionError("dispatch.output_and_backend was reached on bad input")
 
-    monkeypatch.setattr(dispatch, "run", spy)
+    monkeypatch.setattr(dispatch, "output_and_backend", spy)
     yield calls
     assert not calls
 

@@ -16,6 +16,4 @@ from .dropout import dropout_keep_mask
 from .fwd import forward
 from .utils import INTERPRET
 
-AVAILABLE = True
-
-__all__ = ["forward", "backward", "dropout_keep_mask", "AVAILABLE", "INTERPRET"]
+__all__ = ["forward", "backward", "dropout_keep_mask", "INTERPRET"]

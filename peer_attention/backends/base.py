@@ -8,15 +8,21 @@ A new backend plugs in by subclassing `Backend`:
     problem of `peer_attention.problem` (Python backends), or kernels registered from C++ for
     the ops `peer_attention::NAME_fwd/NAME_bwd` (set `python_kernels = False`);
   * optionally `decode(problem)` on the decode problem of `peer_attention.decode_problem`
-    (flash_attn_with_kvcache), with `decode_reasons(problem)` saying why it cannot serve one.
-Dispatch, validation, layouts and autograd are done for it.
+    (flash_attn_with_kvcache), with `decode_reasons(problem)` saying why it cannot serve one;
+  * its policies, where the defaults do not fit: `prepare(problem)` (the problem as this
+    backend's forward wants it, e.g. the torch backend's RNG replay), `dropout_keep_mask(problem)`
+    (its forward's keep mask regenerated in PyTorch, for double backward through dropout) and
+    `merged_statistics` (where its backward takes the merged (out, lse) of context parallelism).
+It then takes its place in the order of backends/registry.py. Dispatch, validation, layouts and
+autograd are done for it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
+from torch import Tensor
 
 from ..decode_problem import DecodeProblem
 from ..problem import AttentionProblem
@@ -24,6 +30,14 @@ from ..problem import AttentionProblem
 # name -> unavailable_reason(), filled once by dispatch at import (torch.compile reads a dict
 # without tracing the imports and device queries behind it)
 UNAVAILABLE: dict = {}
+# name -> backend, filled by backends/registry.py: modules below the registry (double_backward.py,
+# which ops.py imports before any backend exists) look a backend's policies up by its op's name
+BACKENDS: Dict[str, "Backend"] = {}
+
+# Backend.merged_statistics: where its backward takes merged (out, lse) (see
+# distributed/lowlevel.py): any problem, "joint" mode, or "joint" mode without gate/bias gradients
+# (elsewhere it recomputes Delta or U_p from its own keys); None = not declared (not tested)
+ANY, JOINT_ONLY, JOINT_WITHOUT_GATE_BIAS_GRADS = "any", "joint", "joint without gate/bias grads"
 
 ALL_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -73,6 +87,19 @@ class Backend:
     name: str = ""
     capabilities: Capabilities
     python_kernels: bool = True
+    merged_statistics: Optional[str] = None  # ANY, JOINT_ONLY, JOINT_WITHOUT_GATE_BIAS_GRADS
+
+    def prepare(self, problem: AttentionProblem) -> AttentionProblem:
+        """The problem as this backend's forward wants it, once dispatch has chosen it (the API's
+        problem serves every backend; the default changes nothing)."""
+        return problem
+
+    def dropout_keep_mask(self, problem: AttentionProblem) -> Optional[Tensor]:
+        """(B, Hq, Tq, Tk) bool: the keep mask this backend's forward applied to `problem`
+        (dropout_p > 0), regenerated in PyTorch for a differentiable recomputation (double
+        backward); None when it cannot be regenerated (double backward through dropout then
+        raises rather than give a wrong gradient)."""
+        return None
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all; computed once, at import."""

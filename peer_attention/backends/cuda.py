@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from ..problem import AttentionProblem
-from .base import UNAVAILABLE, Backend, Capabilities
+from .base import JOINT_WITHOUT_GATE_BIAS_GRADS, UNAVAILABLE, Backend, Capabilities
 
 MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
 KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
@@ -97,6 +97,8 @@ class CudaBackend(Backend):
         max_streams=MAX_STREAMS,
         bottom_right=True,
     )
+    # the kernels take Delta = <grad_out, out>, and recompute it from their own keys for gate/bias
+    merged_statistics = JOINT_WITHOUT_GATE_BIAS_GRADS
 
     def unavailable_reason(self) -> Optional[str]:
         error = _extension_error()  # dispatch asks once, at import, and caches the answer

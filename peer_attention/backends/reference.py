@@ -10,8 +10,8 @@ import torch
 from ..decode_problem import DecodeProblem, gather_keys
 from ..ops import empty_grad
 from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
-from ..reference import dropout_keep_mask, peer_attention_reference
-from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
+from ..reference import compute_dtype, peer_attention_reference, problem_keep_mask, problem_reference
+from .base import ALL_FLOAT_DTYPES, ANY, Backend, Capabilities
 
 
 def _dropout_mask(problem: AttentionProblem):
@@ -20,39 +20,22 @@ def _dropout_mask(problem: AttentionProblem):
     if problem.dropout_p <= 0 or problem.dropout_seed is None:
         return None
     keep = remembered_keep_mask(problem)
-    if keep is not None:
-        return keep
-    q, k = problem.q, problem.k
-    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    keep = dropout_keep_mask(shape, problem.dropout_p, int(problem.dropout_seed[0]), q.device)
-    return remember_keep_mask(problem, keep)
+    return keep if keep is not None else remember_keep_mask(problem, problem_keep_mask(problem))
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == torch.bool else t.to(dtype)
 
 
 def _run(problem: AttentionProblem, q, k, v, gate, bias, attn_mask, sinks, return_lse):
     # float16/bfloat16 are computed in float32 and rounded once at the end, as torch's math SDPA
     # does on the CPU: the CPU path is then as accurate as a fused kernel
     io_dtype = q.dtype
-    compute = torch.float32 if io_dtype in (torch.float16, torch.bfloat16) else io_dtype
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    if gate is not None:
-        gate = gate.to(compute)
-    if bias is not None:
-        bias = bias.to(compute)
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(compute)
-    if sinks is not None:
-        sinks = sinks.to(compute)
-    result = peer_attention_reference(
-        q.split(list(problem.q_lens), dim=2),
-        k.split(list(problem.kv_lens), dim=2),
-        v.split(list(problem.kv_lens), dim=2),
-        peers=problem.peers_nested(), gate=gate, bias=bias, normalize=problem.normalize,
-        is_causal=problem.is_causal, kv_lengths=problem.kv_lengths, scale=problem.scale,
-        attn_mask=attn_mask, dropout_mask=_dropout_mask(problem), dropout_p=problem.dropout_p,
-        return_lse=return_lse, window=(problem.window_left, problem.window_right),
-        bottom_right=problem.bottom_right, softcap=problem.softcap,
-        alibi_slopes=problem.alibi_slopes, sinks=sinks,
-    )
+    compute = compute_dtype(io_dtype)
+    result = problem_reference(
+        problem, q.to(compute), k.to(compute), v.to(compute), _cast(gate, compute),
+        _cast(bias, compute), _cast(attn_mask, compute), _cast(sinks, compute),
+        dropout_mask=_dropout_mask(problem), return_lse=return_lse)
     outs, lses = result if return_lse else (result, None)
     outs = [o.to(io_dtype) for o in outs]
     return (outs, lses) if return_lse else outs
@@ -63,6 +46,10 @@ class ReferenceBackend(Backend):
     capabilities = Capabilities(devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
                                 dtypes=ALL_FLOAT_DTYPES, window=True, bottom_right=True,
                                 softcap=True, alibi=True, sinks=True, diagonal_peers=True)
+    merged_statistics = ANY  # its backward honours the given (out, lse): see backward()
+
+    def dropout_keep_mask(self, problem: AttentionProblem):
+        return problem_keep_mask(problem)
 
     def forward(self, problem: AttentionProblem):
         p = problem
@@ -157,7 +144,7 @@ def decode_reference(problem: DecodeProblem):
     p = problem
     q = p.q
     io_dtype = q.dtype
-    compute = torch.float32 if io_dtype in (torch.float16, torch.bfloat16) else io_dtype
+    compute = compute_dtype(io_dtype)
     batch, q_len, num_q_heads, _ = q.shape
     k_all, v_all, _valid = gather_keys(p, p.max_seqlen)
     counts = p.seqlens.tolist()

@@ -29,9 +29,10 @@ from torch import Tensor
 
 from ..ops import empty_grad
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
-from .base import ALL_FLOAT_DTYPES, Backend, Capabilities
+from ..reference import repeat_kv_heads
+from .base import ALL_FLOAT_DTYPES, JOINT_ONLY, Backend, Capabilities
 from .torch_decode import torch_decode
-from .torch_dropout import dropout_backward, dropout_forward
+from .torch_dropout import dropout_backward, dropout_forward, keep_mask, replay_torch_rng
 from .torch_fused import FUSED, fused_backward, fused_backward_serves, fused_forward, pairs_forced
 from .torch_fused import plan as fused_plan
 from .torch_pair import DEVICES, contiguous_lse, pair_backward, pair_forward
@@ -405,11 +406,6 @@ class _Grads:
         return tuple(out)
 
 
-def _repeat_heads(t: Tensor, heads: int) -> Tensor:
-    groups = heads // t.shape[1]
-    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-
 def _sum_groups(t: Tensor, kv_heads: int) -> Tensor:
     groups = t.shape[1] // kv_heads
     return t if groups == 1 else t.unflatten(1, (kv_heads, groups)).sum(2)
@@ -493,7 +489,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 k_in, v_in, expanded, g_in = k_t, v_t, False, gate
                 if gate is not None:  # the kernel sees values g_p * v_p
                     if kv_heads != heads and p.gate.stride(3) != 0:  # a gate per query head
-                        k_in, v_in, expanded = _repeat_heads(k_t, heads), _repeat_heads(v_t, heads), True
+                        k_in, v_in, expanded = repeat_kv_heads(k_t, heads), repeat_kv_heads(v_t, heads), True
                     elif kv_heads != heads:
                         g_in = gate[:, :1]
                     v_in = v_in * g_in  # in the compute dtype (promoted), then the kernel's
@@ -545,8 +541,8 @@ def _mask_grad(p: AttentionProblem, mask: Tensor, causal: bool, grad_out, lse) -
     """d mask = P * (dP - D) (one stream, no gate or bias: the only problems with a mask)."""
     compute = lse_dtype(p.q.dtype)
     heads = p.q.shape[1]
-    keys = _repeat_heads(p.k, heads).to(compute)
-    values = _repeat_heads(p.v, heads).to(compute)
+    keys = repeat_kv_heads(p.k, heads).to(compute)
+    values = repeat_kv_heads(p.v, heads).to(compute)
     scores = torch.matmul(p.q.to(compute), keys.transpose(-1, -2)) * p.scale
     scores = scores + mask.to(compute)  # attn_mask (and a band), as the forward saw it
     if causal:
@@ -572,6 +568,16 @@ class TorchBackend(Backend):
         window=True,        # through an (L, M) mask of the self pair: see _band_mask
         bottom_right=True,
     )
+    # "peer" mode recomputes each pair's own statistics: joint only
+    merged_statistics = JOINT_ONLY
+
+    def prepare(self, problem: AttentionProblem) -> AttentionProblem:
+        if problem.dropout_seed is None:
+            return problem
+        return replay_torch_rng(problem)  # torch's own dropout draw, from torch's RNG state
+
+    def dropout_keep_mask(self, problem: AttentionProblem) -> Optional[Tensor]:
+        return keep_mask(problem)
 
     def unavailable_reason(self) -> Optional[str]:
         aten = torch.ops.aten

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..reference import repeat_kv_heads
+
 _aten = torch.ops.aten
 # the torch-namespace binding of the op: ~2 us less per call than the OpOverload (no backward one)
 _CPU_FWD = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu",
@@ -98,11 +100,6 @@ def _cpu_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale):
 
 # ---- CUDA (efficient attention; not run in this project's CI, which has no GPU) ------------------
 
-def _repeat_heads(t: Tensor, num_q_heads: int) -> Tensor:
-    groups = num_q_heads // t.shape[1]
-    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-
 def _cuda_bias(mask, q, kv_len):
     if mask is None:
         return None
@@ -119,8 +116,8 @@ def _aligned(n: int) -> int:
 def _cuda_forward(q, k, v, mask, is_causal, scale):
     heads, value_dim = q.shape[1], v.shape[-1]
     head_width, value_width = _aligned(q.shape[-1]), _aligned(value_dim)
-    q, k = _pad_last(q, head_width), _pad_last(_repeat_heads(k, heads), head_width)
-    v = _pad_last(_repeat_heads(v, heads), value_width)
+    q, k = _pad_last(q, head_width), _pad_last(repeat_kv_heads(k, heads), head_width)
+    v = _pad_last(repeat_kv_heads(v, heads), value_width)
     out, lse, _seed, _offset = _CUDA_FWD(q, k, v, _cuda_bias(mask, q, k.shape[2]), True, 0.0,
                                          is_causal, scale=scale)
     return out[..., :value_dim], lse[..., :q.shape[2]]
@@ -131,8 +128,8 @@ def _cuda_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale):
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     head_width, value_width = _aligned(head_dim), _aligned(value_dim)
     q = _pad_last(q, head_width)
-    k_full = _pad_last(_repeat_heads(k, heads), head_width)
-    v_full = _pad_last(_repeat_heads(v, heads), value_width)
+    k_full = _pad_last(repeat_kv_heads(k, heads), head_width)
+    v_full = _pad_last(repeat_kv_heads(v, heads), value_width)
     grad_out, out = _pad_last(grad_out, value_width), _pad_last(out, value_width)
     padded_len = -(-q_len // _CUDA_LSE_ALIGN) * _CUDA_LSE_ALIGN
     lse_full = lse.new_full((*lse.shape[:-1], padded_len), float("inf"))

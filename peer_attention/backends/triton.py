@@ -5,14 +5,16 @@ interpreter (TRITON_INTERPRET=1 set before triton is imported).
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 from ..decode_problem import DecodeProblem, decode_outputs, from_attention
 from ..problem import AttentionProblem
-from .base import Backend, Capabilities
+from .base import JOINT_WITHOUT_GATE_BIAS_GRADS, Backend, Capabilities
+
+_INTERPRET = False  # TRITON_INTERPRET as the kernels read it, once they are imported
 
 
 def _import_error() -> Optional[str]:
@@ -20,19 +22,19 @@ def _import_error() -> Optional[str]:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"triton is not installed ({exc})"
-    from .. import triton_kernels
-
-    if not getattr(triton_kernels, "AVAILABLE", False):
-        return "the Triton kernels are not part of this version yet"
+    try:  # e.g. a triton too old for the kernels
+        from ..triton_kernels import utils
+    except ImportError as exc:
+        return f"the Triton kernels cannot be imported ({exc})"
+    global _INTERPRET
+    _INTERPRET = utils.INTERPRET
     return None
 
 
-# Read once: triton itself reads the variable when it is imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def interpreter_enabled() -> bool:
-    return INTERPRET
+    """TRITON_INTERPRET=1 was set before triton was imported (triton_kernels.utils.INTERPRET);
+    False where the kernels cannot be imported."""
+    return _INTERPRET
 
 
 MAX_GRID_Y = 65535
@@ -49,6 +51,13 @@ class TritonBackend(Backend):
         window=True, bottom_right=True, softcap=True, alibi=True, sinks=True,
         diagonal_peers=True,
     )
+    # the kernels take Delta = <grad_out, out>, and recompute it from their own keys for gate/bias
+    merged_statistics = JOINT_WITHOUT_GATE_BIAS_GRADS
+
+    def dropout_keep_mask(self, problem: AttentionProblem) -> Optional[Tensor]:
+        from ..triton_kernels import dropout_keep_mask
+
+        return dropout_keep_mask(problem)
 
     def unavailable_reason(self) -> Optional[str]:
         error = _import_error()

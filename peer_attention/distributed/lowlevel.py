@@ -19,12 +19,12 @@ to attend to.
 
 Merged statistics (the ring-attention contract): `out` and `lse` given to a backward may be the
 merged results of a larger attention of which this call's keys are one part; the gradients are
-then this part's contributions (sum them over the parts). Which backends honour this where is
-the table MERGED_STATISTICS: the reference in both modes (in "peer" mode when each row attends
-one peer); the torch backend in "joint" mode; the Triton and CUDA kernels in "joint" mode without
-gate/bias gradients (they take Delta = <grad_out, out>, and recompute it from their own keys for
-those). Elsewhere the result is right only for a call's own statistics, and
-`check_merged_statistics` raises NotImplementedError (also for a backend not in the table).
+then this part's contributions (sum them over the parts). Each backend declares where it honours
+this (`merged_statistics`, backends/base.py): the reference in both modes (in "peer" mode when
+each row attends one peer); the torch backend in "joint" mode; the Triton and CUDA kernels in
+"joint" mode without gate/bias gradients (they take Delta = <grad_out, out>, and recompute it from
+their own keys for those). Elsewhere the result is right only for a call's own statistics, and
+`check_merged_statistics` raises NotImplementedError (also for a backend that declares nothing).
 """
 from __future__ import annotations
 
@@ -34,17 +34,8 @@ import torch
 from torch import Tensor
 
 from .. import api, dispatch, ops
+from ..backends.base import ANY, JOINT_WITHOUT_GATE_BIAS_GRADS
 from ..problem import PEER, AttentionProblem
-
-# where each backend's backward takes merged (out, lse): "any" problem, "joint" mode, or "joint"
-# mode without gate/bias gradients (elsewhere it recomputes Delta or U_p from its own keys)
-ANY, JOINT_ONLY, JOINT_WITHOUT_GATE_BIAS_GRADS = "any", "joint", "joint without gate/bias grads"
-MERGED_STATISTICS = {
-    "reference": ANY,
-    "torch": JOINT_ONLY,
-    "triton": JOINT_WITHOUT_GATE_BIAS_GRADS,
-    "cuda": JOINT_WITHOUT_GATE_BIAS_GRADS,
-}
 
 
 def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
@@ -53,11 +44,12 @@ def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
 
 def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad) -> None:
     """Raise if `backend`'s backward cannot take merged (out, lse) for this problem."""
-    served = MERGED_STATISTICS.get(backend)
+    owner = dispatch.BACKENDS.get(backend)
+    served = None if owner is None else owner.merged_statistics
     if served is None:
         raise NotImplementedError(
             f"backend {backend!r} has not declared whether its backward takes merged (out, lse) "
-            "(add it to peer_attention.distributed.lowlevel.MERGED_STATISTICS once tested); "
+            "(its Backend class's merged_statistics, once tested); "
             "use method='ulysses' or another backend")
     needs_gate = problem.gate is not None and needs_grad[3]
     needs_bias = problem.bias is not None and needs_grad[4]

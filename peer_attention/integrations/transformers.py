@@ -212,7 +212,7 @@ def _masked_forward(query, key, value, attention_mask, dropout, scaling, softcap
             raise ValueError("dropout: must be 0 with attention sinks (s_aux)")
     # the checks of the public API: _replace itself validates nothing
     problem = problem._replace(softcap=check_softcap(softcap), sinks=s_aux)
-    out, _ = dispatch.run(problem)
+    out, _ = dispatch.output_and_backend(problem)
     return out.transpose(1, 2).contiguous()
 
 

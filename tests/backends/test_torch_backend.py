@@ -283,7 +283,7 @@ def test_dropout_under_patch_torch_gives_torchs_numbers(monkeypatch):
     q, k, v = (torch.randn(2, 2, 7, 8, generator=gen) for _ in range(3))
     torch.manual_seed(9)
     theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
-    with recorded_dispatch("run", record="backend") as served, pa.patch_torch():
+    with recorded_dispatch("output_and_backend", record="backend") as served, pa.patch_torch():
         torch.manual_seed(9)
         ours = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
     assert served == ["torch"]
@@ -299,7 +299,7 @@ def test_keep_mask_is_the_mask_the_forward_applied():
     q = torch.randn(2, 4, 5, 8, generator=gen, dtype=torch.float64)
     k = torch.randn(2, 2, 7, 8, generator=gen, dtype=torch.float64)
     eye = torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7)
-    problem = dispatch.replay_torch_rng(sdpa_problem(q, k, eye, dropout_p=0.4, enable_gqa=True))
+    problem = dispatch.BACKENDS["torch"].prepare(sdpa_problem(q, k, eye, dropout_p=0.4, enable_gqa=True))
     assert problem.dropout_seed.dtype == torch.uint8  # the generator state, as dispatch passes it
     weights = dispatch.forward_op("torch")(*problem)[0]
     keep = keep_mask(problem)

@@ -20,8 +20,8 @@ def always_unpatched():
 
 @pytest.fixture
 def served_calls():
-    """The backends that served a call of this package (dispatch.run calls that returned)."""
-    with recorded_dispatch("run", record="backend") as calls:
+    """The backends that served a call of this package (dispatch.output_and_backend calls that returned)."""
+    with recorded_dispatch("output_and_backend", record="backend") as calls:
         yield calls
 
 

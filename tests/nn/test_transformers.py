@@ -34,7 +34,7 @@ def models():
 
 @pytest.fixture
 def served():
-    with recorded_dispatch("run") as calls:
+    with recorded_dispatch("output_and_backend") as calls:
         yield calls
 
 

@@ -154,7 +154,7 @@ def test_continuous_batching_through_patch_torch_equals_torch():
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.LlamaConfig(**SMALL), attn_implementation="sdpa", dtype=torch.float32).eval()
     want = _generate_batch(model)
-    with patch_torch(), recorded_dispatch("run") as served:
+    with patch_torch(), recorded_dispatch("output_and_backend") as served:
         got = _generate_batch(model)
     assert got == want and all(len(tokens) == NEW_TOKENS for tokens in want.values())
     # every forward (one per new token) of both layers attended through this package
