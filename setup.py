@@ -35,10 +35,11 @@ def _extensions():
         return [], {}
     sources = _cuda_sources()
     if not sources:
-        message = "no CUDA sources in csrc/ yet"
+        message = "no CUDA sources (csrc/*.cu, *.cpp) in this source tree"
         if flag == "1":
             sys.exit(f"peer_attention: PEER_ATTENTION_BUILD_CUDA=1 but {message}")
-        print(f"peer_attention: {message}; installing the Triton and reference backends only")
+        print(f"peer_attention: {message}; installing without the CUDA extension (the triton, "
+              "torch and reference backends)")
         return [], {}
     # PEP 517 builds (pip) do not put the project root on sys.path; build_cuda.py lives there
     sys.path.insert(0, str(ROOT))

@@ -80,7 +80,7 @@ def check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], target_te
         )
 
 
-def check_heads(num_q_heads: int, num_kv_heads: int, enable_gqa: bool, where: str) -> None:
+def check_gqa_heads(num_q_heads: int, num_kv_heads: int, enable_gqa: bool, where: str) -> None:
     if num_q_heads == num_kv_heads:
         return
     if not enable_gqa:
@@ -397,7 +397,7 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
     if head_dim == 0:
         raise ValueError(f"queries[0]: expected head dim E >= 1, got {_shape(q0)}")
     if num_q_heads != num_kv_heads:
-        check_heads(num_q_heads, num_kv_heads, enable_gqa, "keys")
+        check_gqa_heads(num_q_heads, num_kv_heads, enable_gqa, "keys")
 
     peers_flat = check_peers(peers, num_streams)
     if gate is not None:

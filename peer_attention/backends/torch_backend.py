@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..ops import empty_grad
+from ..lse_merge import safe_logsumexp
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from ..reference import repeat_kv_heads
 from .base import ALL_FLOAT_DTYPES, JOINT_ONLY, Backend, Capabilities
@@ -276,19 +277,6 @@ def _peer_lse(p, plan, lses):
     return lse
 
 
-def _safe_logsumexp(terms: List[Tensor], compute):
-    """(L, S): L = logsumexp of the terms, -inf on rows where every term is -inf, and S = L
-    with those rows at the smallest finite number, so that exp(term - S) is 0 there (not nan)
-    and exp(term - L) elsewhere. One or two terms (the common case) skip torch.stack."""
-    if len(terms) == 1:
-        total = terms[0]
-    elif len(terms) == 2:
-        total = torch.logaddexp(terms[0], terms[1])
-    else:
-        total = torch.stack(terms).logsumexp(0)
-    return total, total.clamp_min(torch.finfo(compute).min)
-
-
 def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
     """O = sum_p exp(l_p + bias_p - L) g_p * o_p in the compute dtype. The lse and the bias and
     gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast."""
@@ -299,7 +287,7 @@ def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
     if not terms:
         return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
             (batch, heads, q_len), NEG_INF, dtype=compute)
-    total, safe_total = _safe_logsumexp(terms, compute)
+    total, safe_total = safe_logsumexp(terms, compute)
     acc = None
     for (t, o, _l), l_shifted in zip(results, shifted):
         weight = torch.sub(l_shifted, safe_total).exp_()[..., None]

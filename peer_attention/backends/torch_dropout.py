@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..ops import empty_grad
 from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
+from ..reference import repeat_kv_heads
 
 _MATH = torch.ops.aten._scaled_dot_product_attention_math.default
 STATE_ATTR = "_peer_attention_cpu_rng_state"  # set on the seed tensor by dispatch.draw_dropout_seed
@@ -63,10 +64,7 @@ def _weights(problem: AttentionProblem, q, k, v, mask):
     heads = q.shape[1]
     _, weights = _MATH(q.to(compute), k.to(compute), v.to(compute), mask, 0.0, p.is_causal,
                        scale=p.scale, enable_gqa=heads != k.shape[1])
-    values = v.to(compute)
-    if values.shape[1] != heads:
-        values = values.repeat_interleave(heads // values.shape[1], dim=1)
-    return weights, values
+    return weights, repeat_kv_heads(v.to(compute), heads)
 
 
 def _saved_noise(problem: AttentionProblem, weights: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ If (o1, l1) and (o2, l2) are softmax-weighted outputs and log normalisers over t
 sets, the result over their union is l = log(e^l1 + e^l2), o = e^(l1-l) o1 + e^(l2-l) o2. It holds
 for a gated value (the gate is constant per peer) and with a bias (part of each score), so in
 "joint" mode partial results merge as they come; in "peer" mode each peer has its own softmax,
-so they merge per peer. Rows with l = -inf (nothing attended yet) keep weight 0, never NaN.
+so they merge per peer. Rows with l = -inf (nothing attended yet) keep weight 0, never NaN
+(peer_attention/lse_merge.py, shared with the torch backend's merge of stream pairs).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..lse_merge import safe_logsumexp
 
 
 def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor,
@@ -25,8 +28,7 @@ def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor,
         acc_lse.index_copy_(-1, rows, sub_lse)
         return
     lse = lse.to(acc_lse.dtype)
-    total = torch.logaddexp(acc_lse, lse)
-    shift = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    total, shift = safe_logsumexp([acc_lse, lse], acc_lse.dtype)
     keep = torch.exp(acc_lse - shift)[..., None]
     add = torch.exp(lse - shift)[..., None]
     acc_out.mul_(keep).add_(add * out.to(acc_out.dtype))

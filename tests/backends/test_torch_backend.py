@@ -176,14 +176,14 @@ def test_merge_logsumexp_of_one_two_or_more_terms(terms):
     """The joint merge's lse: one term as is, two through logaddexp, more through a stack; all
     equal torch.logsumexp in float64, -inf (weights exp(term - safe) of 0, not nan) on rows
     where every term is -inf, and on rows where only some are."""
-    from peer_attention.backends.torch_backend import _safe_logsumexp
+    from peer_attention.lse_merge import safe_logsumexp
     gen = torch.Generator().manual_seed(terms)
     parts = [torch.randn(2, 3, 6, generator=gen, dtype=torch.float64) * 30 for _ in range(terms)]
     for i, part in enumerate(parts):
         part[:, :, 0] = float("-inf")  # every term -inf
         if terms > 1:
             part[:, 1, 1 + i % 5] = float("-inf")  # one term -inf
-    total, safe = _safe_logsumexp(parts, torch.float64)
+    total, safe = safe_logsumexp(parts, torch.float64)
     torch.testing.assert_close(total, torch.stack(parts).logsumexp(0), atol=1e-12, rtol=0)
     assert torch.isneginf(total[:, :, 0]).all() and torch.isfinite(safe).all()
     weights = torch.stack([torch.exp(part - safe) for part in parts])
