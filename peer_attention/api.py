@@ -161,7 +161,7 @@ def run_under_transform(problem: AttentionProblem, backend: Optional[str], funct
     """A call made while a torch.func transform or torch.jit.trace is active: the reference
     formulas as plain PyTorch ops, which every transform and the tracer handle."""
     name = dispatch.requested_backend(backend)
-    if name not in (None, "reference"):
+    if name not in (None, dispatch.ORACLE):  # the reference formulas serve it
         raise RuntimeError(
             f"peer_attention.{function}: backend {name!r} cannot run under a torch.func "
             "transform (grad, vmap, jacrev, ...) or torch.jit.trace; use backend='reference' "
