@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import empty_grad
+from ..problem import empty_grad
 from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
 
 _MATH = torch.ops.aten._scaled_dot_product_attention_math.default

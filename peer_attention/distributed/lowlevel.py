@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import api, dispatch, ops
+from .. import api, entry
 from ..problem import PEER, AttentionProblem
 
 # where each backend's backward takes merged (out, lse): "any" problem, "joint" mode, or "joint"
@@ -48,7 +48,7 @@ MERGED_STATISTICS = {
 
 
 def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
-    return dispatch.select(problem, backend).name
+    return entry.select_backend(problem, backend)
 
 
 def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad) -> None:
@@ -78,17 +78,14 @@ def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad)
 def problem_forward(problem: AttentionProblem, backend: str) -> Tuple[Tensor, Tensor]:
     """(out, lse) of the registered forward op, outside autograd."""
     with torch.no_grad():
-        return dispatch.forward(backend, problem)
+        return entry.forward(problem, backend)
 
 
 def problem_backward(problem: AttentionProblem, backend: str, grad_out: Tensor, out: Tensor,
                      lse: Tensor, needs_grad: Sequence[bool]):
     """The seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) of the registered backward
     op; empty tensors where not needed."""
-    bwd_op = ops.define_backend_ops(backend)[1]
-    with torch.no_grad():
-        return bwd_op(grad_out.contiguous(), out.contiguous(), lse.contiguous(), *problem,
-                      [bool(n) for n in needs_grad])
+    return entry.backward(problem, backend, grad_out, out, lse, needs_grad)
 
 
 def sdpa_forward(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,
