@@ -11,14 +11,9 @@ from torch import Tensor
 from . import dispatch
 from .dispatch import functorch_active, jit_tracing, transforms_active
 from .double_backward import recompute_output
-from .flash_attn import causal_band
-from .problem import AttentionProblem
+from .problem import JOINT, AttentionProblem, causal_band, problem_builder
 from .reference import LOW_PRECISION
 from .validation import check_peer, check_peer_variants, check_sdpa
-
-
-# AttentionProblem from a tuple of all its fields, without the keyword handling of its __new__
-_problem = AttentionProblem._make
 
 
 def _as_4d(t: Tensor, lead_numel: int) -> Tensor:
@@ -103,6 +98,16 @@ def _broadcast_qkv(query, key, value, layout, enable_gqa):
     return q, k, v
 
 
+# the problems of the two public operations, built on every call (problem_builder: the fields named)
+_sdpa_problem = problem_builder(
+    "q", "k", "v", "q_lens", "kv_lens", "attn_mask", "dropout_seed", "dropout_p", "is_causal",
+    "scale", "bottom_right", peers=(1,), gate=None, bias=None, kv_lengths=None, normalize=JOINT)
+_peer_problem_of = problem_builder(
+    "q", "k", "v", "q_lens", "kv_lens", "peers", "gate", "bias", "kv_lengths", "is_causal",
+    "scale", "normalize", "window_left", "window_right", "softcap", "sinks", attn_mask=None,
+    dropout_seed=None, dropout_p=0.0)
+
+
 class SdpaCall(NamedTuple):
     problem: AttentionProblem
     out_shape: Tuple[int, ...]
@@ -143,10 +148,8 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         dropout_p = 0.0
     elif dropout_p > 0:
         dropout_p, seed = dispatch.dropout_draw(dropout_p, q, k)
-    problem = _problem((
-        q, k, v, (q.shape[2],), (k.shape[2],), (1,), None, None, None, mask, seed,
-        dropout_p, is_causal, scale, "joint", -1, -1, bottom_right, 0.0, None, None,
-    ))
+    problem = _sdpa_problem(q, k, v, (q.shape[2],), (k.shape[2],), mask, seed, dropout_p,
+                            is_causal, scale, bottom_right)
     return SdpaCall(problem, tuple(out_shape), drop_all)
 
 
@@ -234,10 +237,8 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
         bias = broadcast_in_fp32(bias, (batch, num_streams, num_streams, num_q_heads))
     if kv_lengths is not None and kv_lengths.device != q.device:
         kv_lengths = kv_lengths.to(q.device)
-    return _problem((
-        q, k, v, q_lens, kv_lens, peers_flat, gate, bias, kv_lengths, None, None, 0.0, is_causal,
-        scale, normalize, window_left, window_right, False, softcap, None, sinks,
-    ))
+    return _peer_problem_of(q, k, v, q_lens, kv_lens, peers_flat, gate, bias, kv_lengths,
+                            is_causal, scale, normalize, window_left, window_right, softcap, sinks)
 
 
 def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Sequence[Tensor], *,

@@ -174,9 +174,10 @@ def forward_op(name: str):
     return _ops[name][0]
 
 
-# the inputs whose requires_grad asks for autograd: the differentiable ones, and alibi_slopes (no
-# gradient, as through the op, but the output must not record the kernel's own ops for it)
-_GRAD_TENSORS = ops.GRAD_INPUTS + (19,)
+# the inputs whose requires_grad asks for autograd: every tensor field (problem.FIELDS): the
+# differentiable ones, and e.g. alibi_slopes (no gradient, as through the op, but the output must
+# not record the kernel's own ops for it); integer tensors never require grad
+_GRAD_TENSORS = ops.TENSOR_POSITIONS
 functorch_active = torch._C._are_functorch_transforms_active
 jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its Python wrapper
 _autocast_enabled = torch._C._is_any_autocast_enabled

@@ -18,21 +18,11 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor
 
 from . import dispatch
-from .problem import AttentionProblem
+from .entry import run_validated
+from .problem import AttentionProblem, causal_band
 from .validation import check_flash_attn, check_flash_attn_varlen
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
-
-
-def causal_band(causal: bool, window: Tuple[int, int]):
-    """(causal, (left, right)) as the problem's (is_causal, window_left, window_right): causal
-    means right = 0, and right = 0 is spelled is_causal (which every kernel serves)."""
-    left, right = window
-    if causal:
-        right = 0
-    if right == 0:
-        return True, left, -1
-    return False, left, right
 
 
 def _needs_alignment(is_causal: bool, left: int, right: int, alibi: bool,
@@ -42,12 +32,6 @@ def _needs_alignment(is_causal: bool, left: int, right: int, alibi: bool,
     if not (is_causal or left >= 0 or right >= 0 or alibi):
         return False
     return any(lq != lk for lq, lk in zip(q_lens, kv_lens))
-
-
-def _run(problem: AttentionProblem, backend: Optional[str]):
-    """(out, lse) from the chosen backend's op (dispatch.output_and_backend returns no lse)."""
-    chosen = dispatch.select(problem, backend)
-    return dispatch.forward(chosen.name, problem)
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
@@ -73,12 +57,14 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
     is_causal, left, right = causal_band(causal, window)
     dropout_p, seed = dispatch.dropout_draw(dropout_p, q, k)
     problem = AttentionProblem(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), (q_len,), (kv_len,), (1,),
-        None, None, None, None, seed, dropout_p, is_causal, scale, "joint", left, right,
-        _needs_alignment(is_causal, left, right, slopes is not None, (q_len,), (kv_len,)),
-        softcap, slopes, sinks,
-    )
-    out, lse = _run(problem, backend)
+        q=q.transpose(1, 2), k=k.transpose(1, 2), v=v.transpose(1, 2), q_lens=(q_len,),
+        kv_lens=(kv_len,), peers=(1,), gate=None, bias=None, kv_lengths=None, attn_mask=None,
+        dropout_seed=seed, dropout_p=dropout_p, is_causal=is_causal, scale=scale, normalize="joint",
+        window_left=left, window_right=right,
+        bottom_right=_needs_alignment(is_causal, left, right, slopes is not None, (q_len,),
+                                      (kv_len,)),
+        softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    out, lse = run_validated(problem, backend)
     out = out.transpose(1, 2).contiguous()  # flash-attn returns a contiguous (B, L, Hq, Ev)
     if return_attn_probs:
         return out, lse, None
@@ -111,13 +97,14 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     # one sequence is the plain one-stream problem; more are streams with the diagonal table
     peers = (1,) if len(q_lens) == 1 else ()
     problem = AttentionProblem(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0), tuple(q_lens), tuple(kv_lens), peers,
-        None, None, None, None, None, 0.0, is_causal, scale, "joint", left, right,
-        _needs_alignment(is_causal, left, right, slopes is not None, q_lens, kv_lens),
-        softcap, slopes, sinks,
-    )
-    out, lse = _run(problem, backend)
+        q=q.transpose(0, 1).unsqueeze(0), k=k.transpose(0, 1).unsqueeze(0),
+        v=v.transpose(0, 1).unsqueeze(0), q_lens=tuple(q_lens), kv_lens=tuple(kv_lens),
+        peers=peers, gate=None, bias=None, kv_lengths=None, attn_mask=None, dropout_seed=None,
+        dropout_p=0.0, is_causal=is_causal, scale=scale, normalize="joint", window_left=left,
+        window_right=right,
+        bottom_right=_needs_alignment(is_causal, left, right, slopes is not None, q_lens, kv_lens),
+        softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    out, lse = run_validated(problem, backend)
     out = out[0].transpose(0, 1).contiguous()  # (total_q, Hq, Ev)
     if return_attn_probs:
         return out, lse[0], None

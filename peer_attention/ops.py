@@ -6,7 +6,8 @@ For each backend NAME there are two ops in the `peer_attention` namespace:
     peer_attention::NAME_bwd(Tensor grad_out, Tensor out, Tensor lse, <problem>, bool[] needs_grad)
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask, Tensor dsinks)
 
-where <problem> is the argument list below, in the order of AttentionProblem's fields. The schema,
+where <problem> is the argument list of the problem's field table (problem.FIELDS), from which the
+schema, the saved-tensor and gradient positions and the autocast casts below are derived. The schema,
 the fake (meta) implementations and the autograd formula (a thin call of NAME_bwd; with
 create_graph=True the differentiable formulas of double_backward.py) live here, once for all
 backends. A backend only supplies the real kernels: Python backends through
@@ -23,65 +24,62 @@ import torch
 from torch import Tensor
 
 from .double_backward import differentiable_grads
-from .problem import AttentionProblem, lse_dtype, lse_shape
+from .problem import (AUTOCAST_POSITIONS, FIELDS, GRAD_POSITIONS, NUM_FIELDS, OPTION_POSITIONS,
+                      TENSOR_POSITIONS, AttentionProblem, lse_dtype, lse_shape)
+# re-exported for the backends that import it from here; it lives in problem.py, below every
+# backend (backends/torch_dropout.py importing it from here closed the cycle ops ->
+# double_backward -> backends/torch_dropout -> ops)
+from .problem import empty_grad  # noqa: F401
 
 NAMESPACE = "peer_attention"
 
-PROBLEM_SCHEMA = (
-    "Tensor q, Tensor k, Tensor v, SymInt[] q_lens, SymInt[] kv_lens, int[] peers, "
-    "Tensor? gate, Tensor? bias, Tensor? kv_lengths, Tensor? attn_mask, Tensor? dropout_seed, "
-    "float dropout_p, bool is_causal, float scale, str normalize, "
-    "int window_left, int window_right, bool bottom_right, float softcap, "
-    "Tensor? alibi_slopes, Tensor? sinks"
-)
+# "Tensor q, Tensor k, ..., Tensor? sinks": the compiled extension (csrc/binding.cpp) implements
+# this signature, so it changes only with the field table (tests/test_problem.py pins it)
+PROBLEM_SCHEMA = ", ".join(f"{f.schema} {f.name}" for f in FIELDS)
+NUM_PROBLEM_ARGS = NUM_FIELDS
+# positions, within the problem arguments, of the inputs that can receive a gradient (q, k, v,
+# gate, bias, attn_mask, sinks): the backward op returns their gradients in this order
+GRAD_INPUTS = GRAD_POSITIONS
 FWD_SCHEMA = f"({PROBLEM_SCHEMA}) -> (Tensor, Tensor)"
 BWD_SCHEMA = (
     f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA}, bool[] needs_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"-> ({', '.join(['Tensor'] * len(GRAD_INPUTS))})"
 )
-NUM_PROBLEM_ARGS = 21
-# positions, within the problem arguments, of the inputs that can receive a gradient
-GRAD_INPUTS = (0, 1, 2, 6, 7, 9, 20)  # q, k, v, gate, bias, attn_mask, sinks
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 _defined: dict = {}
 
 
-def _fake_fwd(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_seed,
-              dropout_p, is_causal, scale, normalize, *variants):
-    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
-    lse = q.new_empty(lse_shape(q, len(q_lens), normalize), dtype=lse_dtype(q.dtype))
+def _fake_fwd(*args):
+    p = AttentionProblem._make(args)
+    q = p.q
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], p.v.shape[-1]))
+    lse = q.new_empty(lse_shape(q, len(p.q_lens), p.normalize), dtype=lse_dtype(q.dtype))
     return out, lse
 
 
-def _fake_bwd(grad_out, out, lse, q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths,
-              attn_mask, dropout_seed, dropout_p, is_causal, scale, normalize, window_left,
-              window_right, bottom_right, softcap, alibi_slopes, sinks, needs_grad):
-    nq, nk, nv, ng, nb, nm, ns = needs_grad
-
-    def empty():  # a new tensor per output: outputs of a custom op must not alias each other
-        return q.new_empty(0)
-
-    return (
-        q.new_empty(q.shape) if nq else empty(),
-        k.new_empty(k.shape) if nk else empty(),
-        v.new_empty(v.shape) if nv else empty(),
-        gate.new_empty(gate.shape) if (gate is not None and ng) else empty(),
-        bias.new_empty(bias.shape) if (bias is not None and nb) else empty(),
-        attn_mask.new_empty(attn_mask.shape) if (attn_mask is not None and nm) else empty(),
-        sinks.new_empty(sinks.shape) if (sinks is not None and ns) else empty(),
+def _fake_bwd(grad_out, out, lse, *rest):
+    args, needs_grad = rest[:NUM_PROBLEM_ARGS], rest[NUM_PROBLEM_ARGS]
+    q = args[0]
+    # a new tensor per output (outputs of a custom op must not alias each other): the input's
+    # shape where its gradient is wanted, else empty
+    return tuple(
+        args[i].new_empty(args[i].shape) if (args[i] is not None and need) else q.new_empty(0)
+        for i, need in zip(GRAD_INPUTS, needs_grad)
     )
 
 
-# problem arguments saved as tensors: q k v gate bias kv_lengths mask seed alibi_slopes sinks
-_SAVED_TENSORS = (0, 1, 2, 6, 7, 8, 9, 10, 19, 20)
+# problem arguments saved as tensors (q k v gate bias kv_lengths mask seed alibi_slopes sinks), and
+# the static ones kept on the context
+_SAVED_TENSORS = TENSOR_POSITIONS
+_STATIC_ARGS = OPTION_POSITIONS
 
 
 def _setup_context(ctx, inputs, output):
     out, lse = output
     tensors = [inputs[i] for i in _SAVED_TENSORS]
     ctx.save_for_backward(out, lse, *tensors)
-    ctx.static_args = [inputs[i] for i in range(NUM_PROBLEM_ARGS) if i not in _SAVED_TENSORS]
+    ctx.static_args = [inputs[i] for i in _STATIC_ARGS]
     ctx.mark_non_differentiable(lse)
     # no zero-filled gradient for the lse (never used): a parallel fill costs milliseconds when
     # the OpenMP workers of a loaded CPU must be woken for it
@@ -94,10 +92,8 @@ def _problem_from_ctx(ctx):
     args = [None] * NUM_PROBLEM_ARGS
     for i, t in zip(_SAVED_TENSORS, tensors):
         args[i] = t
-    statics = iter(ctx.static_args)
-    for i in range(NUM_PROBLEM_ARGS):
-        if i not in _SAVED_TENSORS:
-            args[i] = next(statics)
+    for i, value in zip(_STATIC_ARGS, ctx.static_args):
+        args[i] = value
     return out, lse, args
 
 
@@ -110,7 +106,7 @@ def _make_backward(name, bwd_op):
         if torch.is_grad_enabled():
             # create_graph=True: the kernel's gradients would have no history (a silently zero
             # second order); differentiable formulas from the saved tensors instead
-            result = differentiable_grads(name, AttentionProblem(*args), grad_out,
+            result = differentiable_grads(name, AttentionProblem._make(args), grad_out,
                                           [args[i] for i in GRAD_INPUTS], needs)
         else:
             result = bwd_op(grad_out, out, lse, *args, needs)
@@ -133,7 +129,7 @@ _AUTOCAST_KEYS = tuple(
      ("mps", "AutocastMPS"))
     if hasattr(torch._C.DispatchKey, key)  # the devices torch's SDPA autocasts on
 )
-_AUTOCAST_FWD_ARGS = (0, 1, 2, 9)  # q, k, v, attn_mask
+_AUTOCAST_FWD_ARGS = AUTOCAST_POSITIONS  # q, k, v, attn_mask
 
 
 def _autocast_kernel(op, device_type: str, cast_positions):
@@ -148,6 +144,11 @@ def _autocast_kernel(op, device_type: str, cast_positions):
             return op(*args)
 
     return kernel
+
+
+def backend_ops(name: str):
+    """(NAME_fwd, NAME_bwd) of a registered backend (KeyError for a name dispatch never defined)."""
+    return _defined[name]
 
 
 def define_backend_ops(name: str):
@@ -189,13 +190,13 @@ def _eager_function(name: str, forward, python_backward, bwd_op):
         its fake kernel's strides ask for); under autocast the op, which shields the kernels."""
         if torch._C._is_any_autocast_enabled():
             return bwd_op(grad_out, out, lse, *rest)
-        problem = AttentionProblem(*rest[:NUM_PROBLEM_ARGS])
+        problem = AttentionProblem._make(rest[:NUM_PROBLEM_ARGS])
         return python_backward(problem, grad_out, out, lse, list(rest[NUM_PROBLEM_ARGS]))
 
     backward = _make_backward(name, direct_bwd)
 
     def eager_forward(ctx, *args):
-        output = forward(AttentionProblem(*args))
+        output = forward(AttentionProblem._make(args))
         _setup_context(ctx, args, output)
         return output
 
@@ -225,10 +226,10 @@ def register_python_kernels(
     _eager[name] = (forward, _eager_function(name, forward, backward, bwd_op))
 
     def fwd_kernel(*args):
-        return forward(AttentionProblem(*args))
+        return forward(AttentionProblem._make(args))
 
     def bwd_kernel(grad_out, out, lse, *rest):
-        problem, needs_grad = AttentionProblem(*rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
+        problem, needs_grad = AttentionProblem._make(rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
         grads = backward(problem, grad_out, out, lse, list(needs_grad))
         # contiguous, as the fake kernel declares (inductor asserts the strides it was promised)
         return tuple(g.contiguous() for g in grads)
@@ -237,6 +238,3 @@ def register_python_kernels(
     _lib.impl(f"{name}_bwd", bwd_kernel, dispatch_key)
 
 
-def empty_grad(like: Tensor) -> Tensor:
-    """The placeholder a backward returns for a gradient nobody asked for."""
-    return like.new_empty(0)

@@ -36,6 +36,7 @@ full expanded shape; autograd of the expand sums them down), or empty tensors wh
 """
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -44,32 +45,74 @@ from torch import Tensor
 JOINT, PEER = "joint", "peer"
 NORMALIZE_MODES = (JOINT, PEER)
 
+# The roles of the problem's fields (the arguments of the registered ops, in this order):
+DIFFERENTIABLE = "differentiable"  # a tensor that gets a gradient (saved for the backward)
+TENSOR = "tensor"                  # a tensor input without a gradient (saved for the backward)
+OPTION = "option"                  # a static value: lengths, peer table, flags, numbers
+_REQUIRED = object()
 
-class AttentionProblem(NamedTuple):
-    # The field order is the registered ops' argument order (see ops.py): keep them in step.
-    # A NamedTuple: cheap to build on every call, and `op(*problem)` passes it straight to an op.
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    q_lens: Tuple[int, ...]
-    kv_lens: Tuple[int, ...]
-    peers: Tuple[int, ...]
-    gate: Optional[Tensor]
-    bias: Optional[Tensor]
-    kv_lengths: Optional[Tensor]
-    attn_mask: Optional[Tensor]
-    dropout_seed: Optional[Tensor]
-    dropout_p: float
-    is_causal: bool
-    scale: float
-    normalize: str
-    # variants (SPEC section 9); the defaults are plain attention
-    window_left: int = -1
-    window_right: int = -1
-    bottom_right: bool = False
-    softcap: float = 0.0
-    alibi_slopes: Optional[Tensor] = None
-    sinks: Optional[Tensor] = None
+
+class Field(NamedTuple):
+    name: str
+    schema: str                # its type in the ops' schema (ops.py)
+    role: str                  # DIFFERENTIABLE, TENSOR or OPTION
+    default: object = _REQUIRED  # a field with a default is a variant (SPEC section 9): the
+    #                            default is plain attention
+    autocast: bool = False     # cast to the autocast dtype under torch.autocast, as torch's SDPA
+
+
+# THE problem, declared once. The ops' schema, the saved-tensor and gradient positions, the fake
+# and autocast kernels (ops.py), the tensors whose requires_grad asks for autograd (dispatch.py)
+# and AttentionProblem itself are derived from this table. A new variant flag is one line here
+# (with its default: plain attention), its validation, and the backends that serve it; appending
+# it changes the compiled extension's op signature (csrc/binding.cpp) too.
+FIELDS: Tuple[Field, ...] = (
+    Field("q", "Tensor", DIFFERENTIABLE, autocast=True),
+    Field("k", "Tensor", DIFFERENTIABLE, autocast=True),
+    Field("v", "Tensor", DIFFERENTIABLE, autocast=True),
+    Field("q_lens", "SymInt[]", OPTION),
+    Field("kv_lens", "SymInt[]", OPTION),
+    Field("peers", "int[]", OPTION),
+    Field("gate", "Tensor?", DIFFERENTIABLE),
+    Field("bias", "Tensor?", DIFFERENTIABLE),
+    Field("kv_lengths", "Tensor?", TENSOR),
+    Field("attn_mask", "Tensor?", DIFFERENTIABLE, autocast=True),
+    Field("dropout_seed", "Tensor?", TENSOR),
+    Field("dropout_p", "float", OPTION),
+    Field("is_causal", "bool", OPTION),
+    Field("scale", "float", OPTION),
+    Field("normalize", "str", OPTION),
+    # variants (SPEC section 9)
+    Field("window_left", "int", OPTION, -1),
+    Field("window_right", "int", OPTION, -1),
+    Field("bottom_right", "bool", OPTION, False),
+    Field("softcap", "float", OPTION, 0.0),
+    Field("alibi_slopes", "Tensor?", TENSOR, None),
+    Field("sinks", "Tensor?", DIFFERENTIABLE, None),
+)
+
+FIELD_NAMES: Tuple[str, ...] = tuple(f.name for f in FIELDS)
+NUM_FIELDS = len(FIELDS)
+# positions in the field order (= the ops' argument order)
+GRAD_POSITIONS: Tuple[int, ...] = tuple(i for i, f in enumerate(FIELDS) if f.role == DIFFERENTIABLE)
+TENSOR_POSITIONS: Tuple[int, ...] = tuple(i for i, f in enumerate(FIELDS) if f.role != OPTION)
+OPTION_POSITIONS: Tuple[int, ...] = tuple(i for i, f in enumerate(FIELDS) if f.role == OPTION)
+AUTOCAST_POSITIONS: Tuple[int, ...] = tuple(i for i, f in enumerate(FIELDS) if f.autocast)
+VARIANTS: Tuple[Field, ...] = tuple(f for f in FIELDS if f.default is not _REQUIRED)
+
+
+def _variant_test():
+    """has_variants, generated from the table: any variant field off its default. It runs on
+    every call's backend selection, so it is spelled out once as plain attribute tests."""
+    tests = [f"self.{f.name} is not None" if f.default is None else f"self.{f.name} != {f.default!r}"
+             for f in VARIANTS]
+    namespace: dict = {}
+    exec(f"def has_variants(self):\n    return {' or '.join(tests) or 'False'}\n", namespace)
+    return namespace["has_variants"]
+
+
+class _ProblemMethods:
+    """The methods of AttentionProblem (below), which is the namedtuple of FIELDS."""
 
     def op_args(self) -> tuple:
         return tuple(self)
@@ -125,16 +168,69 @@ class AttentionProblem(NamedTuple):
     def has_window(self) -> bool:
         return self.window_left >= 0 or self.window_right >= 0
 
-    @property
-    def has_variants(self) -> bool:
-        """Any SPEC section 9 option beyond plain attention (has_window spelled out: it is read
-        on every call's backend selection)."""
-        return (self.window_left >= 0 or self.window_right >= 0 or self.bottom_right
-                or self.softcap > 0 or self.alibi_slopes is not None or self.sinks is not None)
+    has_variants = property(_variant_test(), doc="Any SPEC section 9 option beyond plain "
+                            "attention: a variant field (FIELDS) off its default.")
 
     def self_offset(self, s: int) -> int:
         """Diagonal offset of stream s's self pair: M_s - L_s bottom-right, 0 top-left."""
         return self.kv_lens[s] - self.q_lens[s] if self.bottom_right else 0
+
+
+# A plain namedtuple, as typing.NamedTuple makes one (its methods set on the class): cheap to build
+# on every call, `op(*problem)` passes it straight to an op, and torch.compile treats it as a
+# namedtuple. Build it with keywords, `AttentionProblem(q=..., k=..., ...)` (tests/test_problem.py
+# rejects a positional construction in the sources), or with `AttentionProblem._make(args)` from
+# op arguments in FIELDS order.
+AttentionProblem = collections.namedtuple(
+    "AttentionProblem", FIELD_NAMES, defaults=[f.default for f in VARIANTS], module=__name__)
+for _name, _value in vars(_ProblemMethods).items():
+    if not _name.startswith("__"):
+        setattr(AttentionProblem, _name, _value)
+AttentionProblem.__doc__ = ("The normalised attention problem (see peer_attention.problem): the "
+                            "fields of FIELDS, in that order.")
+del _name, _value
+
+
+def problem_builder(*names: str, **constants):
+    """A fast constructor for a hot call site: `build = problem_builder("q", "k", ..., peers=(1,))`
+    returns build(q, k, ...), which takes the fields `names` in the order given here and fills
+    every other field from `constants` or its default. The call site names its fields (the table's
+    order is written nowhere else) at the cost of a plain function call: AttentionProblem(**) with
+    16 keywords costs ~1.5 us more a call, over a tenth of an SDPA call's Python budget."""
+    unknown = [n for n in names + tuple(constants) if n not in FIELD_NAMES]
+    missing = [f.name for f in FIELDS if f.default is _REQUIRED
+               and f.name not in names and f.name not in constants]
+    if unknown or missing or len(set(names)) != len(names) or set(names) & set(constants):
+        raise ValueError(f"problem_builder: unknown fields {unknown}, missing fields {missing}, "
+                         "or a field named twice")
+    defaults = {f.name: f.default for f in VARIANTS}
+    namespace = {"_new": tuple.__new__, "_cls": AttentionProblem}
+    values = []
+    for f in FIELDS:
+        if f.name in names:
+            values.append(f.name)
+        else:
+            namespace[f"_{f.name}"] = constants.get(f.name, defaults.get(f.name))
+            values.append(f"_{f.name}")
+    exec(f"def build({', '.join(names)}):\n    return _new(_cls, ({', '.join(values)},))\n",
+         namespace)
+    return namespace["build"]
+
+
+def causal_band(causal: bool, window: Tuple[int, int]):
+    """(causal, (left, right)) as the problem's (is_causal, window_left, window_right): causal
+    means right = 0, and right = 0 is spelled is_causal (which every kernel serves)."""
+    left, right = window
+    if causal:
+        right = 0
+    if right == 0:
+        return True, left, -1
+    return False, left, right
+
+
+def empty_grad(like: Tensor) -> Tensor:
+    """The placeholder a backward returns for a gradient nobody asked for."""
+    return like.new_empty(0)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -629,3 +629,28 @@ def check_peer_variants(softcap, window, sinks, normalize: str, num_q_heads: int
                              f"softmax), got normalize={normalize!r}")
         check_sinks(sinks, num_q_heads, ref, "queries[0]")
     return softcap, window, sinks
+
+
+def check_problem_variants(problem):
+    """The variant fields (SPEC section 9, problem.VARIANTS) of a normalised problem that an upper
+    layer built or changed (`problem._replace(softcap=...)`), checked as the public functions
+    check them; returns the problem, its softcap as a float and its ALiBi slopes as (B, Hq).
+    (entry.run calls it; a problem with every variant at its default costs one test.)"""
+    if not problem.has_variants:
+        return problem
+    q = problem.q
+    check_int("window_left", problem.window_left, -1)
+    check_int("window_right", problem.window_right, -1)
+    check_bool("bottom_right", problem.bottom_right)
+    softcap = check_softcap(problem.softcap)
+    slopes = check_alibi_slopes(problem.alibi_slopes, q.shape[0], q.shape[1], q, "q")
+    if problem.sinks is not None:
+        if problem.normalize != "joint":
+            raise ValueError(f"sinks: only with normalize='joint' (a sink joins the one joint "
+                             f"softmax), got normalize={problem.normalize!r}")
+        check_sinks(problem.sinks, q.shape[1], q, "q")
+        if problem.dropout_p > 0:
+            raise ValueError("dropout_p: must be 0 with attention sinks")
+    if softcap is not problem.softcap or slopes is not problem.alibi_slopes:
+        problem = problem._replace(softcap=softcap, alibi_slopes=slopes)
+    return problem

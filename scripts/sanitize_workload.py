@@ -100,9 +100,11 @@ def feature_calls(backend: str):
 
             def call(b):
                 def f(q, k, v):
-                    problem = AttentionProblem(q, k, v, (L,), (M,), (1,), None, None, None, None,
-                                               None, 0.0, True, 1 / math.sqrt(E), "joint",
-                                               bottom_right=True)
+                    problem = AttentionProblem(
+                        q=q, k=k, v=v, q_lens=(L,), kv_lens=(M,), peers=(1,), gate=None,
+                        bias=None, kv_lengths=None, attn_mask=None, dropout_seed=None,
+                        dropout_p=0.0, is_causal=True, scale=1 / math.sqrt(E), normalize="joint",
+                        bottom_right=True)
                     return dispatch.forward_op(b)(*problem)[0]
                 return f
             return compare(call(backend), call("reference"), [q, k, v])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..decode_problem import DecodeProblem, gather_keys
-from ..ops import empty_grad
+from ..problem import empty_grad
 from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
 from ..reference import compute_dtype, peer_attention_reference, problem_keep_mask, problem_reference
 from .base import ALL_FLOAT_DTYPES, ANY, Backend, Capabilities

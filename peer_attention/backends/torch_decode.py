@@ -68,7 +68,9 @@ def torch_decode(problem: DecodeProblem, forward):
             return_lse=True)
         out = out.to(q.dtype)
     else:
-        attention = AttentionProblem(qt, k, v, (q_len,), (n_max,), (1,), None, None, None, mask,
-                                     None, 0.0, False, p.scale, "joint", sinks=p.sinks)
+        attention = AttentionProblem(
+            q=qt, k=k, v=v, q_lens=(q_len,), kv_lens=(n_max,), peers=(1,), gate=None, bias=None,
+            kv_lengths=None, attn_mask=mask, dropout_seed=None, dropout_p=0.0, is_causal=False,
+            scale=p.scale, normalize="joint", sinks=p.sinks)
         out, lse = forward(attention)
     return out.transpose(1, 2).contiguous(), lse.to(compute).contiguous()

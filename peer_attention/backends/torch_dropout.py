@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import empty_grad
+from ..problem import empty_grad
 from ..problem import AttentionProblem, lse_dtype, remember_keep_mask, remembered_keep_mask
 from ..reference import repeat_kv_heads
 

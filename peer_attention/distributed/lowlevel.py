@@ -33,19 +33,18 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import api, dispatch, ops
+from .. import api, entry
 from ..backends.base import ANY, JOINT_WITHOUT_GATE_BIAS_GRADS
 from ..problem import PEER, AttentionProblem
 
 
 def select_backend(problem: AttentionProblem, backend: Optional[str]) -> str:
-    return dispatch.select(problem, backend).name
+    return entry.select_backend(problem, backend)
 
 
 def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad) -> None:
     """Raise if `backend`'s backward cannot take merged (out, lse) for this problem."""
-    owner = dispatch.BACKENDS.get(backend)
-    served = None if owner is None else owner.merged_statistics
+    served = entry.merged_statistics(backend)
     if served is None:
         raise NotImplementedError(
             f"backend {backend!r} has not declared whether its backward takes merged (out, lse) "
@@ -70,17 +69,14 @@ def check_merged_statistics(backend: str, problem: AttentionProblem, needs_grad)
 def problem_forward(problem: AttentionProblem, backend: str) -> Tuple[Tensor, Tensor]:
     """(out, lse) of the registered forward op, outside autograd."""
     with torch.no_grad():
-        return dispatch.forward(backend, problem)
+        return entry.forward(problem, backend)
 
 
 def problem_backward(problem: AttentionProblem, backend: str, grad_out: Tensor, out: Tensor,
                      lse: Tensor, needs_grad: Sequence[bool]):
     """The seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) of the registered backward
     op; empty tensors where not needed."""
-    bwd_op = ops.define_backend_ops(backend)[1]
-    with torch.no_grad():
-        return bwd_op(grad_out.contiguous(), out.contiguous(), lse.contiguous(), *problem,
-                      [bool(n) for n in needs_grad])
+    return entry.backward(problem, backend, grad_out, out, lse, needs_grad)
 
 
 def sdpa_forward(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,

@@ -104,9 +104,10 @@ def _piece_problem(plan: RingPlan, piece: Piece, src: int, q, k, v, gate, bias):
     v_p = v if k_rows is None else v.index_select(2, k_rows)
     kv_lengths = lay.shard_kv_lengths(plan.kv_lengths, plan.kv_local, src, plan.world,
                                       plan.layout, piece.k_part)
-    problem = AttentionProblem(q_p, k_p, v_p, q_lens, kv_lens, piece.table, gate, bias,
-                               kv_lengths, None, None, 0.0, piece.causal, plan.scale,
-                               plan.normalize)
+    problem = AttentionProblem(
+        q=q_p, k=k_p, v=v_p, q_lens=q_lens, kv_lens=kv_lens, peers=piece.table, gate=gate,
+        bias=bias, kv_lengths=kv_lengths, attn_mask=None, dropout_seed=None, dropout_p=0.0,
+        is_causal=piece.causal, scale=plan.scale, normalize=plan.normalize)
     return problem, q_rows, k_rows
 
 

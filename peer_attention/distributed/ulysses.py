@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import dispatch
+from .. import entry
 from ..problem import AttentionProblem
 from . import layout as lay
 from .comm import AllToAll, SumGradOverGroup
@@ -88,5 +88,5 @@ def ulysses_attention(problem: AttentionProblem, *, group, rank: int, world: int
         q=q, k=k, v=v, q_lens=tuple(n * world for n in problem.q_lens),
         kv_lens=tuple(n * world for n in problem.kv_lens), gate=gate, bias=bias,
         kv_lengths=kv_lengths)
-    out, _lse = dispatch.forward(backend, local)
+    out, _lse = entry.forward(local, backend)
     return _heads_to_seq(out, torch.argsort(q_order), world, group)

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import dispatch
+from .. import entry
 from ..api import peer_attention, scaled_dot_product_attention
 
 # Wan's processor takes the last 512 context tokens as text (diffusers hard-codes this too)
@@ -342,7 +342,7 @@ def apply(model: torch.nn.Module, *, backend: Optional[str] = None) -> int:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"apply(model): expected a torch.nn.Module (a diffusers model), "
                         f"got {type(model).__name__}")
-    dispatch._check_name(backend, "apply(backend)")
+    entry.check_backend_name(backend)
     ours, unsupported = _processor_table()
     targets = []
     for name, module in model.named_modules():

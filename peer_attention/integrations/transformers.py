@@ -198,21 +198,17 @@ def _host_int(max_length, cu_seqlens: Tensor) -> int:
 def _masked_forward(query, key, value, attention_mask, dropout, scaling, softcap, s_aux):
     """An explicit mask (padding, custom patterns) carries causality and the window; the softcap
     and the sinks are still applied by the kernel, on the same normalised problem."""
-    from .. import dispatch
+    from .. import entry
     from ..api import sdpa_problem
-    from ..validation import check_sinks, check_softcap
 
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)
     problem = sdpa_problem(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    if s_aux is not None:
-        check_sinks(s_aux, query.shape[1], query, "query")
-        if problem.dropout_p > 0:
-            raise ValueError("dropout: must be 0 with attention sinks (s_aux)")
-    # the checks of the public API: _replace itself validates nothing
-    problem = problem._replace(softcap=check_softcap(softcap), sinks=s_aux)
-    out, _ = dispatch.output_and_backend(problem)
+    if s_aux is not None and problem.dropout_p > 0:
+        raise ValueError("dropout: must be 0 with attention sinks (s_aux)")
+    # entry.run checks the variant fields set here (softcap, sinks) as the public API does
+    out, _ = entry.run(problem._replace(softcap=softcap, sinks=s_aux))
     return out.transpose(1, 2).contiguous()
 
 
