@@ -27,8 +27,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .cases import Case
+import peer_attention as pa
+
 from .check import CHECK_MAX_SCORES  # above this many scores: no float64 check (it would not fit)
+from .common import Case
+from .providers import all_providers
 from .timing import median_ms
 
 SUITE = "decode"
@@ -156,10 +159,8 @@ Build = Callable[[DecodeCase, DecodeInputs], Callable[[], torch.Tensor]]
 
 def _package(backend: Optional[str]) -> Build:
     def build(case, x):
-        from peer_attention import flash_attn_with_kvcache
-
         def call():
-            return flash_attn_with_kvcache(x.q, x.k_cache, x.v_cache, cache_seqlens=x.seqlens,
+            return pa.flash_attn_with_kvcache(x.q, x.k_cache, x.v_cache, cache_seqlens=x.seqlens,
                                            block_table=x.block_table, backend=backend)
         return call
     return build
@@ -246,8 +247,6 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
     """One row per decode provider (forward only: decode is inference). The bench's own provider
     filter picks pa.auto/pa.triton/pa.torch/torch.<backend> by name; with no filter (every
     provider) flash_attn and FlashInfer run too."""
-    from .providers import all_providers
-
     names = {p.name for p in selected}
     # no --provider filter (the default list): every decode provider, pa.auto and flash-attn too
     everything = names >= {n for n, p in all_providers().items() if p.default}
