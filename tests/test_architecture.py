@@ -332,3 +332,19 @@ def test_the_checker_sees_what_it_must_and_nothing_else():
                        "peer_attention.double_backward"}
     assert [what.split(" ")[0] for _, what in v.private] == [
         "from", "ops._eager", "pa.dispatch._ops"]
+
+
+def test_distributed_is_a_lazy_attribute_of_the_package():
+    """`peer_attention.distributed` works after `import peer_attention`, but only its first use
+    imports it (a subprocess: this session may have imported it already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, peer_attention as pa\n"
+            "assert 'peer_attention.distributed' not in sys.modules, 'imported eagerly'\n"
+            "assert 'distributed' in dir(pa)\n"
+            "assert pa.distributed is sys.modules['peer_attention.distributed']\n"
+            "assert callable(pa.distributed.context_parallel_sdpa)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
