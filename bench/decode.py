@@ -30,7 +30,7 @@ import torch
 import peer_attention as pa
 
 from .check import CHECK_MAX_SCORES  # above this many scores: no float64 check (it would not fit)
-from .common import Case
+from .common import Case, Unavailable, Unsupported
 from .providers import all_providers
 from .timing import median_ms
 
@@ -150,10 +150,6 @@ def tolerance(x: DecodeInputs, want: torch.Tensor) -> float:
 
 # ---- providers -----------------------------------------------------------------------------
 
-class Unsupported(Exception):
-    """The provider cannot run this case: the message is the row's note."""
-
-
 Build = Callable[[DecodeCase, DecodeInputs], Callable[[], torch.Tensor]]
 
 
@@ -213,7 +209,7 @@ def _import(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise Unsupported(f"{name} is not importable: {exc}") from None
+        raise Unavailable(f"{name} is not importable: {exc}") from None
 
 
 def decode_providers() -> Dict[str, Build]:
@@ -269,10 +265,9 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
                 row["max_err"] = float((out.double() - want).abs().max())
                 row["correct"] = row["max_err"] <= limit
             ms = median_ms(fn, case.device, settings.timing)
-        except Unsupported as exc:
-            row.update(status="unavailable" if "importable" in str(exc) else "unsupported",
-                       note=str(exc))
-        except NotImplementedError as exc:  # a backend that declines, with its reasons
+        except Unavailable as exc:
+            row.update(status="unavailable", note=str(exc))
+        except NotImplementedError as exc:  # Unsupported, or a backend that declines with its reasons
             row.update(status="unsupported", note=str(exc))
         except Exception as exc:  # any other provider failure is a row, never the end of the run
             text = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
