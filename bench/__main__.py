@@ -18,11 +18,16 @@ import time
 
 import torch
 
-from .cases import DTYPES, MODE_ALIASES, MODES, SUITES, build_cases
+import peer_attention as pa
+
+from .cases import SUITES, build_cases
+from .common import DTYPES, MODE_ALIASES, MODES, RunSettings, Skipped
+from .decode import describe_bandwidth
 from .presets import PRESETS, cpu_runs
+from .profile import profile_case
 from .providers import Provider, all_providers
 from .report import complete, format_table, metadata, write_csv, write_json, write_plots
-from .runner import RunSettings, Skipped, count_rows, run_cases
+from .runner import count_rows, run_cases
 from .summary import cpu_table, headline_table, newcomer_summary
 from .timing import TimingSettings
 
@@ -179,8 +184,6 @@ def main(argv=None) -> int:
         print("no case matches the filters", file=sys.stderr)
         return 2
     if args.profile:
-        from .profile import profile_case
-
         case, provider = cases[0], providers[0]
         if len(cases) > 1:
             print(f"{len(cases)} cases match; profiling the first: {case.case_id} (narrow with --case)")
@@ -191,7 +194,6 @@ def main(argv=None) -> int:
     meta = metadata()
     print(f"device: {meta['device_name']} | torch {meta['torch_version']} | triton {meta['triton_version']} "
           f"| CUDA {meta['cuda_version']} | commit {meta['git_commit']}")
-    import peer_attention as pa
     print("package backends:", ", ".join(f"{n}: {why or 'available'}" for n, why in pa.available_backends().items()))
     settings = {"argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
                 "preset": args.preset, "device": args.device}
@@ -223,7 +225,6 @@ def main(argv=None) -> int:
         write_json(rows, meta, settings, json_path)
     print(newcomer_summary(rows))
     if "decode" in {r["suite"] for r in rows}:
-        from .decode import describe_bandwidth
         print(describe_bandwidth(rows))
     if args.preset in ("headline", "gpucheck"):
         print(headline_table(rows))

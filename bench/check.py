@@ -16,7 +16,7 @@ import torch
 
 from peer_attention.reference import peer_attention_reference
 
-from .cases import Case, Inputs, make_inputs
+from .common import Case, Inputs, make_inputs
 
 CHECK_MAX_SCORES = 1 << 24   # B * Hq * sum(L_s * M_p) above this: check at reduced lengths
 CHECK_MAX_TOKENS = 512

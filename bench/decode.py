@@ -27,8 +27,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .cases import Case
+import peer_attention as pa
+
 from .check import CHECK_MAX_SCORES  # above this many scores: no float64 check (it would not fit)
+from .common import Case, Unavailable, Unsupported
+from .providers import all_providers
 from .timing import median_ms
 
 SUITE = "decode"
@@ -147,19 +150,13 @@ def tolerance(x: DecodeInputs, want: torch.Tensor) -> float:
 
 # ---- providers -----------------------------------------------------------------------------
 
-class Unsupported(Exception):
-    """The provider cannot run this case: the message is the row's note."""
-
-
 Build = Callable[[DecodeCase, DecodeInputs], Callable[[], torch.Tensor]]
 
 
 def _package(backend: Optional[str]) -> Build:
     def build(case, x):
-        from peer_attention import flash_attn_with_kvcache
-
         def call():
-            return flash_attn_with_kvcache(x.q, x.k_cache, x.v_cache, cache_seqlens=x.seqlens,
+            return pa.flash_attn_with_kvcache(x.q, x.k_cache, x.v_cache, cache_seqlens=x.seqlens,
                                            block_table=x.block_table, backend=backend)
         return call
     return build
@@ -212,7 +209,7 @@ def _import(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise Unsupported(f"{name} is not importable: {exc}") from None
+        raise Unavailable(f"{name} is not importable: {exc}") from None
 
 
 def decode_providers() -> Dict[str, Build]:
@@ -246,8 +243,6 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
     """One row per decode provider (forward only: decode is inference). The bench's own provider
     filter picks pa.auto/pa.triton/pa.torch/torch.<backend> by name; with no filter (every
     provider) flash_attn and FlashInfer run too."""
-    from .providers import all_providers
-
     names = {p.name for p in selected}
     # no --provider filter (the default list): every decode provider, pa.auto and flash-attn too
     everything = names >= {n for n, p in all_providers().items() if p.default}
@@ -270,10 +265,9 @@ def run_decode_case(case: DecodeCase, selected: Sequence, modes: Sequence[str], 
                 row["max_err"] = float((out.double() - want).abs().max())
                 row["correct"] = row["max_err"] <= limit
             ms = median_ms(fn, case.device, settings.timing)
-        except Unsupported as exc:
-            row.update(status="unavailable" if "importable" in str(exc) else "unsupported",
-                       note=str(exc))
-        except NotImplementedError as exc:  # a backend that declines, with its reasons
+        except Unavailable as exc:
+            row.update(status="unavailable", note=str(exc))
+        except NotImplementedError as exc:  # Unsupported, or a backend that declines with its reasons
             row.update(status="unsupported", note=str(exc))
         except Exception as exc:  # any other provider failure is a row, never the end of the run
             text = (str(exc).splitlines() or [type(exc).__name__])[0][:200]

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .common import Case
 from .timing import TimingSettings, median_ms, peak_memory_mb
 
 WAN_TEXT, WAN_IMAGE = 512, 257
@@ -66,8 +67,6 @@ def shapes(quick: bool) -> List[Shape]:
 def mmdit_cases(dtype: str, device: str, quick: bool):
     """The attention of each shape as a peer case: text + image streams in joint mode, and Wan's
     video queries over text and image key streams (no queries of their own) in peer mode."""
-    from .cases import Case
-
     cases = []
     for s in shapes(quick):
         if s.model == "wan_i2v":

@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import torch
 
-from .cases import Case, make_inputs
+from .common import Case, make_inputs
 
 TARGET_US = 20.0
 

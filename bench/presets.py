@@ -36,7 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .cases import HIDDEN, TOKENS_PER_BATCH, Case, _sdpa_case
+from .cases import sdpa_case
+from .common import HIDDEN, TOKENS_PER_BATCH, Case
 
 HEADLINE_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 HEADLINE_PROVIDERS = ("pa.triton", "pa.cuda", "torch.cudnn", "torch.flash", "torch.efficient",
@@ -56,11 +57,11 @@ def headline_cases(dtype: str, device: str, quick: bool = False) -> List[Case]:
     length, dim, tokens, hidden = _shrink(quick)
     cases = []
     for causal in (False, True):
-        cases += [_sdpa_case("headline", length(n), dim(128), dtype, device, tokens, hidden,
+        cases += [sdpa_case("headline", length(n), dim(128), dtype, device, tokens, hidden,
                              is_causal=causal) for n in HEADLINE_LENGTHS]
     for head_dim in (64, 256):
         for causal in (False, True):
-            cases.append(_sdpa_case("headline", length(8192), dim(head_dim), dtype, device, tokens,
+            cases.append(sdpa_case("headline", length(8192), dim(head_dim), dtype, device, tokens,
                                     hidden, is_causal=causal))
     streams = (length(PEER_TOKENS),) * PEER_STREAMS
     heads, peer_dim = PEER_HEADS if not quick else 2, dim(128)

@@ -11,9 +11,8 @@ import re
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .cases import Case, make_inputs
-from .providers import Provider
-from .runner import _timed
+from .common import Case, Provider, make_inputs
+from .rows import timed_call
 
 ITERATIONS = 5
 
@@ -22,7 +21,7 @@ def profile_case(case: Case, provider: Provider, mode: str, out_dir: str) -> str
     """Profile `ITERATIONS` timed runs after a warm-up; returns the table printed."""
     inputs = make_inputs(case, requires_grad=(mode != "fwd"))
     run, _note = provider.build(case, inputs)
-    timed = _timed(run, inputs, mode)
+    timed = timed_call(run, inputs, mode)
     for _ in range(2):  # warm-up: compilation and autotuning stay out of the trace
         timed()
     activities = [ProfilerActivity.CPU]

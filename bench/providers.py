@@ -27,37 +27,20 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .cases import Case, Inputs
+import peer_attention as pa
+from peer_attention.backends.torch_fused import forced_plan
 
-PACKAGE_BACKENDS = ("triton", "cuda", "torch", "reference")
+from .common import Built, Case, Inputs, Provider, Unavailable, Unsupported
+
+# The package's backends, in its speed order, from its public listing: a new backend is a new
+# pa.NAME provider here (and in the variants suite) without an edit.
+PACKAGE_BACKENDS = tuple(pa.available_backends())
 CUDA_ONLY_SDPA = ("efficient", "cudnn")
-
-
-class Unavailable(Exception):
-    """The provider cannot run on this machine at all."""
-
-
-class Unsupported(NotImplementedError):
-    """The provider cannot run this case (a feature it lacks)."""
-
-
-Built = Tuple[Callable[[], List[torch.Tensor]], str]  # (function, note)
-
-
-@dataclass
-class Provider:
-    name: str
-    package: bool                       # part of peer_attention (speed-ups are against the others)
-    kinds: Tuple[str, ...]              # case kinds it applies to ("sdpa", "peer")
-    build: Callable[[Case, Inputs], Built]
-    materializes_scores: bool = False   # holds the L x M scores: skipped when they cannot fit
-    default: bool = True                # in the default provider list (else only when named)
 
 
 def _gqa(case: Case) -> bool:
@@ -70,8 +53,6 @@ def _package(backend: str, plan: Optional[str] = None) -> Provider:
     """backend="auto": the package's own choice, as patch_torch() and a plain call make it; plan: the
     `torch` backend's peer plan forced ("pairs" or "fused"; a plan that cannot serve falls back)."""
     def build(case: Case, x: Inputs) -> Built:
-        import peer_attention as pa
-
         reason = pa.available_backends().get(backend)
         if reason:
             raise Unavailable(reason)
@@ -90,7 +71,6 @@ def _package(backend: str, plan: Optional[str] = None) -> Provider:
             return run, ""
         if case.kind != "peer":
             raise Unsupported("a peer plan: peer attention cases only")
-        from peer_attention.backends.torch_fused import forced_plan
 
         def run_forced():
             with forced_plan(plan):
@@ -264,7 +244,7 @@ def _build_packed(case: Case, x: Inputs) -> Built:
 _compiled_flex = None
 
 
-def _flex_fn(device: str):
+def flex_fn(device: str):
     """flex_attention compiled on CUDA; eager on the CPU (forward only there, and unfused)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
@@ -428,7 +408,7 @@ def _build_flex(case: Case, x: Inputs) -> Built:
     device = x.queries[0].device.type
     if device == "cpu" and x.queries[0].requires_grad:
         raise Unsupported("FlexAttention has no backward on the CPU")
-    flex = _flex_fn(device)
+    flex = flex_fn(device)
     if case.kind == "sdpa":
         run, note = _flex_sdpa(case, x, flex)
     elif case.normalize == "joint" and x.gate is None:

@@ -25,15 +25,20 @@ document's own (causal) square only.
 from __future__ import annotations
 
 import dataclasses
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .cases import DTYPES, TOKENS_PER_BATCH, Case, family_name
-from .providers import Built, Provider, Unavailable, Unsupported
+import peer_attention as pa
+
+from .check import outputs_and_grads
+from .common import (BACKWARD_MODES, DTYPES, TOKENS_PER_BATCH, Built, Case, Provider, Unavailable,
+                     Unsupported, family_name, release)
+from .providers import PACKAGE_BACKENDS, all_providers, flex_fn
+from .rows import add_speedups, run_provider
 
 SUITE = "variants"
 CHECK_MAX_SCORES = 1 << 22
@@ -208,8 +213,6 @@ def _flash_kwargs(case: VariantCase, x: VariantInputs) -> dict:
 
 def _package(backend: str) -> Provider:
     def build(case: VariantCase, x: VariantInputs) -> Built:
-        import peer_attention as pa
-
         reason = pa.available_backends().get(backend)
         if reason:
             raise Unavailable(reason)
@@ -313,9 +316,7 @@ def _flex(case: VariantCase, x: VariantInputs) -> Built:
     device = x.q.device
     if device.type == "cpu" and x.q.requires_grad:
         raise Unsupported("FlexAttention has no backward on the CPU")
-    from .providers import _flex_fn
-
-    flex = _flex_fn(device.type)
+    flex = flex_fn(device.type)
     left, right = case.window
     if case.is_causal:
         right = 0
@@ -363,7 +364,6 @@ def _flex(case: VariantCase, x: VariantInputs) -> Built:
 
     def run():
         q, k, v = layout(x.q), layout(x.k), layout(x.v)
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out, aux = flex(q, k, v, score_mod=score_mod if use_score_mod else None,
@@ -416,8 +416,6 @@ def _flash_attn_package(label: str, module: str) -> Provider:
 
 
 def variant_providers() -> Dict[str, Provider]:
-    from .providers import PACKAGE_BACKENDS
-
     providers = [_package(name) for name in PACKAGE_BACKENDS]
     providers += [_torch_sdpa(label, attr) for label, attr in (
         ("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
@@ -439,8 +437,6 @@ class VariantOracle:
     section 8's rule, as bench.check.Oracle)."""
 
     def __init__(self, case: VariantCase, with_grads: bool):
-        from .check import outputs_and_grads
-
         self.case, self.with_grads, self.note = case, with_grads, ""
         self._outputs_and_grads = outputs_and_grads
         self.inputs = make_variant_inputs(case, requires_grad=with_grads)
@@ -489,9 +485,6 @@ def check_variant_case(case: VariantCase) -> Tuple[VariantCase, str]:
 def run_variant_case(case: VariantCase, selected: Sequence[Provider], modes: Sequence[str],
                      settings, progress=None) -> List[Dict[str, object]]:
     """Rows of one variants case, through bench.runner.run_provider (check, then time)."""
-    from .providers import all_providers
-    from .runner import BACKWARD_MODES, _release, add_speedups, run_provider
-
     names = {p.name for p in selected}
     everything = names >= set(all_providers())  # no --provider filter: flash-attn too
     providers = [p for n, p in variant_providers().items() if n in names or (everything and n not in all_providers())]
@@ -508,7 +501,7 @@ def run_variant_case(case: VariantCase, selected: Sequence[Provider], modes: Seq
             rows += run_provider(case, provider, oracle, inputs, group, settings)
             if progress is not None:
                 progress.update(len(group))
-            _release(case.device)
+            release(case.device)
     add_speedups(rows)
     for r in rows:  # the variant options, in the note column (the table has no column for them)
         r["note"] = "; ".join(n for n in (describe(case), r.get("note")) if n)

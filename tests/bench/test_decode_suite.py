@@ -10,7 +10,8 @@ from bench.cases import build_cases
 from bench.decode import DecodeCase, decode_providers, make_decode_inputs, reference_output
 from bench.providers import all_providers
 from bench.report import COLUMNS, complete, metadata
-from bench.runner import RunSettings, run_cases
+from bench.common import RunSettings
+from bench.runner import run_cases
 from bench.timing import TimingSettings
 
 FAST = RunSettings(TimingSettings(warmup=0, repeats=1, budget_s=0.0))

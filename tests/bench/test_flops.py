@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from bench.cases import Case
+from bench.common import Case
 from bench.flops import BACKWARD_FACTOR, case_flops, forward_flops, pair_flops, tflops_per_s
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench.cases import SUITES, build_cases, make_inputs
+from bench.cases import SUITES, build_cases
 from bench.check import check_case, reference_outputs
-from bench.providers import Provider, Unavailable, all_providers
+from bench.common import Provider, RunSettings, Unavailable, Unsupported, make_inputs
+from bench.providers import all_providers
 from bench.report import COLUMNS, complete, metadata
-from bench.runner import RunSettings, run_cases
+from bench.runner import run_cases
 from bench.timing import TimingSettings
 
 FAST = RunSettings(TimingSettings(warmup=0, repeats=1, budget_s=0.0), overhead_calls=3, overhead_samples=2)
@@ -214,7 +215,6 @@ def test_peer_compositions_and_flex_match_the_reference(variant):
     import dataclasses
 
     from bench.check import Oracle
-    from bench.providers import Unsupported
 
     cases = _smallest_per_family(build_cases(["peer"], ["float32"], "cpu", quick=True), limit=10)
     cases = [dataclasses.replace(c, batch=1, **PEER_VARIANTS[variant]) for c in cases]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bench.cases import build_cases
-from bench.providers import Provider, all_providers
-from bench.runner import RunSettings, run_cases
+from bench.common import Provider, RunSettings
+from bench.providers import all_providers
+from bench.runner import run_cases
 from bench.timing import TimingSettings
 from bench.variants import VariantCase, document_lengths, variant_providers
 
