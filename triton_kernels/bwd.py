@@ -40,7 +40,7 @@ def _exact_pv(probs, v, F32_DOT: tl.constexpr):
     """probs @ v without rounding fp32 probs to the input dtype: as hi + lo halves in the input
     dtype (two tensor-core products, ~16 significant bits of P) instead of an fp32 FMA product
     (no tensor cores, and a register file's worth of operands)."""
-    if F32_DOT:
+    if F32_DOT != "":
         return mma(probs, v, F32_DOT)
     else:
         hi = probs.to(v.dtype)

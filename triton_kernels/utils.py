@@ -21,10 +21,24 @@ def padded_dim(n: int) -> int:
     return max(MIN_DIM_PAD, triton.next_power_of_2(max(n, 1)))
 
 
-def use_f32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs need an fp32-accurate product (tiles.F32_PRECISION, never plain TF32); under
-    the interpreter bf16 dots are wrong, so every product is done in fp32 there."""
-    return INTERPRET or dtype == torch.float32
+# 3xTF32 up to this padded head dim, IEEE above: see f32_precision
+TF32X3_MAX_DIM = 128
+
+
+def f32_precision(dtype: torch.dtype, e_pad: int, ev_pad: int) -> str:
+    """The kernels' F32_DOT flag: the input_precision of their products in fp32, or "" for
+    16-bit tensor-core products (bf16/fp16 inputs on a GPU). Under the interpreter bf16 dots
+    are wrong, so every product is done in fp32 there (whatever the precision).
+
+    fp32 inputs: "tf32x3" (3xTF32: tensor cores, each operand split into a TF32 high part and
+    a TF32 remainder, three products; per-product error ~2^-22, fp32's own size, within SPEC
+    section 8's bound: tests/triton/test_fp32_precision.py) at padded head dims <=
+    TF32X3_MAX_DIM; "ieee" (FMA loops) above, where the split operands of the dK/dV kernel
+    need more shared memory than sm_86/89/120 have at every tile and spill more than IEEE's
+    (docs/triton_compile_report.md). Never plain "tf32" (100x the bound)."""
+    if not (INTERPRET or dtype == torch.float32):
+        return ""
+    return "tf32x3" if max(e_pad, ev_pad) <= TF32X3_MAX_DIM else "ieee"
 
 
 def launch_device(tensor):
