@@ -20,7 +20,7 @@ import torch
 import triton
 
 from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, ptxas_resources, target, usage
-from .utils import INTERPRET, padded_dim
+from .utils import INTERPRET, TF32X3_DKDV_MAX_DIM, padded_dim
 
 # PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
 # (nothing is benchmarked; scripts/gpu_check.sh sets it so that compile time stays small)
@@ -121,11 +121,19 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 # shared memory or spill heavily (docs/triton_compile_report.md), and at head dim 256 a single
 # fp32 compile takes ptxas minutes, so trying them only costs time.
 FP32_MAX_TILE = {256: 32 * 32}
+# fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, one stage, fits
+# every architecture and family (at most 81,920 B) and spills at most 148 B (sm_90/sm_120 plain,
+# gated, peer: none). Measured and left out: 16 x 32 spills 4.8-7.8 KB (plain; 13-20 KB gated or
+# peer) and does not fit sm_120 (114,688 B through TMA) nor sm_86/89 with a float mask
+# (102,400 B); 32 x 32 spills 76-118 KB.
+FP32_WIDE_DKDV = [(16, 16, 4, 1)]
 
 
 def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):
     listed = CANDIDATES[table_arch(arch)][kind]
     if element_size == 4:
+        if kind == "dkdv" and head_dim_pad > TF32X3_DKDV_MAX_DIM:
+            return FP32_WIDE_DKDV
         most = FP32_MAX_TILE.get(head_dim_pad, 64 * 64)
         return [c for c in listed if c[0] * c[1] <= most and c[3] <= 2]
     return listed
@@ -151,6 +159,8 @@ def autotune_configs(kind: str = "fwd"):
         for k in kinds:
             for c in arch_lists[k]:
                 seen.setdefault(c, _config(*c))
+    for c in FP32_WIDE_DKDV if kind == "dkdv" else ():
+        seen.setdefault(c, _config(*c))
     return list(seen.values())
 
 
@@ -263,9 +273,10 @@ def tuned(kernel, kind: str = "fwd"):
 
 # What fits nowhere, measured by compile_check (which fails where nothing fits and this table
 # does not decline): {arch: {(kernel kind, dtype, E_PAD): reason}}, for the family that needs the
-# most (a family that fits is declined with it). The backend declines these problems.
-_FP32_256_DKDV = "the smallest candidate, 16x32, needs 147,456 B of shared memory"
-NO_FIT = {arch: {("dkdv", "float32", 256): _FP32_256_DKDV} for arch in (86, 89, 120)}
+# most (a family that fits is declined with it). The backend declines these problems. Empty
+# since fp32 dK/dV above head dim 128 runs IEEE products at 16 x 16 (FP32_WIDE_DKDV), which
+# fits sm_86/89/120 (with 3xTF32 products its smallest tile, 16 x 32, needed 147,456 B).
+NO_FIT: dict = {}
 
 
 def no_fit_reason(arch: int, kinds, dtype, e_pad: int, ev_pad: int) -> Optional[str]:
