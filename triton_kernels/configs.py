@@ -81,8 +81,12 @@ _HOPPER = {
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
            (64, 32, 4, 2)] + _SMALL,
     # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
-    # select() takes 16 x 128 there and 64 x 64 at smaller head dims
-    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL,
+    # select() takes 16 x 128 there and 64 x 64 at smaller head dims. No tile of 64-128 queries
+    # keeps wgmma without spilling at head dim 128 (docs/triton_compile_report.md: 64 x 32 and
+    # 64 x 16 fall to mma.sync, 16 warps spill at 128 registers); 32 x 64 with 8 warps does
+    # (wgmma, 203 registers), autotune's alternative to 16 x 128
+    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2)]
+    + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
