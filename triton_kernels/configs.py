@@ -126,10 +126,10 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 # fp32 compile takes ptxas minutes, so trying them only costs time.
 FP32_MAX_TILE = {256: 32 * 32}
 # fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, one stage, fits
-# every architecture and family (at most 81,920 B) and spills at most 148 B (sm_90/sm_120 plain,
-# gated, peer: none). Measured and left out: 16 x 32 spills 4.8-7.8 KB (plain; 13-20 KB gated or
-# peer) and does not fit sm_120 (114,688 B through TMA) nor sm_86/89 with a float mask
-# (102,400 B); 32 x 32 spills 76-118 KB.
+# every architecture and family (at most 81,920 B); ptxas spills 0-240 B (plain, float mask;
+# none on sm_90/100/120), 12-20 KB gated or peer on sm_80/86 (none on sm_120). Measured and left
+# out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
+# (114,688 B through TMA) nor sm_86/89 with a float mask (102,400 B); 32 x 32 spills 76-118 KB.
 FP32_WIDE_DKDV = [(16, 16, 4, 1)]
 
 
