@@ -85,8 +85,8 @@ _HOPPER = {
     # keeps wgmma without spilling at head dim 128 (docs/triton_compile_report.md: 64 x 32 and
     # 64 x 16 fall to mma.sync, 16 warps spill at 128 registers); 32 x 64 with 8 warps does
     # (wgmma, 203 registers), autotune's alternative to 16 x 128
-    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2)]
-    + _SMALL,
+    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2),
+             (32, 64, 4, 2)] + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
@@ -126,8 +126,8 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 # fp32 compile takes ptxas minutes, so trying them only costs time.
 FP32_MAX_TILE = {256: 32 * 32}
 # fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, one stage, fits
-# every architecture and family (at most 81,920 B); ptxas spills 0-240 B (plain, float mask;
-# none on sm_90/100/120), 12-20 KB gated or peer on sm_80/86 (none on sm_120). Measured and left
+# every architecture and family (at most 81,920 B); ptxas spills 0-240 B plain or with a float
+# mask, 12-20 KB gated or peer on sm_80/86 (none on sm_120). Measured and left
 # out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
 # (114,688 B through TMA) nor sm_86/89 with a float mask (102,400 B); 32 x 32 spills 76-118 KB.
 FP32_WIDE_DKDV = [(16, 16, 4, 1)]
