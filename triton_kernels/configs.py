@@ -84,9 +84,11 @@ _HOPPER = {
     # select() takes 16 x 128 there and 64 x 64 at smaller head dims. No tile of 64-128 queries
     # keeps wgmma without spilling at head dim 128 (docs/triton_compile_report.md: 64 x 32 and
     # 64 x 16 fall to mma.sync, 16 warps spill at 128 registers); 32 x 64 with 8 warps does
-    # (wgmma, 203 registers), autotune's alternative to 16 x 128
+    # (wgmma, 203 registers), autotune's alternative to 16 x 128 and the first that does not
+    # spill gated or in peer mode; with a float mask 64 x 32 with 8 warps (mma.sync, 250
+    # registers) where 32 x 32 with one stage was left
     "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2),
-             (32, 64, 4, 2)] + _SMALL,
+             (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
@@ -98,10 +100,14 @@ CANDIDATES = {
                              (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL),
     # sm_80/86/89/120 (mma.sync): 8 warps keep the backward's 64 x 64 tiles within registers
     # (4 warps spill 64-140 B at head dim 128), pipelined
+    # the 8-warp forward tiles after the 4-warp ones: at head dim 128 with a float mask, gate/bias
+    # or peer mode every 4-warp tile above 32 x 32 spills; 64 x 64 (gated) and 64 x 32 (float
+    # mask) with 8 warps do not (sm_80: 255 / 244 registers), where 32 x 32 was kept
     80: {
         "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
-                (128, 32, 4, 2), (64, 32, 4, 2)] + _SMALL,
-        "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+                (128, 32, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2)] + _SMALL,
+        "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+                        (64, 64, 8, 2), (64, 32, 8, 2)] + _SMALL,
         "dq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2),
                (64, 32, 4, 2)] + _SMALL,
         "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2),
@@ -109,13 +115,15 @@ CANDIDATES = {
     },
 }
 CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
-    "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
-    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
+    "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+            (64, 32, 8, 2)] + _SMALL,
+    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)] + _SMALL,
     "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
     # ptxas for sm_86/89 spills 64 x 64 x 2 stages at head dim 128 where sm_80's and sm_120's do
-    # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not
+    # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not; with a float mask every larger
+    # tile spills on sm_86/89 and 32 x 32 with 8 warps does not, where 16 x 32 was left
     "dkdv": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2),
-             (64, 32, 4, 2)] + _SMALL,
+             (64, 32, 4, 2), (32, 32, 8, 2)] + _SMALL,
 }
 KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 
