@@ -23,8 +23,8 @@ from .configs import interpreter_meta, tune_len, tuned
 from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
 from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
                     kv_extent, mma, probs_from_lse, query_stages, row_tile, to_io)
-from .utils import (INTERPRET, TILE_SIZES, band, dropout_args, launch_device, num_tiles,
-                    search_steps, stream_tables, tma_ok)
+from .utils import (INTERPRET, TILE_SIZES, band, dropout_args, f32_precision, launch_device,
+                    num_tiles, search_steps, stream_tables, tma_ok)
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _exact_pv(probs, v, F32_DOT: tl.constexpr):
     """probs @ v without rounding fp32 probs to the input dtype: as hi + lo halves in the input
     dtype (two tensor-core products, ~16 significant bits of P) instead of an fp32 FMA product
     (no tensor cores, and a register file's worth of operands)."""
-    if F32_DOT:
+    if F32_DOT != "":
         return mma(probs, v, F32_DOT)
     else:
         hi = probs.to(v.dtype)
@@ -691,7 +691,9 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
             tables["kv_tiles"], tables["src_start"], tables["src_list"], *optional,
             seed, rng_offset, dropout_p, *scales, problem.scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-            *dk.stride(), *dv.stride(), *strides, *sizes), dict(flags, **meta), key_grid))
+            *dk.stride(), *dv.stride(), *strides, *sizes),
+            dict(flags, **meta, F32_DOT=f32_precision(q.dtype, flags["E_PAD"], flags["EV_PAD"],
+                                                      "dkdv")), key_grid))
     return launches
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, ptxas_resources, target, usage
-from .utils import INTERPRET, padded_dim
+from .utils import INTERPRET, TF32X3_DKDV_MAX_DIM, padded_dim
 
 # PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
 # (nothing is benchmarked; scripts/gpu_check.sh sets it so that compile time stays small)
@@ -81,8 +81,14 @@ _HOPPER = {
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
            (64, 32, 4, 2)] + _SMALL,
     # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
-    # select() takes 16 x 128 there and 64 x 64 at smaller head dims
-    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL,
+    # select() takes 16 x 128 there and 64 x 64 at smaller head dims. No tile of 64-128 queries
+    # keeps wgmma without spilling at head dim 128 (docs/triton_compile_report.md: 64 x 32 and
+    # 64 x 16 fall to mma.sync, 16 warps spill at 128 registers); 32 x 64 with 8 warps does
+    # (wgmma, 203 registers), autotune's alternative to 16 x 128 and the first that does not
+    # spill gated or in peer mode; with a float mask 64 x 32 with 8 warps (mma.sync, 250
+    # registers) where 32 x 32 with one stage was left
+    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2),
+             (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
@@ -94,10 +100,14 @@ CANDIDATES = {
                              (16, 128, 8, 2), (32, 64, 4, 2)] + _SMALL),
     # sm_80/86/89/120 (mma.sync): 8 warps keep the backward's 64 x 64 tiles within registers
     # (4 warps spill 64-140 B at head dim 128), pipelined
+    # the 8-warp forward tiles after the 4-warp ones: at head dim 128 with a float mask, gate/bias
+    # or peer mode every 4-warp tile above 32 x 32 spills; 64 x 64 (gated) and 64 x 32 (float
+    # mask) with 8 warps do not (sm_80: 255 / 244 registers), where 32 x 32 was kept
     80: {
         "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
-                (128, 32, 4, 2), (64, 32, 4, 2)] + _SMALL,
-        "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
+                (128, 32, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2)] + _SMALL,
+        "fwd_two_acc": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+                        (64, 64, 8, 2), (64, 32, 8, 2)] + _SMALL,
         "dq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2),
                (64, 32, 4, 2)] + _SMALL,
         "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2),
@@ -105,13 +115,15 @@ CANDIDATES = {
     },
 }
 CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
-    "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)] + _SMALL,
-    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2)] + _SMALL,
+    "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+            (64, 32, 8, 2)] + _SMALL,
+    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)] + _SMALL,
     "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
     # ptxas for sm_86/89 spills 64 x 64 x 2 stages at head dim 128 where sm_80's and sm_120's do
-    # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not
+    # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not; with a float mask every larger
+    # tile spills on sm_86/89 and 32 x 32 with 8 warps does not, where 16 x 32 was left
     "dkdv": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2),
-             (64, 32, 4, 2)] + _SMALL,
+             (64, 32, 4, 2), (32, 32, 8, 2)] + _SMALL,
 }
 KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 
@@ -121,11 +133,19 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 # shared memory or spill heavily (docs/triton_compile_report.md), and at head dim 256 a single
 # fp32 compile takes ptxas minutes, so trying them only costs time.
 FP32_MAX_TILE = {256: 32 * 32}
+# fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, one stage, fits
+# every architecture and family (at most 81,920 B); ptxas spills 0-240 B plain or with a float
+# mask, 12-20 KB gated or peer on sm_80/86 (none on sm_120). Measured and left
+# out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
+# (114,688 B through TMA) nor sm_86/89 with a float mask (102,400 B); 32 x 32 spills 76-118 KB.
+FP32_WIDE_DKDV = [(16, 16, 4, 1)]
 
 
 def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):
     listed = CANDIDATES[table_arch(arch)][kind]
     if element_size == 4:
+        if kind == "dkdv" and head_dim_pad > TF32X3_DKDV_MAX_DIM:
+            return FP32_WIDE_DKDV
         most = FP32_MAX_TILE.get(head_dim_pad, 64 * 64)
         return [c for c in listed if c[0] * c[1] <= most and c[3] <= 2]
     return listed
@@ -151,6 +171,8 @@ def autotune_configs(kind: str = "fwd"):
         for k in kinds:
             for c in arch_lists[k]:
                 seen.setdefault(c, _config(*c))
+    for c in FP32_WIDE_DKDV if kind == "dkdv" else ():
+        seen.setdefault(c, _config(*c))
     return list(seen.values())
 
 
@@ -263,9 +285,10 @@ def tuned(kernel, kind: str = "fwd"):
 
 # What fits nowhere, measured by compile_check (which fails where nothing fits and this table
 # does not decline): {arch: {(kernel kind, dtype, E_PAD): reason}}, for the family that needs the
-# most (a family that fits is declined with it). The backend declines these problems.
-_FP32_256_DKDV = "the smallest candidate, 16x32, needs 147,456 B of shared memory"
-NO_FIT = {arch: {("dkdv", "float32", 256): _FP32_256_DKDV} for arch in (86, 89, 120)}
+# most (a family that fits is declined with it). The backend declines these problems. Empty
+# since fp32 dK/dV above head dim 128 runs IEEE products at 16 x 16 (FP32_WIDE_DKDV), which
+# fits sm_86/89/120 (with 3xTF32 products its smallest tile, 16 x 32, needed 147,456 B).
+NO_FIT: dict = {}
 
 
 def no_fit_reason(arch: int, kinds, dtype, e_pad: int, ev_pad: int) -> Optional[str]:

@@ -22,9 +22,9 @@ import triton.language as tl
 from .configs import interpreter_meta, tune_len, tuned
 from .tiles import (LN2, LOG2E, attended_peer, attended_peers, dropout_keep, kv_extent,
                     key_stages, log2_scores, mask_scores, mma, row_tile, to_io)
-from .utils import (INTERPRET, band, dropout_args, launch_device, mask_for_kernel, mask_kind,
-                    num_tiles, padded_dim, search_steps, stream_tables, strides_or_zero, tma_ok,
-                    use_f32_dot)
+from .utils import (INTERPRET, band, dropout_args, f32_precision, launch_device, mask_for_kernel,
+                    mask_kind, num_tiles, padded_dim, search_steps, stream_tables,
+                    strides_or_zero, tma_ok)
 
 
 @triton.jit
@@ -363,7 +363,8 @@ def kernel_flags(problem):
         ONE_ACC=one_accumulator(problem),
         PEER_MODE=problem.normalize == "peer",
         HAS_DROPOUT=problem.dropout_p > 0,
-        F32_DOT=use_f32_dot(q.dtype),
+        F32_DOT=f32_precision(q.dtype, padded_dim(problem.head_dim),
+                              padded_dim(problem.value_dim)),
         BF16_RTNE=INTERPRET and q.dtype == torch.bfloat16,
         E_PAD=padded_dim(problem.head_dim),
         EV_PAD=padded_dim(problem.value_dim),

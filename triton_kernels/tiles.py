@@ -50,23 +50,15 @@ def row_tile(QOff, TileOff, num_q_heads, group_size, num_streams, search_steps,
     return b, h, h // group_size, s, q_start, q_len, tile * BLOCK_M
 
 
-# input_precision of every fp32 product (fp32 inputs): 3xTF32 runs on tensor cores (each operand
-# split into two TF32 halves, three products) with per-product error ~2^-22, the size of fp32's
-# own rounding; "ieee" compiles to FMA loops that spill at head dims >= 128, and plain "tf32"
-# (10-bit mantissa) misses SPEC section 8's 1e-4 by 100x. Measured by emulating 3xTF32 in
-# torch against float64 (tests/triton/test_fp32_precision.py): within 1.3x of IEEE fp32 for
-# outputs, dQ/dK/dV and the gate/bias sums, at head dims 64-256 and 1-2k tokens. Every kernel
-# dot takes it (the compiled TTIR is checked there too).
-F32_PRECISION = tl.constexpr("tf32x3")
-
-
 @triton.jit
 def mma(a, b, F32_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation. F32_DOT: fp32 inputs (F32_PRECISION, never plain TF32) or
-    the interpreter, whose bf16 dot is wrong (it computes every dot in fp32, whatever the
-    precision); callers round operands to the input dtype first either way."""
-    if F32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_PRECISION)
+    """a @ b with fp32 accumulation. F32_DOT: the input precision of an fp32 product
+    (utils.f32_precision: "tf32x3" or "ieee", never plain TF32) for fp32 inputs and under the
+    interpreter (whose bf16 dot is wrong; it computes every dot in fp32 whatever the
+    precision), "" for a 16-bit tensor-core product; callers round operands to the input dtype
+    first either way."""
+    if F32_DOT != "":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_DOT)
     else:
         return tl.dot(a, b)
 

@@ -21,10 +21,27 @@ def padded_dim(n: int) -> int:
     return max(MIN_DIM_PAD, triton.next_power_of_2(max(n, 1)))
 
 
-def use_f32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs need an fp32-accurate product (tiles.F32_PRECISION, never plain TF32); under
-    the interpreter bf16 dots are wrong, so every product is done in fp32 there."""
-    return INTERPRET or dtype == torch.float32
+# dK/dV uses 3xTF32 up to this padded head dim and IEEE above; every other kernel 3xTF32
+TF32X3_DKDV_MAX_DIM = 128
+
+
+def f32_precision(dtype: torch.dtype, e_pad: int, ev_pad: int, kernel: str = "fwd") -> str:
+    """A kernel's F32_DOT flag: the input_precision of its products in fp32, or "" for 16-bit
+    tensor-core products (bf16/fp16 inputs on a GPU). Under the interpreter bf16 dots are wrong,
+    so every product is done in fp32 there (whatever the precision).
+
+    fp32 inputs: "tf32x3" (3xTF32: tensor cores, each operand split into a TF32 high part and a
+    TF32 remainder, three products; per-product error ~2^-22, fp32's own size), except "ieee"
+    (FMA loops) for the dK/dV kernel ("dkdv") at padded head dims above TF32X3_DKDV_MAX_DIM:
+    there the split operands of its four products need more shared memory than sm_86/89/120
+    have at every tile (16x32: 147,456 B against IEEE's 100,352) and spill 9x more (sm_80: 61 KB
+    against 6.7 KB), docs/triton_compile_report.md. Both meet SPEC section 8's fp32 bound per
+    kernel (tests/triton/test_fp32_precision.py); plain "tf32" (100x the bound) never runs."""
+    if not (INTERPRET or dtype == torch.float32):
+        return ""
+    if kernel == "dkdv" and max(e_pad, ev_pad) > TF32X3_DKDV_MAX_DIM:
+        return "ieee"
+    return "tf32x3"
 
 
 def launch_device(tensor):

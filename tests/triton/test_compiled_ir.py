@@ -1,9 +1,10 @@
 """What the interpreter cannot show, read from the Triton IR compiled for sm_90 (front end only,
-about a second a kernel, no ptxas): the input precision of every fp32 product (tiles.F32_PRECISION,
-never plain TF32) and 64-bit row offsets (rows x row stride passes 2^31 in flash-attn layouts and
-materialised masks: every row stride is widened to i64 before it multiplies a row index; only
-the tile's own rows, tl.arange, meet a row stride in 32 bits). Run in a subprocess without
-TRITON_INTERPRET (this process has it set; it replaces the compiler)."""
+about a second a kernel, no ptxas): the input precision of every fp32 product (per kernel:
+utils.f32_precision, never plain TF32) and 64-bit row offsets (rows x row stride passes 2^31 in
+flash-attn layouts and materialised masks: every row stride is widened to i64 before it
+multiplies a row index; only the tile's own rows, tl.arange, meet a row stride in 32 bits).
+Run in a subprocess without TRITON_INTERPRET (this process has it set; it replaces the
+compiler)."""
 import json
 import os
 import re
@@ -100,14 +101,15 @@ def report():
     # sm90 loads through tensor descriptors where strides allow, sm80 through pointers
     for arch, variant in [(90, "joint3_everything"), (90, "float_mask_dropout_gqa"),
                           (90, "peer3_gate"), (90, "bf16_joint3"), (80, "joint3_everything"),
-                          (80, "float_mask_dropout_gqa")]:
+                          (80, "float_mask_dropout_gqa"), (90, "fp32_d256_odd")]:
         problem = problems[variant]
         for name, fn, args, kwargs in cc.kernel_launches(problem, True, arch):
             config = cc.first_config(name.replace("bwd_", ""), problem, arch)
             text = ttir(fn, args, kwargs, config, arch)
             widened = sorted(set(re.findall(r"arith.extsi %(stride_\w+) : i32 to i64", text)))
             rows[f"{name} {variant} sm{arch}"] = dict(
-                dots=dot_precisions(text), offsets32=offset_problems(text), widened=widened)
+                dots=dot_precisions(text), precision=kwargs["F32_DOT"],
+                offsets32=offset_problems(text), widened=widened)
     return rows
 
 
@@ -123,14 +125,23 @@ def ir_report():
 
 
 def test_fp32_products_use_the_chosen_precision(ir_report):
-    from peer_attention.triton_kernels.tiles import F32_PRECISION
+    import torch
 
+    from peer_attention.triton_kernels.utils import f32_precision
+
+    assert ir_report["bwd_dkdv fp32_d256_odd sm90"]["precision"] == "ieee"
+    assert ir_report["bwd_dkdv joint3_everything sm90"]["precision"] == "tf32x3"
+    assert ir_report["bwd_dq fp32_d256_odd sm90"]["precision"] == "tf32x3"
     for kernel, row in ir_report.items():
         if "bf16" in kernel:  # 16-bit products: no fp32 dot
             assert row["dots"] == [], kernel
         elif "preprocess" not in kernel or "joint3" in kernel or "peer" in kernel:
             assert row["dots"], kernel
-        assert set(row["dots"]) <= {F32_PRECISION.value}, (kernel, row["dots"])
+        dim = 256 if "d256" in kernel else 64
+        expected = "" if "bf16" in kernel else f32_precision(
+            torch.float32, dim, dim, kernel.split()[0].replace("bwd_", ""))
+        assert row["precision"] == expected, (kernel, row["precision"])
+        assert set(row["dots"]) <= {expected}, (kernel, row["dots"])
 
 
 def test_row_offsets_are_64_bit(ir_report):

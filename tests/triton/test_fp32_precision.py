@@ -1,16 +1,17 @@
-"""The evidence behind tiles.F32_PRECISION ("tf32x3" for every fp32 product of the kernels). The
+"""The evidence behind utils.f32_precision (the input precision of the fp32 products of each
+kernel: "tf32x3", and "ieee" for dK/dV above padded head dim 128). The
 interpreter computes dots in numpy fp32 whatever the precision, so this emulates the products as
 the GPU computes them (Triton's 3xTF32: each fp32 operand split into a TF32 high part, rounded
 to nearest, and a TF32 remainder; hi*hi + hi*lo + lo*hi accumulated in fp32) in the attention
 forward and backward the kernels compute (scores, P V, dO V^T, dS K, dS^T Q, P^T dO, and the
 gate gradient's sum over rows of dO * U) and measures them against float64: within SPEC section
 8's 1e-4 with margin, within 2x of IEEE fp32's own error, while plain TF32 is 100x off. That the
-kernels really compile their fp32 dots with F32_PRECISION is checked on the compiled TTIR
-(test_compiled_ir.py)."""
+kernels really compile their fp32 dots with the precision f32_precision gives is checked on the
+compiled TTIR (test_compiled_ir.py)."""
 import pytest
 import torch
 
-from peer_attention.triton_kernels.tiles import F32_PRECISION
+from peer_attention.triton_kernels.utils import TF32X3_DKDV_MAX_DIM, f32_precision, padded_dim
 
 FP32_BOUND = 1e-4  # SPEC section 8, float32 vs the float64 reference
 
@@ -51,7 +52,6 @@ def _errors(length, dim, precision):
 
 @pytest.mark.parametrize("length,dim", [(1024, 256), (2048, 64)])
 def test_3xtf32_meets_the_fp32_bound(length, dim):
-    assert F32_PRECISION.value == "tf32x3"
     ieee = _errors(length, dim, "ieee")
     x3 = _errors(length, dim, "tf32x3")
     tf32 = _errors(length, dim, "tf32")
@@ -59,3 +59,27 @@ def test_3xtf32_meets_the_fp32_bound(length, dim):
         assert x3[name] < FP32_BOUND / 10, (name, x3[name])
         assert x3[name] < 2 * ieee[name] + 1e-7, (name, x3[name], ieee[name])
         assert tf32[name] > FP32_BOUND, (name, tf32[name])  # why never plain TF32
+
+
+# what each kernel computes with its products (the decode kernel: the forward's out)
+KERNEL_OUTPUTS = {"fwd": ("out",), "decode": ("out",), "bwd_preprocess": ("dgate",),
+                  "bwd_dq": ("dq",), "bwd_dkdv": ("dk", "dv")}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_OUTPUTS))
+@pytest.mark.parametrize("dim", [40, 128, 200, 256])
+def test_each_kernels_precision_meets_the_fp32_bound(kernel, dim):
+    """Per kernel and head dim: the precision f32_precision gives (the F32_DOT flag every fp32
+    launch of the forward, backward and decode kernels takes) computes that kernel's results
+    within SPEC section 8's fp32 bound, with margin (the products emulated as the GPU
+    computes them; IEEE is torch's fp32 matmul)."""
+    name = kernel.replace("bwd_", "")
+    precision = f32_precision(torch.float32, padded_dim(dim), padded_dim(dim), name)
+    ieee = name == "dkdv" and padded_dim(dim) > TF32X3_DKDV_MAX_DIM
+    assert precision == ("ieee" if ieee else "tf32x3")
+    # 16-bit inputs: plain tensor-core products (the interpreter, where this runs: fp32 ones)
+    assert f32_precision(torch.bfloat16, padded_dim(dim), padded_dim(dim), name) in ("",
+                                                                                  precision)
+    errors = _errors(1024, dim, precision)
+    for name in KERNEL_OUTPUTS[kernel]:
+        assert errors[name] < FP32_BOUND / 10, (kernel, dim, precision, name, errors[name])

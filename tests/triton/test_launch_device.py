@@ -64,3 +64,28 @@ def test_every_launch_runs_under_the_inputs_device(monkeypatch):
         ("enter", device), ("launch", "fwd"), ("exit", device), ("backward", None),
         ("enter", device), ("launch", "preprocess"), ("launch", "dq"), ("launch", "dkdv"),
         ("exit", device)], events
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    """Outside the interpreter the launch path never sees CPU tensors: the backend declines them
+    with an error naming the fix (a subprocess: this one runs with TRITON_INTERPRET set, and
+    without a visible GPU there as here)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, peer_attention as pa\n"
+            "q = torch.randn(1, 2, 8, 16)\n"
+            "try:\n"
+            "    pa.scaled_dot_product_attention(q, q, q, backend='triton')\n"
+            "except NotImplementedError as exc:\n"
+            "    print(exc)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)" in result.stdout, \
+        result.stdout
