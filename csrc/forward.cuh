@@ -12,6 +12,7 @@
 //           delta_p = <dO * gate[s, p], U_p> per row.
 // Causal self pairs stop at the last key a row of the tile can see (tile skipping).
 #pragma once
+#include "forward_plain.cuh"
 #include "kernel_common.cuh"
 
 namespace peer_attention {
@@ -317,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
 }
 
 template <int D, typename T, bool kFeatures>
-cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream) {
+cudaError_t launch_forward_kernel(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = ForwardConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
@@ -330,6 +331,17 @@ cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stre
   if (blocks == 0) return cudaErrorInvalidConfiguration;
   kernel<<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+
+template <int D, typename T, bool kFeatures>
+cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream) {
+  // the plain path up to D = 128: FlashAttention-2's tile shape (forward_plain.cuh)
+  if constexpr (!kFeatures && D <= 128) {
+    return run_forward_plain<D, T>(params, stream);
+  } else {
+    return launch_forward_kernel<D, T, kFeatures>(params, stream);
+  }
 }
 
 }  // namespace peer_attention

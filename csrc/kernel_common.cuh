@@ -127,26 +127,28 @@ struct TileCopy {
 // Which thread copies which chunk does not matter to the readers: they read after
 // cp_async_wait + __syncthreads.
 // kStepped = false keeps the per-chunk loop (see dkdv_kernel: fewer spills there on sm_89).
-template <int ROWS, int D, typename T, bool kStepped = true>
+// kAllRows: the caller knows valid_rows >= ROWS (a tile inside the keys; no row test).
+template <int ROWS, int D, typename T, bool kStepped = true, bool kAllRows = false>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t row_stride,
                                                 int valid_rows, int valid_cols, const T* safe) {
   using Copy = TileCopy<ROWS, D>;
   if constexpr (Copy::kFixedColumn && kStepped) {
     const int row0 = Copy::row(threadIdx.x, 0), col = Copy::col(threadIdx.x);
     const bool col_ok = col < valid_cols;
-    const T* src = gmem + row0 * row_stride + col;
-    const int64_t step = Copy::kRowStep * row_stride;
+    // a column past valid_cols reads nothing: its pointer stays at `safe`, not stepped
+    const T* src = col_ok ? gmem + row0 * row_stride + col : safe;
+    const int64_t step = col_ok ? Copy::kRowStep * row_stride : 0;
 #pragma unroll
-    for (int i = 0; i < Copy::kCopies; ++i) {
+    for (int i = 0; i < Copy::kCopies; ++i, src += step) {
       const int row = row0 + i * Copy::kRowStep;
-      const bool valid = col_ok && row < valid_rows;
-      cp_async_16(tile + swizzle<D>(row, col), valid ? src + i * step : safe, valid);
+      const bool row_ok = kAllRows || row < valid_rows;
+      cp_async_16(tile + swizzle<D>(row, col), row_ok ? src : safe, col_ok && row_ok);
     }
   } else {
     constexpr int kChunks = D / 8;
     for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
       const int row = idx / kChunks, col = (idx % kChunks) * 8;
-      const bool valid = row < valid_rows && col < valid_cols;
+      const bool valid = (kAllRows || row < valid_rows) && col < valid_cols;
       const T* src = valid ? gmem + row * row_stride + col : safe;
       cp_async_16(tile + swizzle<D>(row, col), src, valid);
     }
@@ -223,6 +225,74 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* a_tile,
   }
 }
 
+// ldmatrix byte offsets in a swizzled tile whose rows are whole 8-chunk swizzle groups (D a
+// multiple of 64: 2D bytes per row, a multiple of 128). The swizzle XORs the chunk's low 3
+// bits with row & 7, and in load_a / load_b_from_nk / load_b_from_kn the row's low 3 bits are
+// lane & 7 (row bases are multiples of 16), so the offset of a fragment is the lane's offset
+// for k0 = 0, XORed with ((k0 / 8) & 7) * 16 (bits 4-6) plus multiples of 128 bytes (k0 / 64
+// groups, rows): one LOP3 per k step instead of the swizzle arithmetic per ldmatrix. The same
+// element offsets as swizzle<D> (tests/cuda/test_forward_plain.py checks every lane, row, k0).
+template <int D>
+struct LdsmOffsets {
+  static_assert(D % 64 == 0, "8-chunk swizzle groups");
+  // lane parts (bytes, k0 = 0, row base 0): load_a, load_b_from_nk, load_b_from_kn
+  __host__ __device__ static constexpr int a(int lane) {
+    return (lane & 15) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
+  }
+  __host__ __device__ static constexpr int b_nk(int lane) {
+    return ((lane & 7) + ((lane >> 4) << 3)) * 2 * D + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+  }
+  __host__ __device__ static constexpr int b_kn(int lane) {
+    return ((lane & 7) + (((lane >> 3) & 1) << 3)) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
+  }
+  // fragment at (row base `row`, multiple of 16; column base `k`, multiple of 16); for b_kn the
+  // row is k0 and the column n0
+  __host__ __device__ static constexpr int at(int lane_part, int row, int k) {
+    return (lane_part ^ (((k >> 3) & 7) << 4)) + row * 2 * D + (k >> 6) * 128;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ const T* byte_offset(const T* tile, int bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(tile) + bytes);
+}
+
+// MT row tiles of 16 at once (rows a_row0 + 16 * mt): acc[mt] (16 x N) += A_mt * B^T, B
+// ([n][k], rows 0..N-1 of b_tile) loaded once per k step for all MT row tiles, which halves the
+// ldmatrix per mma at MT = 2 (FlashAttention-2's 32 query rows per warp).
+template <int MT, int N, int D, typename T>
+__device__ __forceinline__ void gemm_nt_rows(float (&acc)[MT][N / 8][4], const T* a_tile,
+                                             int a_row0, const T* b_tile, int lane) {
+#pragma unroll
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if constexpr (D % 64 == 0) {
+        using Off = LdsmOffsets<D>;
+        ldmatrix_x4(a[mt], byte_offset(a_tile, Off::at(Off::a(lane), a_row0 + 16 * mt, k0)));
+      } else {
+        load_a<D>(a[mt], a_tile, a_row0 + 16 * mt, k0, lane);
+      }
+    }
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 16) {
+      uint32_t b[4];
+      if constexpr (D % 64 == 0) {
+        using Off = LdsmOffsets<D>;
+        ldmatrix_x4(b, byte_offset(b_tile, Off::at(Off::b_nk(lane), n0, k0)));
+      } else {
+        load_b_from_nk<D>(b, b_tile, n0, k0, lane);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        DTypeOps<T>::mma(acc[mt][n0 / 8], a[mt], b[0], b[1]);
+        DTypeOps<T>::mma(acc[mt][n0 / 8 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // C fragments of 16 x K (fp32) -> A fragments of the same 16 x K matrix in 16 bits.
 template <int K, typename T>
 __device__ __forceinline__ void pack_a(uint32_t (&a)[K / 16][4], const float (&c)[K / 8][4]) {
@@ -257,6 +327,32 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[NOUT / 8][4], const uint32_
       }
       DTypeOps<T>::mma(acc[n0 / 8], a[kk], b[0], b[1]);
       DTypeOps<T>::mma(acc[n0 / 8 + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// MT row tiles: acc[mt] (16 x NOUT) += A_mt (16 x K, registers) * B (b_tile rows 0..K-1,
+// [k][n], columns 0..NOUT-1), each B fragment loaded once for all MT row tiles.
+template <int MT, int K, int D, int NOUT, typename T>
+__device__ __forceinline__ void gemm_rs_rows(float (&acc)[MT][NOUT / 8][4],
+                                             const uint32_t (&a)[MT][K / 16][4],
+                                             const T* b_tile, int lane) {
+#pragma unroll
+  for (int n0 = 0; n0 < NOUT; n0 += 16) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      uint32_t b[4];
+      if constexpr (D % 64 == 0) {
+        using Off = LdsmOffsets<D>;
+        ldmatrix_x4_trans(b, byte_offset(b_tile, Off::at(Off::b_kn(lane), kk * 16, n0)));
+      } else {
+        load_b_from_kn<D>(b, b_tile, kk * 16, n0, lane);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        DTypeOps<T>::mma(acc[mt][n0 / 8], a[mt][kk], b[0], b[1]);
+        DTypeOps<T>::mma(acc[mt][n0 / 8 + 1], a[mt][kk], b[2], b[3]);
+      }
     }
   }
 }
@@ -315,6 +411,24 @@ __device__ __forceinline__ int key_limit(const AttentionParams& p, int b, int st
 __device__ __forceinline__ int causal_offset(const AttentionParams& p, int s) {
   if (!p.bottom_right) return 0;
   return (p.kv_offsets[s + 1] - p.kv_offsets[s]) - (p.q_offsets[s + 1] - p.q_offsets[s]);
+}
+
+// How many leading key tiles [0, n) of a peer need no masking for a query block whose rows
+// (within stream s) start at q_row0: every key j of such a tile is below `limit` and, on a
+// causal self pair, j <= i + diag for every row i >= q_row0 of the block (q_row0 decides).
+// The tiles [n, ntiles) take the masked path. Host-callable: tests/cuda/test_forward_plain.py
+// checks it against the per-element mask.
+__host__ __device__ __forceinline__ int unmasked_key_tiles(int ntiles, int limit,
+                                                           bool causal_pair, int q_row0,
+                                                           int diag, int block_keys) {
+  int n = limit / block_keys;  // limit >= 0: tiles that end at or before the limit
+  n = n < ntiles ? n : ntiles;
+  if (causal_pair) {
+    const int reach = q_row0 + diag + 1;  // keys [0, reach) are visible to row q_row0
+    const int full = reach > 0 ? reach / block_keys : 0;
+    n = n < full ? n : full;
+  }
+  return n > 0 ? n : 0;
 }
 
 // Query-major blocks (forward, dQ): thread `tid` < S plans peer `tid` of stream s for the block

@@ -47,9 +47,11 @@ cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t 
 template <int D, typename T, bool kFeatures>
 cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream);
 
+// the plain forward up to D = 128 (forward_plain.cuh) folds the scale into the exponent, which
+// needs 0 < scale * log2(e) < inf; any other scale takes the general kernel
 inline bool forward_needs_features(const AttentionParams& p) {
   return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer ||
-         p.recompute;
+         p.recompute || !(p.scale_log2 > 0.f && p.scale_log2 <= 3.4e38f);
 }
 
 inline bool dq_needs_features(const AttentionParams& p) {

@@ -129,8 +129,10 @@ def _opcode(text: str) -> str:
 
 
 def main_loop(instructions: List[Tuple[int, str]]) -> LoopStats:
-    """Statistics of the loop (backward branch) with the most HMMA; ties: the shortest."""
-    best = LoopStats()
+    """Statistics of the innermost loop (backward branch) with the most HMMA; ties: the
+    shortest. Innermost: a loop that holds another loop with HMMA (the per-peer loop around the
+    plain forward's unmasked and masked tile loops) is not a candidate."""
+    loops = []
     for address, text in instructions:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if not target or int(target.group(1), 16) >= address:
@@ -142,6 +144,12 @@ def main_loop(instructions: List[Tuple[int, str]]) -> LoopStats:
                           sum(op.startswith("LDSM") for op in body),
                           sum(op.startswith("BRA") for op in body),
                           sum(op.startswith(("LDL", "STL")) for op in body))
+        loops.append((start, address, stats))
+    best = LoopStats()
+    for start, end, stats in loops:
+        if any(start <= s and e <= end and (s, e) != (start, end) and inner.hmma
+               for s, e, inner in loops):
+            continue
         if (stats.hmma, -stats.instructions) > (best.hmma, -best.instructions):
             best = stats
     return best
@@ -225,6 +233,8 @@ OURS_PROBE = r"""
 #include "launch.h"
 using namespace peer_attention;
 template <int D, typename T> void print(const char* dtype) {
+  if constexpr (D <= 128)
+    std::printf("forward_plain_kernel %d %s %d %d\n", D, dtype, ForwardPlainConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("forward_kernel %d %s %d %d\n", D, dtype, ForwardConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("dq_kernel %d %s %d %d\n", D, dtype, DqConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("dkdv_kernel %d %s %d %d\n", D, dtype, DkdvConfig<D>::template smem_bytes<T>(), kThreads);

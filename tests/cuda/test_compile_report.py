@@ -83,8 +83,9 @@ def _has_tools():
 @pytest.mark.skipif(not _has_tools(), reason="needs nvcc and cuobjdump")
 def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
-    assert {r.kernel for r in rows} == {f"{k}_kernel {v}" for k in ("forward", "dq", "dkdv")
-                                        for v in ("plain", "features")}
+    # the plain forward up to D = 128 is its own kernel (forward_plain.cuh)
+    assert {r.kernel for r in rows} == {"forward_plain_kernel", "forward_kernel features"} | {
+        f"{k}_kernel {v}" for k in ("dq", "dkdv") for v in ("plain", "features")}
     for r in rows:
         assert r.head_dim == 32 and r.dtype == "fp16" and r.threads == 128
         assert 0 < r.registers <= 255 and r.spill_bytes == 0, r
@@ -96,7 +97,11 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     for kernel in plain:  # the plain path's loop is shorter: the features are compiled out
         assert plain[kernel].loop["instructions"] < features[kernel].loop["instructions"]
         assert plain[kernel].loop["hmma"] == features[kernel].loop["hmma"]
-    assert "| sm80 | forward_kernel plain | 32 | fp16 |" in report.format_row(plain["forward_kernel"])
+    assert "| sm80 | dq_kernel plain | 32 | fp16 |" in report.format_row(plain["dq_kernel"])
+    # 32 query rows per warp: twice the mma per key tile, fewer instructions per mma
+    fwd = next(r for r in rows if r.kernel == "forward_plain_kernel")
+    assert fwd.loop["hmma"] == 2 * features["forward_kernel"].loop["hmma"]
+    assert fwd.loop["per_hmma"] < features["forward_kernel"].loop["per_hmma"]
 
 
 def test_instantiation_names():
@@ -121,3 +126,4 @@ def test_backend_shared_memory_constant_matches_the_kernels(tmp_path):
     needed = max(smem[(k, 256, t)] for k in ("dq_kernel", "dkdv_kernel") for t in ("fp16", "bf16"))
     assert needed == BACKWARD_256_SMEM_BYTES
     assert max(v for (k, d, t), v in smem.items() if d <= 128 or k == "forward_kernel") <= 101376
+    assert {d for (k, d, t) in smem if k == "forward_plain_kernel"} == {32, 64, 96, 128}
