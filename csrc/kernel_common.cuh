@@ -95,15 +95,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Element offset of (row, col) in a rows x D tile of 16-bit values. The 16-byte chunk index is
-// XORed with the row (within aligned groups of 8 chunks, or 4 when D/8 is not a multiple of 8)
-// so that the 8 row addresses of one ldmatrix phase fall in different banks.
+// Element offset of (row, col) in a rows x D tile of 16-bit values: the 16-byte chunk index is
+// XORed with a function of the row so that the 8 row addresses of one ldmatrix phase (8
+// consecutive rows, one chunk column) fall in 8 different 16-byte bank groups:
+// - D / 8 a multiple of 8 (rows of 128 B multiples): chunk ^ (row & 7) within aligned groups of 8;
+// - D = 32 or 96 (rows of 64 or 192 B: two rows cover the 128 B of banks at offsets 0 and 64):
+//   chunk ^ ((row >> 1) & 3) within aligned groups of 4; the bank group of row r is then
+//   4 * ((r + chunk / 4) & 1) + ((chunk & 3) ^ ((r >> 1) & 3)), distinct for 8 consecutive rows
+//   (XOR with row & 3, as before, put rows r and r + 4 in the same banks: 2-way conflicts).
+// tests/cuda/test_forward_plain.py checks every phase of load_a / load_b_* for every D.
 template <int D>
 __host__ __device__ __forceinline__ int swizzle(int row, int col) {
   constexpr int kChunks = D / 8;
-  constexpr int kMask = (kChunks % 8 == 0) ? 7 : 3;
-  static_assert(kChunks % (kMask + 1) == 0, "the swizzle must stay inside the row");
-  return row * D + ((((col >> 3) ^ (row & kMask)) << 3) | (col & 7));
+  if constexpr (kChunks % 8 == 0) {
+    return row * D + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+  } else {
+    static_assert(kChunks % 4 == 0, "the swizzle must stay inside the row");
+    return row * D + ((((col >> 3) ^ ((row >> 1) & 3)) << 3) | (col & 7));
+  }
 }
 
 // Which 16-byte chunks of a ROWS x D tile thread `tid` copies. When the threads of a block
