@@ -270,7 +270,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   // 5.8 instructions per HMMA, spills 52 vs 96 B; sm_89 104 vs 352 B; features sm_89 19 vs 2
   // LDL+STL in the loop
   constexpr bool kStepped = !kFeatures;
-  auto load_q = [&](int qs, int tile, int stage) {
+  static_assert(BM <= kThreads, "one query row's lse and delta per thread");
+  // Q and dO of a query tile by cp.async; its lse and delta (row tid) into registers: they are
+  // stored to shared memory (store_rows) only after the current tile's products, so the global
+  // load's latency hides behind them instead of stalling the tile's start
+  auto load_q = [&](int qs, int tile, int stage, float2& rows) {
     const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
     const int row0 = tile * BM, packed0 = p.q_offsets[qs] + row0;
     load_tile_async<BM, D, T, kStepped>(q_tiles + stage * BM * D,
@@ -280,11 +284,16 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
                                         do_base + static_cast<int64_t>(packed0) * p.value_dim,
                                         p.value_dim, q_len - row0, p.value_dim,
                                         static_cast<const T*>(p.dout));
-    for (int i = tid; i < BM; i += kThreads) {
-      const bool ok = row0 + i < q_len;
-      const int64_t at = lse_row_index(p, per_peer, b, h, kp, packed0 + i);
-      offset_s[stage * BM + i] = ok ? lse_to_log2_offset(p.lse[at]) : INFINITY;
-      delta_s[stage * BM + i] = ok ? p.delta[at] : 0.f;
+    rows = make_float2(INFINITY, 0.f);  // rows past the stream: P = 0, delta = 0
+    if (tid < BM && row0 + tid < q_len) {
+      const int64_t at = lse_row_index(p, per_peer, b, h, kp, packed0 + tid);
+      rows = make_float2(p.lse[at], p.delta[at]);
+    }
+  };
+  auto store_rows = [&](int stage, float2 rows) {  // log2-domain lse offset, delta
+    if (tid < BM) {
+      offset_s[stage * BM + tid] = lse_to_log2_offset(rows.x);
+      delta_s[stage * BM + tid] = rows.y;
     }
   };
 
@@ -303,7 +312,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
                            p.head_dim, static_cast<const T*>(p.k));
     load_tile_async<BN, D>(v_tile, v_base + row0 * p.v_strides[2], p.v_strides[2], rows,
                            p.value_dim, static_cast<const T*>(p.v));
-    load_q(qs, tile, 0);
+    float2 first_rows;
+    load_q(qs, tile, 0, first_rows);
+    store_rows(0, first_rows);
     cp_async_commit();
   }
 
@@ -321,8 +332,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
       }
       bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
     }
+    float2 next_rows;
     if (next < S) {
-      load_q(next, next_tile, stage ^ 1);
+      load_q(next, next_tile, stage ^ 1, next_rows);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -369,6 +381,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     uint32_t dsf[BM / 16][4];
     pack_a<BM, T>(dsf, dpt);
     gemm_rs<BM, D, NACC, T>(dk, dsf, q_tile, channel0, nullptr, lane);
+    // stage ^ 1's rows were last read before the previous iteration's closing barrier, and are
+    // next read after this one's
+    if (next < S) store_rows(stage ^ 1, next_rows);
 
     __syncthreads();
     qs = next;
