@@ -47,7 +47,7 @@ __device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, bool 
                   : bh * p.total_q + packed_row;
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p) {
   using Cfg = DqConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
@@ -73,9 +73,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   // compile-time feature switch (see forward_kernel): none of these in the plain instantiation
   const bool has_gate = kFeatures && p.gate != nullptr;
   const bool has_bias = kFeatures && p.bias != nullptr;
-  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool has_mask = kMask && p.mask != nullptr;  // kMask implies kFeatures
   const bool per_peer = kFeatures && p.per_peer;
-  float* const dmask = kFeatures ? p.dmask : nullptr;
+  float* const dmask = kMask ? p.dmask : nullptr;
   float* const dbias = kFeatures ? p.dbias : nullptr;
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   }
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
   using Cfg = DkdvConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   // compile-time feature switch (see forward_kernel): none of these in the plain instantiation
   const bool has_gate = kFeatures && p.gate != nullptr;
   const bool has_bias = kFeatures && p.bias != nullptr;
-  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool has_mask = kMask && p.mask != nullptr;  // kMask implies kFeatures
   const bool per_peer = kFeatures && p.per_peer;
 
   if (tid < S) {
@@ -424,14 +424,14 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   }
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DqConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dq_kernel<D, T, kFeatures>;
+  auto kernel = dq_kernel<D, T, kFeatures, kMask>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
@@ -440,7 +440,7 @@ cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t 
   return cudaGetLastError();
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DkdvConfig<D>;
   AttentionParams p = params;
@@ -448,7 +448,7 @@ cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_
       fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dkdv_kernel<D, T, kFeatures>;
+  auto kernel = dkdv_kernel<D, T, kFeatures, kMask>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads * Cfg::kParts, p.batch);

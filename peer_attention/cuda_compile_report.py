@@ -293,12 +293,15 @@ def demangled(names: List[str]) -> Dict[str, str]:
 
 def _describe(name: str) -> Tuple[str, int, str]:
     """(kernel, head dim, dtype) of a demangled instantiation name; the kernel name carries its
-    feature switch ("forward_kernel plain" for kFeatures = false, "... features" for true)."""
-    found = re.search(r"(\w+)<(\d+), ([\w:]+)(?:, (true|false))?>", name)
+    feature switches ("forward_kernel plain" for kFeatures = false, "... features" for true,
+    "... features+mask" when kMask is true too)."""
+    found = re.search(r"(\w+)<(\d+), ([\w:]+)(?:, (true|false))?(?:, (true|false))?>", name)
     if found:
         kernel = found.group(1)
         if found.group(4):
             kernel += " plain" if found.group(4) == "false" else " features"
+            if found.group(5) == "true":
+                kernel += "+mask"
         return kernel, int(found.group(2)), DTYPE_NAMES.get(found.group(3), found.group(3))
     return re.sub(r"\(.*", "", name).split("::")[-1], 0, "-"
 

@@ -84,8 +84,9 @@ def _has_tools():
 def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
     # the plain forward up to D = 128 is its own kernel (forward_plain.cuh)
-    assert {r.kernel for r in rows} == {"forward_plain_kernel", "forward_kernel features"} | {
-        f"{k}_kernel {v}" for k in ("dq", "dkdv") for v in ("plain", "features")}
+    assert {r.kernel for r in rows} == {"forward_plain_kernel", "forward_kernel features",
+                                        "forward_kernel features+mask"} | {
+        f"{k}_kernel {v}" for k in ("dq", "dkdv") for v in ("plain", "features", "features+mask")}
     for r in rows:
         assert r.head_dim == 32 and r.dtype == "fp16" and r.threads == 128
         assert 0 < r.registers <= 255 and r.spill_bytes == 0, r
@@ -94,9 +95,13 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
         assert r.loop["instructions"] > r.loop["hmma"]
     plain = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("plain")}
     features = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("features")}
+    masks = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("features+mask")}
     for kernel in plain:  # the plain path's loop is shorter: the features are compiled out
         assert plain[kernel].loop["instructions"] < features[kernel].loop["instructions"]
         assert plain[kernel].loop["hmma"] == features[kernel].loop["hmma"]
+    for kernel in features:  # and the features one without the attn_mask code
+        assert features[kernel].loop["instructions"] < masks[kernel].loop["instructions"]
+        assert features[kernel].loop["hmma"] == masks[kernel].loop["hmma"]
     assert "| sm80 | dq_kernel plain | 32 | fp16 |" in report.format_row(plain["dq_kernel"])
     # 32 query rows per warp: twice the mma per key tile, fewer instructions per mma
     fwd = next(r for r in rows if r.kernel == "forward_plain_kernel")
@@ -112,6 +117,10 @@ def test_instantiation_names():
                     "(peer_attention::AttentionParams)") == ("dkdv_kernel features", 96, "bf16")
     assert describe("void peer_attention::dq_kernel<64, __half>(peer_attention::AttentionParams)"
                     ) == ("dq_kernel", 64, "fp16")
+    assert describe("void peer_attention::dq_kernel<64, __half, true, true>"
+                    "(peer_attention::AttentionParams)") == ("dq_kernel features+mask", 64, "fp16")
+    assert describe("void peer_attention::dq_kernel<64, __half, true, false>"
+                    "(peer_attention::AttentionParams)") == ("dq_kernel features", 64, "fp16")
 
 
 @pytest.mark.skipif(not _has_tools(), reason="needs nvcc")
