@@ -164,12 +164,50 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t 
   }
 }
 
+// ldmatrix byte offsets (load_a, load_b_from_nk, load_b_from_kn for every kernel) in a
+// swizzled tile whose rows are whole 8-chunk swizzle groups (D a
+// multiple of 64: 2D bytes per row, a multiple of 128). The swizzle XORs the chunk's low 3
+// bits with row & 7, and in load_a / load_b_from_nk / load_b_from_kn the row's low 3 bits are
+// lane & 7 (row bases are multiples of 16), so the offset of a fragment is the lane's offset
+// for k0 = 0, XORed with ((k0 / 8) & 7) * 16 (bits 4-6) plus multiples of 128 bytes (k0 / 64
+// groups, rows): one LOP3 per k step instead of the swizzle arithmetic per ldmatrix. The same
+// element offsets as swizzle<D> (tests/cuda/test_forward_plain.py checks every lane, row, k0).
+template <int D>
+struct LdsmOffsets {
+  static_assert(D % 64 == 0, "8-chunk swizzle groups");
+  // lane parts (bytes, k0 = 0, row base 0): load_a, load_b_from_nk, load_b_from_kn
+  __host__ __device__ static constexpr int a(int lane) {
+    return (lane & 15) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
+  }
+  __host__ __device__ static constexpr int b_nk(int lane) {
+    return ((lane & 7) + ((lane >> 4) << 3)) * 2 * D + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+  }
+  __host__ __device__ static constexpr int b_kn(int lane) {
+    return ((lane & 7) + (((lane >> 3) & 1) << 3)) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
+  }
+  // fragment at (row base `row`, multiple of 16; column base `k`, multiple of 16); for b_kn the
+  // row is k0 and the column n0
+  __host__ __device__ static constexpr int at(int lane_part, int row, int k) {
+    return (lane_part ^ (((k >> 3) & 7) << 4)) + row * 2 * D + (k >> 6) * 128;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ const T* byte_offset(const T* tile, int bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(tile) + bytes);
+}
+
 // A fragment: rows row0..row0+15, columns k0..k0+15 of a tile.
+// (row0, k0, n0: multiples of 16; D % 64 == 0 uses the XOR-stepped offsets of LdsmOffsets.)
 template <int D, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0,
                                        int lane) {
-  const int row = row0 + (lane & 15), col = k0 + ((lane >> 4) << 3);
-  ldmatrix_x4(a, tile + swizzle<D>(row, col));
+  if constexpr (D % 64 == 0) {
+    ldmatrix_x4(a, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::a(lane), row0, k0)));
+  } else {
+    const int row = row0 + (lane & 15), col = k0 + ((lane >> 4) << 3);
+    ldmatrix_x4(a, tile + swizzle<D>(row, col));
+  }
 }
 
 // B fragments of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8..n0+15 -> b[2], b[3]) for k0..k0+15,
@@ -177,18 +215,27 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0
 template <int D, typename T>
 __device__ __forceinline__ void load_b_from_nk(uint32_t (&b)[4], const T* tile, int n0, int k0,
                                                int lane) {
-  const int row = n0 + (lane & 7) + ((lane >> 4) << 3);
-  const int col = k0 + (((lane >> 3) & 1) << 3);
-  ldmatrix_x4(b, tile + swizzle<D>(row, col));
+  if constexpr (D % 64 == 0) {
+    ldmatrix_x4(b, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_nk(lane), n0, k0)));
+  } else {
+    const int row = n0 + (lane & 7) + ((lane >> 4) << 3);
+    const int col = k0 + (((lane >> 3) & 1) << 3);
+    ldmatrix_x4(b, tile + swizzle<D>(row, col));
+  }
 }
 
 // The same two n-tiles from a tile stored as [k][n] (B = tile), via the transposing ldmatrix.
 template <int D, typename T>
 __device__ __forceinline__ void load_b_from_kn(uint32_t (&b)[4], const T* tile, int k0, int n0,
                                                int lane) {
-  const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3);
-  const int col = n0 + ((lane >> 4) << 3);
-  ldmatrix_x4_trans(b, tile + swizzle<D>(row, col));
+  if constexpr (D % 64 == 0) {
+    ldmatrix_x4_trans(b,
+                      byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_kn(lane), k0, n0)));
+  } else {
+    const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int col = n0 + ((lane >> 4) << 3);
+    ldmatrix_x4_trans(b, tile + swizzle<D>(row, col));
+  }
 }
 
 template <typename T>
@@ -234,38 +281,6 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* a_tile,
   }
 }
 
-// ldmatrix byte offsets in a swizzled tile whose rows are whole 8-chunk swizzle groups (D a
-// multiple of 64: 2D bytes per row, a multiple of 128). The swizzle XORs the chunk's low 3
-// bits with row & 7, and in load_a / load_b_from_nk / load_b_from_kn the row's low 3 bits are
-// lane & 7 (row bases are multiples of 16), so the offset of a fragment is the lane's offset
-// for k0 = 0, XORed with ((k0 / 8) & 7) * 16 (bits 4-6) plus multiples of 128 bytes (k0 / 64
-// groups, rows): one LOP3 per k step instead of the swizzle arithmetic per ldmatrix. The same
-// element offsets as swizzle<D> (tests/cuda/test_forward_plain.py checks every lane, row, k0).
-template <int D>
-struct LdsmOffsets {
-  static_assert(D % 64 == 0, "8-chunk swizzle groups");
-  // lane parts (bytes, k0 = 0, row base 0): load_a, load_b_from_nk, load_b_from_kn
-  __host__ __device__ static constexpr int a(int lane) {
-    return (lane & 15) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
-  }
-  __host__ __device__ static constexpr int b_nk(int lane) {
-    return ((lane & 7) + ((lane >> 4) << 3)) * 2 * D + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
-  }
-  __host__ __device__ static constexpr int b_kn(int lane) {
-    return ((lane & 7) + (((lane >> 3) & 1) << 3)) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
-  }
-  // fragment at (row base `row`, multiple of 16; column base `k`, multiple of 16); for b_kn the
-  // row is k0 and the column n0
-  __host__ __device__ static constexpr int at(int lane_part, int row, int k) {
-    return (lane_part ^ (((k >> 3) & 7) << 4)) + row * 2 * D + (k >> 6) * 128;
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ const T* byte_offset(const T* tile, int bytes) {
-  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(tile) + bytes);
-}
-
 // MT row tiles of 16 at once (rows a_row0 + 16 * mt): acc[mt] (16 x N) += A_mt * B^T, B
 // ([n][k], rows 0..N-1 of b_tile) loaded once per k step for all MT row tiles, which halves the
 // ldmatrix per mma at MT = 2 (FlashAttention-2's 32 query rows per warp).
@@ -276,23 +291,11 @@ __device__ __forceinline__ void gemm_nt_rows(float (&acc)[MT][N / 8][4], const T
   for (int k0 = 0; k0 < D; k0 += 16) {
     uint32_t a[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      if constexpr (D % 64 == 0) {
-        using Off = LdsmOffsets<D>;
-        ldmatrix_x4(a[mt], byte_offset(a_tile, Off::at(Off::a(lane), a_row0 + 16 * mt, k0)));
-      } else {
-        load_a<D>(a[mt], a_tile, a_row0 + 16 * mt, k0, lane);
-      }
-    }
+    for (int mt = 0; mt < MT; ++mt) load_a<D>(a[mt], a_tile, a_row0 + 16 * mt, k0, lane);
 #pragma unroll
     for (int n0 = 0; n0 < N; n0 += 16) {
       uint32_t b[4];
-      if constexpr (D % 64 == 0) {
-        using Off = LdsmOffsets<D>;
-        ldmatrix_x4(b, byte_offset(b_tile, Off::at(Off::b_nk(lane), n0, k0)));
-      } else {
-        load_b_from_nk<D>(b, b_tile, n0, k0, lane);
-      }
+      load_b_from_nk<D>(b, b_tile, n0, k0, lane);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         DTypeOps<T>::mma(acc[mt][n0 / 8], a[mt], b[0], b[1]);
@@ -351,12 +354,7 @@ __device__ __forceinline__ void gemm_rs_rows(float (&acc)[MT][NOUT / 8][4],
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
       uint32_t b[4];
-      if constexpr (D % 64 == 0) {
-        using Off = LdsmOffsets<D>;
-        ldmatrix_x4_trans(b, byte_offset(b_tile, Off::at(Off::b_kn(lane), kk * 16, n0)));
-      } else {
-        load_b_from_kn<D>(b, b_tile, kk * 16, n0, lane);
-      }
+      load_b_from_kn<D>(b, b_tile, kk * 16, n0, lane);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         DTypeOps<T>::mma(acc[mt][n0 / 8], a[mt][kk], b[0], b[1]);
