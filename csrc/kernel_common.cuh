@@ -164,31 +164,40 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t 
   }
 }
 
-// ldmatrix byte offsets (load_a, load_b_from_nk, load_b_from_kn for every kernel) in a
-// swizzled tile whose rows are whole 8-chunk swizzle groups (D a
-// multiple of 64: 2D bytes per row, a multiple of 128). The swizzle XORs the chunk's low 3
-// bits with row & 7, and in load_a / load_b_from_nk / load_b_from_kn the row's low 3 bits are
-// lane & 7 (row bases are multiples of 16), so the offset of a fragment is the lane's offset
-// for k0 = 0, XORed with ((k0 / 8) & 7) * 16 (bits 4-6) plus multiples of 128 bytes (k0 / 64
-// groups, rows): one LOP3 per k step instead of the swizzle arithmetic per ldmatrix. The same
-// element offsets as swizzle<D> (tests/cuda/test_forward_plain.py checks every lane, row, k0).
+// ldmatrix byte offsets (load_a, load_b_from_nk, load_b_from_kn, every kernel). The swizzle
+// XORs the low bits of a row's chunk index (its kGroup = 8 or 4 chunks) with kX(row), a
+// function of row & 7 only, and an ldmatrix reads rows (row base, a multiple of 16) + a lane
+// part, so kX depends on the lane alone. A row is 2D bytes, a multiple of 16 * kGroup, so the
+// lane part's chunk bits (4 .. 3 + log2 kGroup) are its own: the offset of a fragment is the
+// lane's offset for k0 = 0 XORed with ((k0 / 8) % kGroup) * 16, plus the row base's bytes and
+// the (k0 / 8 / kGroup) whole groups, one LOP3 per k step instead of the swizzle arithmetic
+// per ldmatrix. tests/cuda/test_forward_plain.py checks them against swizzle<D> for every
+// head dim, lane, row base and k0.
 template <int D>
 struct LdsmOffsets {
-  static_assert(D % 64 == 0, "8-chunk swizzle groups");
+  static constexpr int kGroup = (D / 8) % 8 == 0 ? 8 : 4;  // swizzle<D>'s chunk group
+  static_assert((2 * D) % (16 * kGroup) == 0, "whole groups per row");
+  __host__ __device__ static constexpr int x(int row) {  // swizzle<D>'s XOR of row
+    return kGroup == 8 ? (row & 7) : ((row >> 1) & 3);
+  }
+  __host__ __device__ static constexpr int lane_part(int row, int chunk) {
+    return row * 2 * D + ((chunk ^ x(row)) << 4);
+  }
   // lane parts (bytes, k0 = 0, row base 0): load_a, load_b_from_nk, load_b_from_kn
   __host__ __device__ static constexpr int a(int lane) {
-    return (lane & 15) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
+    return lane_part(lane & 15, lane >> 4);
   }
   __host__ __device__ static constexpr int b_nk(int lane) {
-    return ((lane & 7) + ((lane >> 4) << 3)) * 2 * D + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+    return lane_part((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
   }
   __host__ __device__ static constexpr int b_kn(int lane) {
-    return ((lane & 7) + (((lane >> 3) & 1) << 3)) * 2 * D + (((lane >> 4) ^ (lane & 7)) << 4);
+    return lane_part((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
   }
-  // fragment at (row base `row`, multiple of 16; column base `k`, multiple of 16); for b_kn the
-  // row is k0 and the column n0
+  // fragment at (row base `row`, column base `k`: multiples of 16); for b_kn the row is k0 and
+  // the column n0
   __host__ __device__ static constexpr int at(int lane_part, int row, int k) {
-    return (lane_part ^ (((k >> 3) & 7) << 4)) + row * 2 * D + (k >> 6) * 128;
+    return (lane_part ^ (((k >> 3) & (kGroup - 1)) << 4)) + row * 2 * D +
+           ((k >> 3) & ~(kGroup - 1)) * 16;
   }
 };
 
@@ -198,16 +207,11 @@ __device__ __forceinline__ const T* byte_offset(const T* tile, int bytes) {
 }
 
 // A fragment: rows row0..row0+15, columns k0..k0+15 of a tile.
-// (row0, k0, n0: multiples of 16; D % 64 == 0 uses the XOR-stepped offsets of LdsmOffsets.)
+// (row0, k0, n0: multiples of 16; the offsets: LdsmOffsets, equal to swizzle<D>'s.)
 template <int D, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0,
                                        int lane) {
-  if constexpr (D % 64 == 0) {
-    ldmatrix_x4(a, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::a(lane), row0, k0)));
-  } else {
-    const int row = row0 + (lane & 15), col = k0 + ((lane >> 4) << 3);
-    ldmatrix_x4(a, tile + swizzle<D>(row, col));
-  }
+  ldmatrix_x4(a, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::a(lane), row0, k0)));
 }
 
 // B fragments of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8..n0+15 -> b[2], b[3]) for k0..k0+15,
@@ -215,27 +219,14 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0
 template <int D, typename T>
 __device__ __forceinline__ void load_b_from_nk(uint32_t (&b)[4], const T* tile, int n0, int k0,
                                                int lane) {
-  if constexpr (D % 64 == 0) {
-    ldmatrix_x4(b, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_nk(lane), n0, k0)));
-  } else {
-    const int row = n0 + (lane & 7) + ((lane >> 4) << 3);
-    const int col = k0 + (((lane >> 3) & 1) << 3);
-    ldmatrix_x4(b, tile + swizzle<D>(row, col));
-  }
+  ldmatrix_x4(b, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_nk(lane), n0, k0)));
 }
 
 // The same two n-tiles from a tile stored as [k][n] (B = tile), via the transposing ldmatrix.
 template <int D, typename T>
 __device__ __forceinline__ void load_b_from_kn(uint32_t (&b)[4], const T* tile, int k0, int n0,
                                                int lane) {
-  if constexpr (D % 64 == 0) {
-    ldmatrix_x4_trans(b,
-                      byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_kn(lane), k0, n0)));
-  } else {
-    const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3);
-    const int col = n0 + ((lane >> 4) << 3);
-    ldmatrix_x4_trans(b, tile + swizzle<D>(row, col));
-  }
+  ldmatrix_x4_trans(b, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_kn(lane), k0, n0)));
 }
 
 template <typename T>

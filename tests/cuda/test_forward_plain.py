@@ -123,7 +123,8 @@ template <int D> int check_banks() {
 }
 
 int main() {
-  int failed = check_offsets<64>(128) + check_offsets<128>(128) + check_offsets<256>(64);
+  int failed = check_offsets<32>(128) + check_offsets<64>(128) + check_offsets<96>(128) +
+               check_offsets<128>(128) + check_offsets<256>(64);
   failed += check_banks<32>() + check_banks<64>() + check_banks<96>() + check_banks<128>() +
             check_banks<256>();
   failed += check_copy<128, 32>() + check_copy<128, 64>() + check_copy<128, 128>() +
@@ -144,7 +145,7 @@ def test_index_math_on_the_host(tmp_path):
     done = subprocess.run([str(binary)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
     lines = done.stdout.split("\n")
-    assert "offsets 64 0" in lines and "offsets 128 0" in lines and "offsets 256 0" in lines
+    assert all(f"offsets {d} 0" in lines for d in (32, 64, 96, 128, 256)), done.stdout
     assert all(f"copy 128 {d} 0" in lines for d in (32, 64, 96, 128))
     # no ldmatrix bank conflicts at any kernel head dim (32 and 96 had 2-way ones)
     assert all(f"banks {d} 1" in lines for d in (32, 64, 96, 128, 256)), done.stdout
