@@ -136,3 +136,27 @@ def test_backend_shared_memory_constant_matches_the_kernels(tmp_path):
     assert needed == BACKWARD_256_SMEM_BYTES
     assert max(v for (k, d, t), v in smem.items() if d <= 128 or k == "forward_kernel") <= 101376
     assert {d for (k, d, t) in smem if k == "forward_plain_kernel"} == {32, 64, 96, 128}
+
+
+NESTED = """
+        Function : _ZN14peer_attention20forward_plain_kernelILi32E6__halfEEvNS_15AttentionParamsE
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0020*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0050*/                   FSEL R8, R8, -INF, P1 ;
+        /*0060*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0070*/               @P1 BRA 0x40 ;
+        /*0080*/               @P2 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_innermost():
+    """The plain forward's per-peer loop holds its unmasked and masked tile loops: the report
+    counts the inner loop with the most HMMA (ties: the shortest, the unmasked one), not the
+    per-peer loop around both."""
+    (body,) = report.parse_sass(NESTED).values()
+    loop = report.main_loop(body)
+    assert (loop.hmma, loop.instructions, loop.branches) == (2, 3, 1)
