@@ -110,38 +110,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   float row_offset[2], row_delta[2];
   float bias_log2 = 0.f, dbias_part = 0.f;
 
-  int peer = next_peer(0), tile = 0, stage = 0;
-  if (peer < S) {
-    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
-                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
-    load_tile_async<BM, D>(do_tile, do_base + static_cast<int64_t>(q_first) * p.value_dim,
-                           p.value_dim, q_len - q_row0, p.value_dim,
-                           static_cast<const T*>(p.dout));
-    load_kv(peer, 0, 0);
-    cp_async_commit();
-  }
-
-  while (peer < S) {
-    int next = peer, next_tile = tile + 1;
-    if (next_tile >= ntiles_s[peer]) {
-      next = next_peer(peer + 1);
-      next_tile = 0;
-    }
-    if (tile == 0) {
-      const int64_t pair = pair_index(p, b, s, peer, h);
-      if (has_gate) {  // read only through the gate pointer handed to the products
-        for (int c = tid; c < D; c += kThreads)
-          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
-      }
-      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
-      dbias_part = 0.f;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t at = lse_row_index(p, per_peer, b, h, peer, q_first + local_row[r]);
-        row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[at]) : INFINITY;
-        row_delta[r] = row_ok[r] ? p.delta[at] : 0.f;
-      }
-    }
+  // one key tile of `peer` in shared-memory stage `stage`; (next, next_tile) is the tile after
+  // it (next == S: none). kMasked = false: a tile inside the keys and below the diagonal of the
+  // block's first row (unmasked_key_tiles), no per-score mask (plain instantiation only).
+  auto step = [&](auto masked_step, int peer, int tile, int next, int next_tile, int stage) {
+    constexpr bool kMasked = decltype(masked_step)::value;
     if (next < S) {
       load_kv(next, next_tile, stage ^ 1);
       cp_async_commit();
@@ -171,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const int r = e >> 1;
         const int j = key0 + nt * 8 + t2 + (e & 1);
         const int i = q_row0 + local_row[r];
-        const bool masked = j >= limit || (causal_pair && j > i + diag);
+        const bool masked = kMasked && (j >= limit || (causal_pair && j > i + diag));
         float x = sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r];
         if (has_mask && !masked && row_ok[r])
           x += mask_log2(p, b, h, q_first + local_row[r], p.kv_offsets[peer] + j);
@@ -193,9 +166,52 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
       if (lane == 0) atomicAdd(dbias + pair_index(p, b, s, peer, h), total);
     }
     __syncthreads();
-    peer = next;
-    tile = next_tile;
-    stage ^= 1;
+  };
+
+  int peer = next_peer(0), stage = 0;
+  if (peer < S) {
+    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
+                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
+    load_tile_async<BM, D>(do_tile, do_base + static_cast<int64_t>(q_first) * p.value_dim,
+                           p.value_dim, q_len - q_row0, p.value_dim,
+                           static_cast<const T*>(p.dout));
+    load_kv(peer, 0, 0);
+    cp_async_commit();
+  }
+
+  while (peer < S) {
+    {  // a new peer: its gate, bias, lse and delta (after the previous step's closing barrier)
+      const int64_t pair = pair_index(p, b, s, peer, h);
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
+      dbias_part = 0.f;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = lse_row_index(p, per_peer, b, h, peer, q_first + local_row[r]);
+        row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[at]) : INFINITY;
+        row_delta[r] = row_ok[r] ? p.delta[at] : 0.f;
+      }
+    }
+    const int ntiles = ntiles_s[peer];
+    const int following = next_peer(peer + 1);
+    int tile = 0;
+    if constexpr (!kFeatures) {  // the main loop of the plain path: no per-score mask
+      const int unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == s,
+                                              q_row0, causal_offset(p, s), BN);
+      for (; tile < unmasked; ++tile, stage ^= 1) {
+        const bool last = tile + 1 == ntiles;
+        step(MaskedStep<false>{}, peer, tile, last ? following : peer, last ? 0 : tile + 1,
+             stage);
+      }
+    }
+    for (; tile < ntiles; ++tile, stage ^= 1) {
+      const bool last = tile + 1 == ntiles;
+      step(MaskedStep<true>{}, peer, tile, last ? following : peer, last ? 0 : tile + 1, stage);
+    }
+    peer = following;
   }
 
   T* dq_out = static_cast<T*>(p.dq);
@@ -318,20 +334,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     cp_async_commit();
   }
 
-  while (qs < S) {
-    int next = qs, next_tile = tile + 1;
-    if (next_tile >= end_s[qs]) {
-      next = next_stream(qs + 1);
-      next_tile = next < S ? first_s[next] : 0;
-    }
-    if (tile == first_s[qs]) {  // a new query stream: its gate and bias on this key stream
-      const int64_t pair = pair_index(p, b, qs, kp, h);
-      if (has_gate) {  // read only through the gate pointer handed to the products
-        for (int c = tid; c < D; c += kThreads)
-          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
-      }
-      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
-    }
+  // one query tile (qs, tile) in stage `stage`; (next, next_tile) is the tile after it (next ==
+  // S: none). kMasked = false: the whole key block is inside the keys and visible to every row
+  // of the tile (first_unmasked_query_tile), no per-score mask (plain instantiation only).
+  auto step = [&](auto masked_step, int qs, int tile, int next, int next_tile, int stage) {
+    constexpr bool kMasked = decltype(masked_step)::value;
     float2 next_rows;
     if (next < S) {
       load_q(next, next_tile, stage ^ 1, next_rows);
@@ -366,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
         const int col = nt * 8 + t2 + (e & 1);
         const int j = key_row0 + local_key[e >> 1];
         const int i = q_row0 + col;
-        const bool masked = j >= limit || (causal_pair && j > i + diag);
+        const bool masked = kMasked && (j >= limit || (causal_pair && j > i + diag));
         float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
         if (has_mask && !masked && i < q_len_qs)
           x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
@@ -386,9 +393,39 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     if (next < S) store_rows(stage ^ 1, next_rows);
 
     __syncthreads();
-    qs = next;
-    tile = next_tile;
-    stage ^= 1;
+  };
+
+  while (qs < S) {
+    {  // a new query stream: its gate and bias on this key stream
+      const int64_t pair = pair_index(p, b, qs, kp, h);
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
+    }
+    const int end = end_s[qs];
+    const int following = next_stream(qs + 1);
+    const int following_tile = following < S ? first_s[following] : 0;
+    // the masked tiles come first (the causal diagonal); the plain path runs the rest unmasked
+    const int unmasked_from =
+        kFeatures ? end
+                  : first_unmasked_query_tile(tile, end, key_row0, BN, limit,
+                                              p.causal && qs == kp, causal_offset(p, kp), BM);
+    for (; tile < unmasked_from; ++tile, stage ^= 1) {
+      const bool last = tile + 1 == end;
+      step(MaskedStep<true>{}, qs, tile, last ? following : qs, last ? following_tile : tile + 1,
+           stage);
+    }
+    if constexpr (!kFeatures) {  // the main loop of the plain path
+      for (; tile < end; ++tile, stage ^= 1) {
+        const bool last = tile + 1 == end;
+        step(MaskedStep<false>{}, qs, tile, last ? following : qs,
+             last ? following_tile : tile + 1, stage);
+      }
+    }
+    qs = following;
+    tile = following_tile;
   }
 
   // every key row of the tile gets its gradient written (zero when no query saw it)

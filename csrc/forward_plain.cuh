@@ -33,11 +33,6 @@ struct ForwardPlainConfig {
   }
 };
 
-template <bool kValue>
-struct MaskedStep {
-  static constexpr bool value = kValue;
-};
-
 template <int D, typename T>
 __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const AttentionParams p) {
   using Cfg = ForwardPlainConfig<D>;

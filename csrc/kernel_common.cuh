@@ -429,6 +429,30 @@ __host__ __device__ __forceinline__ int unmasked_key_tiles(int ntiles, int limit
   return n > 0 ? n : 0;
 }
 
+// Key-major blocks (dK/dV): the first query tile of [first, end) from which the key block
+// [key_row0, key_row0 + block_keys) needs no masking: all its keys are below `limit` and, on a
+// causal self pair, every row i of the tile has i >= j - diag for every key j of the block. The
+// tiles [first, result) take the masked path. Host-callable: tests/cuda/test_forward_plain.py.
+__host__ __device__ __forceinline__ int first_unmasked_query_tile(int first, int end,
+                                                                  int key_row0, int block_keys,
+                                                                  int limit, bool causal_pair,
+                                                                  int diag, int block_queries) {
+  if (key_row0 + block_keys > limit) return end;  // keys past the limit: every tile masked
+  int from = first;
+  if (causal_pair) {
+    const int need = key_row0 + block_keys - 1 - diag;  // rows i >= need see the whole block
+    const int t = need <= 0 ? 0 : (need + block_queries - 1) / block_queries;
+    from = from > t ? from : t;
+  }
+  return from < end ? from : end;
+}
+
+// The tag of a tile step with (true) or without (false) the per-score length/causal mask.
+template <bool kValue>
+struct MaskedStep {
+  static constexpr bool value = kValue;
+};
+
 // Query-major blocks (forward, dQ): thread `tid` < S plans peer `tid` of stream s for the block
 // whose first row (within s) is q_row0: its key count, and how many key tiles of BN the block
 // visits (0 for a pair the peer table leaves out; a causal self pair stops at the diagonal).

@@ -4,8 +4,9 @@ query rows per warp), checked without a GPU:
 - its index math, compiled from the kernel headers as a host program with nvcc: the ldmatrix
   byte offsets (LdsmOffsets, one XOR per k step) equal the swizzled element offsets that
   load_a / load_b_from_nk / load_b_from_kn use, for every lane, row base and k step; the 128-row
-  Q tile copy covers every chunk once; unmasked_key_tiles never leaves a key unmasked that the
-  per-element mask (kv length, causal diagonal) would hide from any row of the block;
+  Q tile copy covers every chunk once; unmasked_key_tiles (forward, dQ) and
+  first_unmasked_query_tile (dK/dV) never leave a score unmasked that the per-element mask (kv
+  length, causal diagonal) would hide;
 - its algorithm, emulated in numpy on the tile schedule the kernel runs (per peer: unmasked
   tiles, then masked ones; running max on the raw scores, the scale folded into the exponent,
   rescale by alpha, rows that see no key give 0 and lse = -inf) against a dense softmax;
@@ -78,7 +79,7 @@ int check_tiles() {
       for (int cut = -1; cut <= kv_len; cut += 1 + kv_len / 5)  // kv_lengths: -1 = none
         for (int causal = 0; causal < 2; ++causal)
           for (int bottom_right = 0; bottom_right < 2; ++bottom_right)
-            for (int q_row0 = 0; q_row0 < q_len; q_row0 += BM) {
+            for (int q_row0 = 0; q_row0 < q_len; q_row0 += BM / 2) {  // forward 128, dQ 64
               const int limit = cut < 0 ? kv_len : (cut < kv_len ? cut : kv_len);
               const int diag = bottom_right ? kv_len - q_len : 0;
               int reach = limit;
@@ -122,6 +123,36 @@ template <int D> int check_banks() {
   return worst != 1;
 }
 
+// first_unmasked_query_tile (dK/dV, 64 keys x 64 queries): sound, and within [first, end]
+int check_query_tiles() {
+  const int BN = 64, BM = 64;
+  int bad = 0, cases = 0;
+  for (int kv_len = 1; kv_len <= 4 * BN + 3; kv_len += 11)
+    for (int q_len = 1; q_len <= 5 * BM + 5; q_len += 23)
+      for (int cut = -1; cut <= kv_len; cut += 1 + kv_len / 4)
+        for (int causal = 0; causal < 2; ++causal)
+          for (int bottom_right = 0; bottom_right < 2; ++bottom_right)
+            for (int key_row0 = 0; key_row0 < kv_len; key_row0 += BN) {
+              const int limit = cut < 0 ? kv_len : (cut < kv_len ? cut : kv_len);
+              const int diag = bottom_right ? kv_len - q_len : 0;
+              if (key_row0 >= limit) continue;  // the kernel visits no tile then
+              int first = causal ? key_row0 - diag : 0;
+              first = (first > 0 ? first : 0) / BM;
+              const int end = (q_len + BM - 1) / BM;
+              const int from = first_unmasked_query_tile(first, end, key_row0, BN, limit, causal,
+                                                         diag, BM);
+              ++cases;
+              if (from < first && first <= end) { ++bad; continue; }
+              if (from > end && first <= end) { ++bad; continue; }
+              for (int t = from; t < end; ++t)
+                for (int i = t * BM; i < (t + 1) * BM; ++i)
+                  for (int j = key_row0; j < key_row0 + BN; ++j)
+                    bad += j >= limit || (causal && j > i + diag);
+            }
+  std::printf("query_tiles %d %d\n", cases, bad);
+  return bad != 0;
+}
+
 int main() {
   int failed = check_offsets<32>(128) + check_offsets<64>(128) + check_offsets<96>(128) +
                check_offsets<128>(128) + check_offsets<256>(64);
@@ -129,7 +160,7 @@ int main() {
             check_banks<256>();
   failed += check_copy<128, 32>() + check_copy<128, 64>() + check_copy<128, 128>() +
             check_copy<128, 96>();
-  failed += check_tiles();
+  failed += check_tiles() + check_query_tiles();
   return failed;
 }
 """
@@ -149,8 +180,9 @@ def test_index_math_on_the_host(tmp_path):
     assert all(f"copy 128 {d} 0" in lines for d in (32, 64, 96, 128))
     # no ldmatrix bank conflicts at any kernel head dim (32 and 96 had 2-way ones)
     assert all(f"banks {d} 1" in lines for d in (32, 64, 96, 128, 256)), done.stdout
-    cases = [line for line in lines if line.startswith("tiles")]
-    assert cases and int(cases[0].split()[1]) > 1000 and cases[0].endswith(" 0"), done.stdout
+    for kind in ("tiles", "query_tiles"):  # sound tile splits, many cases each
+        cases = [line for line in lines if line.startswith(kind + " ")]
+        assert cases and int(cases[0].split()[1]) > 1000 and cases[0].endswith(" 0"), done.stdout
 
 
 def test_fragment_ownership_covers_the_block_once():
