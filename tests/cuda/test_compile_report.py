@@ -160,3 +160,15 @@ def test_main_loop_is_innermost():
     (body,) = report.parse_sass(NESTED).values()
     loop = report.main_loop(body)
     assert (loop.hmma, loop.instructions, loop.branches) == (2, 3, 1)
+
+
+def test_backward_per_unit_of_work():
+    def row(kernel, instructions, arch="sm80"):
+        return report.Row(arch, kernel, 128, "fp16", 128, 255, 0, 0, 166912, 1,
+                          {"instructions": instructions})
+
+    rows = [row("dq_kernel plain", 600), row("dkdv_kernel plain", 900),
+            row("dq_kernel plain", 1, "sm90a"), row("FA2 flash_bwd_dq_dk_dv 64x128 w8", 1000)]
+    # 4 warps x (600 + 900) per unit against 8 warps x 1000 per two units
+    assert report.backward_per_unit(rows) == 1.5
+    assert report.backward_per_unit(rows[:2]) is None
