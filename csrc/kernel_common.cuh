@@ -177,21 +177,19 @@ template <int D>
 struct LdsmOffsets {
   static constexpr int kGroup = (D / 8) % 8 == 0 ? 8 : 4;  // swizzle<D>'s chunk group
   static_assert((2 * D) % (16 * kGroup) == 0, "whole groups per row");
-  __host__ __device__ static constexpr int x(int row) {  // swizzle<D>'s XOR of row
-    return kGroup == 8 ? (row & 7) : ((row >> 1) & 3);
-  }
-  __host__ __device__ static constexpr int lane_part(int row, int chunk) {
-    return row * 2 * D + ((chunk ^ x(row)) << 4);
+  // swizzle<D>'s XOR of a row whose low 3 bits are lane & 7 (all three fragment kinds)
+  __host__ __device__ static constexpr int x(int lane) {
+    return kGroup == 8 ? (lane & 7) : ((lane & 7) >> 1);
   }
   // lane parts (bytes, k0 = 0, row base 0): load_a, load_b_from_nk, load_b_from_kn
   __host__ __device__ static constexpr int a(int lane) {
-    return lane_part(lane & 15, lane >> 4);
+    return (lane & 15) * 2 * D + (((lane >> 4) ^ x(lane)) << 4);
   }
   __host__ __device__ static constexpr int b_nk(int lane) {
-    return lane_part((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+    return ((lane & 7) + ((lane >> 4) << 3)) * 2 * D + ((((lane >> 3) & 1) ^ x(lane)) << 4);
   }
   __host__ __device__ static constexpr int b_kn(int lane) {
-    return lane_part((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+    return ((lane & 7) + (((lane >> 3) & 1) << 3)) * 2 * D + (((lane >> 4) ^ x(lane)) << 4);
   }
   // fragment at (row base `row`, column base `k`: multiples of 16); for b_kn the row is k0 and
   // the column n0
