@@ -6,8 +6,9 @@
 //                stream s that attends to p (causal self pair: only tiles at or below the
 //                diagonal): S^T = K Q^T, P^T, dP^T = V (dO * gate[s, p])^T, dS^T, then
 //                dV += P^T (dO * gate[s, p]), dK += dS^T Q.
-// D = 256: dK and dV of 16 keys x 256 channels per warp would not fit in registers, so the dK/dV
-// grid has one block per 128-channel part of them (S^T and dP^T are formed in full by each).
+// D > 128 (160, 192, 256): dK and dV of 16 keys x D channels per warp would not fit in
+// registers, so the dK/dV grid has two blocks per key tile, each accumulating half of the
+// channels (S^T and dP^T are formed in full by each).
 // delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
 // (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
 // several query heads add into one key head (atomicAdd), else each element is stored once.
@@ -31,7 +32,8 @@ template <int D>
 struct DkdvConfig {
   static constexpr int kBlockN = 64;                  // keys per block (4 warps x 16)
   static constexpr int kBlockM = D <= 128 ? 64 : 32;  // queries per tile
-  static constexpr int kAccDim = D <= 128 ? D : 128;  // dK/dV channels one block accumulates
+  // dK/dV channels one block accumulates (16 keys x kAccDim of both per warp in registers)
+  static constexpr int kAccDim = D <= 128 ? D : D / 2;
   static constexpr int kParts = D / kAccDim;
   template <typename T>
   static constexpr int smem_bytes() {

@@ -284,6 +284,8 @@ cudaError_t forward_for(int d, const AttentionParams& p, cudaStream_t stream) {
     case 64: return run_forward<64, T>(p, stream);
     case 96: return run_forward<96, T>(p, stream);
     case 128: return run_forward<128, T>(p, stream);
+    case 160: return run_forward<160, T>(p, stream);
+    case 192: return run_forward<192, T>(p, stream);
     case 256: return run_forward<256, T>(p, stream);
   }
   return cudaErrorInvalidValue;
@@ -303,6 +305,10 @@ cudaError_t backward_for(int d, bool dq, const AttentionParams& p, cudaStream_t 
     case 96: return dq ? run_backward_dq<96, T>(p, stream) : run_backward_dkdv<96, T>(p, stream);
     case 128:
       return dq ? run_backward_dq<128, T>(p, stream) : run_backward_dkdv<128, T>(p, stream);
+    case 160:
+      return dq ? run_backward_dq<160, T>(p, stream) : run_backward_dkdv<160, T>(p, stream);
+    case 192:
+      return dq ? run_backward_dq<192, T>(p, stream) : run_backward_dkdv<192, T>(p, stream);
     case 256:
       return dq ? run_backward_dq<256, T>(p, stream) : run_backward_dkdv<256, T>(p, stream);
   }

@@ -10,7 +10,7 @@ namespace peer_attention {
 
 // Head dims with their own kernels; any other size up to 256 runs in the next larger one, its
 // extra channels zero-filled in shared memory.
-constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
+constexpr int kHeadDims[] = {32, 64, 96, 128, 160, 192, 256};
 
 inline int kernel_head_dim(int dim) {
   for (int d : kHeadDims) {
