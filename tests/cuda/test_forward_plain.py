@@ -155,9 +155,10 @@ int check_query_tiles() {
 
 int main() {
   int failed = check_offsets<32>(128) + check_offsets<64>(128) + check_offsets<96>(128) +
-               check_offsets<128>(128) + check_offsets<256>(64);
+               check_offsets<128>(128) + check_offsets<160>(64) + check_offsets<192>(64) +
+               check_offsets<256>(64);
   failed += check_banks<32>() + check_banks<64>() + check_banks<96>() + check_banks<128>() +
-            check_banks<256>();
+            check_banks<160>() + check_banks<192>() + check_banks<256>();
   failed += check_copy<128, 32>() + check_copy<128, 64>() + check_copy<128, 128>() +
             check_copy<128, 96>();
   failed += check_tiles() + check_query_tiles();
@@ -176,10 +177,11 @@ def test_index_math_on_the_host(tmp_path):
     done = subprocess.run([str(binary)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
     lines = done.stdout.split("\n")
-    assert all(f"offsets {d} 0" in lines for d in (32, 64, 96, 128, 256)), done.stdout
+    assert all(f"offsets {d} 0" in lines for d in (32, 64, 96, 128, 160, 192, 256)), done.stdout
     assert all(f"copy 128 {d} 0" in lines for d in (32, 64, 96, 128))
     # no ldmatrix bank conflicts at any kernel head dim (32 and 96 had 2-way ones)
-    assert all(f"banks {d} 1" in lines for d in (32, 64, 96, 128, 256)), done.stdout
+    assert all(f"banks {d} 1" in lines for d in (32, 64, 96, 128, 160, 192, 256)), \
+        done.stdout
     for kind in ("tiles", "query_tiles"):  # sound tile splits, many cases each
         cases = [line for line in lines if line.startswith(kind + " ")]
         assert cases and int(cases[0].split()[1]) > 1000 and cases[0].endswith(" 0"), done.stdout
