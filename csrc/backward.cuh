@@ -6,8 +6,9 @@
 //                stream s that attends to p (causal self pair: only tiles at or below the
 //                diagonal): S^T = K Q^T, P^T, dP^T = V (dO * gate[s, p])^T, dS^T, then
 //                dV += P^T (dO * gate[s, p]), dK += dS^T Q.
-// D = 256: dK and dV of 16 keys x 256 channels per warp would not fit in registers, so the dK/dV
-// grid has one block per 128-channel part of them (S^T and dP^T are formed in full by each).
+// D > 128 (160, 192, 256): dK and dV of 16 keys x D channels per warp would not fit in
+// registers, so the dK/dV grid has two blocks per key tile, each accumulating half of the
+// channels (S^T and dP^T are formed in full by each).
 // delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
 // (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
 // several query heads add into one key head (atomicAdd), else each element is stored once.
@@ -31,7 +32,8 @@ template <int D>
 struct DkdvConfig {
   static constexpr int kBlockN = 64;                  // keys per block (4 warps x 16)
   static constexpr int kBlockM = D <= 128 ? 64 : 32;  // queries per tile
-  static constexpr int kAccDim = D <= 128 ? D : 128;  // dK/dV channels one block accumulates
+  // dK/dV channels one block accumulates (16 keys x kAccDim of both per warp in registers)
+  static constexpr int kAccDim = D <= 128 ? D : D / 2;
   static constexpr int kParts = D / kAccDim;
   template <typename T>
   static constexpr int smem_bytes() {
@@ -47,7 +49,7 @@ __device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, bool 
                   : bh * p.total_q + packed_row;
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p) {
   using Cfg = DqConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
@@ -73,9 +75,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   // compile-time feature switch (see forward_kernel): none of these in the plain instantiation
   const bool has_gate = kFeatures && p.gate != nullptr;
   const bool has_bias = kFeatures && p.bias != nullptr;
-  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool has_mask = kMask && p.mask != nullptr;  // kMask implies kFeatures
   const bool per_peer = kFeatures && p.per_peer;
-  float* const dmask = kFeatures ? p.dmask : nullptr;
+  float* const dmask = kMask ? p.dmask : nullptr;
   float* const dbias = kFeatures ? p.dbias : nullptr;
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
@@ -110,38 +112,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   float row_offset[2], row_delta[2];
   float bias_log2 = 0.f, dbias_part = 0.f;
 
-  int peer = next_peer(0), tile = 0, stage = 0;
-  if (peer < S) {
-    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
-                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
-    load_tile_async<BM, D>(do_tile, do_base + static_cast<int64_t>(q_first) * p.value_dim,
-                           p.value_dim, q_len - q_row0, p.value_dim,
-                           static_cast<const T*>(p.dout));
-    load_kv(peer, 0, 0);
-    cp_async_commit();
-  }
-
-  while (peer < S) {
-    int next = peer, next_tile = tile + 1;
-    if (next_tile >= ntiles_s[peer]) {
-      next = next_peer(peer + 1);
-      next_tile = 0;
-    }
-    if (tile == 0) {
-      const int64_t pair = pair_index(p, b, s, peer, h);
-      if (has_gate) {  // read only through the gate pointer handed to the products
-        for (int c = tid; c < D; c += kThreads)
-          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
-      }
-      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
-      dbias_part = 0.f;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t at = lse_row_index(p, per_peer, b, h, peer, q_first + local_row[r]);
-        row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[at]) : INFINITY;
-        row_delta[r] = row_ok[r] ? p.delta[at] : 0.f;
-      }
-    }
+  // one key tile of `peer` in shared-memory stage `stage`; (next, next_tile) is the tile after
+  // it (next == S: none). kMasked = false: a tile inside the keys and below the diagonal of the
+  // block's first row (unmasked_key_tiles), no per-score mask (plain instantiation only).
+  auto step = [&](auto masked_step, int peer, int tile, int next, int next_tile, int stage) {
+    constexpr bool kMasked = decltype(masked_step)::value;
     if (next < S) {
       load_kv(next, next_tile, stage ^ 1);
       cp_async_commit();
@@ -171,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const int r = e >> 1;
         const int j = key0 + nt * 8 + t2 + (e & 1);
         const int i = q_row0 + local_row[r];
-        const bool masked = j >= limit || (causal_pair && j > i + diag);
+        const bool masked = kMasked && (j >= limit || (causal_pair && j > i + diag));
         float x = sc[nt][e] * p.scale_log2 + bias_log2 - row_offset[r];
         if (has_mask && !masked && row_ok[r])
           x += mask_log2(p, b, h, q_first + local_row[r], p.kv_offsets[peer] + j);
@@ -193,9 +168,52 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
       if (lane == 0) atomicAdd(dbias + pair_index(p, b, s, peer, h), total);
     }
     __syncthreads();
-    peer = next;
-    tile = next_tile;
-    stage ^= 1;
+  };
+
+  int peer = next_peer(0), stage = 0;
+  if (peer < S) {
+    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
+                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
+    load_tile_async<BM, D>(do_tile, do_base + static_cast<int64_t>(q_first) * p.value_dim,
+                           p.value_dim, q_len - q_row0, p.value_dim,
+                           static_cast<const T*>(p.dout));
+    load_kv(peer, 0, 0);
+    cp_async_commit();
+  }
+
+  while (peer < S) {
+    {  // a new peer: its gate, bias, lse and delta (after the previous step's closing barrier)
+      const int64_t pair = pair_index(p, b, s, peer, h);
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
+      dbias_part = 0.f;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = lse_row_index(p, per_peer, b, h, peer, q_first + local_row[r]);
+        row_offset[r] = row_ok[r] ? lse_to_log2_offset(p.lse[at]) : INFINITY;
+        row_delta[r] = row_ok[r] ? p.delta[at] : 0.f;
+      }
+    }
+    const int ntiles = ntiles_s[peer];
+    const int following = next_peer(peer + 1);
+    int tile = 0;
+    if constexpr (!kFeatures) {  // the main loop of the plain path: no per-score mask
+      const int unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == s,
+                                              q_row0, causal_offset(p, s), BN);
+      for (; tile < unmasked; ++tile, stage ^= 1) {
+        const bool last = tile + 1 == ntiles;
+        step(MaskedStep<false>{}, peer, tile, last ? following : peer, last ? 0 : tile + 1,
+             stage);
+      }
+    }
+    for (; tile < ntiles; ++tile, stage ^= 1) {
+      const bool last = tile + 1 == ntiles;
+      step(MaskedStep<true>{}, peer, tile, last ? following : peer, last ? 0 : tile + 1, stage);
+    }
+    peer = following;
   }
 
   T* dq_out = static_cast<T*>(p.dq);
@@ -213,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   }
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
   using Cfg = DkdvConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
@@ -243,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   // compile-time feature switch (see forward_kernel): none of these in the plain instantiation
   const bool has_gate = kFeatures && p.gate != nullptr;
   const bool has_bias = kFeatures && p.bias != nullptr;
-  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool has_mask = kMask && p.mask != nullptr;  // kMask implies kFeatures
   const bool per_peer = kFeatures && p.per_peer;
 
   if (tid < S) {
@@ -270,7 +288,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   // 5.8 instructions per HMMA, spills 52 vs 96 B; sm_89 104 vs 352 B; features sm_89 19 vs 2
   // LDL+STL in the loop
   constexpr bool kStepped = !kFeatures;
-  auto load_q = [&](int qs, int tile, int stage) {
+  static_assert(BM <= kThreads, "one query row's lse and delta per thread");
+  // Q and dO of a query tile by cp.async; its lse and delta (row tid) into registers: they are
+  // stored to shared memory (store_rows) only after the current tile's products, so the global
+  // load's latency hides behind them instead of stalling the tile's start
+  auto load_q = [&](int qs, int tile, int stage, float2& rows) {
     const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
     const int row0 = tile * BM, packed0 = p.q_offsets[qs] + row0;
     load_tile_async<BM, D, T, kStepped>(q_tiles + stage * BM * D,
@@ -280,11 +302,16 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
                                         do_base + static_cast<int64_t>(packed0) * p.value_dim,
                                         p.value_dim, q_len - row0, p.value_dim,
                                         static_cast<const T*>(p.dout));
-    for (int i = tid; i < BM; i += kThreads) {
-      const bool ok = row0 + i < q_len;
-      const int64_t at = lse_row_index(p, per_peer, b, h, kp, packed0 + i);
-      offset_s[stage * BM + i] = ok ? lse_to_log2_offset(p.lse[at]) : INFINITY;
-      delta_s[stage * BM + i] = ok ? p.delta[at] : 0.f;
+    rows = make_float2(INFINITY, 0.f);  // rows past the stream: P = 0, delta = 0
+    if (tid < BM && row0 + tid < q_len) {
+      const int64_t at = lse_row_index(p, per_peer, b, h, kp, packed0 + tid);
+      rows = make_float2(p.lse[at], p.delta[at]);
+    }
+  };
+  auto store_rows = [&](int stage, float2 rows) {  // log2-domain lse offset, delta
+    if (tid < BM) {
+      offset_s[stage * BM + tid] = lse_to_log2_offset(rows.x);
+      delta_s[stage * BM + tid] = rows.y;
     }
   };
 
@@ -303,26 +330,20 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
                            p.head_dim, static_cast<const T*>(p.k));
     load_tile_async<BN, D>(v_tile, v_base + row0 * p.v_strides[2], p.v_strides[2], rows,
                            p.value_dim, static_cast<const T*>(p.v));
-    load_q(qs, tile, 0);
+    float2 first_rows;
+    load_q(qs, tile, 0, first_rows);
+    store_rows(0, first_rows);
     cp_async_commit();
   }
 
-  while (qs < S) {
-    int next = qs, next_tile = tile + 1;
-    if (next_tile >= end_s[qs]) {
-      next = next_stream(qs + 1);
-      next_tile = next < S ? first_s[next] : 0;
-    }
-    if (tile == first_s[qs]) {  // a new query stream: its gate and bias on this key stream
-      const int64_t pair = pair_index(p, b, qs, kp, h);
-      if (has_gate) {  // read only through the gate pointer handed to the products
-        for (int c = tid; c < D; c += kThreads)
-          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
-      }
-      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
-    }
+  // one query tile (qs, tile) in stage `stage`; (next, next_tile) is the tile after it (next ==
+  // S: none). kMasked = false: the whole key block is inside the keys and visible to every row
+  // of the tile (first_unmasked_query_tile), no per-score mask (plain instantiation only).
+  auto step = [&](auto masked_step, int qs, int tile, int next, int next_tile, int stage) {
+    constexpr bool kMasked = decltype(masked_step)::value;
+    float2 next_rows;
     if (next < S) {
-      load_q(next, next_tile, stage ^ 1);
+      load_q(next, next_tile, stage ^ 1, next_rows);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -354,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
         const int col = nt * 8 + t2 + (e & 1);
         const int j = key_row0 + local_key[e >> 1];
         const int i = q_row0 + col;
-        const bool masked = j >= limit || (causal_pair && j > i + diag);
+        const bool masked = kMasked && (j >= limit || (causal_pair && j > i + diag));
         float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
         if (has_mask && !masked && i < q_len_qs)
           x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
@@ -369,11 +390,44 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     uint32_t dsf[BM / 16][4];
     pack_a<BM, T>(dsf, dpt);
     gemm_rs<BM, D, NACC, T>(dk, dsf, q_tile, channel0, nullptr, lane);
+    // stage ^ 1's rows were last read before the previous iteration's closing barrier, and are
+    // next read after this one's
+    if (next < S) store_rows(stage ^ 1, next_rows);
 
     __syncthreads();
-    qs = next;
-    tile = next_tile;
-    stage ^= 1;
+  };
+
+  while (qs < S) {
+    {  // a new query stream: its gate and bias on this key stream
+      const int64_t pair = pair_index(p, b, qs, kp, h);
+      if (has_gate) {  // read only through the gate pointer handed to the products
+        for (int c = tid; c < D; c += kThreads)
+          gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
+      }
+      bias_log2 = has_bias ? p.bias[pair] * kLog2e : 0.f;
+    }
+    const int end = end_s[qs];
+    const int following = next_stream(qs + 1);
+    const int following_tile = following < S ? first_s[following] : 0;
+    // the masked tiles come first (the causal diagonal); the plain path runs the rest unmasked
+    const int unmasked_from =
+        kFeatures ? end
+                  : first_unmasked_query_tile(tile, end, key_row0, BN, limit,
+                                              p.causal && qs == kp, causal_offset(p, kp), BM);
+    for (; tile < unmasked_from; ++tile, stage ^= 1) {
+      const bool last = tile + 1 == end;
+      step(MaskedStep<true>{}, qs, tile, last ? following : qs, last ? following_tile : tile + 1,
+           stage);
+    }
+    if constexpr (!kFeatures) {  // the main loop of the plain path
+      for (; tile < end; ++tile, stage ^= 1) {
+        const bool last = tile + 1 == end;
+        step(MaskedStep<false>{}, qs, tile, last ? following : qs,
+             last ? following_tile : tile + 1, stage);
+      }
+    }
+    qs = following;
+    tile = following_tile;
   }
 
   // every key row of the tile gets its gradient written (zero when no query saw it)
@@ -409,14 +463,14 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
   }
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DqConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dq_kernel<D, T, kFeatures>;
+  auto kernel = dq_kernel<D, T, kFeatures, kMask>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
@@ -425,7 +479,7 @@ cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t 
   return cudaGetLastError();
 }
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DkdvConfig<D>;
   AttentionParams p = params;
@@ -433,7 +487,7 @@ cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_
       fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dkdv_kernel<D, T, kFeatures>;
+  auto kernel = dkdv_kernel<D, T, kFeatures, kMask>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads * Cfg::kParts, p.batch);

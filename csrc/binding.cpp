@@ -28,6 +28,22 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr char kWho[] = "peer_attention cuda backend: ";
 
+// The C++ side of the op schemas (peer_attention/ops.py's PROBLEM_SCHEMA), declared once for
+// the CUDA kernels and the CPU argument checks: forward(FORWARD_ARGS) -> (out, lse),
+// backward(BACKWARD_ARGS) -> (dq, dk, dv, dgate, dbias, dmask, dsinks).
+#define FORWARD_ARGS                                                                            \
+  const Tensor &q, const Tensor &k, const Tensor &v, at::IntArrayRef q_lens,                    \
+      at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor &gate,                    \
+      const OptTensor &bias, const OptTensor &kv_lengths, const OptTensor &attn_mask,           \
+      const OptTensor &dropout_seed, double dropout_p, bool is_causal, double scale,            \
+      c10::string_view normalize, int64_t window_left, int64_t window_right, bool bottom_right, \
+      double softcap, const OptTensor &alibi_slopes, const OptTensor &sinks
+#define BACKWARD_ARGS                                                          \
+  const Tensor &grad_out, const Tensor &out, const Tensor &lse, FORWARD_ARGS, \
+      c10::List<bool> needs_grad
+using ForwardResult = std::tuple<Tensor, Tensor>;
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
 
 // attn_mask (B, Hq, Tq, Tk), usually an expanded view, as float32 scores to add (bool: 0 where
@@ -268,6 +284,8 @@ cudaError_t forward_for(int d, const AttentionParams& p, cudaStream_t stream) {
     case 64: return run_forward<64, T>(p, stream);
     case 96: return run_forward<96, T>(p, stream);
     case 128: return run_forward<128, T>(p, stream);
+    case 160: return run_forward<160, T>(p, stream);
+    case 192: return run_forward<192, T>(p, stream);
     case 256: return run_forward<256, T>(p, stream);
   }
   return cudaErrorInvalidValue;
@@ -287,6 +305,10 @@ cudaError_t backward_for(int d, bool dq, const AttentionParams& p, cudaStream_t 
     case 96: return dq ? run_backward_dq<96, T>(p, stream) : run_backward_dkdv<96, T>(p, stream);
     case 128:
       return dq ? run_backward_dq<128, T>(p, stream) : run_backward_dkdv<128, T>(p, stream);
+    case 160:
+      return dq ? run_backward_dq<160, T>(p, stream) : run_backward_dkdv<160, T>(p, stream);
+    case 192:
+      return dq ? run_backward_dq<192, T>(p, stream) : run_backward_dkdv<192, T>(p, stream);
     case 256:
       return dq ? run_backward_dq<256, T>(p, stream) : run_backward_dkdv<256, T>(p, stream);
   }
@@ -299,15 +321,7 @@ cudaError_t backward_dispatch(at::ScalarType dtype, int d, bool dq, const Attent
                             : backward_for<__nv_bfloat16>(d, dq, p, stream);
 }
 
-std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                   at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
-                                   at::IntArrayRef peers, const OptTensor& gate,
-                                   const OptTensor& bias, const OptTensor& kv_lengths,
-                                   const OptTensor& attn_mask, const OptTensor& dropout_seed,
-                                   double dropout_p, bool is_causal, double scale,
-                                   c10::string_view normalize, int64_t window_left,
-                                   int64_t window_right, bool bottom_right, double softcap,
-                                   const OptTensor& alibi_slopes, const OptTensor& sinks) {
+ForwardResult forward(FORWARD_ARGS) {
   (void)dropout_seed;
   check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
   Prepared prep = prepare(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask,
@@ -335,14 +349,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
-    const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q,
-    const Tensor& k, const Tensor& v, at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
-    at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
-    const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
-    double dropout_p, bool is_causal, double scale, c10::string_view normalize,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const OptTensor& alibi_slopes, const OptTensor& sinks, c10::List<bool> needs_grad) {
+BackwardResult backward(BACKWARD_ARGS) {
   (void)dropout_seed;
   check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
   TORCH_CHECK(needs_grad.size() == 7, kWho, "needs_grad must have 7 entries");
@@ -438,27 +445,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
 // with host tensors gets the error about its arguments (or that it needs CUDA tensors) instead
 // of torch's "no kernel for CPU", and tests/cuda/test_binding_checks.py exercises every check
 // of check_problem / check_backward_inputs without a GPU.
-std::tuple<Tensor, Tensor> forward_checks_only(
-    const Tensor& q, const Tensor& k, const Tensor& v, at::IntArrayRef q_lens,
-    at::IntArrayRef kv_lens, at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
-    const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
-    double dropout_p, bool is_causal, double scale, c10::string_view normalize,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const OptTensor& alibi_slopes, const OptTensor& sinks) {
+ForwardResult forward_checks_only(FORWARD_ARGS) {
   check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
   check_problem(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_p,
                 normalize);
   TORCH_CHECK_NOT_IMPLEMENTED(false, kWho, "q, k, v must be CUDA tensors, got ", q.device());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_checks_only(
-    const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q,
-    const Tensor& k, const Tensor& v, at::IntArrayRef q_lens, at::IntArrayRef kv_lens,
-    at::IntArrayRef peers, const OptTensor& gate, const OptTensor& bias,
-    const OptTensor& kv_lengths, const OptTensor& attn_mask, const OptTensor& dropout_seed,
-    double dropout_p, bool is_causal, double scale, c10::string_view normalize,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const OptTensor& alibi_slopes, const OptTensor& sinks, c10::List<bool> needs_grad) {
+BackwardResult backward_checks_only(BACKWARD_ARGS) {
   check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
   TORCH_CHECK(needs_grad.size() == 7, kWho, "needs_grad must have 7 entries");
   check_problem(q, k, v, q_lens, kv_lens, peers, gate, bias, kv_lengths, attn_mask, dropout_p,

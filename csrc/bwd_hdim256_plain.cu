@@ -4,12 +4,12 @@
 #include "launch.h"
 
 namespace peer_attention {
-template cudaError_t run_backward_dq_variant<256, __half, false>(const AttentionParams&,
+template cudaError_t run_backward_dq_variant<256, __half, false, false>(const AttentionParams&,
                                                                  cudaStream_t);
-template cudaError_t run_backward_dq_variant<256, __nv_bfloat16, false>(const AttentionParams&,
+template cudaError_t run_backward_dq_variant<256, __nv_bfloat16, false, false>(const AttentionParams&,
                                                                         cudaStream_t);
-template cudaError_t run_backward_dkdv_variant<256, __half, false>(const AttentionParams&,
+template cudaError_t run_backward_dkdv_variant<256, __half, false, false>(const AttentionParams&,
                                                                    cudaStream_t);
-template cudaError_t run_backward_dkdv_variant<256, __nv_bfloat16, false>(
+template cudaError_t run_backward_dkdv_variant<256, __nv_bfloat16, false, false>(
     const AttentionParams&, cudaStream_t);
 }  // namespace peer_attention

@@ -12,6 +12,7 @@
 //           delta_p = <dO * gate[s, p], U_p> per row.
 // Causal self pairs stop at the last key a row of the tile can see (tile skipping).
 #pragma once
+#include "forward_plain.cuh"
 #include "kernel_common.cuh"
 
 namespace peer_attention {
@@ -28,7 +29,7 @@ struct ForwardConfig {
   }
 };
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionParams p) {
   using Cfg = ForwardConfig<D>;
   using Ops = DTypeOps<T>;
@@ -55,7 +56,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
   // path of most calls: their code is compiled out); the launcher picks by the params
   const bool has_gate = kFeatures && p.gate != nullptr;
   const bool has_bias = kFeatures && p.bias != nullptr;
-  const bool has_mask = kFeatures && p.mask != nullptr;
+  const bool has_mask = kMask && p.mask != nullptr;  // kMask implies kFeatures
   const bool per_peer = kFeatures && p.per_peer;
   const bool recompute = kFeatures && p.recompute;
 
@@ -316,20 +317,31 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
   }
 }
 
-template <int D, typename T, bool kFeatures>
-cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream) {
+template <int D, typename T, bool kFeatures, bool kMask>
+cudaError_t launch_forward_kernel(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = ForwardConfig<D>;
   AttentionParams p = params;
   const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = forward_kernel<D, T, kFeatures>;
+  auto kernel = forward_kernel<D, T, kFeatures, kMask>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
   if (blocks == 0) return cudaErrorInvalidConfiguration;
   kernel<<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+
+template <int D, typename T, bool kFeatures, bool kMask>
+cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream) {
+  // the plain path up to D = 128: FlashAttention-2's tile shape (forward_plain.cuh)
+  if constexpr (!kFeatures && D <= 128) {
+    return run_forward_plain<D, T>(params, stream);
+  } else {
+    return launch_forward_kernel<D, T, kFeatures, kMask>(params, stream);
+  }
 }
 
 }  // namespace peer_attention

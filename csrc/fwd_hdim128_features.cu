@@ -1,10 +1,10 @@
-// Forward kernel instantiations for head dim 128, every feature (runtime branches): one file per head dim and
+// Forward kernel instantiations for head dim 128, every feature but attn_mask (runtime branches): one file per head dim and
 // switch, so that ninja builds them in parallel.
 #include "forward.cuh"
 #include "launch.h"
 
 namespace peer_attention {
-template cudaError_t run_forward_variant<128, __half, true>(const AttentionParams&, cudaStream_t);
-template cudaError_t run_forward_variant<128, __nv_bfloat16, true>(const AttentionParams&,
+template cudaError_t run_forward_variant<128, __half, true, false>(const AttentionParams&, cudaStream_t);
+template cudaError_t run_forward_variant<128, __nv_bfloat16, true, false>(const AttentionParams&,
                                                                     cudaStream_t);
 }  // namespace peer_attention

@@ -95,15 +95,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Element offset of (row, col) in a rows x D tile of 16-bit values. The 16-byte chunk index is
-// XORed with the row (within aligned groups of 8 chunks, or 4 when D/8 is not a multiple of 8)
-// so that the 8 row addresses of one ldmatrix phase fall in different banks.
+// Element offset of (row, col) in a rows x D tile of 16-bit values: the 16-byte chunk index is
+// XORed with a function of the row so that the 8 row addresses of one ldmatrix phase (8
+// consecutive rows, one chunk column) fall in 8 different 16-byte bank groups:
+// - D / 8 a multiple of 8 (rows of 128 B multiples): chunk ^ (row & 7) within aligned groups of 8;
+// - D = 32 or 96 (rows of 64 or 192 B: two rows cover the 128 B of banks at offsets 0 and 64):
+//   chunk ^ ((row >> 1) & 3) within aligned groups of 4; the bank group of row r is then
+//   4 * ((r + chunk / 4) & 1) + ((chunk & 3) ^ ((r >> 1) & 3)), distinct for 8 consecutive rows
+//   (XOR with row & 3, as before, put rows r and r + 4 in the same banks: 2-way conflicts).
+// tests/cuda/test_forward_plain.py checks every phase of load_a / load_b_* for every D.
 template <int D>
 __host__ __device__ __forceinline__ int swizzle(int row, int col) {
   constexpr int kChunks = D / 8;
-  constexpr int kMask = (kChunks % 8 == 0) ? 7 : 3;
-  static_assert(kChunks % (kMask + 1) == 0, "the swizzle must stay inside the row");
-  return row * D + ((((col >> 3) ^ (row & kMask)) << 3) | (col & 7));
+  if constexpr (kChunks % 8 == 0) {
+    return row * D + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+  } else {
+    static_assert(kChunks % 4 == 0, "the swizzle must stay inside the row");
+    return row * D + ((((col >> 3) ^ ((row >> 1) & 3)) << 3) | (col & 7));
+  }
 }
 
 // Which 16-byte chunks of a ROWS x D tile thread `tid` copies. When the threads of a block
@@ -127,38 +136,80 @@ struct TileCopy {
 // Which thread copies which chunk does not matter to the readers: they read after
 // cp_async_wait + __syncthreads.
 // kStepped = false keeps the per-chunk loop (see dkdv_kernel: fewer spills there on sm_89).
-template <int ROWS, int D, typename T, bool kStepped = true>
+// kAllRows: the caller knows valid_rows >= ROWS (a tile inside the keys; no row test).
+template <int ROWS, int D, typename T, bool kStepped = true, bool kAllRows = false>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t row_stride,
                                                 int valid_rows, int valid_cols, const T* safe) {
   using Copy = TileCopy<ROWS, D>;
   if constexpr (Copy::kFixedColumn && kStepped) {
     const int row0 = Copy::row(threadIdx.x, 0), col = Copy::col(threadIdx.x);
     const bool col_ok = col < valid_cols;
-    const T* src = gmem + row0 * row_stride + col;
-    const int64_t step = Copy::kRowStep * row_stride;
+    // a column past valid_cols reads nothing: its pointer stays at `safe`, not stepped
+    const T* src = col_ok ? gmem + row0 * row_stride + col : safe;
+    const int64_t step = col_ok ? Copy::kRowStep * row_stride : 0;
 #pragma unroll
-    for (int i = 0; i < Copy::kCopies; ++i) {
+    for (int i = 0; i < Copy::kCopies; ++i, src += step) {
       const int row = row0 + i * Copy::kRowStep;
-      const bool valid = col_ok && row < valid_rows;
-      cp_async_16(tile + swizzle<D>(row, col), valid ? src + i * step : safe, valid);
+      const bool row_ok = kAllRows || row < valid_rows;
+      cp_async_16(tile + swizzle<D>(row, col), row_ok ? src : safe, col_ok && row_ok);
     }
   } else {
     constexpr int kChunks = D / 8;
     for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
       const int row = idx / kChunks, col = (idx % kChunks) * 8;
-      const bool valid = row < valid_rows && col < valid_cols;
+      const bool valid = (kAllRows || row < valid_rows) && col < valid_cols;
       const T* src = valid ? gmem + row * row_stride + col : safe;
       cp_async_16(tile + swizzle<D>(row, col), src, valid);
     }
   }
 }
 
+// ldmatrix byte offsets (load_a, load_b_from_nk, load_b_from_kn, every kernel). The swizzle
+// XORs the low bits of a row's chunk index (its kGroup = 8 or 4 chunks) with kX(row), a
+// function of row & 7 only, and an ldmatrix reads rows (row base, a multiple of 16) + a lane
+// part, so kX depends on the lane alone. A row is 2D bytes, a multiple of 16 * kGroup, so the
+// lane part's chunk bits (4 .. 3 + log2 kGroup) are its own: the offset of a fragment is the
+// lane's offset for k0 = 0 XORed with ((k0 / 8) % kGroup) * 16, plus the row base's bytes and
+// the (k0 / 8 / kGroup) whole groups, one LOP3 per k step instead of the swizzle arithmetic
+// per ldmatrix. tests/cuda/test_forward_plain.py checks them against swizzle<D> for every
+// head dim, lane, row base and k0.
+template <int D>
+struct LdsmOffsets {
+  static constexpr int kGroup = (D / 8) % 8 == 0 ? 8 : 4;  // swizzle<D>'s chunk group
+  static_assert((2 * D) % (16 * kGroup) == 0, "whole groups per row");
+  // swizzle<D>'s XOR of a row whose low 3 bits are lane & 7 (all three fragment kinds)
+  __host__ __device__ static constexpr int x(int lane) {
+    return kGroup == 8 ? (lane & 7) : ((lane & 7) >> 1);
+  }
+  // lane parts (bytes, k0 = 0, row base 0): load_a, load_b_from_nk, load_b_from_kn
+  __host__ __device__ static constexpr int a(int lane) {
+    return (lane & 15) * 2 * D + (((lane >> 4) ^ x(lane)) << 4);
+  }
+  __host__ __device__ static constexpr int b_nk(int lane) {
+    return ((lane & 7) + ((lane >> 4) << 3)) * 2 * D + ((((lane >> 3) & 1) ^ x(lane)) << 4);
+  }
+  __host__ __device__ static constexpr int b_kn(int lane) {
+    return ((lane & 7) + (((lane >> 3) & 1) << 3)) * 2 * D + (((lane >> 4) ^ x(lane)) << 4);
+  }
+  // fragment at (row base `row`, column base `k`: multiples of 16); for b_kn the row is k0 and
+  // the column n0
+  __host__ __device__ static constexpr int at(int lane_part, int row, int k) {
+    return (lane_part ^ (((k >> 3) & (kGroup - 1)) << 4)) + row * 2 * D +
+           ((k >> 3) & ~(kGroup - 1)) * 16;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ const T* byte_offset(const T* tile, int bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(tile) + bytes);
+}
+
 // A fragment: rows row0..row0+15, columns k0..k0+15 of a tile.
+// (row0, k0, n0: multiples of 16; the offsets: LdsmOffsets, equal to swizzle<D>'s.)
 template <int D, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int k0,
                                        int lane) {
-  const int row = row0 + (lane & 15), col = k0 + ((lane >> 4) << 3);
-  ldmatrix_x4(a, tile + swizzle<D>(row, col));
+  ldmatrix_x4(a, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::a(lane), row0, k0)));
 }
 
 // B fragments of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8..n0+15 -> b[2], b[3]) for k0..k0+15,
@@ -166,18 +217,14 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0
 template <int D, typename T>
 __device__ __forceinline__ void load_b_from_nk(uint32_t (&b)[4], const T* tile, int n0, int k0,
                                                int lane) {
-  const int row = n0 + (lane & 7) + ((lane >> 4) << 3);
-  const int col = k0 + (((lane >> 3) & 1) << 3);
-  ldmatrix_x4(b, tile + swizzle<D>(row, col));
+  ldmatrix_x4(b, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_nk(lane), n0, k0)));
 }
 
 // The same two n-tiles from a tile stored as [k][n] (B = tile), via the transposing ldmatrix.
 template <int D, typename T>
 __device__ __forceinline__ void load_b_from_kn(uint32_t (&b)[4], const T* tile, int k0, int n0,
                                                int lane) {
-  const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3);
-  const int col = n0 + ((lane >> 4) << 3);
-  ldmatrix_x4_trans(b, tile + swizzle<D>(row, col));
+  ldmatrix_x4_trans(b, byte_offset(tile, LdsmOffsets<D>::at(LdsmOffsets<D>::b_kn(lane), k0, n0)));
 }
 
 template <typename T>
@@ -223,6 +270,30 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* a_tile,
   }
 }
 
+// MT row tiles of 16 at once (rows a_row0 + 16 * mt): acc[mt] (16 x N) += A_mt * B^T, B
+// ([n][k], rows 0..N-1 of b_tile) loaded once per k step for all MT row tiles, which halves the
+// ldmatrix per mma at MT = 2 (FlashAttention-2's 32 query rows per warp).
+template <int MT, int N, int D, typename T>
+__device__ __forceinline__ void gemm_nt_rows(float (&acc)[MT][N / 8][4], const T* a_tile,
+                                             int a_row0, const T* b_tile, int lane) {
+#pragma unroll
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) load_a<D>(a[mt], a_tile, a_row0 + 16 * mt, k0, lane);
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 16) {
+      uint32_t b[4];
+      load_b_from_nk<D>(b, b_tile, n0, k0, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        DTypeOps<T>::mma(acc[mt][n0 / 8], a[mt], b[0], b[1]);
+        DTypeOps<T>::mma(acc[mt][n0 / 8 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // C fragments of 16 x K (fp32) -> A fragments of the same 16 x K matrix in 16 bits.
 template <int K, typename T>
 __device__ __forceinline__ void pack_a(uint32_t (&a)[K / 16][4], const float (&c)[K / 8][4]) {
@@ -257,6 +328,27 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[NOUT / 8][4], const uint32_
       }
       DTypeOps<T>::mma(acc[n0 / 8], a[kk], b[0], b[1]);
       DTypeOps<T>::mma(acc[n0 / 8 + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// MT row tiles: acc[mt] (16 x NOUT) += A_mt (16 x K, registers) * B (b_tile rows 0..K-1,
+// [k][n], columns 0..NOUT-1), each B fragment loaded once for all MT row tiles.
+template <int MT, int K, int D, int NOUT, typename T>
+__device__ __forceinline__ void gemm_rs_rows(float (&acc)[MT][NOUT / 8][4],
+                                             const uint32_t (&a)[MT][K / 16][4],
+                                             const T* b_tile, int lane) {
+#pragma unroll
+  for (int n0 = 0; n0 < NOUT; n0 += 16) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      uint32_t b[4];
+      load_b_from_kn<D>(b, b_tile, kk * 16, n0, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        DTypeOps<T>::mma(acc[mt][n0 / 8], a[mt][kk], b[0], b[1]);
+        DTypeOps<T>::mma(acc[mt][n0 / 8 + 1], a[mt][kk], b[2], b[3]);
+      }
     }
   }
 }
@@ -316,6 +408,48 @@ __device__ __forceinline__ int causal_offset(const AttentionParams& p, int s) {
   if (!p.bottom_right) return 0;
   return (p.kv_offsets[s + 1] - p.kv_offsets[s]) - (p.q_offsets[s + 1] - p.q_offsets[s]);
 }
+
+// How many leading key tiles [0, n) of a peer need no masking for a query block whose rows
+// (within stream s) start at q_row0: every key j of such a tile is below `limit` and, on a
+// causal self pair, j <= i + diag for every row i >= q_row0 of the block (q_row0 decides).
+// The tiles [n, ntiles) take the masked path. Host-callable: tests/cuda/test_forward_plain.py
+// checks it against the per-element mask.
+__host__ __device__ __forceinline__ int unmasked_key_tiles(int ntiles, int limit,
+                                                           bool causal_pair, int q_row0,
+                                                           int diag, int block_keys) {
+  int n = limit / block_keys;  // limit >= 0: tiles that end at or before the limit
+  n = n < ntiles ? n : ntiles;
+  if (causal_pair) {
+    const int reach = q_row0 + diag + 1;  // keys [0, reach) are visible to row q_row0
+    const int full = reach > 0 ? reach / block_keys : 0;
+    n = n < full ? n : full;
+  }
+  return n > 0 ? n : 0;
+}
+
+// Key-major blocks (dK/dV): the first query tile of [first, end) from which the key block
+// [key_row0, key_row0 + block_keys) needs no masking: all its keys are below `limit` and, on a
+// causal self pair, every row i of the tile has i >= j - diag for every key j of the block. The
+// tiles [first, result) take the masked path. Host-callable: tests/cuda/test_forward_plain.py.
+__host__ __device__ __forceinline__ int first_unmasked_query_tile(int first, int end,
+                                                                  int key_row0, int block_keys,
+                                                                  int limit, bool causal_pair,
+                                                                  int diag, int block_queries) {
+  if (key_row0 + block_keys > limit) return end;  // keys past the limit: every tile masked
+  int from = first;
+  if (causal_pair) {
+    const int need = key_row0 + block_keys - 1 - diag;  // rows i >= need see the whole block
+    const int t = need <= 0 ? 0 : (need + block_queries - 1) / block_queries;
+    from = from > t ? from : t;
+  }
+  return from < end ? from : end;
+}
+
+// The tag of a tile step with (true) or without (false) the per-score length/causal mask.
+template <bool kValue>
+struct MaskedStep {
+  static constexpr bool value = kValue;
+};
 
 // Query-major blocks (forward, dQ): thread `tid` < S plans peer `tid` of stream s for the block
 // whose first row (within s) is q_row0: its key count, and how many key tiles of BN the block

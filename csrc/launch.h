@@ -10,7 +10,7 @@ namespace peer_attention {
 
 // Head dims with their own kernels; any other size up to 256 runs in the next larger one, its
 // extra channels zero-filled in shared memory.
-constexpr int kHeadDims[] = {32, 64, 96, 128, 256};
+constexpr int kHeadDims[] = {32, 64, 96, 128, 160, 192, 256};
 
 inline int kernel_head_dim(int dim) {
   for (int d : kHeadDims) {
@@ -32,24 +32,31 @@ inline int kernel_head_dim(int dim) {
     }                                       \
   }()
 
-// Each kernel has two instantiations per head dim and dtype: kFeatures = true serves every
-// feature through runtime branches; kFeatures = false is the plain path (no attn_mask, gate,
-// bias, peer normalisation, recompute, dmask or dbias: SDPA, causal or not, GQA, kv_lengths,
-// several streams), with that code compiled out. They live in separate files
-// (fwd_hdim*_{plain,features}.cu, bwd_hdim*_{plain,features}.cu) that ninja builds in parallel.
-// T is __half or __nv_bfloat16.
-template <int D, typename T, bool kFeatures>
+// Each kernel has three instantiations per head dim and dtype (FlashAttention's BOOL_SWITCH):
+// - plain (kFeatures = kMask = false): no attn_mask, gate, bias, peer normalisation,
+//   recompute, dmask or dbias (SDPA, causal or not, GQA, kv_lengths, several streams), that code
+//   compiled out; the forward up to D = 128 is forward_plain.cuh's kernel;
+// - features (kFeatures = true, kMask = false): gate, bias, peer normalisation, recompute,
+//   dbias through warp-uniform runtime branches, the attn_mask code (per-score loads and the
+//   dmask stores) compiled out;
+// - features + mask (both true): everything, attn_mask and its gradient included.
+// A variant is launched only for params it serves (the has_* flags of a kernel are the params'
+// own where its switch is on). Separate files (fwd_hdim*_{plain,features,mask}.cu,
+// bwd_hdim*_{plain,features,mask}.cu) that ninja builds in parallel. T: __half or __nv_bfloat16.
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream);
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream);
 
-template <int D, typename T, bool kFeatures>
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream);
 
+// the plain forward up to D = 128 (forward_plain.cuh) folds the scale into the exponent, which
+// needs 0 < scale * log2(e) < inf; any other scale takes the general kernel
 inline bool forward_needs_features(const AttentionParams& p) {
   return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer ||
-         p.recompute;
+         p.recompute || !(p.scale_log2 > 0.f && p.scale_log2 <= 3.4e38f);
 }
 
 inline bool dq_needs_features(const AttentionParams& p) {
@@ -61,22 +68,28 @@ inline bool dkdv_needs_features(const AttentionParams& p) {
   return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer;
 }
 
+// the mask variants: attn_mask (forward, dK/dV), attn_mask or its gradient (dQ)
 template <int D, typename T>
 cudaError_t run_forward(const AttentionParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(forward_needs_features(params), kFeatures,
-                     [&] { return run_forward_variant<D, T, kFeatures>(params, stream); });
+  if (!forward_needs_features(params)) return run_forward_variant<D, T, false, false>(params, stream);
+  return BOOL_SWITCH(params.mask != nullptr, kMask,
+                     [&] { return run_forward_variant<D, T, true, kMask>(params, stream); });
 }
 
 template <int D, typename T>
 cudaError_t run_backward_dq(const AttentionParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(dq_needs_features(params), kFeatures,
-                     [&] { return run_backward_dq_variant<D, T, kFeatures>(params, stream); });
+  if (!dq_needs_features(params)) return run_backward_dq_variant<D, T, false, false>(params, stream);
+  return BOOL_SWITCH(params.mask != nullptr || params.dmask != nullptr, kMask,
+                     [&] { return run_backward_dq_variant<D, T, true, kMask>(params, stream); });
 }
 
 template <int D, typename T>
 cudaError_t run_backward_dkdv(const AttentionParams& params, cudaStream_t stream) {
-  return BOOL_SWITCH(dkdv_needs_features(params), kFeatures,
-                     [&] { return run_backward_dkdv_variant<D, T, kFeatures>(params, stream); });
+  if (!dkdv_needs_features(params)) {
+    return run_backward_dkdv_variant<D, T, false, false>(params, stream);
+  }
+  return BOOL_SWITCH(params.mask != nullptr, kMask,
+                     [&] { return run_backward_dkdv_variant<D, T, true, kMask>(params, stream); });
 }
 
 // delta[row] = sum_c dout[row, c] * out[row, c] over rows x cols contiguous matrices.

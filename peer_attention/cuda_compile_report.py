@@ -16,8 +16,10 @@ as compiled), not a dynamic trace.
 
 `--flash-attn PATH` (an unpacked or packed flash-attn 2.8.3 source distribution: `pip download
 --no-deps --no-binary :all: flash-attn==2.8.3`) also compiles FlashAttention-2's hd128 fp16
-forward `Flash_fwd_kernel_traits<128, 128, 64, 4>` (non-causal, no dropout, even M/N and K: its
-plain path) with the same nvcc flags plus its own `--expt-extended-lambda`, as the yardstick.
+forward `Flash_fwd_kernel_traits<128, 128, 64, 4>` and backward
+`Flash_bwd_kernel_traits<128, 64, 128, 8, 2, 4, 2>` (sm_80; non-causal, no dropout, even M/N
+and K: their plain paths) with the same nvcc flags plus its own `--expt-extended-lambda`, as
+the yardstick, and prints our backward's loop instructions per unit of work against its.
 Needs nvcc on PATH (cuobjdump from the toolkit, else the one triton ships); runs from a checkout
 (csrc/ is not in the wheel). Results for the record: docs/cuda.md.
 """
@@ -129,8 +131,10 @@ def _opcode(text: str) -> str:
 
 
 def main_loop(instructions: List[Tuple[int, str]]) -> LoopStats:
-    """Statistics of the loop (backward branch) with the most HMMA; ties: the shortest."""
-    best = LoopStats()
+    """Statistics of the innermost loop (backward branch) with the most HMMA; ties: the
+    shortest. Innermost: a loop that holds another loop with HMMA (the per-peer loop around the
+    plain forward's unmasked and masked tile loops) is not a candidate."""
+    loops = []
     for address, text in instructions:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if not target or int(target.group(1), 16) >= address:
@@ -142,6 +146,12 @@ def main_loop(instructions: List[Tuple[int, str]]) -> LoopStats:
                           sum(op.startswith("LDSM") for op in body),
                           sum(op.startswith("BRA") for op in body),
                           sum(op.startswith(("LDL", "STL")) for op in body))
+        loops.append((start, address, stats))
+    best = LoopStats()
+    for start, end, stats in loops:
+        if any(start <= s and e <= end and (s, e) != (start, end) and inner.hmma
+               for s, e, inner in loops):
+            continue
         if (stats.hmma, -stats.instructions) > (best.hmma, -best.instructions):
             best = stats
     return best
@@ -225,6 +235,8 @@ OURS_PROBE = r"""
 #include "launch.h"
 using namespace peer_attention;
 template <int D, typename T> void print(const char* dtype) {
+  if constexpr (D <= 128)
+    std::printf("forward_plain_kernel %d %s %d %d\n", D, dtype, ForwardPlainConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("forward_kernel %d %s %d %d\n", D, dtype, ForwardConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("dq_kernel %d %s %d %d\n", D, dtype, DqConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("dkdv_kernel %d %s %d %d\n", D, dtype, DkdvConfig<D>::template smem_bytes<T>(), kThreads);
@@ -249,6 +261,20 @@ template __global__ void FLASH_NAMESPACE::flash_fwd_kernel<{FA2_TRAITS}, false, 
 FA2_PROBE = f"""#include <cstdio>
 #include "kernel_traits.h"
 int main() {{ std::printf("%d %d\\n", int({FA2_TRAITS}::kSmemSize), int({FA2_TRAITS}::kNThreads)); }}
+"""
+# FlashAttention-2's hd128 fp16 backward on sm_80 (>= 144 KiB shared memory): one fused loop
+# over 64-query tiles of a 128-key block, 8 warps, dQ by float32 atomics; non-causal, no
+# dropout/alibi/softcap/local, even M/N and K
+FA2_BWD_TRAITS = "Flash_bwd_kernel_traits<128, 64, 128, 8, 2, 4, 2, false, false, cutlass::half_t>"
+FA2_BWD_KERNEL = f"""#include "flash_bwd_launch_template.h"
+template __global__ void FLASH_NAMESPACE::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<
+    {FA2_BWD_TRAITS}, false, false, false, false, true, true, false>(
+    KERNEL_PARAM_MODIFIER const Flash_bwd_params params);
+"""
+FA2_BWD_PROBE = f"""#include <cstdio>
+#include "kernel_traits.h"
+int main() {{ std::printf("%d %d\\n", int({FA2_BWD_TRAITS}::kSmemSize1colblock),
+                          int({FA2_BWD_TRAITS}::kNThreads)); }}
 """
 
 
@@ -283,12 +309,15 @@ def demangled(names: List[str]) -> Dict[str, str]:
 
 def _describe(name: str) -> Tuple[str, int, str]:
     """(kernel, head dim, dtype) of a demangled instantiation name; the kernel name carries its
-    feature switch ("forward_kernel plain" for kFeatures = false, "... features" for true)."""
-    found = re.search(r"(\w+)<(\d+), ([\w:]+)(?:, (true|false))?>", name)
+    feature switches ("forward_kernel plain" for kFeatures = false, "... features" for true,
+    "... features+mask" when kMask is true too)."""
+    found = re.search(r"(\w+)<(\d+), ([\w:]+)(?:, (true|false))?(?:, (true|false))?>", name)
     if found:
         kernel = found.group(1)
         if found.group(4):
             kernel += " plain" if found.group(4) == "false" else " features"
+            if found.group(5) == "true":
+                kernel += "+mask"
         return kernel, int(found.group(2)), DTYPE_NAMES.get(found.group(3), found.group(3))
     return re.sub(r"\(.*", "", name).split("::")[-1], 0, "-"
 
@@ -378,21 +407,42 @@ def _torch_includes() -> List[Path]:
     return [Path(p) for p in include_paths()] + [Path(p) for p in nvidia_pip_include_dirs()]
 
 
-def report_flash_attn(path: Path, work: Path) -> Row:
+def report_flash_attn(path: Path, work: Path) -> List[Row]:
+    """FlashAttention-2's hd128 fp16 sm_80 forward and backward kernels, compiled like ours."""
     csrc = _flash_attn_csrc(path, work)
     includes = [csrc / "flash_attn" / "src", csrc / "cutlass" / "include"] + _torch_includes()
-    source = work / "fa2_fwd_hdim128_fp16.cu"
-    source.write_text(FA2_KERNEL)
     extra = ("--expt-extended-lambda",)
-    cubin, log = compile_cubin(source, "sm80", work, includes, extra)
-    smem, threads = map(int, run_host_probe(FA2_PROBE, work, includes, "fa2_probe",
-                                            extra).split())
-    (row,) = rows_of_cubin(cubin, log, "sm80", {})
-    row.kernel, row.head_dim, row.dtype, row.threads = "FA2 flash_fwd_kernel 128x64 w4", 128, \
-        "fp16", threads
-    row.smem += smem
-    row.blocks_per_sm = blocks_per_sm(ARCHS["sm80"], row.registers, threads, row.smem)
-    return row
+    rows = []
+    for name, kernel, probe, label in (
+            ("fa2_fwd_hdim128_fp16", FA2_KERNEL, FA2_PROBE, "FA2 flash_fwd_kernel 128x64 w4"),
+            ("fa2_bwd_hdim128_fp16", FA2_BWD_KERNEL, FA2_BWD_PROBE,
+             "FA2 flash_bwd_dq_dk_dv 64x128 w8")):
+        source = work / f"{name}.cu"
+        source.write_text(kernel)
+        cubin, log = compile_cubin(source, "sm80", work, includes, extra)
+        smem, threads = map(int, run_host_probe(probe, work, includes, f"{name}_probe",
+                                                extra).split())
+        (row,) = rows_of_cubin(cubin, log, "sm80", {})
+        row.kernel, row.head_dim, row.dtype, row.threads = label, 128, "fp16", threads
+        row.smem += smem
+        row.blocks_per_sm = blocks_per_sm(ARCHS["sm80"], row.registers, threads, row.smem)
+        rows.append(row)
+    return rows
+
+
+def backward_per_unit(rows: List[Row]) -> Optional[float]:
+    """Our backward's static loop instructions per unit of work against FlashAttention-2's, hd128
+    fp16 sm_80 (plain path): a unit is a 64-query x 64-key tile pair (its five products). Our
+    dQ and dK/dV loops each cover one unit per block of 4 warps; FA2's fused loop covers two
+    (64 x 128) per block of 8 warps: (dq + dkdv) * 4 / (fa2 * 8 / 2) = (dq + dkdv) / fa2."""
+    def loop(kernel):
+        found = [r for r in rows if r.arch == "sm80" and r.head_dim == 128 and r.dtype == "fp16"
+                 and r.kernel == kernel]
+        return found[0].loop.get("instructions") if found else None
+
+    dq, dkdv = loop("dq_kernel plain"), loop("dkdv_kernel plain")
+    fa2 = loop("FA2 flash_bwd_dq_dk_dv 64x128 w8")
+    return round((dq + dkdv) / fa2, 2) if dq and dkdv and fa2 else None
 
 
 HEADER = ("| arch | kernel | D | dtype | threads | regs | spill B | smem B / limit | blocks/SM "
@@ -442,10 +492,14 @@ def main(argv=None) -> List[Row]:
         work.mkdir(parents=True, exist_ok=True)
         rows = report_ours(archs, opts.head_dims, opts.dtypes, work, opts.jobs)
         if opts.flash_attn is not None:
-            rows.append(report_flash_attn(opts.flash_attn, work))
+            rows += report_flash_attn(opts.flash_attn, work)
     print(HEADER)
     for r in rows:
         print(format_row(r))
+    ratio = backward_per_unit(rows)
+    if ratio is not None:
+        print(f"\nbackward (hd128 fp16 sm80, plain): (dq + dkdv loop instructions) per unit of "
+              f"work / FlashAttention-2's = {ratio}")
     if opts.json:
         print(json.dumps([dict(asdict(r), fits=r.fits) for r in rows]))
     return rows

@@ -23,7 +23,7 @@ from ..problem import AttentionProblem
 from .base import JOINT_WITHOUT_GATE_BIAS_GRADS, UNAVAILABLE, Backend, Capabilities
 
 MAX_STREAMS = 16  # kMaxStreams in csrc/params.h
-KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)  # kHeadDims in csrc/launch.h
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)  # kHeadDims in csrc/launch.h
 # dynamic shared memory of the head-dim-256 backward kernels (DkdvConfig<256>::smem_bytes in
 # csrc/backward.cuh; cuda_compile_report prints it); sm_86, sm_89 and sm_120 allow only 99 KiB
 # per block, so the backend declines that backward there (by the device's opt-in limit)
@@ -125,7 +125,7 @@ class CudaBackend(Backend):
                                    "rebuild with TORCH_CUDA_ARCH_LIST naming it")
             if (_needs_backward(problem) and kernel_head_dim(problem) == 256 and smem is not None
                     and smem < BACKWARD_256_SMEM_BYTES):
-                reasons.append(f"backward for head dims above 128 needs {BACKWARD_256_SMEM_BYTES} "
+                reasons.append(f"backward for head dims above 192 needs {BACKWARD_256_SMEM_BYTES} "
                                f"bytes of shared memory per block, the device has {smem}")
         if torch.are_deterministic_algorithms_enabled() and _needs_backward(problem):
             atomics = atomic_gradients(problem)

@@ -83,8 +83,10 @@ def _has_tools():
 @pytest.mark.skipif(not _has_tools(), reason="needs nvcc and cuobjdump")
 def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
-    assert {r.kernel for r in rows} == {f"{k}_kernel {v}" for k in ("forward", "dq", "dkdv")
-                                        for v in ("plain", "features")}
+    # the plain forward up to D = 128 is its own kernel (forward_plain.cuh)
+    assert {r.kernel for r in rows} == {"forward_plain_kernel", "forward_kernel features",
+                                        "forward_kernel features+mask"} | {
+        f"{k}_kernel {v}" for k in ("dq", "dkdv") for v in ("plain", "features", "features+mask")}
     for r in rows:
         assert r.head_dim == 32 and r.dtype == "fp16" and r.threads == 128
         assert 0 < r.registers <= 255 and r.spill_bytes == 0, r
@@ -93,10 +95,18 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
         assert r.loop["instructions"] > r.loop["hmma"]
     plain = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("plain")}
     features = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("features")}
+    masks = {r.kernel.split()[0]: r for r in rows if r.kernel.endswith("features+mask")}
     for kernel in plain:  # the plain path's loop is shorter: the features are compiled out
         assert plain[kernel].loop["instructions"] < features[kernel].loop["instructions"]
         assert plain[kernel].loop["hmma"] == features[kernel].loop["hmma"]
-    assert "| sm80 | forward_kernel plain | 32 | fp16 |" in report.format_row(plain["forward_kernel"])
+    for kernel in features:  # and the features one without the attn_mask code
+        assert features[kernel].loop["instructions"] < masks[kernel].loop["instructions"]
+        assert features[kernel].loop["hmma"] == masks[kernel].loop["hmma"]
+    assert "| sm80 | dq_kernel plain | 32 | fp16 |" in report.format_row(plain["dq_kernel"])
+    # 32 query rows per warp: twice the mma per key tile, fewer instructions per mma
+    fwd = next(r for r in rows if r.kernel == "forward_plain_kernel")
+    assert fwd.loop["hmma"] == 2 * features["forward_kernel"].loop["hmma"]
+    assert fwd.loop["per_hmma"] < features["forward_kernel"].loop["per_hmma"]
 
 
 def test_instantiation_names():
@@ -107,6 +117,10 @@ def test_instantiation_names():
                     "(peer_attention::AttentionParams)") == ("dkdv_kernel features", 96, "bf16")
     assert describe("void peer_attention::dq_kernel<64, __half>(peer_attention::AttentionParams)"
                     ) == ("dq_kernel", 64, "fp16")
+    assert describe("void peer_attention::dq_kernel<64, __half, true, true>"
+                    "(peer_attention::AttentionParams)") == ("dq_kernel features+mask", 64, "fp16")
+    assert describe("void peer_attention::dq_kernel<64, __half, true, false>"
+                    "(peer_attention::AttentionParams)") == ("dq_kernel features", 64, "fp16")
 
 
 @pytest.mark.skipif(not _has_tools(), reason="needs nvcc")
@@ -120,4 +134,45 @@ def test_backend_shared_memory_constant_matches_the_kernels(tmp_path):
                                                          if line.strip())}
     needed = max(smem[(k, 256, t)] for k in ("dq_kernel", "dkdv_kernel") for t in ("fp16", "bf16"))
     assert needed == BACKWARD_256_SMEM_BYTES
-    assert max(v for (k, d, t), v in smem.items() if d <= 128 or k == "forward_kernel") <= 101376
+    # every kernel up to D = 192 (and every forward) fits sm_86/89/120's 101376 bytes per block
+    assert max(v for (k, d, t), v in smem.items() if d <= 192 or k == "forward_kernel") <= 101376
+    assert {d for (k, d, t) in smem if k == "forward_plain_kernel"} == {32, 64, 96, 128}
+    from peer_attention.backends.cuda import KERNEL_HEAD_DIMS  # mirrors kHeadDims
+
+    assert sorted({d for (k, d, t) in smem}) == list(KERNEL_HEAD_DIMS)
+
+
+NESTED = """
+        Function : _ZN14peer_attention20forward_plain_kernelILi32E6__halfEEvNS_15AttentionParamsE
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0020*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0050*/                   FSEL R8, R8, -INF, P1 ;
+        /*0060*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0070*/               @P1 BRA 0x40 ;
+        /*0080*/               @P2 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_innermost():
+    """The plain forward's per-peer loop holds its unmasked and masked tile loops: the report
+    counts the inner loop with the most HMMA (ties: the shortest, the unmasked one), not the
+    per-peer loop around both."""
+    (body,) = report.parse_sass(NESTED).values()
+    loop = report.main_loop(body)
+    assert (loop.hmma, loop.instructions, loop.branches) == (2, 3, 1)
+
+
+def test_backward_per_unit_of_work():
+    def row(kernel, instructions, arch="sm80"):
+        return report.Row(arch, kernel, 128, "fp16", 128, 255, 0, 0, 166912, 1,
+                          {"instructions": instructions})
+
+    rows = [row("dq_kernel plain", 600), row("dkdv_kernel plain", 900),
+            row("dq_kernel plain", 1, "sm90a"), row("FA2 flash_bwd_dq_dk_dv 64x128 w8", 1000)]
+    # 4 warps x (600 + 900) per unit against 8 warps x 1000 per two units
+    assert report.backward_per_unit(rows) == 1.5
+    assert report.backward_per_unit(rows[:2]) is None

@@ -70,8 +70,8 @@ def test_capabilities_decline_dropout_float32_and_many_streams():
 
 def test_kernel_head_dims():
     assert [kernel_head_dim(_problem(e=e, ev=ev)) for e, ev in
-            ((32, 32), (33, 8), (64, 80), (128, 128), (129, 8), (256, 256))] == [32, 64, 96, 128,
-                                                                                 256, 256]
+            ((32, 32), (33, 8), (64, 80), (128, 128), (129, 8), (160, 152), (168, 8),
+             (192, 192), (200, 8), (256, 256))] == [32, 64, 96, 128, 160, 160, 192, 192, 256, 256]
 
 
 def test_auto_prefers_triton_until_cuda_is_validated_on_hardware():

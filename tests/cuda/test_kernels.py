@@ -118,6 +118,33 @@ def test_scale(dtype):
     check_peer(dtype, q_lens=[64], kv_lens=[64], scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, -0.2])
+def test_scale_not_positive(dtype, scale):
+    # the plain forward folds the scale into exp2 (scale > 0); these take forward_kernel
+    check_peer(dtype, q_lens=[70], kv_lens=[90], scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("L,M,kv_lengths", [(384, 448, None), (300, 520, None),
+                                            (400, 400, [[333], [64]])])
+def test_unmasked_main_loops(dtype, E, L, M, kv_lengths):
+    # several full key / query tiles before and after the causal diagonal and the kv limit:
+    # the plain kernels' unmasked steps (forward 128x64, dQ 64x64, dK/dV 64x64 tiles)
+    for is_causal in (False, True):
+        check_peer(dtype, q_lens=[L], kv_lens=[M], E=E, Ev=E, is_causal=is_causal,
+                   kv_lengths=kv_lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,Ev", [(160, 160), (192, 192), (152, 176)])
+def test_head_dims_160_192(dtype, E, Ev):
+    # their own kernels (dK/dV in two channel halves), served on sm_86/89/120 too
+    check_peer(dtype, q_lens=[130, 60], kv_lens=[100, 70], E=E, Ev=Ev, is_causal=True,
+               gate_shape=(2, 2, 2, 2, Ev))
+
+
 # --- several streams ------------------------------------------------------------------------
 
 PEERS3 = [[True, True, False], [False, True, True], [True, False, True]]

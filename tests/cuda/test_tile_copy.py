@@ -53,6 +53,7 @@ int main() {
   failed += check<32, 32>() + check<64, 32>() + check<32, 64>() + check<64, 64>();
   failed += check<32, 96>() + check<64, 96>() + check<32, 128>() + check<64, 128>();
   failed += check<32, 256>() + check<64, 256>();
+  failed += check<32, 160>() + check<64, 160>() + check<32, 192>() + check<64, 192>();
   return failed;
 }
 """
@@ -68,7 +69,9 @@ def test_every_chunk_is_copied_once(tmp_path):
     done = subprocess.run([str(binary)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
     lines = done.stdout.split("\n")
-    # every kernel head dim but 96 (12 chunks per row: 128 threads do not cover whole rows)
+    # every kernel head dim but 96, 160 and 192 (12, 20, 24 chunks per row: 128 threads do not
+    # cover whole rows)
     # takes the stepped path
     assert sum(line.startswith("ok") for line in lines) == 8, done.stdout
     assert "per-chunk 64 96" in lines and "per-chunk 32 96" in lines
+    assert all(f"per-chunk {r} {d}" in lines for r in (32, 64) for d in (160, 192))

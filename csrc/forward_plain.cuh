@@ -1,0 +1,235 @@
+// The plain forward (no attn_mask, gate, bias, peer normalisation or recompute: SDPA, causal or
+// not, GQA, kv_lengths, several streams with joint normalisation) for head dims up to 128, in
+// FlashAttention-2's shape: 128 query rows per block, 4 warps of 32 rows (two m16 row tiles, so
+// each K and V fragment loaded from shared memory feeds two mma), key tiles of 64.
+//
+// Pipeline (FlashAttention-2's, one shared buffer each for Q, K and V): K of the current tile is
+// in flight when a step starts; V of the current tile is fetched while S = Q K^T runs, K of the
+// next tile (the next peer's first one after a peer's last) while the softmax and P V run. Two
+// barriers per tile: the first frees V (every warp is done with the previous P V), the second
+// frees K (every warp is done with Q K^T).
+//
+// Masking only where it can change something: per peer, the leading key tiles that lie inside
+// the keys and (causal self pair) below the diagonal of the block's first row take an unmasked
+// step (unmasked_key_tiles); the rest (the last, partial tile, the diagonal tiles) the masked one.
+// The element math is forward_kernel's joint path (online softmax with per-thread partial row
+// sums; rows that see no key give 0 and lse = -inf) with the running max kept on the raw
+// scores and the scale folded into the exponent, as FlashAttention-2 does: this needs
+// scale > 0 (launch.h sends other scales to forward_kernel).
+#pragma once
+#include "kernel_common.cuh"
+
+namespace peer_attention {
+
+template <int D>
+struct ForwardPlainConfig {
+  static_assert(D <= 128, "head dims above 128 run in forward_kernel");
+  static constexpr int kRowTiles = 2;               // m16 row tiles per warp
+  static constexpr int kBlockM = kWarps * 16 * kRowTiles;  // 128
+  static constexpr int kBlockN = 64;
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return (kBlockM * D + 2 * kBlockN * D) * sizeof(T) + 2 * kMaxStreams * sizeof(int);
+  }
+};
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const AttentionParams p) {
+  using Cfg = ForwardPlainConfig<D>;
+  using Ops = DTypeOps<T>;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kRowTiles;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_tile = reinterpret_cast<T*>(smem);  // BM x D
+  T* k_tile = q_tile + BM * D;             // BN x D
+  T* v_tile = k_tile + BN * D;             // BN x D
+  int* limit_s = reinterpret_cast<int*>(v_tile + BN * D);  // keys per stream for this batch entry
+  int* ntiles_s = limit_s + kMaxStreams;                   // key tiles this block visits per peer
+
+  const int S = p.num_streams;
+  const BlockCoord blk = unflatten_block(p.q_tile_offsets[S], p.q_heads);
+  const int b = blk.batch, h = blk.head;
+  const int s = stream_of_tile(p.q_tile_offsets, S, blk.tile);
+  const int q_row0 = (blk.tile - p.q_tile_offsets[s]) * BM;  // within stream s
+  const int q_len = p.q_offsets[s + 1] - p.q_offsets[s];
+  const int q_first = p.q_offsets[s] + q_row0;                // within the packed Tq
+  const int hk = h / (p.q_heads / p.kv_heads);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t2 = (lane & 3) * 2;
+
+  plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
+  __syncthreads();
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+
+  auto next_peer = [&](int from) {
+    while (from < S && ntiles_s[from] == 0) ++from;
+    return from;
+  };
+  auto load_k = [&](int peer, int tile) {
+    const int row0 = p.kv_offsets[peer] + tile * BN;
+    load_tile_async<BN, D>(k_tile, k_base + row0 * p.k_strides[2], p.k_strides[2],
+                           limit_s[peer] - tile * BN, p.head_dim, static_cast<const T*>(p.k));
+  };
+
+  // this thread's rows (local to the block): warp * 32 + 16 * mt + g + 8 * r
+  float acc[MT][D / 8][4];
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero(acc[mt]);
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  // one key tile of `peer`; (next, next_tile) is the tile after it (next == S: none)
+  auto step = [&](auto masked_step, int peer, int tile, int next, int next_tile) {
+    constexpr bool kMasked = decltype(masked_step)::value;
+    float sc[MT][BN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero(sc[mt]);
+    cp_async_wait<0>();
+    __syncthreads();  // K(tile) (and Q) landed; every warp is done with the previous P V
+    {
+      const int row0 = p.kv_offsets[peer] + tile * BN;
+      // an unmasked tile lies inside the keys: all BN rows valid
+      load_tile_async<BN, D, T, true, !kMasked>(v_tile, v_base + row0 * p.v_strides[2],
+                                                p.v_strides[2], limit_s[peer] - tile * BN,
+                                                p.value_dim, static_cast<const T*>(p.v));
+      cp_async_commit();
+    }
+    gemm_nt_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
+    cp_async_wait<0>();
+    __syncthreads();  // V(tile) landed; every warp is done with K(tile)
+    if (next < S) {
+      load_k(next, next_tile);
+      cp_async_commit();
+    }
+
+    // scores in the log2 domain; lengths and the causal diagonal on the masked tiles only
+    if constexpr (kMasked) {
+      const int key0 = tile * BN, limit = limit_s[peer];
+      const bool causal_pair = p.causal && peer == s;
+      const int diag = causal_offset(p, s);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = key0 + nt * 8 + t2 + (e & 1);
+            const int i = q_row0 + warp * 32 + 16 * mt + g + 8 * (e >> 1);
+            const bool masked = j >= limit || (causal_pair && j > i + diag);
+            if (masked) sc[mt][nt][e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // online softmax on the raw scores S (row sums per thread; the quad adds them up at the
+    // end): with c = scale * log2(e) > 0 (the launcher sends other scales to forward_kernel),
+    // max(c S) = c max(S) and P = exp2(c S - c max) is one fma and one ex2 per score
+    const float c = p.scale_log2;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt)
+          tile_max = fmaxf(tile_max, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
+        const float new_max = fmaxf(row_max[mt][r], quad_max(tile_max));  // raw, like row_max
+        // no NaN from (-inf) - (-inf): a row with no key yet keeps base 0 and P = 0
+        const float base = new_max == -INFINITY ? 0.f : new_max * c;
+        const float alpha = exp2f(row_max[mt][r] * c - base);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {  // acc = acc * alpha (+ P V below)
+          acc[mt][dt][2 * r] *= alpha;
+          acc[mt][dt][2 * r + 1] *= alpha;
+        }
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+          sc[mt][nt][2 * r] = exp2f(fmaf(sc[mt][nt][2 * r], c, -base));
+          sc[mt][nt][2 * r + 1] = exp2f(fmaf(sc[mt][nt][2 * r + 1], c, -base));
+          sum += sc[mt][nt][2 * r] + sc[mt][nt][2 * r + 1];
+        }
+        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+        row_max[mt][r] = new_max;
+      }
+    }
+
+    uint32_t pf[MT][BN / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) pack_a<BN, T>(pf[mt], sc[mt]);
+    gemm_rs_rows<MT, BN, D, D, T>(acc, pf, v_tile, lane);
+  };
+
+  int peer = next_peer(0);
+  if (peer < S) {
+    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
+                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
+    load_k(peer, 0);
+    cp_async_commit();
+  }
+  while (peer < S) {
+    const int ntiles = ntiles_s[peer];
+    const int unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == s, q_row0,
+                                            causal_offset(p, s), BN);
+    const int following = next_peer(peer + 1);
+    int tile = 0;
+    for (; tile < unmasked; ++tile) {  // the main loop: tiles inside the keys, below the diagonal
+      const bool last = tile + 1 == ntiles;
+      step(MaskedStep<false>{}, peer, tile, last ? following : peer, last ? 0 : tile + 1);
+    }
+    for (; tile < ntiles; ++tile) {
+      const bool last = tile + 1 == ntiles;
+      step(MaskedStep<true>{}, peer, tile, last ? following : peer, last ? 0 : tile + 1);
+    }
+    peer = following;
+  }
+
+  // out = acc / l, lse (natural log)
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float total = quad_sum(row_sum[mt][r]);
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      const int local_row = warp * 32 + 16 * mt + g + 8 * r;
+      if (q_row0 + local_row >= q_len) continue;
+      const int64_t row_index =
+          (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first + local_row;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const int col = dt * 8 + t2;
+        if (col < p.value_dim)
+          *reinterpret_cast<uint32_t*>(out + row_index * p.value_dim + col) =
+              Ops::pack(acc[mt][dt][2 * r] * inv, acc[mt][dt][2 * r + 1] * inv);
+      }
+      if ((lane & 3) == 0)
+        p.lse[row_index] =
+            total > 0.f ? (row_max[mt][r] * p.scale_log2 + log2f(total)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <int D, typename T>
+cudaError_t run_forward_plain(const AttentionParams& params, cudaStream_t stream) {
+  using Cfg = ForwardPlainConfig<D>;
+  AttentionParams p = params;
+  const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
+  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto kernel = forward_plain_kernel<D, T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
+  if (blocks == 0) return cudaErrorInvalidConfiguration;
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace peer_attention

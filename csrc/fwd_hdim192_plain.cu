@@ -1,0 +1,10 @@
+// Forward kernel instantiations for head dim 192, the plain path (no mask, gate, bias, peer mode): one file per head dim and
+// switch, so that ninja builds them in parallel.
+#include "forward.cuh"
+#include "launch.h"
+
+namespace peer_attention {
+template cudaError_t run_forward_variant<192, __half, false, false>(const AttentionParams&, cudaStream_t);
+template cudaError_t run_forward_variant<192, __nv_bfloat16, false, false>(const AttentionParams&,
+                                                                    cudaStream_t);
+}  // namespace peer_attention
