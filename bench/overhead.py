@@ -86,7 +86,7 @@ def measure(case: Case, backend, calls: int = 100, samples: int = 41) -> Dict[st
 
 
 def _python_side_us(api_call, op_call, served_by: str, calls: int, samples: int, device: str) -> float:
-    from peer_attention import dispatch, ops
+    from peer_attention import dispatch
 
     outputs = op_call()
 
@@ -94,15 +94,7 @@ def _python_side_us(api_call, op_call, served_by: str, calls: int, samples: int,
         return outputs
 
     # the kernel is reached through the registered op, or in eager mode through ops' eager table
-    real_op, real_eager = dispatch._ops[served_by], ops._eager.get(served_by)
-    dispatch._ops[served_by] = (stub, real_op[1])
-    if real_eager is not None:
-        ops._eager[served_by] = (stub, real_eager[1])
-    try:
+    with dispatch.forward_kernel_replaced(served_by, stub):
         api_loops = [_loop_us(api_call, calls, device) for _ in range(samples)]
         stub_loops = [_loop_us(stub, calls, device) for _ in range(samples)]
-    finally:
-        dispatch._ops[served_by] = real_op
-        if real_eager is not None:
-            ops._eager[served_by] = real_eager
     return min(api_loops) - min(stub_loops)

@@ -17,11 +17,11 @@ from .problem import NORMALIZE_MODES, PEER
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _shape(t: Tensor) -> str:
+def shape_text(t: Tensor) -> str:
     return f"({', '.join(str(d) for d in t.shape)})"
 
 
-def _fmt(shape) -> str:
+def dims_text(shape) -> str:
     return f"({', '.join(str(d) for d in shape)})"
 
 
@@ -75,8 +75,8 @@ def check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], target_te
         have != want and have != 1 for have, want in zip(reversed(t.shape), reversed(target))
     ):
         raise ValueError(
-            f"{name}: expected a shape broadcastable to {target_text} = {_fmt(target)}, "
-            f"got {_shape(t)}"
+            f"{name}: expected a shape broadcastable to {target_text} = {dims_text(target)}, "
+            f"got {shape_text(t)}"
         )
 
 
@@ -191,8 +191,8 @@ def sdpa_layout(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
         lead = _broadcast(qs[:-3], ks[:-3], vs[:-3])
     if lead is None:
         raise ValueError(
-            f"key, value: expected leading dims broadcastable with query's {_fmt(qs[:-3])}, got "
-            f"key {_shape(key)} and value {_shape(value)}")
+            f"key, value: expected leading dims broadcastable with query's {dims_text(qs[:-3])}, got "
+            f"key {shape_text(key)} and value {shape_text(value)}")
     plain = (query.dim() == key.dim() == value.dim() == ndim
              and qs[:-3] == ks[:-3] == vs[:-3] == lead
              and hk == hv and hq == heads and (heads % hk == 0 if hk else heads == 0))
@@ -224,14 +224,14 @@ def check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() < 2:
-                raise ValueError(f"{name}: expected at least 2 dims (..., L, E), got {_shape(t)}")
+                raise ValueError(f"{name}: expected at least 2 dims (..., L, E), got {shape_text(t)}")
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(
-            f"key: expected last dim E={query.shape[-1]} as query, got {_shape(key)}"
+            f"key: expected last dim E={query.shape[-1]} as query, got {shape_text(key)}"
         )
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(
-            f"value: expected (..., S={key.shape[-2]}, Ev) as key, got {_shape(value)}"
+            f"value: expected (..., S={key.shape[-2]}, Ev) as key, got {shape_text(value)}"
         )
     layout = sdpa_layout(query, key, value, enable_gqa)
 
@@ -298,7 +298,7 @@ def check_peers(peers, num_streams: int) -> Tuple[int, ...]:
         if peers.dtype != torch.bool:
             raise TypeError(f"peers: expected a bool tensor, got dtype {peers.dtype}")
         if tuple(peers.shape) != (num_streams, num_streams):
-            raise ValueError(f"peers: expected shape {expected}, got {_shape(peers)}")
+            raise ValueError(f"peers: expected shape {expected}, got {shape_text(peers)}")
         return tuple(int(x) for x in peers.flatten().tolist())
     if not isinstance(peers, Sequence) or len(peers) != num_streams:
         got = len(peers) if isinstance(peers, Sequence) else type(peers).__name__
@@ -320,12 +320,12 @@ def _stream_shape_error(s: int, qs, ks, vs, batch, num_q_heads, num_kv_heads, he
     """Raise the error of stream s, whose shapes do not fit stream 0's."""
     if len(qs) != 4 or qs[0] != batch or qs[1] != num_q_heads or qs[3] != head_dim:
         raise ValueError(f"queries[{s}]: expected (B={batch}, Hq={num_q_heads}, L, E={head_dim}), "
-                         f"got {_fmt(qs)}")
+                         f"got {dims_text(qs)}")
     if len(ks) != 4 or ks[0] != batch or ks[1] != num_kv_heads or ks[3] != head_dim:
         raise ValueError(f"keys[{s}]: expected (B={batch}, H={num_kv_heads}, M, E={head_dim}), "
-                         f"got {_fmt(ks)}")
+                         f"got {dims_text(ks)}")
     raise ValueError(f"values[{s}]: expected (B={batch}, H={num_kv_heads}, M={ks[2]}, "
-                     f"Ev={value_dim}), got {_fmt(vs)}")
+                     f"Ev={value_dim}), got {dims_text(vs)}")
 
 
 def _check_weight(name: str, t, ref: Tensor, shape: Tuple[int, ...], shape_text: str) -> None:
@@ -366,15 +366,15 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
     if q0.dtype not in SUPPORTED_DTYPES:
         check_float_dtype("queries[0]", q0)
     if q0.dim() != 4:
-        raise ValueError(f"queries[0]: expected 4 dims (B, Hq, L, E), got {_shape(q0)}")
+        raise ValueError(f"queries[0]: expected 4 dims (B, Hq, L, E), got {shape_text(q0)}")
     batch, num_q_heads, _, head_dim = q0.shape
     k0 = keys[0]
     if k0.dim() != 4:
-        raise ValueError(f"keys[0]: expected 4 dims (B, H, M, E), got {_shape(k0)}")
+        raise ValueError(f"keys[0]: expected 4 dims (B, H, M, E), got {shape_text(k0)}")
     num_kv_heads = k0.shape[1]
     v0 = values[0]
     if v0.dim() != 4:
-        raise ValueError(f"values[0]: expected 4 dims (B, H, M, Ev), got {_shape(v0)}")
+        raise ValueError(f"values[0]: expected 4 dims (B, H, M, Ev), got {shape_text(v0)}")
     value_dim = v0.shape[3]
     dtype, device = q0.dtype, q0.device
     q_shape, k_shape = (batch, num_q_heads, head_dim), (batch, num_kv_heads, head_dim)
@@ -395,7 +395,7 @@ def check_peer(queries, keys, values, peers, gate, bias, normalize, is_causal, k
         q_lens.append(qs[2])
         kv_lens.append(ks[2])
     if head_dim == 0:
-        raise ValueError(f"queries[0]: expected head dim E >= 1, got {_shape(q0)}")
+        raise ValueError(f"queries[0]: expected head dim E >= 1, got {shape_text(q0)}")
     if num_q_heads != num_kv_heads:
         check_gqa_heads(num_q_heads, num_kv_heads, enable_gqa, "keys")
 
@@ -424,7 +424,7 @@ def check_kv_lengths(kv_lengths, batch: int, kv_lens: Sequence[int], ref: Tensor
     if kv_lengths.dtype.is_floating_point or kv_lengths.dtype.is_complex or kv_lengths.dtype == torch.bool:
         raise TypeError(f"kv_lengths: expected an integer dtype, got {kv_lengths.dtype}")
     if tuple(kv_lengths.shape) != (batch, num_streams):
-        raise ValueError(f"kv_lengths: expected shape (B, S) = ({batch}, {num_streams}), got {_shape(kv_lengths)}")
+        raise ValueError(f"kv_lengths: expected shape (B, S) = ({batch}, {num_streams}), got {shape_text(kv_lengths)}")
     if kv_lengths.device != ref.device and kv_lengths.device.type != "cpu":
         raise ValueError(
             f"kv_lengths: expected device {ref.device} (as queries[0]) or cpu, got {kv_lengths.device}"
@@ -481,7 +481,7 @@ def check_sinks(sinks, num_q_heads: int, ref: Tensor, ref_name: str) -> Optional
     if not sinks.is_floating_point():
         raise TypeError(f"sinks: expected a floating-point dtype, got {sinks.dtype}")
     if tuple(sinks.shape) != (num_q_heads,):
-        raise ValueError(f"sinks: expected shape (Hq,) = ({num_q_heads},), got {_shape(sinks)}")
+        raise ValueError(f"sinks: expected shape (Hq,) = ({num_q_heads},), got {shape_text(sinks)}")
     check_device("sinks", sinks, ref_name, ref)
     return sinks
 
@@ -497,7 +497,7 @@ def check_alibi_slopes(alibi_slopes, batch: int, num_q_heads: int, ref: Tensor,
     if tuple(alibi_slopes.shape) not in ((num_q_heads,), (batch, num_q_heads)):
         raise ValueError(
             f"alibi_slopes: expected shape (Hq,) = ({num_q_heads},) or (B, Hq) = "
-            f"({batch}, {num_q_heads}), got {_shape(alibi_slopes)}"
+            f"({batch}, {num_q_heads}), got {shape_text(alibi_slopes)}"
         )
     check_device("alibi_slopes", alibi_slopes, ref_name, ref)
     return alibi_slopes.expand(batch, num_q_heads)
@@ -512,20 +512,20 @@ def _check_flash_common(q, k, v, dims: int, layout: str, kv_layout: str, v_layou
     check_same("v", v, "q", q)
     for name, t, text in (("q", q, layout), ("k", k, kv_layout), ("v", v, v_layout)):
         if t.dim() != dims:
-            raise ValueError(f"{name}: expected {dims} dims {text}, got {_shape(t)}")
+            raise ValueError(f"{name}: expected {dims} dims {text}, got {shape_text(t)}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: expected head dim E={q.shape[-1]} as q, got {_shape(k)}")
+        raise ValueError(f"k: expected head dim E={q.shape[-1]} as q, got {shape_text(k)}")
     if q.shape[-1] == 0:
-        raise ValueError(f"q: expected head dim E >= 1, got {_shape(q)}")
+        raise ValueError(f"q: expected head dim E >= 1, got {shape_text(q)}")
     if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v: expected {_fmt(tuple(k.shape[:-1]) + ('Ev',))} as k, got {_shape(v)}")
+        raise ValueError(f"v: expected {dims_text(tuple(k.shape[:-1]) + ('Ev',))} as k, got {shape_text(v)}")
     num_q_heads, num_kv_heads = q.shape[-2], k.shape[-2]
     if num_kv_heads == 0 and num_q_heads == 0:
         return  # no heads at all: an empty result
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(
             f"k: the query heads Hq={num_q_heads} must be a multiple of the key/value heads "
-            f"H={num_kv_heads} (q {_shape(q)}, k {_shape(k)})"
+            f"H={num_kv_heads} (q {shape_text(q)}, k {shape_text(k)})"
         )
 
 
@@ -558,7 +558,7 @@ def check_flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
     Returns (dropout_p, scale, window, softcap, alibi_slopes (B, Hq) view or None)."""
     _check_flash_common(q, k, v, 4, "(B, L, Hq, E)", "(B, S, H, E)", "(B, S, H, Ev)")
     if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch B={q.shape[0]} as q, got {_shape(k)}")
+        raise ValueError(f"k: expected batch B={q.shape[0]} as q, got {shape_text(k)}")
     return check_flash_options(q, q.shape[0], dropout_p, softmax_scale, causal, window_size,
                                softcap, alibi_slopes, deterministic, return_attn_probs, sinks)
 
@@ -570,7 +570,7 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, total_name: str) -> List
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"{name}: expected shape (batch + 1,), got {_shape(cu_seqlens)}")
+        raise ValueError(f"{name}: expected shape (batch + 1,), got {shape_text(cu_seqlens)}")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"{name}: expected {name}[0] = 0, got {offsets[0]}")

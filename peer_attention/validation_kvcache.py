@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .validation import (_fmt, _shape, check_alibi_slopes, check_bool, check_float_dtype,
+from .validation import (dims_text, shape_text, check_alibi_slopes, check_bool, check_float_dtype,
                          check_int, check_same, check_scale, check_sinks, check_softcap,
                          check_tensor, check_window)
 
@@ -41,7 +41,7 @@ def _int_vector(name: str, t, batch: int, ref: Tensor) -> Tensor:
     if t.dtype != torch.int32:
         raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
     if tuple(t.shape) != (batch,):
-        raise ValueError(f"{name}: expected shape (B,) = ({batch},), got {_shape(t)}")
+        raise ValueError(f"{name}: expected shape (B,) = ({batch},), got {shape_text(t)}")
     if t.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device} (as q), got {t.device}")
     return t
@@ -76,16 +76,16 @@ def _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, head_dim: in
         if not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
         if t.dim() != 2:
-            raise ValueError(f"{name}: expected 2 dims (R, rotary_dim / 2), got {_shape(t)}")
+            raise ValueError(f"{name}: expected 2 dims (R, rotary_dim / 2), got {shape_text(t)}")
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (as q), got {t.device}")
     if rotary_sin.shape != rotary_cos.shape:
-        raise ValueError(f"rotary_sin: expected shape {_shape(rotary_cos)} as rotary_cos, got "
-                         f"{_shape(rotary_sin)}")
+        raise ValueError(f"rotary_sin: expected shape {shape_text(rotary_cos)} as rotary_cos, got "
+                         f"{shape_text(rotary_sin)}")
     rotary_dim = 2 * rotary_cos.shape[1]
     if rotary_dim == 0 or rotary_dim > head_dim:
         raise ValueError(f"rotary_cos: expected rotary_dim / 2 in [1, E / 2] = [1, {head_dim // 2}]"
-                         f" (rotary_dim <= head dim E={head_dim}), got {_shape(rotary_cos)}")
+                         f" (rotary_dim <= head dim E={head_dim}), got {shape_text(rotary_cos)}")
     return rotary_dim
 
 
@@ -99,20 +99,20 @@ def _check_caches(q, k_cache, v_cache, block_table, batch: int):
     layout = "(num_blocks, page_size, H, E)" if block_table is not None else "(B_cache, S_max, H, E)"
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims {layout}, got {_shape(t)}")
+            raise ValueError(f"{name}: expected 4 dims {layout}, got {shape_text(t)}")
     head_dim, num_q_heads = q.shape[3], q.shape[2]
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache: expected head dim E={head_dim} as q, got {_shape(k_cache)}")
+        raise ValueError(f"k_cache: expected head dim E={head_dim} as q, got {shape_text(k_cache)}")
     if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(f"v_cache: expected {_fmt(tuple(k_cache.shape[:3]) + ('Ev',))} as "
-                         f"k_cache, got {_shape(v_cache)}")
+        raise ValueError(f"v_cache: expected {dims_text(tuple(k_cache.shape[:3]) + ('Ev',))} as "
+                         f"k_cache, got {shape_text(v_cache)}")
     if v_cache.shape[3] == 0:
-        raise ValueError(f"v_cache: expected value dim Ev >= 1, got {_shape(v_cache)}")
+        raise ValueError(f"v_cache: expected value dim Ev >= 1, got {shape_text(v_cache)}")
     num_kv_heads = k_cache.shape[2]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(f"k_cache: the query heads Hq={num_q_heads} must be a multiple of the "
-                         f"cache's key/value heads H={num_kv_heads} (q {_shape(q)}, k_cache "
-                         f"{_shape(k_cache)})")
+                         f"cache's key/value heads H={num_kv_heads} (q {shape_text(q)}, k_cache "
+                         f"{shape_text(k_cache)})")
     if block_table is None:
         return k_cache.shape[1], False
     check_tensor("block_table", block_table)
@@ -120,11 +120,11 @@ def _check_caches(q, k_cache, v_cache, block_table, batch: int):
         raise TypeError(f"block_table: expected dtype torch.int32, got {block_table.dtype}")
     if block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table: expected shape (B, max_blocks) with B={batch}, got "
-                         f"{_shape(block_table)}")
+                         f"{shape_text(block_table)}")
     if block_table.device != q.device:
         raise ValueError(f"block_table: expected device {q.device} (as q), got {block_table.device}")
     if k_cache.shape[1] < 1:
-        raise ValueError(f"k_cache: expected page_size >= 1, got {_shape(k_cache)}")
+        raise ValueError(f"k_cache: expected page_size >= 1, got {shape_text(k_cache)}")
     return block_table.shape[1] * k_cache.shape[1], True
 
 
@@ -142,9 +142,9 @@ def _check_new(k, v, q, k_cache, v_cache, batch: int) -> int:
     for name, t, dim in (("k", k, k_cache.shape[3]), ("v", v, v_cache.shape[3])):
         if t.dim() != 4 or t.shape[0] != batch or t.shape[2] != heads or t.shape[3] != dim:
             raise ValueError(f"{name}: expected shape (B, L_new, H, {'E' if name == 'k' else 'Ev'})"
-                             f" = ({batch}, L_new, {heads}, {dim}), got {_shape(t)}")
+                             f" = ({batch}, L_new, {heads}, {dim}), got {shape_text(t)}")
     if v.shape[1] != k.shape[1]:
-        raise ValueError(f"v: expected L_new={k.shape[1]} rows as k, got {_shape(v)}")
+        raise ValueError(f"v: expected L_new={k.shape[1]} rows as k, got {shape_text(v)}")
     return k.shape[1]
 
 
@@ -202,9 +202,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     check_tensor("q", q)
     check_float_dtype("q", q)
     if q.dim() != 4:
-        raise ValueError(f"q: expected 4 dims (B, Lq, Hq, E), got {_shape(q)}")
+        raise ValueError(f"q: expected 4 dims (B, Lq, Hq, E), got {shape_text(q)}")
     if q.shape[3] == 0:
-        raise ValueError(f"q: expected head dim E >= 1, got {_shape(q)}")
+        raise ValueError(f"q: expected head dim E >= 1, got {shape_text(q)}")
     batch = q.shape[0]
     capacity, paged = _check_caches(q, k_cache, v_cache, block_table, batch)
     new_len = _check_new(k, v, q, k_cache, v_cache, batch)
@@ -232,7 +232,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         batch_cache = k_cache.shape[0]
     elif not paged and k_cache.shape[0] < batch:
         raise ValueError(f"k_cache: expected B_cache >= B = {batch} rows (cache row b serves "
-                         f"batch b without cache_batch_idx), got {_shape(k_cache)}")
+                         f"batch b without cache_batch_idx), got {shape_text(k_cache)}")
 
     try:  # the same rule as `scale`, under flash-attn's name for it
         scale = check_scale(softmax_scale, q.shape[3])
@@ -261,6 +261,6 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         needed = max((n + max(new_len, q_rows) for n in seqlens), default=0)
         if rotary_cos.shape[0] < needed:
             raise ValueError(f"rotary_cos: expected at least {needed} rows (the positions "
-                             f"rotated, up to cache_seqlens + L_new / Lq), got {_shape(rotary_cos)}")
+                             f"rotated, up to cache_seqlens + L_new / Lq), got {shape_text(rotary_cos)}")
     return KVCacheArgs(batch, new_len, paged, cache_seqlens, seqlens, cache_leftpad, pads,
                        cache_batch_idx, scale, (left, right), softcap, slopes, int(num_splits))
