@@ -186,7 +186,8 @@ def _bwd_preprocess(
                     lse2_p[:, None], p == s, off, left, right, kv_end, alibi2, scale_log2,
                     softcap_scale,
                     mask_rows + key0 * stride_mk + tile_n[None, :] * stride_mk,
-                    row_ok[:, None] & key_ok[None, :], True, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
+                    row_ok[:, None] & key_ok[None, :], True, F.BAND, F.HAS_ALIBI, F.MASK_KIND,
+                    F.SOFTCAP)
                 if F.HAS_DROPOUT:
                     keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + n_start, Tq, Tk,
                                         dropout_p, BLOCK_M, BLOCK_N)
@@ -338,7 +339,8 @@ def _bwd_dq(
     peer_lo, peer_hi = attended_peers(PeerStart, s, F.DIAGONAL)
     for i in range(peer_lo, peer_hi):
         p = attended_peer(PeerList, i, s, F.DIAGONAL)
-        kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, F.HAS_KVLEN)
+        kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p,
+                                             F.HAS_KVLEN)
         off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
         self_pair = p == s
         bounds = key_stages(m_start, q_len, kv_end, self_pair, off, left, right, F.BAND, BLOCK_M,
