@@ -9,7 +9,7 @@ Modules: fwd.py (forward kernel), bwd.py (backward kernels), tiles.py (device he
 both), configs.py (launch configs / autotuning per architecture), fit.py (what a compiled
 config uses and whether it fits a device), dropout.py (the keep mask, for tests),
 compile_check.py (the compile check for every architecture, without a GPU),
-utils.py (host helpers).
+launch.py (the host side of every launch: flags, bundled arguments), utils.py (host helpers).
 """
 from .bwd import backward
 from .dropout import dropout_keep_mask

@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreter_meta, tune_len, tuned
-from .fwd import kernel_flags, num_row_tiles, scale_args, shared_args, use_tma
+from .configs import tuned
+from .launch import (common_args, head_dims, kernel_flags, meta, num_row_tiles, strides,
+                     tune_len_of, use_tma)
 from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
                     kv_extent, mma, probs_from_lse, query_stages, row_tile, to_io)
-from .utils import (INTERPRET, TILE_SIZES, band, dropout_args, f32_precision, launch_device,
-                    num_tiles, search_steps, stream_tables, tma_ok)
+from .utils import TILE_SIZES, f32_precision, launch_device, num_tiles, stream_tables, tma_ok
 
 
 @triton.jit
@@ -91,30 +91,31 @@ def _pair_offset(q_len, kv_len, BOTTOM_RIGHT: tl.constexpr):
 
 @triton.jit
 def _bwd_preprocess(
-    Q, K, V, Out, DOut, Lse, Delta, DGatePart, QOff, KVOff, TileOff, PeerStart, PeerList,
-    Gate, Bias, KVLen, Mask, Alibi, Sinks,
-    seed, rng_offset, dropout_p, scale_log2, softcap_scale,
-    stride_qb, stride_qh, stride_qt, stride_qe,
-    stride_kb, stride_kh, stride_kt, stride_ke,
-    stride_vb, stride_vh, stride_vt, stride_ve,
-    stride_ob, stride_oh, stride_ot, stride_oe,
-    stride_dob, stride_doh, stride_dot, stride_doe,
-    stride_lb, stride_lh, stride_ls,
-    stride_pgt, stride_pgb, stride_pgs, stride_pgp, stride_pgh,
-    stride_gb, stride_gs, stride_gp, stride_gh, stride_ge,
-    stride_bb, stride_bs, stride_bp, stride_bh,
-    stride_klb, stride_kls,
-    stride_mb, stride_mh, stride_mq, stride_mk,
-    stride_ab, stride_ah,
-    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right, TUNE_LEN,
-    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
-    NEED_DGATE: tl.constexpr, EXACT_DELTA: tl.constexpr,
+    Q, K, V, Out, DOut, Lse, Delta, DGatePart, tables, optional, rng, scales,
+    q_strides, k_strides, v_strides, o_strides, do_strides, lse_strides, pg_strides,
+    opt_strides, sizes, TUNE_LEN,
+    F: tl.constexpr, USE_TMA: tl.constexpr, NEED_DGATE: tl.constexpr, EXACT_DELTA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """The arguments' bundles: see launch.py (F: launch.Flags)."""
+    QOff, KVOff, TileOff, PeerStart, PeerList = tables
+    Gate, Bias, KVLen, Mask, Alibi, Sinks = optional
+    seed, rng_offset, dropout_p = rng
+    scale_log2, softcap_scale = scales
+    stride_qb, stride_qh, stride_qt, stride_qe = q_strides
+    stride_kb, stride_kh, stride_kt, stride_ke = k_strides
+    stride_vb, stride_vh, stride_vt, stride_ve = v_strides
+    stride_ob, stride_oh, stride_ot, stride_oe = o_strides
+    stride_dob, stride_doh, stride_dot, stride_doe = do_strides
+    stride_lb, stride_lh, stride_ls = lse_strides
+    stride_pgt, stride_pgb, stride_pgs, stride_pgp, stride_pgh = pg_strides
+    gate_strides, bias_strides, kvlen_strides, mask_strides, alibi_strides = opt_strides
+    stride_gb, stride_gs, stride_gp, stride_gh, stride_ge = gate_strides
+    stride_bb, stride_bs, stride_bp, stride_bh = bias_strides
+    stride_klb, stride_kls = kvlen_strides
+    stride_mb, stride_mh, stride_mq, stride_mk = mask_strides
+    stride_ab, stride_ah = alibi_strides
+    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right = sizes
     bh = tl.program_id(1)
     b, h, kvh, s, q_start, q_len, m_start = row_tile(
         QOff, TileOff + (BLOCK_M // 16 - 1) * (num_streams + 1), num_q_heads, group_size,
@@ -132,7 +133,7 @@ def _bwd_preprocess(
                  + row0 * stride_dot + tile_m[:, None] * stride_dot
                  + offs_ev[None, :] * stride_doe,
                  mask=row_ok[:, None] & ev_ok[None, :], other=0.0).to(tl.float32)
-    if not PEER_MODE and not EXACT_DELTA:  # the FlashAttention identity: Delta = <dO, O>
+    if not F.PEER_MODE and not EXACT_DELTA:  # the FlashAttention identity: Delta = <dO, O>
         o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                     + row0 * stride_ot + tile_m[:, None] * stride_ot
                     + offs_ev[None, :] * stride_oe,
@@ -144,7 +145,7 @@ def _bwd_preprocess(
     # input dtype: the gate/bias gradients are long sums that would accumulate that rounding).
     # EXACT_DELTA ("joint" with a gate or bias gradient): Delta = sum_p <dO * g_p, U_p> instead
     # of <dO, O> with O rounded to the output dtype.
-    if PEER_MODE or NEED_DGATE or EXACT_DELTA:
+    if F.PEER_MODE or NEED_DGATE or EXACT_DELTA:
         tile_n = tl.arange(0, BLOCK_N)
         stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         delta = tl.zeros([BLOCK_M], tl.float32)
@@ -157,21 +158,21 @@ def _bwd_preprocess(
         mask_rows = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh \
             + row0 * stride_mq + tile_m[:, None] * stride_mq
         alibi2 = 0.0
-        if HAS_ALIBI:
+        if F.HAS_ALIBI:
             alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
         lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
-        peer_lo, peer_hi = attended_peers(PeerStart, s, DIAGONAL)
+        peer_lo, peer_hi = attended_peers(PeerStart, s, F.DIAGONAL)
         for i in range(peer_lo, peer_hi):
-            p = attended_peer(PeerList, i, s, DIAGONAL)
+            p = attended_peer(PeerList, i, s, F.DIAGONAL)
             kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p,
-                                                 HAS_KVLEN)
-            off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
+                                                 F.HAS_KVLEN)
+            off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
             n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, p == s, off, left, right,
-                                            BAND, BLOCK_M, BLOCK_N)
-            if PEER_MODE:
+                                            F.BAND, BLOCK_M, BLOCK_N)
+            if F.PEER_MODE:
                 lse2 = _row_lse2(Lse, stats_off + p * stride_ls, rows, row_ok)
             lse2_p = lse2 - _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
-                                   HAS_BIAS)
+                                   F.HAS_BIAS)
             u = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
             for n_start in range(n0, n_hi, BLOCK_N):
                 offs_n = n_start + tile_n
@@ -181,25 +182,26 @@ def _bwd_preprocess(
                             + offs_e[None, :] * stride_ke,
                             mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
                 probs, dcap = probs_from_lse(
-                    mma(q, tl.trans(k), F32_DOT), offs_m[:, None], offs_n[None, :],
+                    mma(q, tl.trans(k), F.F32_DOT), offs_m[:, None], offs_n[None, :],
                     lse2_p[:, None], p == s, off, left, right, kv_end, alibi2, scale_log2,
                     softcap_scale,
                     mask_rows + key0 * stride_mk + tile_n[None, :] * stride_mk,
-                    row_ok[:, None] & key_ok[None, :], True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
-                if HAS_DROPOUT:
+                    row_ok[:, None] & key_ok[None, :], True, F.BAND, F.HAS_ALIBI, F.MASK_KIND,
+                    F.SOFTCAP)
+                if F.HAS_DROPOUT:
                     keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + n_start, Tq, Tk,
                                         dropout_p, BLOCK_M, BLOCK_N)
                     probs = tl.where(keep, probs / (1.0 - dropout_p), 0.0)
                 v = tl.load(v_head + key0 * stride_vt + tile_n[:, None] * stride_vt
                             + offs_ev[None, :] * stride_ve,
                             mask=key_ok[:, None] & ev_ok[None, :], other=0.0)
-                u += _exact_pv(probs, v, F32_DOT)
+                u += _exact_pv(probs, v, F.F32_DOT)
             gate = tl.full([EV_PAD], 1.0, tl.float32)
-            if HAS_GATE:
+            if F.HAS_GATE:
                 gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
                                + h * stride_gh + offs_ev * stride_ge,
                                mask=ev_ok, other=0.0).to(tl.float32)
-            if PEER_MODE:  # Delta_p = <dO * g_p, U_p>
+            if F.PEER_MODE:  # Delta_p = <dO * g_p, U_p>
                 tl.store(Delta + stats_off + p * stride_ls + rows,
                          tl.sum(do * gate[None, :] * u, 1), mask=row_ok)
             else:
@@ -216,18 +218,20 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptrs,
-              stride_kt, stride_vt,
-              n_lo, n_hi, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
-              alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk,
-              seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
-              MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              USE_TMA: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr,
-              NEED_DMASK: tl.constexpr,
-              F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr, E_PAD: tl.constexpr,
-              EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ (and the bias/mask gradients) over key tiles [n_lo, n_hi) of one peer."""
+def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptrs, n_lo, n_hi, qi,
+              rows, row_ok, bh, pair, mask_rows, dmask_rows, row_strides, rng, scales, sizes,
+              F: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+              NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
+              E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """dQ (and the bias/mask gradients) over key tiles [n_lo, n_hi) of one peer. pair:
+    (kv_start, kv_end, self_pair, off, left, right, alibi2); row_strides: (stride_kt, stride_vt,
+    stride_mk, stride_dmk)."""
+    kv_start, kv_end, self_pair, off, left, right, alibi2 = pair
+    stride_kt, stride_vt, stride_mk, stride_dmk = row_strides
+    seed, rng_offset, dropout_p = rng
+    scale_log2, softcap_scale = scales
+    Tq, Tk, E, EV = sizes[4], sizes[5], sizes[6], sizes[7]
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
     tile_n = tl.arange(0, BLOCK_N)
@@ -249,54 +253,54 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
             v = tl.load(v_ptrs + n64 * stride_vt + tile_n[:, None] * stride_vt, mask=v_ok,
                         other=0.0)
         probs, dcap = probs_from_lse(
-            mma(q, tl.trans(k), F32_DOT), qi, offs_n[None, :], lse2[:, None], self_pair, off,
+            mma(q, tl.trans(k), F.F32_DOT), qi, offs_n[None, :], lse2[:, None], self_pair, off,
             left, right, kv_end, alibi2, scale_log2, softcap_scale,
             mask_rows + (kv_start + n64) * stride_mk + tile_n[None, :] * stride_mk,
-            row_ok[:, None] & key_ok[None, :], MASKED, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
-        dp = mma(do_gated, tl.trans(v), F32_DOT)
-        if HAS_DROPOUT:
+            row_ok[:, None] & key_ok[None, :], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
+        dp = mma(do_gated, tl.trans(v), F.F32_DOT)
+        if F.HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, rows, kv_start + n_start, Tq, Tk,
                                 dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = probs * (dp - delta[:, None])  # dz, the gradient of the natural-log scores
         if NEED_DQ:
-            dq += mma(to_io(ds * dcap, k.dtype, BF16_RTNE), k, F32_DOT)
+            dq += mma(to_io(ds * dcap, k.dtype, F.BF16_RTNE), k, F.F32_DOT)
         if NEED_DBIAS:
             dbias += tl.sum(ds, 1)
         if NEED_DMASK:
             tl.store(dmask_rows + (kv_start + n64) * stride_dmk + tile_n[None, :] * stride_dmk,
-                     to_io(ds, dmask_rows.dtype.element_ty, BF16_RTNE),
+                     to_io(ds, dmask_rows.dtype.element_ty, F.BF16_RTNE),
                      mask=row_ok[:, None] & key_ok[None, :])
     return dq, dbias
 
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DOut, Lse, Delta, DQ, DBiasPart, DMask, QOff, KVOff, TileOff, PeerStart, PeerList,
-    Gate, Bias, KVLen, Mask, Alibi, Sinks,
-    seed, rng_offset, dropout_p, scale_log2, softcap_scale, scale,
-    stride_qb, stride_qh, stride_qt, stride_qe,
-    stride_kb, stride_kh, stride_kt, stride_ke,
-    stride_vb, stride_vh, stride_vt, stride_ve,
-    stride_dob, stride_doh, stride_dot, stride_doe,
-    stride_lb, stride_lh, stride_ls,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqe,
-    stride_pbt, stride_pbb, stride_pbs, stride_pbp, stride_pbh,
-    stride_dmb, stride_dmh, stride_dmq, stride_dmk,
-    stride_gb, stride_gs, stride_gp, stride_gh, stride_ge,
-    stride_bb, stride_bs, stride_bp, stride_bh,
-    stride_klb, stride_kls,
-    stride_mb, stride_mh, stride_mq, stride_mk,
-    stride_ab, stride_ah,
-    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right, TUNE_LEN,
-    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
-    NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DMASK: tl.constexpr,
+    Q, K, V, DOut, Lse, Delta, DQ, DBiasPart, DMask, tables, optional, rng, scales, scale,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides, pb_strides,
+    dm_strides, opt_strides, sizes, TUNE_LEN,
+    F: tl.constexpr, USE_TMA: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    NEED_DMASK: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """The arguments' bundles: see launch.py (F: launch.Flags)."""
+    QOff, KVOff, TileOff, PeerStart, PeerList = tables
+    Gate, Bias, KVLen, Mask, Alibi, Sinks = optional
+    stride_qb, stride_qh, stride_qt, stride_qe = q_strides
+    stride_kb, stride_kh, stride_kt, stride_ke = k_strides
+    stride_vb, stride_vh, stride_vt, stride_ve = v_strides
+    stride_dob, stride_doh, stride_dot, stride_doe = do_strides
+    stride_lb, stride_lh, stride_ls = lse_strides
+    stride_dqb, stride_dqh, stride_dqt, stride_dqe = dq_strides
+    stride_pbt, stride_pbb, stride_pbs, stride_pbp, stride_pbh = pb_strides
+    stride_dmb, stride_dmh, stride_dmq, stride_dmk = dm_strides
+    gate_strides, bias_strides, kvlen_strides, mask_strides, alibi_strides = opt_strides
+    stride_gb, stride_gs, stride_gp, stride_gh, stride_ge = gate_strides
+    stride_bb, stride_bs, stride_bp, stride_bh = bias_strides
+    stride_klb, stride_kls = kvlen_strides
+    stride_mb, stride_mh, stride_mq, stride_mk = mask_strides
+    stride_ab, stride_ah = alibi_strides
+    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right = sizes
     bh = tl.program_id(1)
     b, h, kvh, s, q_start, q_len, m_start = row_tile(
         QOff, TileOff + (BLOCK_M // 16 - 1) * (num_streams + 1), num_q_heads, group_size,
@@ -323,32 +327,34 @@ def _bwd_dq(
     dmask_rows = DMask + b.to(tl.int64) * stride_dmb + h.to(tl.int64) * stride_dmh \
         + row0 * stride_dmq + tile_m[:, None] * stride_dmq
     alibi2 = 0.0
-    if HAS_ALIBI:
+    if F.HAS_ALIBI:
         alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
     stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     lse2 = _row_lse2(Lse, stats_off, rows, row_ok)
     delta = tl.load(Delta + stats_off + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
     qi = offs_m[:, None]
+    row_strides = (stride_kt, stride_vt, stride_mk, stride_dmk)
 
-    peer_lo, peer_hi = attended_peers(PeerStart, s, DIAGONAL)
+    peer_lo, peer_hi = attended_peers(PeerStart, s, F.DIAGONAL)
     for i in range(peer_lo, peer_hi):
-        p = attended_peer(PeerList, i, s, DIAGONAL)
-        kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, HAS_KVLEN)
-        off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
+        p = attended_peer(PeerList, i, s, F.DIAGONAL)
+        kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p,
+                                             F.HAS_KVLEN)
+        off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
         self_pair = p == s
-        n0, n_a, n_b, n_hi = key_stages(m_start, q_len, kv_end, self_pair, off, left, right,
-                                        BAND, BLOCK_M, BLOCK_N)
-        if PEER_MODE:  # this peer's own softmax statistics
+        bounds = key_stages(m_start, q_len, kv_end, self_pair, off, left, right, F.BAND, BLOCK_M,
+                            BLOCK_N)
+        if F.PEER_MODE:  # this peer's own softmax statistics
             lse2 = _row_lse2(Lse, stats_off + p * stride_ls, rows, row_ok)
             delta = tl.load(Delta + stats_off + p * stride_ls + rows, mask=row_ok, other=0.0)
         lse2_p = lse2 - _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
-                               HAS_BIAS)
+                               F.HAS_BIAS)
         do_gated = do  # dP_pj = <dO * g_p, v_pj>
-        if HAS_GATE:
+        if F.HAS_GATE:
             gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp + h * stride_gh
                            + offs_ev * stride_ge, mask=ev_ok, other=0.0).to(tl.float32)
-            do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
+            do_gated = to_io(do.to(tl.float32) * gate[None, :], do.dtype, F.BF16_RTNE)
         k_ptrs = k_head + kv_start.to(tl.int64) * stride_kt + offs_e[None, :] * stride_ke
         v_ptrs = v_head + kv_start.to(tl.int64) * stride_vt + offs_ev[None, :] * stride_ve
         k_desc = k_head
@@ -363,27 +369,13 @@ def _bwd_dq(
                                                strides=[stride_vt, 1],
                                                block_shape=[BLOCK_N, EV_PAD])
         dbias = tl.zeros([BLOCK_M], tl.float32)
-        dq, dbias = _dq_tiles(
-            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
-            stride_vt, n0, n_a, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
-            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
-            rng_offset, dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
-            EV_PAD, BLOCK_M, BLOCK_N)
-        dq, dbias = _dq_tiles(
-            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
-            stride_vt, n_a, n_b, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
-            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
-            rng_offset, dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
-            EV_PAD, BLOCK_M, BLOCK_N)
-        dq, dbias = _dq_tiles(
-            dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_kt,
-            stride_vt, n_b, n_hi, qi, rows, row_ok, kv_start, kv_end, self_pair, off, left, right,
-            alibi2, scale_log2, softcap_scale, mask_rows, stride_mk, dmask_rows, stride_dmk, seed,
-            rng_offset, dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-            HAS_DROPOUT, USE_TMA, NEED_DQ, NEED_DBIAS, NEED_DMASK, F32_DOT, BF16_RTNE, E_PAD,
-            EV_PAD, BLOCK_M, BLOCK_N)
+        pair = (kv_start, kv_end, self_pair, off, left, right, alibi2)
+        for stage in tl.static_range(3):  # boundary, full (mask-free), boundary
+            dq, dbias = _dq_tiles(
+                dq, dbias, q, do_gated, lse2_p, delta, k_desc, v_desc, k_ptrs, v_ptrs,
+                bounds[stage], bounds[stage + 1], qi, rows, row_ok, bh, pair, mask_rows,
+                dmask_rows, row_strides, rng, scales, sizes, F, stage != 1, USE_TMA, NEED_DQ,
+                NEED_DBIAS, NEED_DMASK, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
         if NEED_DBIAS:
             sub = tl.arange(0, BLOCK_M // PART_ROWS)
             tl.store(DBiasPart + _part_offset(m_start, b, s, p, h, stride_pbt, stride_pbb,
@@ -393,25 +385,26 @@ def _bwd_dq(
     if NEED_DQ:
         tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
                  + row0 * stride_dqt + tile_m[:, None] * stride_dqt + offs_e[None, :] * stride_dqe,
-                 to_io(dq * scale, DQ.dtype.element_ty, BF16_RTNE),
+                 to_io(dq * scale, DQ.dtype.element_ty, F.BF16_RTNE),
                  mask=row_ok[:, None] & (offs_e[None, :] < E))
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, delta_ptr,
-                stride_qt, stride_dot,
-                m_lo, m_hi, q_start, q_len, offs_n, col0, key_ok, kv_end, self_pair, off,
-                left,
-                right, alibi2, lse_shift, scale_log2, softcap_scale, mask_head, stride_mq,
-                stride_mk, seed, rng_offset, dropout_p, bh, Tq, Tk, E, EV,
-                MASKED: tl.constexpr, BAND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GATE: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, F32_DOT: tl.constexpr,
-                BF16_RTNE: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, delta_ptr, m_lo,
+                m_hi, q_start, q_len, offs_n, col0, key_ok, bh, pair, lse_shift, mask_head,
+                row_strides, rng, scales, sizes,
+                F: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
-    rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly."""
+    rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly. pair:
+    (kv_start, kv_end, self_pair, off, left, right, alibi2); row_strides: (stride_qt,
+    stride_dot, stride_mq, stride_mk)."""
+    kv_start, kv_end, self_pair, off, left, right, alibi2 = pair
+    stride_qt, stride_dot, stride_mq, stride_mk = row_strides
+    seed, rng_offset, dropout_p = rng
+    scale_log2, softcap_scale = scales
+    Tq, Tk, E, EV = sizes[4], sizes[5], sizes[6], sizes[7]
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
     tile_m = tl.arange(0, BLOCK_M)
@@ -434,62 +427,62 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
                         other=0.0)
             do = tl.load(do_head + row0 * stride_dot + tile_m[:, None] * stride_dot, mask=do_ok,
                          other=0.0)
-        if HAS_GATE:
-            do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, BF16_RTNE)
+        if F.HAS_GATE:
+            do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, F.BF16_RTNE)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E) - lse_shift
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         probs_t, dcap = probs_from_lse(
-            mma(k, tl.trans(q), F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
+            mma(k, tl.trans(q), F.F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
             self_pair, off, left, right, kv_end, alibi2, scale_log2, softcap_scale,
             mask_head + row0 * stride_mq + tile_m[None, :] * stride_mq
             + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
-            row_ok[None, :] & key_ok[:, None], MASKED, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP)
-        dp_t = mma(v, tl.trans(do), F32_DOT)
+            row_ok[None, :] & key_ok[:, None], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
+        dp_t = mma(v, tl.trans(do), F.F32_DOT)
         kept_t = probs_t
-        if HAS_DROPOUT:
+        if F.HAS_DROPOUT:
             keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
                                            BLOCK_M, BLOCK_N))
             kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
-        dv += mma(to_io(kept_t, do.dtype, BF16_RTNE), do, F32_DOT)
+        dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
         ds_t = probs_t * (dp_t - delta[None, :]) * dcap
-        dk += mma(to_io(ds_t, q.dtype, BF16_RTNE), q, F32_DOT)
+        dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DOut, Lse, Delta, DK, DV, QOff, KVOff, TileOff, SrcStart, SrcList,
-    Gate, Bias, KVLen, Mask, Alibi, Sinks,
-    seed, rng_offset, dropout_p, scale_log2, softcap_scale, scale,
-    stride_qb, stride_qh, stride_qt, stride_qe,
-    stride_kb, stride_kh, stride_kt, stride_ke,
-    stride_vb, stride_vh, stride_vt, stride_ve,
-    stride_dob, stride_doh, stride_dot, stride_doe,
-    stride_lb, stride_lh, stride_ls,
-    stride_dkb, stride_dkh, stride_dkt, stride_dke,
-    stride_dvb, stride_dvh, stride_dvt, stride_dve,
-    stride_gb, stride_gs, stride_gp, stride_gh, stride_ge,
-    stride_bb, stride_bs, stride_bp, stride_bh,
-    stride_klb, stride_kls,
-    stride_mb, stride_mh, stride_mq, stride_mk,
-    stride_ab, stride_ah,
-    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right, TUNE_LEN,
-    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, BAND: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DIAGONAL: tl.constexpr, PEER_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, F32_DOT: tl.constexpr, BF16_RTNE: tl.constexpr,
+    Q, K, V, DOut, Lse, Delta, DK, DV, tables, optional, rng, scales, scale,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides,
+    opt_strides, sizes, TUNE_LEN,
+    F: tl.constexpr, USE_TMA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """The arguments' bundles: see launch.py (F: launch.Flags)."""
+    QOff, KVOff, TileOff, SrcStart, SrcList = tables
+    Gate, Bias, KVLen, Mask, Alibi, Sinks = optional
+    stride_qb, stride_qh, stride_qt, stride_qe = q_strides
+    stride_kb, stride_kh, stride_kt, stride_ke = k_strides
+    stride_vb, stride_vh, stride_vt, stride_ve = v_strides
+    stride_dob, stride_doh, stride_dot, stride_doe = do_strides
+    stride_lb, stride_lh, stride_ls = lse_strides
+    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
+    stride_dvb, stride_dvh, stride_dvt, stride_dve = dv_strides
+    gate_strides, bias_strides, kvlen_strides, mask_strides, alibi_strides = opt_strides
+    stride_gb, stride_gs, stride_gp, stride_gh, stride_ge = gate_strides
+    stride_bb, stride_bs, stride_bp, stride_bh = bias_strides
+    stride_klb, stride_kls = kvlen_strides
+    stride_mb, stride_mh, stride_mq, stride_mk = mask_strides
+    stride_ab, stride_ah = alibi_strides
+    num_q_heads, group_size, num_streams, steps, Tq, Tk, E, EV, left, right = sizes
     p, tile = find_tile(TileOff + (BLOCK_N // 16 - 1) * (num_streams + 1), tl.program_id(0),
                         num_streams, steps)
     bkv = tl.program_id(1)
     num_kv_heads = num_q_heads // group_size
     b = bkv // num_kv_heads
     kvh = bkv % num_kv_heads
-    kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, HAS_KVLEN)
+    kv_start, kv_len, kv_end = kv_extent(KVOff, KVLen, stride_klb, stride_kls, b, p, F.HAS_KVLEN)
     n_start = tile * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, E_PAD)
@@ -499,6 +492,7 @@ def _bwd_dkdv(
     keys0 = kv_start + n_start
     key0 = keys0.to(tl.int64)  # 64-bit to the tile, 32-bit within (as the forward)
     tile_n = tl.arange(0, BLOCK_N)
+    row_strides = (stride_qt, stride_dot, stride_mq, stride_mk)
     k = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
                 + key0 * stride_kt + tile_n[:, None] * stride_kt + offs_e[None, :] * stride_ke,
                 mask=key_ok[:, None] & (offs_e[None, :] < E), other=0.0)
@@ -509,36 +503,36 @@ def _bwd_dkdv(
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
     if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
-        if DIAGONAL:
+        if F.DIAGONAL:
             src_lo = 0
             src_hi = 1
         else:
             src_lo = tl.load(SrcStart + p)
             src_hi = tl.load(SrcStart + p + 1)
         for i in range(src_lo, src_hi):  # every stream that attends to p
-            if DIAGONAL:
+            if F.DIAGONAL:
                 s = p
             else:
                 s = tl.load(SrcList + i)
             q_start = tl.load(QOff + s)
             q_len = tl.load(QOff + s + 1) - q_start
-            off = _pair_offset(q_len, kv_len, BOTTOM_RIGHT)
+            off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
             self_pair = s == p
-            m0, m_a, m_b, m_hi = query_stages(n_start, kv_end, q_len, self_pair, off, left,
-                                              right, BAND, BLOCK_M, BLOCK_N)
+            bounds = query_stages(n_start, kv_end, q_len, self_pair, off, left, right, F.BAND,
+                                  BLOCK_M, BLOCK_N)
             for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
                 h = kvh * group_size + hh
                 bh = b * num_q_heads + h
                 stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-                if PEER_MODE:
+                if F.PEER_MODE:
                     stats_off += p * stride_ls
                 bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
-                               HAS_BIAS)
+                               F.HAS_BIAS)
                 alibi2 = 0.0
-                if HAS_ALIBI:
+                if F.HAS_ALIBI:
                     alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
                 gate = tl.full([EV_PAD], 1.0, tl.float32)
-                if HAS_GATE:
+                if F.HAS_GATE:
                     gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
                                    + h * stride_gh + offs_ev * stride_ge,
                                    mask=ev_ok, other=0.0).to(tl.float32)
@@ -560,39 +554,22 @@ def _bwd_dkdv(
                         + q_start.to(tl.int64) * stride_dot, shape=[q_len, EV],
                         strides=[stride_dot, 1],
                         block_shape=[BLOCK_M, EV_PAD])
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
-                    Delta + stats_off, stride_qt, stride_dot, m0, m_a, q_start, q_len, offs_n,
-                    keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
-                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
-                    dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
-                    BLOCK_N)
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
-                    Delta + stats_off, stride_qt, stride_dot, m_a, m_b, q_start, q_len, offs_n,
-                    keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
-                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
-                    dropout_p, bh, Tq, Tk, E, EV, False, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
-                    BLOCK_N)
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
-                    Delta + stats_off, stride_qt, stride_dot, m_b, m_hi, q_start, q_len, offs_n,
-                    keys0, key_ok, kv_end, self_pair, off, left, right, alibi2, bias2,
-                    scale_log2, softcap_scale, mask_head, stride_mq, stride_mk, seed, rng_offset,
-                    dropout_p, bh, Tq, Tk, E, EV, True, BAND, HAS_ALIBI, MASK_KIND, SOFTCAP,
-                    HAS_GATE, HAS_DROPOUT, USE_TMA, F32_DOT, BF16_RTNE, E_PAD, EV_PAD, BLOCK_M,
-                    BLOCK_N)
+                pair = (kv_start, kv_end, self_pair, off, left, right, alibi2)
+                for stage in tl.static_range(3):  # boundary, full (mask-free), boundary
+                    dk, dv = _dkdv_tiles(
+                        dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                        Delta + stats_off, bounds[stage], bounds[stage + 1], q_start, q_len,
+                        offs_n, keys0, key_ok, bh, pair, bias2, mask_head, row_strides, rng,
+                        scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
 
     out_rows = offs_n < kv_len
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
-             to_io(dk * scale, DK.dtype.element_ty, BF16_RTNE),
+             to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
              mask=out_rows[:, None] & (offs_e[None, :] < E))
     tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
              + key0 * stride_dvt + tile_n[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
-             to_io(dv, DV.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
+             to_io(dv, DV.dtype.element_ty, F.BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
@@ -632,35 +609,28 @@ def gradient_buffers(problem, needs_grad):
 
 
 def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
-    """[(name, kernel, args, kwargs, grid)] of the backward, in launch order: the one place the
-    arguments are assembled, shared by backward() and the compile report (compile_check).
-    Leaves Delta in bufs["delta"]."""
-    q, k, v = problem.q, problem.k, problem.v
+    """[(name, kernel, args, kwargs, grid)] of the backward, in launch order, assembled from
+    launch.py's bundles: shared by backward() and the compile report (compile_check). Leaves
+    Delta in bufs["delta"]."""
+    q = problem.q
     need_q, need_k, need_v, need_gate, need_bias, need_mask, need_sinks = _wanted(problem,
                                                                                   needs_grad)
-    batch, num_q_heads, q_total, _ = q.shape
-    num_kv_heads, kv_total = k.shape[1], k.shape[2]
-    num_streams = problem.num_streams
+    batch, num_q_heads = q.shape[:2]
+    num_kv_heads = problem.k.shape[1]
     peer_mode = problem.normalize == "peer"
     dq, dk, dv, dmask = bufs["dq"], bufs["dk"], bufs["dv"], bufs["dmask"]
     dgate_part, dbias_part = bufs["dgate_part"], bufs["dbias_part"]
-    tables = stream_tables(problem, q.device)
-    optional, strides = shared_args(problem, tables)
-    seed, rng_offset, dropout_p = dropout_args(problem)
-    flags = kernel_flags(problem)
-    flags.pop("ONE_ACC")  # a forward-only choice
-    flags["USE_TMA"] = use_tma(problem, out) and tma_ok(grad_out)
-    meta = interpreter_meta() if INTERPRET else {}
     delta = bufs["delta"] = torch.zeros_like(lse)
-    stats_strides = (lse.stride(0), lse.stride(1), lse.stride(2) if peer_mode else 0)
-    scales = scale_args(problem)
-    left, right = band(problem)
-    sizes = (num_q_heads, num_q_heads // num_kv_heads, num_streams, search_steps(num_streams),
-             q_total, kv_total, problem.head_dim, problem.value_dim, left, right,
-             tune_len(max(max(problem.q_lens), max(problem.kv_lens))))
-    part_strides = lambda t: tuple(t.stride())[:5] if t.numel() else (0,) * 5  # noqa: E731
-    row_tables = (tables["q_off"], tables["kv_off"], tables["q_tiles"], tables["peer_start"],
-                  tables["peer_list"])
+    tables = stream_tables(problem, q.device)
+    rows = common_args(problem, (tables["q_off"], tables["kv_off"], tables["q_tiles"],
+                                 tables["peer_start"], tables["peer_list"]), lse)
+    keys = rows._replace(tables=(tables["q_off"], tables["kv_off"], tables["kv_tiles"],
+                                 tables["src_start"], tables["src_list"]))
+    flags = dict(F=kernel_flags(problem), USE_TMA=use_tma(problem, out) and tma_ok(grad_out),
+                 **head_dims(problem), **meta())
+    shared = (rows.q_strides, rows.k_strides, rows.v_strides)
+    do_strides = tuple(grad_out.stride())
+    tune = tune_len_of(problem)
 
     def row_grid(META):
         return (num_tiles(problem.q_lens, META["BLOCK_M"]), batch * num_q_heads)
@@ -670,30 +640,25 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
 
     exact_delta = not peer_mode and (need_gate or need_bias) and problem.dropout_p == 0
     launches = [("preprocess", _bwd_preprocess, (
-        q, k, v, out, grad_out, lse, delta, dgate_part if need_gate else lse, *row_tables,
-        *optional, seed, rng_offset, dropout_p, *scales,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *stats_strides, *part_strides(dgate_part), *strides, *sizes),
-        dict(flags, NEED_DGATE=need_gate, EXACT_DELTA=exact_delta, **meta), row_grid)]
+        q, problem.k, problem.v, out, grad_out, lse, delta, dgate_part if need_gate else lse,
+        *rows[:4], *shared, tuple(out.stride()), do_strides, rows.lse_strides,
+        strides(dgate_part, 5), rows.opt_strides, rows.sizes, tune),
+        dict(flags, NEED_DGATE=need_gate, EXACT_DELTA=exact_delta), row_grid)]
     if need_q or need_bias or need_mask:
         launches.append(("dq", _bwd_dq, (
-            q, k, v, grad_out, lse, delta, dq if need_q else q,
-            dbias_part if need_bias else lse, dmask if need_mask else q, *row_tables, *optional,
-            seed, rng_offset, dropout_p, *scales, problem.scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-            *(dq.stride() if need_q else (0,) * 4), *part_strides(dbias_part),
-            *(dmask.stride() if need_mask else (0,) * 4), *strides, *sizes),
-            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask, **meta),
-            row_grid))
+            q, problem.k, problem.v, grad_out, lse, delta, dq if need_q else q,
+            dbias_part if need_bias else lse, dmask if need_mask else q, *rows[:4],
+            problem.scale, *shared, do_strides, rows.lse_strides, strides(dq, 4),
+            strides(dbias_part, 5), strides(dmask, 4), rows.opt_strides, rows.sizes, tune),
+            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask), row_grid))
     if need_k or need_v:
         launches.append(("dkdv", _bwd_dkdv, (
-            q, k, v, grad_out, lse, delta, dk, dv, tables["q_off"], tables["kv_off"],
-            tables["kv_tiles"], tables["src_start"], tables["src_list"], *optional,
-            seed, rng_offset, dropout_p, *scales, problem.scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *stats_strides,
-            *dk.stride(), *dv.stride(), *strides, *sizes),
-            dict(flags, **meta, F32_DOT=f32_precision(q.dtype, flags["E_PAD"], flags["EV_PAD"],
-                                                      "dkdv")), key_grid))
+            q, problem.k, problem.v, grad_out, lse, delta, dk, dv, *keys[:4], problem.scale,
+            *shared, do_strides, rows.lse_strides, strides(dk, 4), strides(dv, 4),
+            rows.opt_strides, rows.sizes, tune),
+            # the dK/dV kernel's own fp32 product precision (IEEE above head dim 128)
+            dict(flags, F=flags["F"]._replace(F32_DOT=f32_precision(
+                q.dtype, flags["E_PAD"], flags["EV_PAD"], "dkdv"))), key_grid))
     return launches
 
 

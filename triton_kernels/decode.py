@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import scale_args
 from .tiles import LN2, LOG2E, mma, tanh, to_io
 from .utils import INTERPRET, f32_precision, padded_dim
 
@@ -268,7 +269,7 @@ def decode_launches(problem, out, lse):
     table = problem.block_table if problem.paged else dummy
     slopes, sinks = problem.alibi_slopes, problem.sinks
     softcap = problem.softcap
-    scale_log2 = (softcap if softcap > 0 else problem.scale) * 1.4426950408889634
+    scale_log2, softcap_scale = scale_args(softcap, problem.scale)
     left, right = problem.window_left, problem.window_right
     rtne = INTERPRET and q.dtype == torch.bfloat16
     split_args = (
@@ -282,8 +283,7 @@ def decode_launches(problem, out, lse):
         *(slopes.stride() if slopes is not None else (0, 0)),
         *out.stride(), *lse.stride(),
         q_len, num_q_heads, num_kv_heads, group, splits, kc.shape[1],
-        problem.head_dim, ev, left, right, scale_log2,
-        problem.scale / softcap if softcap > 0 else 0.0)
+        problem.head_dim, ev, left, right, scale_log2, softcap_scale)
     split_kwargs = dict(
         PAGED=problem.paged, HAS_BATCH_IDX=problem.batch_idx is not None,
         HAS_LEFTPAD=problem.leftpad is not None, BAND=left >= 0 or right >= 0,

@@ -28,20 +28,30 @@ def target(arch: int):
     return GPUTarget("cuda", arch, 32)
 
 
-def compile_launch(fn, args, kwargs, config, gpu_target):
-    """Compile JITFunction `fn` for `gpu_target` as `fn[grid](*args, **kwargs, **config)`
-    would on that device (Triton's binder + _pack_args); Triton's cache makes a second compile
-    of the same launch (the launch itself) a lookup."""
-    import triton
-    from triton.compiler import ASTSource, make_backend
+def bind(fn, args, kwargs, config, backend):
+    """(signature, constexprs, attrs, options) of `fn[grid](*args, **kwargs, **config)` on
+    `backend`'s target, exactly as a launch binds them (Triton's binder and argument packer, so
+    the stride == 1 / divisible-by-16 specialisation, tuple arguments included, is a real
+    launch's)."""
     from triton.runtime.jit import create_function_from_signature
 
-    backend = make_backend(gpu_target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kw = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     bound_args, specialization, options = binder(*args, **kw)
     options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound_args,
                                                           specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(fn, args, kwargs, config, gpu_target):
+    """Compile JITFunction `fn` for `gpu_target` as `fn[grid](*args, **kwargs, **config)`
+    would on that device (bind); Triton's cache makes a second compile of the same launch (the
+    launch itself) a lookup."""
+    import triton
+    from triton.compiler import ASTSource, make_backend
+
+    signature, constexprs, attrs, options = bind(fn, args, kwargs, config,
+                                                 make_backend(gpu_target))
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=gpu_target,
                           options=options.__dict__)
 

@@ -12,7 +12,7 @@ import torch
 from peer_attention.problem import AttentionProblem
 from peer_attention.triton_kernels import bwd, configs, fwd
 
-pytestmark = pytest.mark.skipif(not fwd.INTERPRET, reason="replays autotuning on the interpreter")
+pytestmark = pytest.mark.skipif(not configs.INTERPRET, reason="replays autotuning on the interpreter")
 
 # the forward and the preprocess share the forward's list (both row-major); dq and dkdv their own
 KINDS = {"fwd": "fwd", "preprocess": "fwd", "dq": "dq", "dkdv": "dkdv"}

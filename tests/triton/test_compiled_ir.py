@@ -27,19 +27,16 @@ LOCAL_OPS = ("tt.make_range", "tt.expand_dims", "tt.broadcast")
 
 def ttir(fn, args, kwargs, config, arch=90):
     """The TTIR (after Triton's own TTIR passes) of `fn` launched with args/kwargs/config on
-    `arch`, bound exactly as compile_check.faithful_compile binds a launch."""
+    `arch`, bound exactly as a launch binds it (fit.bind, which fit.compile_launch uses)."""
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+
+    from peer_attention.triton_kernels.fit import bind
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kw = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    bound_args, specialization, options = binder(*args, **kw)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound_args,
-                                                          specialization, options)
+    signature, constexprs, attrs, options = bind(fn, args, kwargs, config, backend)
     src = ASTSource(fn, signature, constexprs, attrs)
     opts = backend.parse_options(options.__dict__)
     context = ir.context()
@@ -50,6 +47,46 @@ def ttir(fn, args, kwargs, config, arch=90):
     stages = {}
     backend.add_stages(stages, opts, src.language)
     return str(stages["ttir"](module, {}))
+
+
+# the kernels take one strides tuple per tensor (triton_kernels/launch.py): the name of each
+# element, in order (opt_strides: the optional inputs' tuples, in turn)
+STRIDE_BUNDLES = {
+    "q_strides": "qb qh qt qe", "k_strides": "kb kh kt ke", "v_strides": "vb vh vt ve",
+    "o_strides": "ob oh ot oe", "do_strides": "dob doh dot doe", "dq_strides": "dqb dqh dqt dqe",
+    "dk_strides": "dkb dkh dkt dke", "dv_strides": "dvb dvh dvt dve", "lse_strides": "lb lh ls",
+    "pg_strides": "pgt pgb pgs pgp pgh", "pb_strides": "pbt pbb pbs pbp pbh",
+    "dm_strides": "dmb dmh dmq dmk",
+    "opt_strides": "gb gs gp gh ge | bb bs bp bh | klb kls | mb mh mq mk | ab ah",
+}
+
+
+def _leaves(name, value):
+    """(element name, value) of a kernel argument, tuples flattened as Triton flattens them."""
+    if not isinstance(value, tuple):
+        return [(name, value)]
+    if name in STRIDE_BUNDLES:
+        groups = [g.split() for g in STRIDE_BUNDLES[name].split("|")]
+        if len(groups) == 1:
+            return [(f"stride_{n}", x) for n, x in zip(groups[0], value, strict=True)]
+        return [(f"stride_{n}", x) for g, t in zip(groups, value, strict=True)
+                for n, x in zip(g, t, strict=True)]
+    return [leaf for i, x in enumerate(value) for leaf in _leaves(f"{name}_{i}", x)]
+
+
+def with_stride_names(text, fn, args):
+    """The TTIR with each function argument named as the kernel's stride it is (stride_qt, ...):
+    tuple elements are numbered by Triton (%q_strides_3); an int argument equal to 1 is
+    specialised into a constant and is no argument."""
+    leaves = [leaf for param, value in zip(fn.arg_names, args)
+              for leaf in _leaves(param, value)]
+    leaves = [n for n, x in leaves if not (type(x) is int and x == 1) and x is not None]
+    header = next(line for line in text.splitlines() if "tt.func public" in line)
+    names = re.findall(r"(%[\w#.]+): ", header)
+    assert len(names) == len(leaves), (names, leaves)
+    rename = dict(zip(names, leaves))
+    pattern = "|".join(re.escape(n) for n in sorted(rename, key=len, reverse=True))
+    return re.sub(f"({pattern})\\b", lambda m: "%" + rename[m.group(1)], text)  # one pass
 
 
 def dot_precisions(text):
@@ -105,7 +142,7 @@ def report():
         problem = problems[variant]
         for name, fn, args, kwargs in cc.kernel_launches(problem, True, arch):
             config = cc.first_config(name.replace("bwd_", ""), problem, arch)
-            text = ttir(fn, args, kwargs, config, arch)
+            text = with_stride_names(ttir(fn, args, kwargs, config, arch), fn, args)
             widened = sorted(set(re.findall(r"arith.extsi %(stride_\w+) : i32 to i64", text)))
             rows[f"{name} {variant} sm{arch}"] = dict(
                 dots=dot_precisions(text), precision=kwargs["F32_DOT"],

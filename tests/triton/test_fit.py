@@ -151,11 +151,14 @@ def test_every_compile_time_flag_is_in_the_autotune_key():
     """A config kept for one flag combination (no mask) must not be reused for another (a float
     mask, whose tile needs more shared memory): each is its own kernel."""
     from peer_attention.triton_kernels import bwd, fwd
+    from peer_attention.triton_kernels.launch import Flags
 
     for kernel in (fwd._attn_fwd, bwd._bwd_preprocess, bwd._bwd_dq, bwd._bwd_dkdv):
         key = configs.tune_key(kernel)
-        for flag in ("E_PAD", "EV_PAD", "MASK_KIND", "HAS_GATE", "USE_TMA", "F32_DOT"):
+        for flag in ("E_PAD", "EV_PAD", "USE_TMA"):
             assert flag in key, (kernel, flag)
+        # the feature flags travel as one constexpr named tuple, F (launch.Flags)
+        assert "F" in key and {"MASK_KIND", "HAS_GATE", "F32_DOT"} <= set(Flags._fields), kernel
         assert "TUNE_LEN" in key and "BLOCK_M" not in key
 
 
