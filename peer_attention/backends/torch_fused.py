@@ -118,8 +118,15 @@ class _Streams:
             _, values = self.pp.key_streams()
             return torch.cat([values[t] for t in attended], 2)
         _, values = self.pp.key_streams()
-        scaled = torch.cat([values[t] * gates[s][t] for t in attended], 2)
-        return scaled if scaled.dtype == p.q.dtype else scaled.to(p.q.dtype)
+        if gates[s][attended[0]].dtype != p.q.dtype:  # fused_serves: float32/64 q, gate promotes
+            scaled = torch.cat([values[t] * gates[s][t] for t in attended], 2)
+            return scaled.to(p.q.dtype)
+        # each g * v_p written straight into its rows of one buffer: one pass, no cat
+        batch, heads = p.q.shape[:2]
+        scaled = p.v.new_empty((batch, heads, sum(p.kv_lens[t] for t in attended), p.v.shape[-1]))
+        for t, rows in zip(attended, scaled.split_with_sizes([p.kv_lens[t] for t in attended], 2)):
+            torch.mul(values[t], gates[s][t], out=rows)
+        return scaled
 
     def rows(self) -> Optional[Tensor]:
         """(B|1, H|1, S, Tk) additive terms of every query stream on every packed key: bias[s, p]

@@ -232,8 +232,13 @@ def _forward(problem: AttentionProblem):
             return o_s.contiguous(), contiguous_lse(l_s)
         outs.append(o_s)
         lses.append(l_s)
-    # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts
-    out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
+    # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts; a lone
+    # query stream whose merge wrote it already (Wan's video over text + image) needs no copy
+    alone = [o for o in outs if o.shape[2] > 0]
+    if len(alone) == 1 and alone[0].shape[2] == q.shape[2] and alone[0].is_contiguous():
+        out = alone[0]
+    else:
+        out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
     lse = torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses)
     if kept:
         setattr(lse, KEPT_PAIRS, kept)
@@ -315,16 +320,25 @@ def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
 def _merge_peer(p, plan, s, results, q_shape, value_dim):
     batch, heads, q_len = q_shape[:3]
     compute, gates = plan.compute, plan.pair_gates()
-    acc = None
-    for t, o, _l in results:
-        if gates is None:  # o + o promotes nothing: accumulate in the compute dtype
-            term = o if o.dtype == compute else o.to(compute)
-            acc = term.clone() if acc is None else acc.add_(term)
-        else:
-            gate = gates[s][t]
-            acc = o * gate if acc is None else acc.addcmul_(o, gate)
-    if acc is None:
+    if not results:
         return p.q.new_zeros(batch, heads, q_len, value_dim)
+    # the first term (or the first two) written into a contiguous buffer in one pass, as the
+    # composition's `out + part` does; the op's layout then needs no copy when this stream is alone
+    acc = p.q.new_empty((batch, heads, q_len, value_dim), dtype=compute)
+    t0, o0, _l = results[0]
+    rest = results[1:]
+    if gates is not None:
+        torch.mul(o0, gates[s][t0], out=acc)
+    elif rest:  # o + o promotes nothing: accumulate in the compute dtype
+        torch.add(o0, rest[0][1], out=acc)
+        rest = rest[1:]
+    else:
+        acc.copy_(o0)
+    for t, o, _l in rest:
+        if gates is None:
+            acc.add_(o)
+        else:
+            acc.addcmul_(o, gates[s][t])
     return acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)
 
 
@@ -353,6 +367,12 @@ class _StreamSums:
         like = self.like
         if self.packed is not None:
             return self.packed if self.packed.dtype == like.dtype else self.packed.to(like.dtype)
+        filled = [part for part, n in zip(self.parts, self.lens) if n > 0]
+        if len(filled) == 1 and filled[0] is not None and len(self.parts) > 1:
+            # one stream holds every row (the others are empty): no cat with empty parts (the
+            # registered op makes it contiguous; the eager path takes the kernel's layout as is)
+            total = filled[0]
+            return total if total.dtype == like.dtype else total.to(like.dtype)
         parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
                              device=like.device) if part is None else part
                  for part, n in zip(self.parts, self.lens)]
