@@ -132,3 +132,23 @@ def test_lone_query_stream_through_the_registered_op():
     assert out.is_contiguous() and out.shape == (1, 2, 6, 8)
     grads = torch_sdpa._backward(problem, torch.randn_like(out), out, lse, [True] * 3 + [False] * 4)
     assert grads[0].shape == q.shape and grads[1].shape == k.shape
+
+
+def test_fused_backward_reuses_the_forwards_gated_values(monkeypatch):
+    """Fused plan with a gate: the eager backward takes the g * v its forward built (as the
+    composition's autograd saves its product), with the same gradients."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12), bias_shape=(1, 2, 2, 2))
+    inputs[-1] = inputs[-1].detach()  # a bias without gradient: the fused plan serves it
+    with forced_plan(FUSED):
+        outs = kernel_fn(*inputs)
+        calls = []
+        original = torch_fused._Streams.values
+        monkeypatch.setattr(torch_fused._Streams, "values",
+                            lambda self, *a: calls.append(a[0]) or original(self, *a))
+        wanted = inputs[:-1]
+        grads = torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs])
+    assert calls == []
+    want = torch.autograd.grad(reference_fn(*inputs), wanted, [torch.ones_like(o) for o in outs])
+    for name, g, w in zip(names, grads, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=name)
