@@ -343,40 +343,62 @@ def _merge_peer(p, plan, s, results, q_shape, value_dim):
 
 
 class _StreamSums:
-    """The gradient of a packed q/k/v, summed per stream over the pairs it takes part in: the
-    first term kept (cast to the compute dtype if needed), the others added in place, the streams
-    concatenated once at the end (no zero buffer, no add into it per pair)."""
+    """The gradient of a packed q/k/v, summed per stream over the pairs it takes part in. A
+    stream's first term is kept as it comes; its second is added straight into the stream's rows
+    of one packed buffer (`torch.add(a, b, out=rows)`) and the rest in place there, so that a
+    stream with several terms costs no copy of its own at the end; the streams of one term are
+    copied in once (as a cat would), and a lone stream holding every row is returned as is."""
 
     def __init__(self, like: Tensor, lens, compute):
         self.like, self.lens, self.compute = like, lens, compute
         self.parts = [None] * len(lens)
-        self.packed = None
+        self.in_buffer = [False] * len(lens)
+        self.packed = self.buffer = None
 
     def set_packed(self, grad: Tensor):
         """The gradient of every stream at once (one kernel call covered them all), as it comes."""
         self.packed = grad
 
+    def _rows(self, i: int) -> Tensor:
+        if self.buffer is None:
+            like = self.like
+            self.buffer = torch.empty(like.shape, dtype=self.compute, device=like.device)
+            self.rows = self.buffer.split_with_sizes(self.lens, 2) if len(self.lens) > 1 \
+                else (self.buffer,)
+        return self.rows[i]
+
     def add(self, i: int, grad: Tensor):
         part = self.parts[i]
         if part is None:
             self.parts[i] = grad if grad.dtype == self.compute else grad.to(self.compute)
-        else:
+        elif self.in_buffer[i]:
             part.add_(grad)
+        else:
+            self.parts[i] = torch.add(part, grad, out=self._rows(i))
+            self.in_buffer[i] = True
 
     def result(self) -> Tensor:
         like = self.like
         if self.packed is not None:
             return self.packed if self.packed.dtype == like.dtype else self.packed.to(like.dtype)
         filled = [part for part, n in zip(self.parts, self.lens) if n > 0]
-        if len(filled) == 1 and filled[0] is not None and len(self.parts) > 1:
-            # one stream holds every row (the others are empty): no cat with empty parts (the
-            # registered op makes it contiguous; the eager path takes the kernel's layout as is)
+        if self.buffer is None and len(filled) == 1 and filled[0] is not None and len(self.parts) > 1:
+            # one stream holds every row (the others are empty): no copy (the registered op
+            # makes it contiguous; the eager path takes the kernel's layout as is)
             total = filled[0]
-            return total if total.dtype == like.dtype else total.to(like.dtype)
-        parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
-                             device=like.device) if part is None else part
-                 for part, n in zip(self.parts, self.lens)]
-        total = torch.cat(parts, 2) if len(parts) > 1 else parts[0].contiguous()
+        elif self.buffer is None and len(self.parts) == 1:
+            total = self.parts[0].contiguous() if self.parts[0] is not None else \
+                torch.zeros(like.shape, dtype=self.compute, device=like.device)
+        else:
+            for i, (part, n) in enumerate(zip(self.parts, self.lens)):
+                if n == 0 or self.in_buffer[i]:
+                    continue
+                rows = self._rows(i)
+                if part is None:
+                    rows.zero_()
+                else:
+                    rows.copy_(part)
+            total = self.buffer
         return total if total.dtype == like.dtype else total.to(like.dtype)
 
 
