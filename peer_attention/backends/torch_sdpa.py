@@ -211,10 +211,16 @@ def _forward(problem: AttentionProblem):
     sink = _sink(p, compute)
     queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
     kept = {} if _backward_reruns_pairs(p) else None
+    # the merges write the op's packed, contiguous output straight (no cat of the streams at the
+    # end) when they compute in its dtype
+    packed = (q.new_empty((*q.shape[:3], value_dim)) if num_streams > 1 and compute == q.dtype
+              else None)
+    rows = _split(packed, p.q_lens, 2)
     # joint: a row's lse comes from its stream's merge; peer: (t, lse) of every attended pair
     outs, lses = [], []
     for s in range(num_streams):
         q_s = queries[s]
+        dest = None if packed is None else rows[s]
         results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
                    if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
         if kept is not None:
@@ -222,10 +228,12 @@ def _forward(problem: AttentionProblem):
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
+            if dest is not None:
+                dest.copy_(o_s)
         elif joint:
-            o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim)
+            o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim, dest)
         else:
-            o_s = _merge_peer(p, plan, s, results, q_s.shape, value_dim)
+            o_s = _merge_peer(p, plan, s, results, q_s.shape, value_dim, dest)
         if not joint:
             l_s = [(t, l) for t, _o, l in results]
         if num_streams == 1 and joint:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
@@ -235,7 +243,9 @@ def _forward(problem: AttentionProblem):
     # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts; a lone
     # query stream whose merge wrote it already (Wan's video over text + image) needs no copy
     alone = [o for o in outs if o.shape[2] > 0]
-    if len(alone) == 1 and alone[0].shape[2] == q.shape[2] and alone[0].is_contiguous():
+    if packed is not None:
+        out = packed
+    elif len(alone) == 1 and alone[0].shape[2] == q.shape[2] and alone[0].is_contiguous():
         out = alone[0]
     else:
         out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
@@ -293,38 +303,45 @@ def _safe_logsumexp(terms: List[Tensor], compute):
     return total, total.clamp_min(torch.finfo(compute).min)
 
 
-def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
+def _merge_joint(p, plan, s, results, sink, q_shape, value_dim, dest=None):
     """O = sum_p exp(l_p + bias_p - L) g_p * o_p in the compute dtype. The lse and the bias and
-    gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast."""
+    gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast.
+    `dest`: the stream's rows of the packed output (compute dtype = q's), written in place."""
     batch, heads, q_len = q_shape[:3]
     compute, gates, biases = plan.compute, plan.pair_gates(), plan.pair_biases()
     shifted = [l if biases is None else l + biases[s][t] for t, _o, l in results]
     terms = shifted + ([sink.expand(batch, heads, q_len)] if sink is not None else [])
     if not terms:
-        return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
-            (batch, heads, q_len), NEG_INF, dtype=compute)
+        zeros = dest.zero_() if dest is not None else p.q.new_zeros(batch, heads, q_len, value_dim)
+        return zeros, p.q.new_full((batch, heads, q_len), NEG_INF, dtype=compute)
     total, safe_total = _safe_logsumexp(terms, compute)
     acc = None
     for (t, o, _l), l_shifted in zip(results, shifted):
         weight = torch.sub(l_shifted, safe_total).exp_()[..., None]
-        if gates is None:
-            acc = o * weight if acc is None else acc.addcmul_(o, weight)
+        if acc is None:
+            acc = torch.mul(o, weight, out=dest) if dest is not None else o * weight
+            if gates is not None:
+                acc.mul_(gates[s][t])
+        elif gates is None:
+            acc.addcmul_(o, weight)
         else:
-            gate = gates[s][t]
-            acc = (o * weight).mul_(gate) if acc is None else acc.addcmul_(o * weight, gate)
+            acc.addcmul_(o * weight, gates[s][t])
     if acc is None:  # only the sink
-        return p.q.new_zeros(batch, heads, q_len, value_dim), total
+        zeros = dest.zero_() if dest is not None else p.q.new_zeros(batch, heads, q_len, value_dim)
+        return zeros, total
     return (acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)), total
 
 
-def _merge_peer(p, plan, s, results, q_shape, value_dim):
+def _merge_peer(p, plan, s, results, q_shape, value_dim, dest=None):
+    """O = sum_p g_p * o_p; `dest` as for _merge_joint."""
     batch, heads, q_len = q_shape[:3]
     compute, gates = plan.compute, plan.pair_gates()
     if not results:
-        return p.q.new_zeros(batch, heads, q_len, value_dim)
+        return dest.zero_() if dest is not None else p.q.new_zeros(batch, heads, q_len, value_dim)
     # the first term (or the first two) written into a contiguous buffer in one pass, as the
     # composition's `out + part` does; the op's layout then needs no copy when this stream is alone
-    acc = p.q.new_empty((batch, heads, q_len, value_dim), dtype=compute)
+    acc = dest if dest is not None else p.q.new_empty((batch, heads, q_len, value_dim),
+                                                      dtype=compute)
     t0, o0, _l = results[0]
     rest = results[1:]
     if gates is not None:
