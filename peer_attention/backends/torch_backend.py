@@ -213,10 +213,16 @@ def _forward(problem: AttentionProblem):
     sink = _sink(p, compute)
     queries = q.split_with_sizes(p.q_lens, 2) if num_streams > 1 else (q,)
     kept = {} if _backward_reruns_pairs(p) else None
+    # the merges write the op's packed, contiguous output straight (no cat of the streams at the
+    # end) when they compute in its dtype
+    packed = (q.new_empty((*q.shape[:3], value_dim)) if num_streams > 1 and compute == q.dtype
+              else None)
+    rows = _split(packed, p.q_lens, 2)
     # joint: a row's lse comes from its stream's merge; peer: (t, lse) of every attended pair
     outs, lses = [], []
     for s in range(num_streams):
         q_s = queries[s]
+        dest = None if packed is None else rows[s]
         results = [(t, *plan.pair(s, t, q_s)) for t in plan.peers[s]
                    if p.kv_lens[t] > 0 and q_s.shape[2] > 0]
         if kept is not None:
@@ -224,18 +230,27 @@ def _forward(problem: AttentionProblem):
         simple = len(results) == 1 and p.gate is None and p.bias is None and sink is None
         if simple:
             o_s, l_s = results[0][1], results[0][2]
+            if dest is not None:
+                dest.copy_(o_s)
         elif joint:
-            o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim)
+            o_s, l_s = _merge_joint(p, plan, s, results, sink, q_s.shape, value_dim, dest)
         else:
-            o_s = _merge_peer(p, plan, s, results, q_s.shape, value_dim)
+            o_s = _merge_peer(p, plan, s, results, q_s.shape, value_dim, dest)
         if not joint:
             l_s = [(t, l) for t, _o, l in results]
         if num_streams == 1 and joint:  # the kernels' layouts are (B, L, H, .); the op's are contiguous
             return o_s.contiguous(), contiguous_lse(l_s)
         outs.append(o_s)
         lses.append(l_s)
-    # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts
-    out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
+    # cat (or contiguous) writes the op's layout from the kernels' (B, L, H, .) layouts; a lone
+    # query stream whose merge wrote it already (Wan's video over text + image) needs no copy
+    alone = [o for o in outs if o.shape[2] > 0]
+    if packed is not None:
+        out = packed
+    elif len(alone) == 1 and alone[0].shape[2] == q.shape[2] and alone[0].is_contiguous():
+        out = alone[0]
+    else:
+        out = torch.cat(outs, 2) if num_streams > 1 else outs[0].contiguous()
     lse = torch.cat(lses, 2) if joint else _peer_lse(p, plan, lses)
     if kept:
         setattr(lse, KEPT_PAIRS, kept)
@@ -277,75 +292,119 @@ def _peer_lse(p, plan, lses):
     return lse
 
 
-def _merge_joint(p, plan, s, results, sink, q_shape, value_dim):
+def _merge_joint(p, plan, s, results, sink, q_shape, value_dim, dest=None):
     """O = sum_p exp(l_p + bias_p - L) g_p * o_p in the compute dtype. The lse and the bias and
-    gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast."""
+    gate (cast once per call) promote the kernels' 16-bit outputs to it, so nothing else is cast.
+    `dest`: the stream's rows of the packed output (compute dtype = q's), written in place."""
     batch, heads, q_len = q_shape[:3]
     compute, gates, biases = plan.compute, plan.pair_gates(), plan.pair_biases()
     shifted = [l if biases is None else l + biases[s][t] for t, _o, l in results]
     terms = shifted + ([sink.expand(batch, heads, q_len)] if sink is not None else [])
     if not terms:
-        return p.q.new_zeros(batch, heads, q_len, value_dim), p.q.new_full(
-            (batch, heads, q_len), NEG_INF, dtype=compute)
+        zeros = dest.zero_() if dest is not None else p.q.new_zeros(batch, heads, q_len, value_dim)
+        return zeros, p.q.new_full((batch, heads, q_len), NEG_INF, dtype=compute)
     total, safe_total = safe_logsumexp(terms, compute)
     acc = None
     for (t, o, _l), l_shifted in zip(results, shifted):
         weight = torch.sub(l_shifted, safe_total).exp_()[..., None]
-        if gates is None:
-            acc = o * weight if acc is None else acc.addcmul_(o, weight)
+        if acc is None:
+            acc = torch.mul(o, weight, out=dest) if dest is not None else o * weight
+            if gates is not None:
+                acc.mul_(gates[s][t])
+        elif gates is None:
+            acc.addcmul_(o, weight)
         else:
-            gate = gates[s][t]
-            acc = (o * weight).mul_(gate) if acc is None else acc.addcmul_(o * weight, gate)
+            acc.addcmul_(o * weight, gates[s][t])
     if acc is None:  # only the sink
-        return p.q.new_zeros(batch, heads, q_len, value_dim), total
+        zeros = dest.zero_() if dest is not None else p.q.new_zeros(batch, heads, q_len, value_dim)
+        return zeros, total
     return (acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)), total
 
 
-def _merge_peer(p, plan, s, results, q_shape, value_dim):
+def _merge_peer(p, plan, s, results, q_shape, value_dim, dest=None):
+    """O = sum_p g_p * o_p; `dest` as for _merge_joint."""
     batch, heads, q_len = q_shape[:3]
     compute, gates = plan.compute, plan.pair_gates()
-    acc = None
-    for t, o, _l in results:
-        if gates is None:  # o + o promotes nothing: accumulate in the compute dtype
-            term = o if o.dtype == compute else o.to(compute)
-            acc = term.clone() if acc is None else acc.add_(term)
+    if not results:
+        return dest.zero_() if dest is not None else p.q.new_zeros(batch, heads, q_len, value_dim)
+    # the first term (or the first two) written into a contiguous buffer in one pass, as the
+    # composition's `out + part` does; the op's layout then needs no copy when this stream is alone
+    acc = dest if dest is not None else p.q.new_empty((batch, heads, q_len, value_dim),
+                                                      dtype=compute)
+    t0, o0, _l = results[0]
+    rest = results[1:]
+    if gates is not None:
+        torch.mul(o0, gates[s][t0], out=acc)
+    elif rest:  # o + o promotes nothing: accumulate in the compute dtype
+        torch.add(o0, rest[0][1], out=acc)
+        rest = rest[1:]
+    else:
+        acc.copy_(o0)
+    for t, o, _l in rest:
+        if gates is None:
+            acc.add_(o)
         else:
-            gate = gates[s][t]
-            acc = o * gate if acc is None else acc.addcmul_(o, gate)
-    if acc is None:
-        return p.q.new_zeros(batch, heads, q_len, value_dim)
+            acc.addcmul_(o, gates[s][t])
     return acc if acc.dtype == p.q.dtype else acc.to(p.q.dtype)
 
 
 class _StreamSums:
-    """The gradient of a packed q/k/v, summed per stream over the pairs it takes part in: the
-    first term kept (cast to the compute dtype if needed), the others added in place, the streams
-    concatenated once at the end (no zero buffer, no add into it per pair)."""
+    """The gradient of a packed q/k/v, summed per stream over the pairs it takes part in. A
+    stream's first term is kept as it comes; its second is added straight into the stream's rows
+    of one packed buffer (`torch.add(a, b, out=rows)`) and the rest in place there, so that a
+    stream with several terms costs no copy of its own at the end; the streams of one term are
+    copied in once (as a cat would), and a lone stream holding every row is returned as is."""
 
     def __init__(self, like: Tensor, lens, compute):
         self.like, self.lens, self.compute = like, lens, compute
         self.parts = [None] * len(lens)
-        self.packed = None
+        self.in_buffer = [False] * len(lens)
+        self.packed = self.buffer = None
 
     def set_packed(self, grad: Tensor):
         """The gradient of every stream at once (one kernel call covered them all), as it comes."""
         self.packed = grad
 
+    def _rows(self, i: int) -> Tensor:
+        if self.buffer is None:
+            like = self.like
+            self.buffer = torch.empty(like.shape, dtype=self.compute, device=like.device)
+            self.rows = self.buffer.split_with_sizes(self.lens, 2) if len(self.lens) > 1 \
+                else (self.buffer,)
+        return self.rows[i]
+
     def add(self, i: int, grad: Tensor):
         part = self.parts[i]
         if part is None:
             self.parts[i] = grad if grad.dtype == self.compute else grad.to(self.compute)
-        else:
+        elif self.in_buffer[i]:
             part.add_(grad)
+        else:
+            self.parts[i] = torch.add(part, grad, out=self._rows(i))
+            self.in_buffer[i] = True
 
     def result(self) -> Tensor:
         like = self.like
         if self.packed is not None:
             return self.packed if self.packed.dtype == like.dtype else self.packed.to(like.dtype)
-        parts = [torch.zeros((*like.shape[:2], n, like.shape[3]), dtype=self.compute,
-                             device=like.device) if part is None else part
-                 for part, n in zip(self.parts, self.lens)]
-        total = torch.cat(parts, 2) if len(parts) > 1 else parts[0].contiguous()
+        filled = [part for part, n in zip(self.parts, self.lens) if n > 0]
+        if self.buffer is None and len(filled) == 1 and filled[0] is not None and len(self.parts) > 1:
+            # one stream holds every row (the others are empty): no copy (the registered op
+            # makes it contiguous; the eager path takes the kernel's layout as is)
+            total = filled[0]
+        elif self.buffer is None and len(self.parts) == 1:
+            total = self.parts[0].contiguous() if self.parts[0] is not None else \
+                torch.zeros(like.shape, dtype=self.compute, device=like.device)
+        else:
+            for i, (part, n) in enumerate(zip(self.parts, self.lens)):
+                if n == 0 or self.in_buffer[i]:
+                    continue
+                rows = self._rows(i)
+                if part is None:
+                    rows.zero_()
+                else:
+                    rows.copy_(part)
+            total = self.buffer
         return total if total.dtype == like.dtype else total.to(like.dtype)
 
 

@@ -118,8 +118,15 @@ class _Streams:
             _, values = self.pp.key_streams()
             return torch.cat([values[t] for t in attended], 2)
         _, values = self.pp.key_streams()
-        scaled = torch.cat([values[t] * gates[s][t] for t in attended], 2)
-        return scaled if scaled.dtype == p.q.dtype else scaled.to(p.q.dtype)
+        if gates[s][attended[0]].dtype != p.q.dtype:  # fused_serves: float32/64 q, gate promotes
+            scaled = torch.cat([values[t] * gates[s][t] for t in attended], 2)
+            return scaled.to(p.q.dtype)
+        # each g * v_p written straight into its rows of one buffer: one pass, no cat
+        batch, heads = p.q.shape[:2]
+        scaled = p.v.new_empty((batch, heads, sum(p.kv_lens[t] for t in attended), p.v.shape[-1]))
+        for t, rows in zip(attended, scaled.split_with_sizes([p.kv_lens[t] for t in attended], 2)):
+            torch.mul(values[t], gates[s][t], out=rows)
+        return scaled
 
     def rows(self) -> Optional[Tensor]:
         """(B|1, H|1, S, Tk) additive terms of every query stream on every packed key: bias[s, p]
@@ -222,18 +229,31 @@ def fused_forward(pair_plan):
         return out.contiguous(), contiguous_lse(lse)
     batch, heads = p.q.shape[:2]
     outs, lses = [], []
+    # the gated values, kept for the eager backward as the composition's autograd keeps its g * v
+    kept = {} if p.gate is not None and any(
+        t.requires_grad for t in (p.q, p.k, p.v, p.gate)) else None
     for s, q_s in enumerate(p.q.split_with_sizes(p.q_lens, 2)):
         attended = streams.attended(s)
         if not attended or q_s.shape[2] == 0:
             outs.append(q_s.new_zeros(batch, heads, q_s.shape[2], p.v.shape[-1]))
             lses.append(q_s.new_full((batch, heads, q_s.shape[2]), NEG_INF, dtype=pair_plan.compute))
             continue
-        out, lse = _call(q_s, streams.keys(attended), streams.values(s, attended),
-                         streams.mask(s, attended), p.scale)
+        values = streams.values(s, attended)
+        if kept is not None:
+            kept[s] = values
+        out, lse = _call(q_s, streams.keys(attended), values, streams.mask(s, attended), p.scale)
         outs.append(out)
         lses.append(lse)
     # cat writes the op's layout from the kernels' (B, L, H, .) layouts
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+    lse = torch.cat(lses, 2)
+    if kept:
+        setattr(lse, KEPT_VALUES, kept)
+    return torch.cat(outs, 2), lse
+
+
+# The gated values of each query stream, kept on the lse the forward returns (the eager path's
+# autograd hands that very tensor to the backward); elsewhere the backward computes them again.
+KEPT_VALUES = "_peer_attention_fused_values"
 
 
 def _call(q, k, v, mask, scale):
@@ -257,6 +277,7 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         return grads.result(p, None)
     gates = pair_plan.pair_gates()
     _, values = pair_plan.key_streams()
+    kept = getattr(lse, KEPT_VALUES, None) or {}
     lens = p.q_lens
     for s, (q_s, d_out, o_s, l_s) in enumerate(zip(
             p.q.split_with_sizes(lens, 2), grad_out.split_with_sizes(lens, 2),
@@ -265,7 +286,8 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         if not attended or q_s.shape[2] == 0:
             continue
         mask = streams.mask(s, attended)
-        dq, dk, dv = pair_backward(d_out, q_s, streams.keys(attended), streams.values(s, attended),
+        scaled = kept[s] if s in kept else streams.values(s, attended)
+        dq, dk, dv = pair_backward(d_out, q_s, streams.keys(attended), scaled,
                                    o_s, _lse_in(l_s, mask), mask, False, p.scale)
         if grads.dq is not None:
             grads.dq.add(s, dq)

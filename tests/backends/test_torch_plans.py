@@ -101,3 +101,54 @@ def test_backward_reuses_the_forwards_pair_outputs(monkeypatch, normalize, bias)
     want = torch.autograd.grad(reference_fn(*inputs), inputs, [torch.ones_like(o) for o in outs])
     for name, g, w in zip(names, grads, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=name)
+
+
+WAN_PEERS = [[0, 1, 1], [0, 0, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("normalize", ["peer", "joint"])
+@pytest.mark.parametrize("gate", [None, (1, 3, 3, 2, 12)], ids=["no-gate", "gate"])
+def test_lone_query_stream_over_key_only_streams(gate, normalize, dtype):
+    """Wan's layout: queries in one stream only, over two streams that only hold keys. The merge
+    writes the packed output itself and the lone stream's q gradient skips the cat with the empty
+    streams (issue 20): same numbers and every gradient as the reference."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[6, 0, 0], kv_lens=[0, 7, 5], peers=WAN_PEERS, gate_shape=gate,
+        normalize=normalize)
+    extra = dict(float32_atol=1e-12) if dtype == torch.float64 else {}
+    assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names, **extra)
+
+
+def test_lone_query_stream_through_the_registered_op():
+    """The op path (not the eager shortcut) returns the layouts its fake kernel declares."""
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    problem = peer_problem([q, q[:, :, :0], q[:, :, :0]],
+                           [k[:, :, :0], k[:, :, :7], k[:, :, 7:]],
+                           [v[:, :, :0], v[:, :, :7], v[:, :, 7:]], peers=WAN_PEERS,
+                           normalize="peer")
+    torch.library.opcheck(torch.ops.peer_attention.torch_fwd.default, tuple(problem))
+    out, lse = torch_backend._forward(problem)
+    assert out.is_contiguous() and out.shape == (1, 2, 6, 8)
+    grads = torch_backend._backward(problem, torch.randn_like(out), out, lse, [True] * 3 + [False] * 4)
+    assert grads[0].shape == q.shape and grads[1].shape == k.shape
+
+
+def test_fused_backward_reuses_the_forwards_gated_values(monkeypatch):
+    """Fused plan with a gate: the eager backward takes the g * v its forward built (as the
+    composition's autograd saves its product), with the same gradients."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12), bias_shape=(1, 2, 2, 2))
+    inputs[-1] = inputs[-1].detach()  # a bias without gradient: the fused plan serves it
+    with forced_plan(FUSED):
+        outs = kernel_fn(*inputs)
+        calls = []
+        original = torch_fused._Streams.values
+        monkeypatch.setattr(torch_fused._Streams, "values",
+                            lambda self, *a: calls.append(a[0]) or original(self, *a))
+        wanted = inputs[:-1]
+        grads = torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs])
+    assert calls == []
+    want = torch.autograd.grad(reference_fn(*inputs), wanted, [torch.ones_like(o) for o in outs])
+    for name, g, w in zip(names, grads, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=name)
