@@ -25,36 +25,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Known violations whose fix is in files other issue-21 branches own: the two rule tests skip
-# exactly these, and test_pending_* (xfail) lists them until they are gone; after merging, empty
-# these sets and drop the xfail marks. Cycles as the sorted tuple of their modules; private uses
-# as (path, what), without the line number (merges move lines).
-PENDING_CYCLES: Set[Tuple[str, ...]] = {
-    # ops.py -> double_backward.py -> backends/torch_dropout.py -> ops.py (for empty_grad): issue 21
-    # step 1 moves empty_grad below the ops (b21-core)
-    ("peer_attention.backends.torch_dropout", "peer_attention.double_backward", "peer_attention.ops"),
-    # triton_kernels/fwd.py imports configs; configs.py imports fwd.one_accumulator inside a
-    # function (the Triton launch layer's owner)
-    ("peer_attention.triton_kernels.configs", "peer_attention.triton_kernels.fwd"),
-}
-PENDING_PRIVATE: Set[Tuple[str, str]] = {
-    # integrations use only public names or the problem-level entry point (b21-core)
-    ("peer_attention/integrations/diffusers.py", "dispatch._check_name (peer_attention.dispatch._check_name)"),
-    # the overhead suite's Python-side figure stubs the kernel out through dispatch's and ops' op
-    # tables; it needs a public stub hook in dispatch.py / ops.py (files of b21-core)
-    ("bench/overhead.py", "dispatch._ops (peer_attention.dispatch._ops)"),
-    ("bench/overhead.py", "ops._eager (peer_attention.ops._eager)"),
-    # helpers shared between modules but named private (make them public or move them; not files
-    # of the bench branch)
-    ("peer_attention/validation_kvcache.py", "from peer_attention.validation import _fmt"),
-    ("peer_attention/validation_kvcache.py", "from peer_attention.validation import _shape"),
-    ("triton_kernels/compile_check.py", "from peer_attention.triton_kernels.configs import _config"),
-}
-PENDING_REASON = ("other issue-21 branches fix these (ops/double_backward/torch_dropout cycle, "
-                  "triton_kernels configs<->fwd, integrations/diffusers.py's dispatch._check_name, "
-                  "bench/overhead.py's dispatch._ops/ops._eager need a public stub hook, "
-                  "validation_kvcache.py's validation._fmt/_shape, compile_check.py's configs._config): empty "
-                  "PENDING_* and remove this mark after merging")
+# No known violations are tolerated: every cycle and cross-module private name fails the tests.
+PENDING_CYCLES: Set[Tuple[str, ...]] = set()
+PENDING_PRIVATE: Set[Tuple[str, str]] = set()
 
 
 # ---- the module table -----------------------------------------------------------------------
@@ -288,20 +261,6 @@ def test_no_import_cycle(prefix):
 def test_no_private_name_of_another_module(prefix):
     uses = [u for u in _private_uses(prefix) if not _pending(u)]
     assert not uses, "private names of other modules:\n" + "\n".join(f"  {p}:{n}: {what}" for p, n, what in uses)
-
-
-@pytest.mark.xfail(strict=False, reason=PENDING_REASON)
-def test_pending_cycles_are_gone():
-    """The cycles other branches remove (xfail until they are merged and PENDING_CYCLES is emptied)."""
-    left = [c for c in _cycles("peer_attention") + _cycles("bench") if c in PENDING_CYCLES]
-    assert not left, "\n".join(_describe_cycle(c) for c in left)
-
-
-@pytest.mark.xfail(strict=False, reason=PENDING_REASON)
-def test_pending_private_uses_are_gone():
-    """The private-name uses other branches remove (xfail until merged and PENDING_PRIVATE is emptied)."""
-    left = [u for u in _private_uses("peer_attention") + _private_uses("bench") if _pending(u)]
-    assert not left, "\n".join(f"  {p}:{n}: {what}" for p, n, what in left)
 
 
 # ---- the checker itself ---------------------------------------------------------------------

@@ -68,7 +68,7 @@ def faithful_compile(fn, args, kwargs, config, arch):
 def kernel_kind(kernel_name, problem):
     """The configs.CANDIDATES kind of a launch of compile_check's kernel_launches."""
     from .configs import forward_kind
-    from .fwd import one_accumulator
+    from .utils import one_accumulator
 
     name = kernel_name.replace("bwd_", "")
     if name in ("dq", "dkdv"):
@@ -78,12 +78,12 @@ def kernel_kind(kernel_name, problem):
 
 def first_config(kernel_name, problem, arch):
     """The config autotune tries first for this kernel on `arch`."""
-    from .configs import _config, candidates
+    from .configs import make_config, candidates
 
     from .utils import padded_dim
 
     dim = padded_dim(max(problem.head_dim, problem.value_dim))
-    return _config(*candidates(arch, kernel_kind(kernel_name, problem),
+    return make_config(*candidates(arch, kernel_kind(kernel_name, problem),
                                problem.q.element_size(), dim)[0])
 
 
@@ -278,7 +278,7 @@ def check_task(task, autotune_off=False):
     compile, select as the pruner does (configs.select), and say what is wrong: a compile
     failure, nothing that fits where NO_FIT does not decline it, or a kept config that spills in
     a 16-bit kernel at head dim <= 128."""
-    from .configs import NO_FIT, _config, candidates, select
+    from .configs import NO_FIT, make_config, candidates, select
 
     arch, family, dtype_name, dim, kernel = task
     problem = family_problem(family, dtype_name, dim)
@@ -304,7 +304,7 @@ def check_task(task, autotune_off=False):
         result["rows"].append(row)
         return dict(row, spills=max(row.get("spill_bytes", 0), 0))
 
-    configs = [_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
+    configs = [make_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
                                                max(kwargs["E_PAD"], kwargs["EV_PAD"]))]
     # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
@@ -359,7 +359,7 @@ def kernel_launches(problem, with_backward, arch=90):
 def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
     """(config, compiled) of the config that runs with autotuning off on `arch`: the first
     candidate that fits (and, for 16-bit inputs, does not spill where one such fits)."""
-    from .configs import _config, candidates, select
+    from .configs import make_config, candidates, select
 
     compiled = {}
 
@@ -372,7 +372,7 @@ def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
 
     element_size = 2 if sixteen_bit else 4
     dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
-    kept, rejected = select([_config(*c) for c in candidates(arch, kind, element_size, dim)],
+    kept, rejected = select([make_config(*c) for c in candidates(arch, kind, element_size, dim)],
                             measure, SMEM_OPTIN[arch], sixteen_bit, first_only=True)
     if not kept:
         return None, rejected

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from .fit import ARCHS, MIN_ARCH, compile_launch, misfit, ptxas_resources, target, usage
-from .utils import INTERPRET, TF32X3_DKDV_MAX_DIM, padded_dim
+from .utils import INTERPRET, TF32X3_DKDV_MAX_DIM, one_accumulator, padded_dim
 
 # PEER_ATTENTION_TRITON_AUTOTUNE=0: each kernel runs the first candidate that fits the device
 # (nothing is benchmarked; scripts/gpu_check.sh sets it so that compile time stays small)
@@ -151,7 +151,7 @@ def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 
     return listed
 
 
-def _config(bm, bn, warps, stages):
+def make_config(bm, bn, warps, stages):
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
 
 
@@ -170,9 +170,9 @@ def autotune_configs(kind: str = "fwd"):
     for arch_lists in CANDIDATES.values():
         for k in kinds:
             for c in arch_lists[k]:
-                seen.setdefault(c, _config(*c))
+                seen.setdefault(c, make_config(*c))
     for c in FP32_WIDE_DKDV if kind == "dkdv" else ():
-        seen.setdefault(c, _config(*c))
+        seen.setdefault(c, make_config(*c))
     return list(seen.values())
 
 
@@ -310,8 +310,6 @@ def decline_reason(problem, device_index: int) -> Optional[str]:
                 f"path for the kernels' dots)")
     if not NO_FIT.get(table_arch(arch)):
         return None
-    from .fwd import one_accumulator
-
     kinds = [forward_kind(one_accumulator(problem))]
     if any(t is not None and t.requires_grad for t in (
             problem.q, problem.k, problem.v, problem.gate, problem.bias, problem.attn_mask)):

@@ -29,6 +29,7 @@ import triton
 from .configs import interpreter_meta, tune_len
 from .utils import (INTERPRET, band, dropout_args, mask_for_kernel, mask_kind, padded_dim,
                     search_steps, strides_or_zero, tma_ok, f32_precision)
+from .utils import one_accumulator  # noqa: F401  (re-exported: the launch layer's view)
 
 
 class Flags(NamedTuple):
@@ -87,13 +88,6 @@ def scale_args(softcap: float, scale: float):
     if softcap > 0:
         return softcap * 1.4426950408889634, scale / softcap
     return scale * 1.4426950408889634, 0.0
-
-
-def one_accumulator(problem) -> bool:
-    """Whether the forward's peers can share one accumulator: at most one attended peer per
-    stream (SDPA, varlen), or "joint" without gates (a peer's bias is a shift of the max)."""
-    single = problem.num_streams == 1 or problem.diagonal_peers
-    return single or (problem.normalize != "peer" and problem.gate is None)
 
 
 @functools.lru_cache(maxsize=None)

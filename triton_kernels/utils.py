@@ -147,3 +147,10 @@ def dropout_args(problem):
         # tl.rand takes a 32/64-bit seed; keep it and the offset in the positive int63 range
         return seed & ((1 << 62) - 1), offset & ((1 << 40) - 1), float(problem.dropout_p)
     return 0, 0, 0.0
+
+
+def one_accumulator(problem) -> bool:
+    """Whether the forward's peers can share one accumulator: at most one attended peer per
+    stream (SDPA, varlen), or "joint" without gates (a peer's bias is a shift of the max)."""
+    single = problem.num_streams == 1 or problem.diagonal_peers
+    return single or (problem.normalize != "peer" and problem.gate is None)
