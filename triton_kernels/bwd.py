@@ -24,7 +24,7 @@ from .launch import (common_args, head_dims, kernel_flags, meta, num_row_tiles, 
                      tune_len_of, use_tma)
 from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
                     kv_extent, mma, probs_from_lse, query_stages, row_tile, to_io)
-from .utils import TILE_SIZES, f32_precision, launch_device, num_tiles, stream_tables, tma_ok
+from .utils import TILE_SIZES, f32_dot, launch_device, num_tiles, stream_tables, tma_ok
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _exact_pv(probs, v, F32_DOT: tl.constexpr):
     """probs @ v without rounding fp32 probs to the input dtype: as hi + lo halves in the input
     dtype (two tensor-core products, ~16 significant bits of P) instead of an fp32 FMA product
     (no tensor cores, and a register file's worth of operands)."""
-    if F32_DOT != "":
+    if F32_DOT != 0:
         return mma(probs, v, F32_DOT)
     else:
         hi = probs.to(v.dtype)
@@ -657,7 +657,7 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
             *shared, do_strides, rows.lse_strides, strides(dk, 4), strides(dv, 4),
             rows.opt_strides, rows.sizes, tune),
             # the dK/dV kernel's own fp32 product precision (IEEE above head dim 128)
-            dict(flags, F=flags["F"]._replace(F32_DOT=f32_precision(
+            dict(flags, F=flags["F"]._replace(F32_DOT=f32_dot(
                 q.dtype, flags["E_PAD"], flags["EV_PAD"], "dkdv"))), key_grid))
     return launches
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .launch import scale_args
 from .tiles import LN2, LOG2E, mma, tanh, to_io
-from .utils import INTERPRET, f32_precision, padded_dim
+from .utils import INTERPRET, f32_dot, padded_dim
 
 # launches (and a hook for tests: the drop-in's dispatch counts decode launches through it)
 MAX_QUERY_ROWS = 16      # the drop-in routes calls with L <= this to the decode kernels
@@ -289,7 +289,7 @@ def decode_launches(problem, out, lse):
         HAS_LEFTPAD=problem.leftpad is not None, BAND=left >= 0 or right >= 0,
         BOTTOM_RIGHT=bool(problem.bottom_right), SOFTCAP=softcap > 0,
         HAS_ALIBI=slopes is not None, HAS_SINKS=sinks is not None, DIRECT=direct,
-        F32_DOT=f32_precision(q.dtype, padded_dim(problem.head_dim), padded_dim(ev)),
+        F32_DOT=f32_dot(q.dtype, padded_dim(problem.head_dim), padded_dim(ev)),
         BF16_RTNE=rtne, E_PAD=padded_dim(problem.head_dim),
         EV_PAD=padded_dim(ev), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         num_stages=stages)

@@ -28,7 +28,7 @@ import triton
 
 from .configs import interpreter_meta, tune_len
 from .utils import (INTERPRET, band, dropout_args, mask_for_kernel, mask_kind, padded_dim,
-                    search_steps, strides_or_zero, tma_ok, f32_precision)
+                    search_steps, strides_or_zero, tma_ok, f32_dot)
 from .utils import one_accumulator  # noqa: F401  (re-exported: the launch layer's view)
 
 
@@ -47,7 +47,7 @@ class Flags(NamedTuple):
     DIAGONAL: bool  # the diagonal (varlen) peer table: p = s, no lists
     PEER_MODE: bool  # normalize == "peer"
     HAS_DROPOUT: bool
-    F32_DOT: str  # utils.f32_precision: "" (16-bit products), "tf32x3" or "ieee"
+    F32_DOT: int  # utils.f32_dot: 0 (16-bit products), 1 3xTF32, 2 IEEE
     BF16_RTNE: bool  # round fp32 -> bf16 to nearest even (the interpreter truncates)
 
 
@@ -66,7 +66,7 @@ def kernel_flags(problem) -> Flags:
         DIAGONAL=problem.diagonal_peers,
         PEER_MODE=problem.normalize == "peer",
         HAS_DROPOUT=problem.dropout_p > 0,
-        F32_DOT=f32_precision(problem.q.dtype, padded_dim(problem.head_dim),
+        F32_DOT=f32_dot(problem.q.dtype, padded_dim(problem.head_dim),
                               padded_dim(problem.value_dim)),
         BF16_RTNE=INTERPRET and problem.q.dtype == torch.bfloat16,
     )

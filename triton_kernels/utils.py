@@ -44,6 +44,17 @@ def f32_precision(dtype: torch.dtype, e_pad: int, ev_pad: int, kernel: str = "fw
     return "tf32x3"
 
 
+# the kernels' F32_DOT constexpr: an int code of f32_precision's answer (a str inside the Flags
+# constexpr tuple reaches a jit function as a plain Python str, which Triton cannot take)
+F32_DOT_CODES = {"": 0, "tf32x3": 1, "ieee": 2}
+F32_DOT_PRECISIONS = {code: name for name, code in F32_DOT_CODES.items()}
+
+
+def f32_dot(dtype: torch.dtype, e_pad: int, ev_pad: int, kernel: str = "fwd") -> int:
+    """f32_precision as the kernels' F32_DOT code (F32_DOT_CODES)."""
+    return F32_DOT_CODES[f32_precision(dtype, e_pad, ev_pad, kernel)]
+
+
 def launch_device(tensor):
     """The launch guard: Triton launches on the current CUDA device (and its current stream, and
     allocates tensor-descriptor scratch there), which need not hold the inputs (device_map="auto"

@@ -131,6 +131,7 @@ def report():
     import torch
 
     from peer_attention.triton_kernels import compile_check as cc
+    from peer_attention.triton_kernels.utils import F32_DOT_PRECISIONS
 
     problems = cc.feature_problems(dim=64, seq=96, dtype=torch.float32)
     problems["bf16_joint3"] = cc.feature_problems(dim=64, seq=96)["joint3_everything"]
@@ -145,7 +146,8 @@ def report():
             text = with_stride_names(ttir(fn, args, kwargs, config, arch), fn, args)
             widened = sorted(set(re.findall(r"arith.extsi %(stride_\w+) : i32 to i64", text)))
             rows[f"{name} {variant} sm{arch}"] = dict(
-                dots=dot_precisions(text), precision=kwargs["F32_DOT"],
+                dots=dot_precisions(text), precision=F32_DOT_PRECISIONS[
+                    kwargs["F"].F32_DOT if "F" in kwargs else kwargs["F32_DOT"]],
                 offsets32=offset_problems(text), widened=widened)
     return rows
 
