@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops
+from .backends.base import ANY, JOINT_ONLY, JOINT_WITHOUT_GATE_BIAS_GRADS
 from .problem import AttentionProblem
 from .validation import check_problem_variants
 
 __all__ = ["run", "run_validated", "check_backend_name", "select_backend", "forward", "backward",
-           "merged_statistics"]
+           "merged_statistics", "ANY", "JOINT_ONLY", "JOINT_WITHOUT_GATE_BIAS_GRADS"]
 
 
 def check_backend_name(name: Optional[str]) -> Optional[str]:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import api, entry
-from ..backends.base import ANY, JOINT_WITHOUT_GATE_BIAS_GRADS
+from ..entry import ANY, JOINT_WITHOUT_GATE_BIAS_GRADS
 from ..problem import PEER, AttentionProblem
 
 
