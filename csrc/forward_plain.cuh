@@ -21,15 +21,42 @@
 
 namespace peer_attention {
 
+// Values of the block that the main loop needs rarely (once per tile or after the loop), kept in
+// shared memory rather than in registers (see the register budget above).
+struct PlainBlock {
+  const void* k;     // K and V of this block's batch entry and key head
+  const void* v;
+  int64_t out_row0;  // (b * q_heads + h) * total_q + q_first: the block's first output row
+  int s, q_row0, q_len, pad;
+};
+
+// The running max and sum of a thread's 4 rows (2 row tiles x 2), one float4 each in shared
+// memory (thread tid's own slots, state[tid] and state[kThreads + tid]): read and written once
+// per tile, so that they hold no register through Q K^T, where acc (128 at D = 128), S (64) and
+// the ldmatrix fragments in flight fill the 255.
+__device__ __forceinline__ void load_row_state(const float4* state, int tid, float (&row_max)[2][2],
+                                               float (&row_sum)[2][2]) {
+  const float4 m = state[tid], l = state[kThreads + tid];
+  row_max[0][0] = m.x, row_max[0][1] = m.y, row_max[1][0] = m.z, row_max[1][1] = m.w;
+  row_sum[0][0] = l.x, row_sum[0][1] = l.y, row_sum[1][0] = l.z, row_sum[1][1] = l.w;
+}
+__device__ __forceinline__ void store_row_state(float4* state, int tid,
+                                                const float (&row_max)[2][2],
+                                                const float (&row_sum)[2][2]) {
+  state[tid] = make_float4(row_max[0][0], row_max[0][1], row_max[1][0], row_max[1][1]);
+  state[kThreads + tid] = make_float4(row_sum[0][0], row_sum[0][1], row_sum[1][0], row_sum[1][1]);
+}
+
 template <int D>
 struct ForwardPlainConfig {
   static_assert(D <= 128, "head dims above 128 run in forward_kernel");
-  static constexpr int kRowTiles = 2;               // m16 row tiles per warp
+  static constexpr int kRowTiles = 2;               // m16 row tiles per warp (row state: 2 x 2)
   static constexpr int kBlockM = kWarps * 16 * kRowTiles;  // 128
   static constexpr int kBlockN = 64;
   template <typename T>
   static constexpr int smem_bytes() {
-    return (kBlockM * D + 2 * kBlockN * D) * sizeof(T) + 2 * kMaxStreams * sizeof(int);
+    return (kBlockM * D + 2 * kBlockN * D) * sizeof(T) + 2 * kThreads * sizeof(float4) +
+           sizeof(PlainBlock) + 2 * kMaxStreams * sizeof(int);
   }
 };
 
@@ -38,12 +65,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   using Cfg = ForwardPlainConfig<D>;
   using Ops = DTypeOps<T>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kRowTiles;
+  static_assert(MT == 2, "load_row_state / store_row_state hold 2 row tiles");
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_tile = reinterpret_cast<T*>(smem);  // BM x D
   T* k_tile = q_tile + BM * D;             // BN x D
   T* v_tile = k_tile + BN * D;             // BN x D
-  int* limit_s = reinterpret_cast<int*>(v_tile + BN * D);  // keys per stream for this batch entry
-  int* ntiles_s = limit_s + kMaxStreams;                   // key tiles this block visits per peer
+  float4* state_s = reinterpret_cast<float4*>(v_tile + BN * D);  // per thread: row max, row sum
+  PlainBlock* blk_s = reinterpret_cast<PlainBlock*>(state_s + 2 * kThreads);
+  int* limit_s = reinterpret_cast<int*>(blk_s + 1);  // keys per stream for this batch entry
+  int* ntiles_s = limit_s + kMaxStreams;             // key tiles this block visits per peer
 
   const int S = p.num_streams;
   const BlockCoord blk = unflatten_block(p.q_tile_offsets[S], p.q_heads);
@@ -54,14 +84,19 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   const int q_first = p.q_offsets[s] + q_row0;                // within the packed Tq
   const int hk = h / (p.q_heads / p.kv_heads);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t2 = (lane & 3) * 2;
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
+  if (tid == 0) {
+    blk_s->k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+    blk_s->v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+    blk_s->out_row0 = (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first;
+    blk_s->s = s;
+    blk_s->q_row0 = q_row0;
+    blk_s->q_len = q_len;
+  }
   __syncthreads();
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
 
   auto next_peer = [&](int from) {
     while (from < S && ntiles_s[from] == 0) ++from;
@@ -69,18 +104,19 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   };
   auto load_k = [&](int peer, int tile) {
     const int row0 = p.kv_offsets[peer] + tile * BN;
-    load_tile_async<BN, D>(k_tile, k_base + row0 * p.k_strides[2], p.k_strides[2],
-                           limit_s[peer] - tile * BN, p.head_dim, static_cast<const T*>(p.k));
+    load_tile_async<BN, D, T, true, false, true>(
+        k_tile, static_cast<const T*>(blk_s->k) + row0 * p.k_strides[2], p.k_strides[2],
+        limit_s[peer] - tile * BN, p.head_dim, static_cast<const T*>(p.k));
   };
 
   // this thread's rows (local to the block): warp * 32 + 16 * mt + g + 8 * r
   float acc[MT][D / 8][4];
-  float row_max[MT][2], row_sum[MT][2];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    zero(acc[mt]);
-    row_max[mt][0] = row_max[mt][1] = -INFINITY;
-    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) zero(acc[mt]);
+  {
+    const float row_max[MT][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+    const float row_sum[MT][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    store_row_state(state_s, tid, row_max, row_sum);
   }
 
   // one key tile of `peer`; (next, next_tile) is the tile after it (next == S: none)
@@ -94,9 +130,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     {
       const int row0 = p.kv_offsets[peer] + tile * BN;
       // an unmasked tile lies inside the keys: all BN rows valid
-      load_tile_async<BN, D, T, true, !kMasked>(v_tile, v_base + row0 * p.v_strides[2],
-                                                p.v_strides[2], limit_s[peer] - tile * BN,
-                                                p.value_dim, static_cast<const T*>(p.v));
+      load_tile_async<BN, D, T, true, !kMasked, true>(
+          v_tile, static_cast<const T*>(blk_s->v) + row0 * p.v_strides[2], p.v_strides[2],
+          limit_s[peer] - tile * BN, p.value_dim, static_cast<const T*>(p.v));
       cp_async_commit();
     }
     gemm_nt_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
@@ -110,8 +146,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // scores in the log2 domain; lengths and the causal diagonal on the masked tiles only
     if constexpr (kMasked) {
       const int key0 = tile * BN, limit = limit_s[peer];
-      const bool causal_pair = p.causal && peer == s;
-      const int diag = causal_offset(p, s);
+      const int bs = blk_s->s, row0 = blk_s->q_row0;
+      const bool causal_pair = p.causal && peer == bs;
+      const int diag = causal_offset(p, bs);
+      const int warp_row = warp * 32 + (lane >> 2), t2 = (lane & 3) * 2;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -119,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int j = key0 + nt * 8 + t2 + (e & 1);
-            const int i = q_row0 + warp * 32 + 16 * mt + g + 8 * (e >> 1);
+            const int i = row0 + warp_row + 16 * mt + 8 * (e >> 1);
             const bool masked = j >= limit || (causal_pair && j > i + diag);
             if (masked) sc[mt][nt][e] = -INFINITY;
           }
@@ -131,6 +169,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // end): with c = scale * log2(e) > 0 (the launcher sends other scales to forward_kernel),
     // max(c S) = c max(S) and P = exp2(c S - c max) is one fma and one ex2 per score
     const float c = p.scale_log2;
+    float row_max[MT][2], row_sum[MT][2];
+    load_row_state(state_s, tid, row_max, row_sum);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -163,20 +203,23 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     uint32_t pf[MT][BN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) pack_a<BN, T>(pf[mt], sc[mt]);
+    store_row_state(state_s, tid, row_max, row_sum);
     gemm_rs_rows<MT, BN, D, D, T>(acc, pf, v_tile, lane);
   };
 
   int peer = next_peer(0);
   if (peer < S) {
-    load_tile_async<BM, D>(q_tile, q_base + q_first * p.q_strides[2], p.q_strides[2],
-                           q_len - q_row0, p.head_dim, static_cast<const T*>(p.q));
+    load_tile_async<BM, D, T, true, false, true>(q_tile, q_base + q_first * p.q_strides[2],
+                                                 p.q_strides[2], q_len - q_row0, p.head_dim,
+                                                 static_cast<const T*>(p.q));
     load_k(peer, 0);
     cp_async_commit();
   }
   while (peer < S) {
     const int ntiles = ntiles_s[peer];
-    const int unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == s, q_row0,
-                                            causal_offset(p, s), BN);
+    const int bs = blk_s->s, row0 = blk_s->q_row0;
+    const int unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == bs,
+                                            row0, causal_offset(p, bs), BN);
     const int following = next_peer(peer + 1);
     int tile = 0;
     for (; tile < unmasked; ++tile) {  // the main loop: tiles inside the keys, below the diagonal
@@ -192,16 +235,20 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
 
   // out = acc / l, lse (natural log)
   T* out = static_cast<T*>(p.out);
+  const int e_row0 = blk_s->q_row0, e_len = blk_s->q_len;
+  const int64_t e_out0 = blk_s->out_row0;
+  const int warp_row = warp * 32 + (lane >> 2), t2 = (lane & 3) * 2;
+  float row_max[MT][2], row_sum[MT][2];
+  load_row_state(state_s, tid, row_max, row_sum);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float total = quad_sum(row_sum[mt][r]);
       const float inv = total > 0.f ? 1.f / total : 0.f;
-      const int local_row = warp * 32 + 16 * mt + g + 8 * r;
-      if (q_row0 + local_row >= q_len) continue;
-      const int64_t row_index =
-          (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first + local_row;
+      const int local_row = warp_row + 16 * mt + 8 * r;
+      if (e_row0 + local_row >= e_len) continue;
+      const int64_t row_index = e_out0 + local_row;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
         const int col = dt * 8 + t2;

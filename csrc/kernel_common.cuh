@@ -131,13 +131,54 @@ struct TileCopy {
   __host__ __device__ static constexpr int col(int tid) { return (tid % kChunks) * 8; }
 };
 
+// p += elements as a volatile asm statement, which nvcc keeps after the cp.async before it: one
+// stepped source pointer live through a tile copy instead of all of its precomputed addresses
+// (the plain forward: its 255 registers leave none to spare). The asm adds bytes.
+template <typename T>
+__device__ __forceinline__ void step_pointer(const T*& p, int64_t elements) {
+  const int64_t bytes = elements * static_cast<int64_t>(sizeof(T));
+  asm volatile("add.s64 %0, %0, %1;\n" : "+l"(p) : "l"(bytes));
+}
+
+// The plain forward's copy of a tile whose rows the 128 threads do not cover whole (D = 96: 12
+// chunks per row), in FlashAttention-2's hd96 layout: column blocks of 4 chunks (32 elements);
+// thread tid keeps chunk tid % 4 of every block and the rows tid / 4 + 32 i, so its copies are
+// one pointer stepped by 32 rows plus immediate block offsets, and the shared-memory offsets
+// the first one plus immediates (swizzle<96> XORs the chunk's low 2 bits with bits 1-2 of the
+// row, which 32 rows do not change): no division or modulo per chunk. (Host-callable:
+// tests/cuda/test_tile_copy.py checks the cover and offset() against swizzle<D>.)
+template <int ROWS, int D>
+struct TileCopyBlocks {
+  static constexpr int kBlockChunks = 4;
+  static constexpr int kBlocks = D / 8 / kBlockChunks;
+  static constexpr int kRowStep = kThreads / kBlockChunks;  // 32
+  static constexpr int kRounds = ROWS / kRowStep;
+  // only where TileCopy's whole rows do not apply, and within swizzle<D>'s groups of 4 chunks
+  static constexpr bool kApplies = kThreads % (D / 8) != 0 && (D / 8) % kBlockChunks == 0 &&
+                                   (D / 8) % 8 != 0 && ROWS % kRowStep == 0;
+  __host__ __device__ static constexpr int row(int tid, int round) {
+    return tid / kBlockChunks + round * kRowStep;
+  }
+  __host__ __device__ static constexpr int col(int tid, int block) {
+    return (tid % kBlockChunks) * 8 + block * kBlockChunks * 8;
+  }
+  // swizzle<D>(row(tid, round), col(tid, block)) as the kernel computes it
+  __host__ __device__ static int offset(int tid, int round, int block) {
+    return swizzle<D>(row(tid, 0), col(tid, 0)) + round * kRowStep * D + block * kBlockChunks * 8;
+  }
+};
+
 // Copy a ROWS x D tile (row stride `row_stride` elements) into swizzled shared memory; rows >=
 // valid_rows and columns >= valid_cols are zero-filled (never read). `safe` is any valid address.
 // Which thread copies which chunk does not matter to the readers: they read after
 // cp_async_wait + __syncthreads.
 // kStepped = false keeps the per-chunk loop (see dkdv_kernel: fewer spills there on sm_89).
 // kAllRows: the caller knows valid_rows >= ROWS (a tile inside the keys; no row test).
-template <int ROWS, int D, typename T, bool kStepped = true, bool kAllRows = false>
+// kOrdered (the plain forward, whose 255 registers leave none to spare): each pointer step is
+// issued after its copy, so one source pointer is live instead of kCopies precomputed ones, and
+// D = 96 copies in column blocks (TileCopyBlocks) instead of the per-chunk loop.
+template <int ROWS, int D, typename T, bool kStepped = true, bool kAllRows = false,
+          bool kOrdered = false>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t row_stride,
                                                 int valid_rows, int valid_cols, const T* safe) {
   using Copy = TileCopy<ROWS, D>;
@@ -148,10 +189,32 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t 
     const T* src = col_ok ? gmem + row0 * row_stride + col : safe;
     const int64_t step = col_ok ? Copy::kRowStep * row_stride : 0;
 #pragma unroll
-    for (int i = 0; i < Copy::kCopies; ++i, src += step) {
+    for (int i = 0; i < Copy::kCopies; ++i) {
       const int row = row0 + i * Copy::kRowStep;
       const bool row_ok = kAllRows || row < valid_rows;
       cp_async_16(tile + swizzle<D>(row, col), row_ok ? src : safe, col_ok && row_ok);
+      if constexpr (kOrdered) {  // stepped after the copy: one pointer live, not kCopies
+        step_pointer(src, step);
+      } else {
+        src += step;
+      }
+    }
+  } else if constexpr (kOrdered && TileCopyBlocks<ROWS, D>::kApplies) {
+    using Blocks = TileCopyBlocks<ROWS, D>;
+    const int tid = threadIdx.x, row0 = Blocks::row(tid, 0), col0 = Blocks::col(tid, 0);
+    const T* src = gmem + row0 * row_stride + col0;
+    const int64_t step = Blocks::kRowStep * row_stride;
+#pragma unroll
+    for (int round = 0; round < Blocks::kRounds; ++round) {
+      const bool row_ok = kAllRows || row0 + round * Blocks::kRowStep < valid_rows;
+#pragma unroll
+      for (int block = 0; block < Blocks::kBlocks; ++block) {
+        const int col = col0 + block * Blocks::kBlockChunks * 8;
+        const bool ok = row_ok && col < valid_cols;
+        cp_async_16(tile + Blocks::offset(tid, round, block),
+                    ok ? src + block * Blocks::kBlockChunks * 8 : safe, ok);
+      }
+      step_pointer(src, step);
     }
   } else {
     constexpr int kChunks = D / 8;

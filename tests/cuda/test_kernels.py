@@ -126,7 +126,7 @@ def test_scale_not_positive(dtype, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [32, 64, 96, 128])
 @pytest.mark.parametrize("L,M,kv_lengths", [(384, 448, None), (300, 520, None),
                                             (400, 400, [[333], [64]])])
 def test_unmasked_main_loops(dtype, E, L, M, kv_lengths):
@@ -148,6 +148,18 @@ def test_head_dims_160_192(dtype, E, Ev):
 # --- several streams ------------------------------------------------------------------------
 
 PEERS3 = [[True, True, False], [False, True, True], [True, False, True]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,Ev", [(32, 32), (96, 96), (80, 72), (128, 128)])
+def test_plain_forward_streams_gqa(dtype, E, Ev):
+    # the plain forward (forward_plain.cuh: 128 x 64 tiles, row state in shared memory, the K
+    # copy of a peer's first tile issued during the previous peer's last one, D = 96 copied in
+    # 32-column blocks; 80 / 72 run padded in the 96 kernel) over several full and partial key
+    # tiles per peer, 3 streams, GQA, kv_lengths, causal self pairs or not
+    for is_causal in (False, True):
+        check_peer(dtype, q_lens=[300, 129, 1], kv_lens=[200, 333, 64], Hq=4, H=2, E=E, Ev=Ev,
+                   peers=PEERS3, is_causal=is_causal, kv_lengths=[[200, 333, 64], [77, 0, 40]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
