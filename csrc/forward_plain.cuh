@@ -47,6 +47,34 @@ __device__ __forceinline__ void store_row_state(float4* state, int tid,
   state[kThreads + tid] = make_float4(row_sum[0][0], row_sum[0][1], row_sum[1][0], row_sum[1][1]);
 }
 
+// S (MT row tiles of 16 x BN) = Q K^T for the warp's rows q_row (its first) of the 128-byte
+// aligned q_tile, each K fragment loaded once for the MT row tiles: gemm_nt_rows with the Q
+// fragments addressed by LdsmOffsets::at_aligned, without the add of the shared-memory base
+// per ldmatrix that ptxas emits on sm_90+ (sm_90a: 3.95 instead of 4.11 instructions per HMMA
+// in the main loop at D = 128). Used on sm_90+ only (see the call).
+template <int MT, int BN, int D, typename T>
+__device__ __forceinline__ void qk_rows(float (&sc)[MT][BN / 8][4], const T* q_tile, int q_row,
+                                        const T* k_tile, int lane) {
+  using Off = LdsmOffsets<D>;
+  const uint32_t q_lane = smem_address(q_tile) + static_cast<uint32_t>(Off::a(lane) + q_row * 2 * D);
+#pragma unroll
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], Off::at_aligned(q_lane, 16 * mt, k0));
+#pragma unroll
+    for (int n0 = 0; n0 < BN; n0 += 16) {
+      uint32_t b[4];
+      load_b_from_nk<D>(b, k_tile, n0, k0, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        DTypeOps<T>::mma(sc[mt][n0 / 8], a[mt], b[0], b[1]);
+        DTypeOps<T>::mma(sc[mt][n0 / 8 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 template <int D>
 struct ForwardPlainConfig {
   static_assert(D <= 128, "head dims above 128 run in forward_kernel");
@@ -66,7 +94,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   using Ops = DTypeOps<T>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kRowTiles;
   static_assert(MT == 2, "load_row_state / store_row_state hold 2 row tiles");
-  extern __shared__ __align__(16) unsigned char smem[];
+  // 128-byte aligned: qk_rows XORs the swizzle into shared-memory addresses (at_aligned)
+  extern __shared__ __align__(128) unsigned char smem[];
   T* q_tile = reinterpret_cast<T*>(smem);  // BM x D
   T* k_tile = q_tile + BM * D;             // BN x D
   T* v_tile = k_tile + BN * D;             // BN x D
@@ -135,7 +164,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
           limit_s[peer] - tile * BN, p.value_dim, static_cast<const T*>(p.v));
       cp_async_commit();
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    qk_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
+#else  // sm_80-89: ptxas adds no base there; qk_rows made it spill (12 B at D = 128)
     gemm_nt_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
+#endif
     cp_async_wait<0>();
     __syncthreads();  // V(tile) landed; every warp is done with K(tile)
     if (next < S) {

@@ -75,6 +75,12 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(smem_address(p)));
 }
 
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t shared_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address));
+}
+
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -259,6 +265,15 @@ struct LdsmOffsets {
   __host__ __device__ static constexpr int at(int lane_part, int row, int k) {
     return (lane_part ^ (((k >> 3) & (kGroup - 1)) << 4)) + row * 2 * D +
            ((k >> 3) & ~(kGroup - 1)) * 16;
+  }
+  // The same on a shared-memory address: `lane_address` = the tile's address + a lane part + a
+  // row base that is a multiple of 16 rows, with the tile 128-byte aligned, so that the XOR
+  // (bits 4-6) can act on the address itself: base + (x ^ c) = (base + x) ^ c when the base's
+  // low 7 bits are 0. Saves the add of the shared-memory base per ldmatrix that ptxas emits on
+  // sm_90+ (the plain forward's Q fragments); tests/cuda/test_forward_plain.py checks it.
+  __host__ __device__ static constexpr uint32_t at_aligned(uint32_t lane_address, int row, int k) {
+    return (lane_address ^ static_cast<uint32_t>(((k >> 3) & (kGroup - 1)) << 4)) +
+           static_cast<uint32_t>(row * 2 * D + ((k >> 3) & ~(kGroup - 1)) * 16);
   }
 };
 

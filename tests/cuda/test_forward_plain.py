@@ -2,7 +2,8 @@
 query rows per warp), checked without a GPU:
 
 - its index math, compiled from the kernel headers as a host program with nvcc: the ldmatrix
-  byte offsets (LdsmOffsets, one XOR per k step) equal the swizzled element offsets that
+  byte offsets (LdsmOffsets, one XOR per k step; at_aligned, the XOR on a 128-byte aligned
+  shared-memory address) equal the swizzled element offsets that
   load_a / load_b_from_nk / load_b_from_kn use, for every lane, row base and k step; the 128-row
   Q tile copy covers every chunk once; unmasked_key_tiles (forward, dQ) and
   first_unmasked_query_tile (dK/dV) never leave a score unmasked that the per-element mask (kv
@@ -55,6 +56,26 @@ template <int D> int check_offsets(int rows) {
         bad += Off::at(Off::b_kn(lane), row, k) != 2 * b_kn_generic<D>(lane, row, k);
       }
   std::printf("offsets %d %d\n", D, bad);
+  return bad != 0;
+}
+
+// LdsmOffsets::at_aligned (the plain forward's Q fragments on sm_90+, qk_rows): on a 128-byte
+// aligned tile address, the kernel's ldmatrix address equals the tile address plus the swizzled
+// offset, for every lane, warp row base, row tile and k step (bases as on sm_80 and sm_90)
+template <int D> int check_aligned() {
+  using Off = LdsmOffsets<D>;
+  const uint32_t bases[] = {0u, 128u, 0x400u, 0x400u + (5u << 24), 0x8000u + 0x400u};
+  int bad = 0;
+  for (uint32_t base : bases)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int q_row = 0; q_row < 128; q_row += 32)
+        for (int mt = 0; mt < 2; ++mt)
+          for (int k = 0; k < D; k += 16) {
+            const uint32_t q_lane = base + static_cast<uint32_t>(Off::a(lane) + q_row * 2 * D);
+            bad += Off::at_aligned(q_lane, 16 * mt, k) !=
+                   base + static_cast<uint32_t>(2 * a_generic<D>(lane, q_row + 16 * mt, k));
+          }
+  std::printf("aligned %d %d\n", D, bad);
   return bad != 0;
 }
 
@@ -161,6 +182,8 @@ int main() {
             check_banks<160>() + check_banks<192>() + check_banks<256>();
   failed += check_copy<128, 32>() + check_copy<128, 64>() + check_copy<128, 128>() +
             check_copy<128, 96>();
+  failed += check_aligned<32>() + check_aligned<64>() + check_aligned<96>() +
+            check_aligned<128>();
   failed += check_tiles() + check_query_tiles();
   return failed;
 }
@@ -179,6 +202,7 @@ def test_index_math_on_the_host(tmp_path):
     lines = done.stdout.split("\n")
     assert all(f"offsets {d} 0" in lines for d in (32, 64, 96, 128, 160, 192, 256)), done.stdout
     assert all(f"copy 128 {d} 0" in lines for d in (32, 64, 96, 128))
+    assert all(f"aligned {d} 0" in lines for d in (32, 64, 96, 128)), done.stdout
     # no ldmatrix bank conflicts at any kernel head dim (32 and 96 had 2-way ones)
     assert all(f"banks {d} 1" in lines for d in (32, 64, 96, 128, 160, 192, 256)), \
         done.stdout
