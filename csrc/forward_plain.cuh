@@ -81,10 +81,15 @@ struct ForwardPlainConfig {
   static constexpr int kRowTiles = 2;               // m16 row tiles per warp (row state: 2 x 2)
   static constexpr int kBlockM = kWarps * 16 * kRowTiles;  // 128
   static constexpr int kBlockN = 64;
+  // the running max and sum in shared memory (load_row_state) where registers run out: D = 128
+  // (in registers it spilled 156-312 B on every architecture); below, registers (4 KB more shared
+  // memory would cost D = 96 its second block per SM on sm_86/89/120)
+  static constexpr bool kRowStateInSmem = D > 96;
+  static constexpr int kRowStateBytes = kRowStateInSmem ? 2 * kThreads * sizeof(float4) : 0;
   template <typename T>
   static constexpr int smem_bytes() {
-    return (kBlockM * D + 2 * kBlockN * D) * sizeof(T) + 2 * kThreads * sizeof(float4) +
-           sizeof(PlainBlock) + 2 * kMaxStreams * sizeof(int);
+    return (kBlockM * D + 2 * kBlockN * D) * sizeof(T) + kRowStateBytes + sizeof(PlainBlock) +
+           2 * kMaxStreams * sizeof(int);
   }
 };
 
@@ -99,8 +104,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   T* q_tile = reinterpret_cast<T*>(smem);  // BM x D
   T* k_tile = q_tile + BM * D;             // BN x D
   T* v_tile = k_tile + BN * D;             // BN x D
-  float4* state_s = reinterpret_cast<float4*>(v_tile + BN * D);  // per thread: row max, row sum
-  PlainBlock* blk_s = reinterpret_cast<PlainBlock*>(state_s + 2 * kThreads);
+  // per thread: row max, row sum (kRowStateInSmem; else nothing)
+  float4* state_s = reinterpret_cast<float4*>(v_tile + BN * D);
+  PlainBlock* blk_s = reinterpret_cast<PlainBlock*>(reinterpret_cast<unsigned char*>(state_s) +
+                                                    Cfg::kRowStateBytes);
   int* limit_s = reinterpret_cast<int*>(blk_s + 1);  // keys per stream for this batch entry
   int* ntiles_s = limit_s + kMaxStreams;             // key tiles this block visits per peer
 
@@ -142,11 +149,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   float acc[MT][D / 8][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) zero(acc[mt]);
-  {
-    const float row_max[MT][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
-    const float row_sum[MT][2] = {{0.f, 0.f}, {0.f, 0.f}};
-    store_row_state(state_s, tid, row_max, row_sum);
-  }
+  float row_max[MT][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+  float row_sum[MT][2] = {{0.f, 0.f}, {0.f, 0.f}};
+  if constexpr (Cfg::kRowStateInSmem) store_row_state(state_s, tid, row_max, row_sum);
 
   // one key tile of `peer`; (next, next_tile) is the tile after it (next == S: none)
   auto step = [&](auto masked_step, int peer, int tile, int next, int next_tile) {
@@ -202,8 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // end): with c = scale * log2(e) > 0 (the launcher sends other scales to forward_kernel),
     // max(c S) = c max(S) and P = exp2(c S - c max) is one fma and one ex2 per score
     const float c = p.scale_log2;
-    float row_max[MT][2], row_sum[MT][2];
-    load_row_state(state_s, tid, row_max, row_sum);
+    if constexpr (Cfg::kRowStateInSmem) load_row_state(state_s, tid, row_max, row_sum);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -236,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     uint32_t pf[MT][BN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) pack_a<BN, T>(pf[mt], sc[mt]);
-    store_row_state(state_s, tid, row_max, row_sum);
+    if constexpr (Cfg::kRowStateInSmem) store_row_state(state_s, tid, row_max, row_sum);
     gemm_rs_rows<MT, BN, D, D, T>(acc, pf, v_tile, lane);
   };
 
@@ -271,8 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   const int e_row0 = blk_s->q_row0, e_len = blk_s->q_len;
   const int64_t e_out0 = blk_s->out_row0;
   const int warp_row = warp * 32 + (lane >> 2), t2 = (lane & 3) * 2;
-  float row_max[MT][2], row_sum[MT][2];
-  load_row_state(state_s, tid, row_max, row_sum);
+  if constexpr (Cfg::kRowStateInSmem) load_row_state(state_s, tid, row_max, row_sum);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
