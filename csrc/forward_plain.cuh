@@ -16,13 +16,22 @@
 // sums; rows that see no key give 0 and lse = -inf) with the running max kept on the raw
 // scores and the scale folded into the exponent, as FlashAttention-2 does: this needs
 // scale > 0 (launch.h sends other scales to forward_kernel).
+//
+// Register budget: at D = 128 acc (128 registers), S (64) and the ldmatrix fragments ptxas keeps
+// in flight during Q K^T fill the 255, and any other value the loop carries spilled (156-312 B,
+// 9-11 LDL+STL per tile). So the block's rarely used values (PlainBlock) and, at D = 128, the
+// running max and sum (load_row_state) live in shared memory; the tile copies step one pointer
+// after each cp.async (load_tile_async's kOrdered), D = 96 in 32-column blocks; on sm_90+ the Q
+// fragments are addressed without a per-ldmatrix base add (qk_rows). No spill at D <= 128 on
+// sm_80 to sm_120 (docs/cuda.md, compile report); ptxas's allocation at 255 is chaotic: rerun
+// `python -m peer_attention.cuda_compile_report` after any change here.
 #pragma once
 #include "kernel_common.cuh"
 
 namespace peer_attention {
 
 // Values of the block that the main loop needs rarely (once per tile or after the loop), kept in
-// shared memory rather than in registers (see the register budget above).
+// shared memory rather than in registers (the register budget above).
 struct PlainBlock {
   const void* k;     // K and V of this block's batch entry and key head
   const void* v;
