@@ -194,16 +194,21 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t 
     // a column past valid_cols reads nothing: its pointer stays at `safe`, not stepped
     const T* src = col_ok ? gmem + row0 * row_stride + col : safe;
     const int64_t step = col_ok ? Copy::kRowStep * row_stride : 0;
+    if constexpr (kOrdered) {  // stepped after each copy: one pointer live, not kCopies
 #pragma unroll
-    for (int i = 0; i < Copy::kCopies; ++i) {
+      for (int i = 0; i < Copy::kCopies; ++i) {
+        const int row = row0 + i * Copy::kRowStep;
+        const bool row_ok = kAllRows || row < valid_rows;
+        cp_async_16(tile + swizzle<D>(row, col), row_ok ? src : safe, col_ok && row_ok);
+        step_pointer(src, step);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < Copy::kCopies; ++i, src += step) {
       const int row = row0 + i * Copy::kRowStep;
       const bool row_ok = kAllRows || row < valid_rows;
       cp_async_16(tile + swizzle<D>(row, col), row_ok ? src : safe, col_ok && row_ok);
-      if constexpr (kOrdered) {  // stepped after the copy: one pointer live, not kCopies
-        step_pointer(src, step);
-      } else {
-        src += step;
-      }
     }
   } else if constexpr (kOrdered && TileCopyBlocks<ROWS, D>::kApplies) {
     using Blocks = TileCopyBlocks<ROWS, D>;
