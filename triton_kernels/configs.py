@@ -80,15 +80,15 @@ _HOPPER = {
     # not (wgmma on sm_90, tcgen05 on sm_100, mma.sync elsewhere) where 32 x 32 was left
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
            (64, 32, 4, 2)] + _SMALL,
-    # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
-    # select() takes 16 x 128 there and 64 x 64 at smaller head dims. No tile of 64-128 queries
-    # keeps wgmma without spilling at head dim 128 (docs/triton_compile_report.md: 64 x 32 and
-    # 64 x 16 fall to mma.sync, 16 warps spill at 128 registers); 32 x 64 with 8 warps does
-    # (wgmma, 203 registers), autotune's alternative to 16 x 128 and the first that does not
-    # spill gated or in peer mode; with a float mask 64 x 32 with 8 warps (mma.sync, 250
-    # registers) where 32 x 32 with one stage was left
-    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2),
-             (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
+    # dK/dV: keys are wgmma's M (S^T = K Q^T), queries its N. 64 queries x 128 keys (two
+    # warpgroups of 64 keys, the FlashAttention-3 tile) keeps every product on wgmma without
+    # spilling up to head dim 64; at head dim 128 dK and dV alone hold 128 fp32 registers a thread
+    # and it spills (88-1000 B), so 32 x 128 (N = 32) without spills where 16 x 128 (N = 16)
+    # ran before, then 64 x 64 (whose 64-key S^T both warpgroups compute) and 16 x 128; gated,
+    # peer mode 32 x 64 with 8 warps, a float mask 64 x 32 with 8 warps (mma.sync)
+    # (docs/triton_compile_report.md)
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2),
+             (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
@@ -117,7 +117,11 @@ CANDIDATES = {
 CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
     "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
             (64, 32, 8, 2)] + _SMALL,
-    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)] + _SMALL,
+    # sm_120's ptxas spills every 64-row tile of the gated / peer-mode forward at head dim 128
+    # (160-740 B); 32 x 128 and 32 x 64 with 8 warps do not (203-224 registers), where 32 x 32
+    # with 4 warps was left
+    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+                    (32, 128, 8, 2), (32, 64, 8, 2)] + _SMALL,
     "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
     # ptxas for sm_86/89 spills 64 x 64 x 2 stages at head dim 128 where sm_80's and sm_120's do
     # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not; with a float mask every larger
