@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import device_limits, split_dkdv, tuned
+from .configs import tuned
 from .launch import (common_args, head_dims, kernel_flags, meta, num_row_tiles, strides,
                      tune_len_of, use_tma)
 from .tiles import (LOG2E, attended_peer, attended_peers, dropout_keep, find_tile, key_stages,
@@ -64,11 +64,6 @@ def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIA
 # every config writes every slot any config writes: triton.autotune runs all candidates on the
 # same buffers, and nothing a config with smaller tiles left there may survive into the result.
 PART_ROWS = tl.constexpr(min(TILE_SIZES))
-
-
-# The dK/dV kernel's PARTS flag: which of the two gradients a launch computes (split_dkdv); the
-# kernel tests PARTS != DK_PART (dV wanted) and PARTS != DV_PART (dK wanted)
-DV_PART, DK_PART, BOTH_PARTS = 1, 2, 3
 
 
 def partial_slots(problem) -> int:
@@ -399,8 +394,8 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
                 m_hi, q_start, q_len, offs_n, col0, key_ok, bh, pair, lse_shift, mask_head,
                 row_strides, rng, scales, sizes,
                 F: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-                PARTS: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
     rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly. pair:
     (kv_start, kv_end, self_pair, off, left, right, alibi2); row_strides: (stride_qt,
@@ -459,11 +454,9 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
         else:  # the full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
             dp_t = mma(v, tl.trans(do), F.F32_DOT,
                        tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
-        if PARTS != 2:  # (not DK_PART alone)
-            dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
-        if PARTS != 1:  # (not DV_PART alone; dP^T, Delta, V: dead code in a dV-only kernel)
-            ds_t = probs_t * dp_t * dcap
-            dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
+        dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
+        ds_t = probs_t * dp_t * dcap
+        dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
     return dk, dv
 
 
@@ -472,11 +465,10 @@ def _bwd_dkdv(
     Q, K, V, DOut, Lse, Delta, DK, DV, tables, optional, rng, scales, scale,
     q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides,
     opt_strides, sizes, TUNE_LEN,
-    F: tl.constexpr, USE_TMA: tl.constexpr, PARTS: tl.constexpr,
+    F: tl.constexpr, USE_TMA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The arguments' bundles: see launch.py (F: launch.Flags). PARTS: which gradients
-    (DV_PART | DK_PART; split_dkdv)."""
+    """The arguments' bundles: see launch.py (F: launch.Flags)."""
     QOff, KVOff, TileOff, SrcStart, SrcList = tables
     Gate, Bias, KVLen, Mask, Alibi, Sinks = optional
     stride_qb, stride_qh, stride_qt, stride_qe = q_strides
@@ -577,19 +569,16 @@ def _bwd_dkdv(
                         dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
                         Delta + stats_off, bounds[stage], bounds[stage + 1], q_start, q_len,
                         offs_n, keys0, key_ok, bh, pair, bias2, mask_head, row_strides, rng,
-                        scales, sizes, F, stage != 1, USE_TMA, PARTS, E_PAD, EV_PAD, BLOCK_M,
-                        BLOCK_N)
+                        scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
 
     out_rows = offs_n < kv_len
-    if PARTS != 1:
-        tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-                 + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
-                 to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
-                 mask=out_rows[:, None] & (offs_e[None, :] < E))
-    if PARTS != 2:
-        tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-                 + key0 * stride_dvt + tile_n[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
-                 to_io(dv, DV.dtype.element_ty, F.BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
+    tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
+             + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
+             to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
+             mask=out_rows[:, None] & (offs_e[None, :] < E))
+    tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
+             + key0 * stride_dvt + tile_n[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
+             to_io(dv, DV.dtype.element_ty, F.BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
@@ -628,11 +617,10 @@ def gradient_buffers(problem, needs_grad):
     return dict(dq=dq, dk=dk, dv=dv, dmask=dmask, dgate_part=dgate_part, dbias_part=dbias_part)
 
 
-def backward_launches(problem, grad_out, out, lse, needs_grad, bufs, arch=None):
+def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
     """[(name, kernel, args, kwargs, grid)] of the backward, in launch order, assembled from
     launch.py's bundles: shared by backward() and the compile report (compile_check). Leaves
-    Delta in bufs["delta"]. arch: the device's compute capability (split_dkdv; None: the
-    interpreter)."""
+    Delta in bufs["delta"]."""
     q = problem.q
     need_q, need_k, need_v, need_gate, need_bias, need_mask, need_sinks = _wanted(problem,
                                                                                   needs_grad)
@@ -673,16 +661,13 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs, arch=None):
             strides(dbias_part, 5), strides(dmask, 4), rows.opt_strides, rows.sizes, tune),
             dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask), row_grid))
     if need_k or need_v:
-        # the dK/dV kernel's own fp32 product precision (IEEE above head dim 128)
-        dkdv_flags = dict(flags, F=flags["F"]._replace(F32_DOT=f32_dot(
-            q.dtype, flags["E_PAD"], flags["EV_PAD"], "dkdv")))
-        split = split_dkdv(arch, q.element_size(), flags["E_PAD"], flags["EV_PAD"])
-        for parts in (DV_PART, DK_PART) if split else (BOTH_PARTS,):
-            launches.append(("dkdv", _bwd_dkdv, (
-                q, problem.k, problem.v, grad_out, lse, delta, dk, dv, *keys[:4], problem.scale,
-                *shared, do_strides, rows.lse_strides, strides(dk, 4), strides(dv, 4),
-                rows.opt_strides, rows.sizes, tune), dict(dkdv_flags, PARTS=parts),
-                key_grid))
+        launches.append(("dkdv", _bwd_dkdv, (
+            q, problem.k, problem.v, grad_out, lse, delta, dk, dv, *keys[:4], problem.scale,
+            *shared, do_strides, rows.lse_strides, strides(dk, 4), strides(dv, 4),
+            rows.opt_strides, rows.sizes, tune),
+            # the dK/dV kernel's own fp32 product precision (IEEE above head dim 128)
+            dict(flags, F=flags["F"]._replace(F32_DOT=f32_dot(
+                q.dtype, flags["E_PAD"], flags["EV_PAD"], "dkdv"))), key_grid))
     return launches
 
 
@@ -704,8 +689,7 @@ def backward(problem, grad_out, out, lse, needs_grad):
     delta = torch.zeros_like(lse)
     if q.shape[2] > 0 and q.shape[0] * q.shape[1] > 0:
         with launch_device(q):
-            arch = device_limits(q.device.index or 0)[0] if q.is_cuda else None
-            launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs, arch)
+            launches = backward_launches(problem, grad_out, out, lse, needs_grad, bufs)
             if k.shape[2] == 0:  # no keys: only Delta (for the sink gradient) has work to do
                 launches = launches[:1]
             for name, _, args, kwargs, grid in launches:

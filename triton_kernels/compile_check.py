@@ -278,34 +278,21 @@ def check_task(task, autotune_off=False):
     compile, select as the pruner does (configs.select), and say what is wrong: a compile
     failure, nothing that fits where NO_FIT does not decline it, or a kept config that spills in
     a 16-bit kernel at head dim <= 128."""
+    from .configs import NO_FIT, make_config, candidates, select
+
     arch, family, dtype_name, dim, kernel = task
     problem = family_problem(family, dtype_name, dim)
     launch = [x for x in kernel_launches(problem, kernel != "fwd", arch) if x[0] == kernel]
     result = dict(arch=arch, family=family, dtype=dtype_name, dim=dim, kernel=kernel, rows=[],
                   kept=[], failures=[])
-    for _, fn, args, kwargs in launch:  # (dK/dV: two launches where split_dkdv)
-        _check_launch(result, arch, problem, kernel, fn, args, kwargs, autotune_off,
-                      part=_part_name(kwargs) if len(launch) > 1 else "")
-    return result
-
-
-def _part_name(kwargs):
-    from .bwd import DK_PART, DV_PART
-
-    return {DV_PART: "dV: ", DK_PART: "dK: "}.get(kwargs.get("PARTS"), "")
-
-
-def _check_launch(result, arch, problem, kernel, fn, args, kwargs, autotune_off, part=""):
-    """check_task for one launch, into `result` (config names prefixed with `part`)."""
-    from .configs import NO_FIT, make_config, candidates, select
-
-    family, dtype_name, dim = result["family"], result["dtype"], result["dim"]
+    if not launch:
+        return result
+    _, fn, args, kwargs = launch[0]
     kind = kernel_kind(kernel, problem)
     sixteen_bit = dtype_name != "fp32"
-    first_row = len(result["rows"])
 
     def measure(config):
-        row = dict(config=part + _config_name(config))
+        row = dict(config=_config_name(config))
         try:
             row.update(analyse(faithful_compile(fn, args, kwargs, config, arch), arch,
                                loops=False, use_ptxas=sixteen_bit))
@@ -322,27 +309,26 @@ def _check_launch(result, arch, problem, kernel, fn, args, kwargs, autotune_off,
     # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
                             shortcut=autotune_off)
-    kept_names = [part + _config_name(c) for c in kept]
-    result["kept"] += kept_names
-    rows = result["rows"][first_row:]
-    smallest = rows[-1] if not autotune_off and rows else None
+    result["kept"] = [_config_name(c) for c in kept]
+    smallest = result["rows"][-1] if not autotune_off and result["rows"] else None
     if smallest and not smallest["fits"] and kept:
         result["failures"].append(f"the smallest candidate {smallest['config']} does not fit but "
-                                  f"{kept_names[0]} does (select's shortcut is wrong)")
+                                  f"{result['kept'][0]} does (select's shortcut is wrong)")
     declined = NO_FIT.get(arch, {}).get((kind, str(DTYPES[dtype_name])[6:], dim))
-    what = f"sm{arch} {kernel} {part}{family} {dtype_name} hd{dim}"
+    what = f"sm{arch} {kernel} {family} {dtype_name} hd{dim}"
     if not kept and not declined:
         result["failures"].append(f"{what}: no config fits and NO_FIT does not decline it: "
                                   + "; ".join(f"{_config_name(c)}: {r}"
                                               for c, r in rejected.items()))
     if kept and declined:  # NO_FIT is per (kind, dtype, head dim): the worst family decides
-        result["notes"] = [f"{what}: declined by NO_FIT, though {kept_names[0]} fits"]
+        result["notes"] = [f"{what}: declined by NO_FIT, though {result['kept'][0]} fits"]
     if sixteen_bit and dim <= 128:
-        by_name = {r["config"]: r for r in rows}
-        for name in kept_names:
+        by_name = {r["config"]: r for r in result["rows"]}
+        for name in result["kept"]:
             if by_name[name].get("spill_bytes", 0) > 0:
                 result["failures"].append(f"{what}: kept {name} spills "
                                           f"{by_name[name]['spill_bytes']} B")
+    return result
 
 
 def kernel_launches(problem, with_backward, arch=90):
@@ -364,7 +350,7 @@ def kernel_launches(problem, with_backward, arch=90):
         needs = [True, True, True, problem.gate is not None, problem.bias is not None, False, False]
         bufs = bwd.gradient_buffers(problem, needs)
         for name, fn, args, kwargs, _ in bwd.backward_launches(problem, out.clone(), out, lse,
-                                                               needs, bufs, arch):
+                                                               needs, bufs):
             kwargs["USE_TMA"] = arch >= 90 and tma_ok(problem.q, problem.k, problem.v, out)
             launches.append((f"bwd_{name}", fn, args, kwargs))
     return launches

@@ -145,16 +145,6 @@ FP32_MAX_TILE = {256: 32 * 32}
 FP32_WIDE_DKDV = [(16, 16, 4, 1)]
 
 
-def split_dkdv(arch: Optional[int], element_size: int, e_pad: int, ev_pad: int) -> bool:
-    """Whether the dK/dV kernel runs as two launches, dV then dK (bwd.DV_PART, DK_PART): on
-    sm_100 above head dim 128 in 16-bit, where dK and dV alone take tcgen05's 512 tensor-memory
-    columns (so one kernel runs on mma.sync), and each part alone fits with its score tiles.
-    The dV launch recomputes S^T once more (a fifth product of the four); the rest is the same
-    code. arch None (the interpreter): one launch."""
-    return (arch is not None and table_arch(arch) == 100 and element_size == 2
-            and max(e_pad, ev_pad) > 128)
-
-
 def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):
     listed = CANDIDATES[table_arch(arch)][kind]
     if element_size == 4:
