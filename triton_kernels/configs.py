@@ -83,10 +83,10 @@ _HOPPER = {
     # dK/dV: keys are wgmma's M (S^T = K Q^T), queries its N. 64 queries x 128 keys (two
     # warpgroups of 64 keys, the FlashAttention-3 tile) keeps every product on wgmma without
     # spilling up to head dim 64; at head dim 128 dK and dV alone hold 128 fp32 registers a thread
-    # and it spills (88-1000 B), so 32 x 128 (N = 32) without spills where 16 x 128 (N = 16)
-    # ran before, then 64 x 64 (whose 64-key S^T both warpgroups compute) and 16 x 128; gated,
-    # peer mode 32 x 64 with 8 warps, a float mask 64 x 32 with 8 warps (mma.sync)
-    # (docs/triton_compile_report.md)
+    # and it spills (132-2316 B), so 32 x 128 (N = 32; plain attention) where 16 x 128 (N = 16)
+    # ran before, then 64 x 64 (whose 64-key S^T both warpgroups compute) and 16 x 128 (causal,
+    # variants); gated and peer mode 32 x 64 with 8 warps, a float mask 64 x 32 with 8 warps
+    # (mma.sync) (docs/triton_compile_report.md, third pass)
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2),
              (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
