@@ -137,12 +137,13 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 # shared memory or spill heavily (docs/triton_compile_report.md), and at head dim 256 a single
 # fp32 compile takes ptxas minutes, so trying them only costs time.
 FP32_MAX_TILE = {256: 32 * 32}
-# fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, one stage, fits
-# every architecture and family (at most 81,920 B); ptxas spills 0-240 B plain or with a float
-# mask, 12-20 KB gated or peer on sm_80/86 (none on sm_120). Measured and left
-# out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
+# fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, two stages, fits
+# every architecture and family (at most 99,464 B, sm_90/100/120 with a float mask); ptxas
+# spills 0-120 B plain, causal, variants or with a float mask, 3.9-5.3 KB gated or peer on
+# sm_80/86/89 (one stage: 0-240 B and 12-20 KB); one stage (at most 81,920 B) after it. Measured
+# and left out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
 # (114,688 B through TMA) nor sm_86/89 with a float mask (102,400 B); 32 x 32 spills 76-118 KB.
-FP32_WIDE_DKDV = [(16, 16, 4, 1)]
+FP32_WIDE_DKDV = [(16, 16, 4, 2), (16, 16, 4, 1)]
 
 
 def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):
