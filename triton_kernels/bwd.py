@@ -429,24 +429,33 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
                          other=0.0)
         if F.HAS_GATE:
             do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, F.BF16_RTNE)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
+        if MASKED:
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
+            delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        else:  # a full tile: every row exists (no per-row predicates held in registers)
+            lse = tl.load(lse_ptr + q_start + m_start + tile_m)
+            delta = tl.load(delta_ptr + q_start + m_start + tile_m)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E) - lse_shift
-        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         probs_t, dcap = probs_from_lse(
             mma(k, tl.trans(q), F.F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
             self_pair, off, left, right, kv_end, alibi2, scale_log2, softcap_scale,
             mask_head + row0 * stride_mq + tile_m[None, :] * stride_mq
             + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
             row_ok[None, :] & key_ok[:, None], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
-        dp_t = mma(v, tl.trans(do), F.F32_DOT)
         kept_t = probs_t
-        if F.HAS_DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
-                                           BLOCK_M, BLOCK_N))
-            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
-            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        if MASKED or F.HAS_DROPOUT:
+            dp_t = mma(v, tl.trans(do), F.F32_DOT)
+            if F.HAS_DROPOUT:
+                keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk,
+                                               dropout_p, BLOCK_M, BLOCK_N))
+                kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
+                dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+            dp_t -= delta[None, :]
+        else:  # the full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
+            dp_t = mma(v, tl.trans(do), F.F32_DOT,
+                       tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
         dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
-        ds_t = probs_t * (dp_t - delta[None, :]) * dcap
+        ds_t = probs_t * dp_t * dcap
         dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
     return dk, dv
 

@@ -437,8 +437,12 @@ def _arch(text):
 
 
 # always in a sample: where the branch point's fit model crashed (fp32 dK/dV at head dim 256,
-# bf16 dQ at head dim 128 with a float mask)
-HARDEST = (("plain", "fp32", 256, "bwd_dkdv"), ("float_mask", "bf16", 128, "bwd_dq"))
+# bf16 dQ at head dim 128 with a float mask), and the tiles chosen at the edge of the register
+# file (bf16 dK/dV at head dim 128: sm_90's 32 x 128 after 64 x 128 spills, sm_100's tcgen05
+# 64 x 64; the gated forward at head dim 128: sm_120's 32 x 128 with 8 warps after five tiles
+# that spill)
+HARDEST = (("plain", "fp32", 256, "bwd_dkdv"), ("float_mask", "bf16", 128, "bwd_dq"),
+           ("plain", "bf16", 128, "bwd_dkdv"), ("gate_bias", "bf16", 128, "fwd"))
 
 
 def _sample(tasks, n, seed):

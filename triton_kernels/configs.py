@@ -80,15 +80,16 @@ _HOPPER = {
     # not (wgmma on sm_90, tcgen05 on sm_100, mma.sync elsewhere) where 32 x 32 was left
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
            (64, 32, 4, 2)] + _SMALL,
-    # 64 x 64 spills 8-48 B at head dim 128 on sm_90 (16 x 128 does not): the spill rule of
-    # select() takes 16 x 128 there and 64 x 64 at smaller head dims. No tile of 64-128 queries
-    # keeps wgmma without spilling at head dim 128 (docs/triton_compile_report.md: 64 x 32 and
-    # 64 x 16 fall to mma.sync, 16 warps spill at 128 registers); 32 x 64 with 8 warps does
-    # (wgmma, 203 registers), autotune's alternative to 16 x 128 and the first that does not
-    # spill gated or in peer mode; with a float mask 64 x 32 with 8 warps (mma.sync, 250
-    # registers) where 32 x 32 with one stage was left
-    "dkdv": [(64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2),
-             (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
+    # dK/dV: keys are wgmma's M (S^T = K Q^T), queries its N. 64 queries x 128 keys (two
+    # warpgroups of 64 keys, the FlashAttention-3 tile) keeps every product on wgmma without
+    # spilling up to head dim 64; at head dim 128 dK and dV alone hold 128 fp32 registers a thread
+    # and it spills (132-2316 B), so 32 x 128 (N = 32; plain attention) where 16 x 128 (N = 16)
+    # ran before, then 64 x 64 (whose 64-key S^T both warpgroups compute) and 16 x 128 (causal,
+    # variants); gated and peer mode 32 x 64 with 8 warps, a float mask 64 x 32 with 8 warps
+    # (mma.sync) (docs/triton_compile_report.md, third pass). Causal 32 x 128 spills with two
+    # stages, not with one: for autotune to weigh against 16 x 128's pipelining
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2),
+             (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
@@ -117,7 +118,11 @@ CANDIDATES = {
 CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
     "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
             (64, 32, 8, 2)] + _SMALL,
-    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)] + _SMALL,
+    # sm_120's ptxas spills every 64-row tile of the gated / peer-mode forward at head dim 128
+    # (160-740 B); 32 x 128 and 32 x 64 with 8 warps do not (203-224 registers), where 32 x 32
+    # with 4 warps was left
+    "fwd_two_acc": [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+                    (32, 128, 8, 2), (32, 64, 8, 2)] + _SMALL,
     "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)] + _SMALL,
     # ptxas for sm_86/89 spills 64 x 64 x 2 stages at head dim 128 where sm_80's and sm_120's do
     # not: 64 x 32 (pipelined) and 64 x 64 (one stage) do not; with a float mask every larger
@@ -133,12 +138,13 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 # shared memory or spill heavily (docs/triton_compile_report.md), and at head dim 256 a single
 # fp32 compile takes ptxas minutes, so trying them only costs time.
 FP32_MAX_TILE = {256: 32 * 32}
-# fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, one stage, fits
-# every architecture and family (at most 81,920 B); ptxas spills 0-240 B plain or with a float
-# mask, 12-20 KB gated or peer on sm_80/86 (none on sm_120). Measured and left
-# out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
+# fp32 dK/dV above head dim 128 (IEEE products, utils.f32_precision): 16 x 16, two stages, fits
+# every architecture and family (at most 99,464 B, sm_90/100/120 with a float mask); ptxas
+# spills 0-120 B plain, causal, variants or with a float mask, 3.9-5.3 KB gated or peer on
+# sm_80/86/89 (one stage: 0-240 B and 12-20 KB); one stage (at most 81,920 B) after it. Measured
+# and left out: 16 x 32 spills 4.8-7.8 KB plain (13-20 KB gated or peer) and does not fit sm_120
 # (114,688 B through TMA) nor sm_86/89 with a float mask (102,400 B); 32 x 32 spills 76-118 KB.
-FP32_WIDE_DKDV = [(16, 16, 4, 1)]
+FP32_WIDE_DKDV = [(16, 16, 4, 2), (16, 16, 4, 1)]
 
 
 def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 64):

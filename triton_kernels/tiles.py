@@ -51,17 +51,18 @@ def row_tile(QOff, TileOff, num_q_heads, group_size, num_streams, search_steps,
 
 
 @triton.jit
-def mma(a, b, F32_DOT: tl.constexpr):
+def mma(a, b, F32_DOT: tl.constexpr, acc=None):
     """a @ b with fp32 accumulation. F32_DOT (utils.F32_DOT_CODES of utils.f32_precision): 1
     3xTF32 or 2 IEEE for an fp32 product (fp32 inputs, or the interpreter, whose bf16 dot is
     wrong and which computes every dot in fp32 whatever the precision), 0 for a 16-bit one;
-    callers round operands to the input dtype first either way."""
+    callers round operands to the input dtype first either way. acc: the fp32 accumulator's
+    starting value (None: zeros)."""
     if F32_DOT == 1:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     elif F32_DOT == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
