@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..problem import JOINT, AttentionProblem
-from .torch_pair import NEG_INF, contiguous_lse, mark_empty_rows, pair_backward, pair_forward
+from .torch_pair import NEG_INF, mark_empty_rows, pair_backward, pair_forward
 
 PAIRS, FUSED = "pairs", "fused"
 _FULL_PRECISION = (torch.float32, torch.float64)
@@ -225,8 +225,7 @@ def fused_forward(pair_plan):
     streams = _Streams(pair_plan)
     if streams.one_call():
         mask = streams.mask(0, streams.nonempty)
-        out, lse = _call(p.q, p.k, p.v, mask, p.scale)
-        return out.contiguous(), contiguous_lse(lse)
+        return _call(p.q, p.k, p.v, mask, p.scale)  # the kernel's layouts (op_outputs: the op's)
     batch, heads = p.q.shape[:2]
     outs, lses = [], []
     # the gated values, kept for the eager backward as the composition's autograd keeps its g * v
