@@ -152,3 +152,20 @@ def test_fused_backward_reuses_the_forwards_gated_values(monkeypatch):
     want = torch.autograd.grad(reference_fn(*inputs), wanted, [torch.ones_like(o) for o in outs])
     for name, g, w in zip(names, grads, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_plan_marks_rows_that_a_minus_inf_bias_empties(causal):
+    """The fused plan checks for empty rows only when a row can be empty (kv_lengths padding or
+    a -inf bias; issue 20): a bias of -inf on every pair of stream 0 empties its rows (out 0, lse
+    -inf, as the reference), a finite bias with a causal self block empties none."""
+    problem = _problem((5, 9, 3), gate=True, bias=True, is_causal=causal)
+    bias = problem.bias.clone()
+    bias[:, 0] = float("-inf")
+    for p in (problem, problem._replace(bias=bias)):
+        assert torch_fused.plan(p) == FUSED
+        out, lse = torch_backend.TorchBackend().forward(p)
+        want_out, want_lse = pa.dispatch.BACKENDS["reference"].forward(p)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse.to(lse.dtype), atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(lse[:, :, :5]).all() and (out[:, :, :5] == 0).all()
