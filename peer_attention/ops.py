@@ -180,8 +180,10 @@ def define_backend_ops(name: str):
 # register_autograd's Python wrapper adds about 150 us more when an input requires grad; a call of
 # tens of microseconds of kernel then spends most of its time there. In eager mode (dispatch.forward
 # decides: no compile, transform, tracer, autocast, mode or tensor subclass) the kernel is called
-# directly when no gradient is wanted, and through a torch.autograd.Function with the op's own
-# setup_context and backward (NAME_bwd, or the create_graph formulas) when one is.
+# directly when no gradient is wanted, and through a torch.autograd.Function with the op's
+# backward (NAME_bwd's kernel, or the create_graph formulas) when one is. Its outputs keep the
+# layouts the backend's forward returned (no copy the composition does not make); the op's own
+# kernels make them contiguous, as its fake kernel declares.
 _eager: dict = {}
 
 # The eager Function's inputs: the problem (a plain argument, whose option fields the context keeps)
