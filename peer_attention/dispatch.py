@@ -51,7 +51,8 @@ _ops: Dict[str, tuple] = {}
 for _backend in BACKENDS.values():
     _ops[_backend.name] = ops.define_backend_ops(_backend.name)
     if _backend.python_kernels:
-        ops.register_python_kernels(_backend.name, _backend.forward, _backend.backward)
+        ops.register_python_kernels(_backend.name, _backend.forward, _backend.backward,
+                                    op_outputs=_backend.op_outputs)
     # after the op definitions: the cuda check imports _C, which registers its kernels for them
     UNAVAILABLE[_backend.name] = _backend.unavailable_reason()
 
@@ -211,7 +212,7 @@ def forward(name: str, problem: AttentionProblem):
         for i in _GRAD_TENSORS:
             t = problem[i]
             if t is not None and t.requires_grad:
-                return function.apply(*problem)
+                return function.apply_problem(problem)
     return kernel(problem)
 
 

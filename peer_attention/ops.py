@@ -180,31 +180,65 @@ def define_backend_ops(name: str):
 # register_autograd's Python wrapper adds about 150 us more when an input requires grad; a call of
 # tens of microseconds of kernel then spends most of its time there. In eager mode (dispatch.forward
 # decides: no compile, transform, tracer, autocast, mode or tensor subclass) the kernel is called
-# directly when no gradient is wanted, and through a torch.autograd.Function with the op's own
-# setup_context and backward (NAME_bwd, or the create_graph formulas) when one is.
+# directly when no gradient is wanted, and through a torch.autograd.Function with the op's
+# backward (NAME_bwd's kernel, or the create_graph formulas) when one is. Its outputs keep the
+# layouts the backend's forward returned (no copy the composition does not make); the op's own
+# kernels make them contiguous, as its fake kernel declares.
 _eager: dict = {}
+
+# The eager Function's inputs: the problem (a plain argument, whose option fields the context keeps)
+# and its tensor fields (problem.TENSOR_POSITIONS), so that autograd sees every tensor that may
+# require grad. Ten tensors instead of the op's 21 arguments: Function.apply looks at each one.
+_EAGER_TENSORS = _SAVED_TENSORS
+# where each differentiable field (GRAD_INPUTS) sits among the eager Function's inputs
+_EAGER_GRAD_SLOTS = tuple(1 + _EAGER_TENSORS.index(i) for i in GRAD_INPUTS)
+_EAGER_NUM_INPUTS = 1 + len(_EAGER_TENSORS)
+_NO_EAGER_GRADS = (None,) * _EAGER_NUM_INPUTS
 
 
 def _eager_function(name: str, forward, python_backward, bwd_op):
-    def direct_bwd(grad_out, out, lse, *rest):
-        """NAME_bwd without the dispatcher (and without the op's contiguous copies, which only
-        its fake kernel's strides ask for); under autocast the op, which shields the kernels."""
-        if torch._C._is_any_autocast_enabled():
-            return bwd_op(grad_out, out, lse, *rest)
-        problem = AttentionProblem._make(rest[:NUM_PROBLEM_ARGS])
-        return python_backward(problem, grad_out, out, lse, list(rest[NUM_PROBLEM_ARGS]))
+    def eager_forward(ctx, problem, *tensors):
+        out, lse = forward(problem)
+        ctx.save_for_backward(out, lse, *tensors)
+        ctx.static_args = [problem[i] for i in _STATIC_ARGS]
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # as _setup_context: no zero gradient for the lse
+        return out, lse
 
-    backward = _make_backward(name, direct_bwd)
-
-    def eager_forward(ctx, *args):
-        output = forward(AttentionProblem._make(args))
-        _setup_context(ctx, args, output)
-        return output
+    def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # the output took no part in what is differentiated
+            return _NO_EAGER_GRADS
+        out, lse, args = _problem_from_ctx(ctx)
+        needs_input = ctx.needs_input_grad
+        needs = [needs_input[slot] for slot in _EAGER_GRAD_SLOTS]
+        if torch.is_grad_enabled():  # create_graph=True: as the op's backward (_make_backward)
+            result = differentiable_grads(name, AttentionProblem._make(args), grad_out,
+                                          [args[i] for i in GRAD_INPUTS], needs)
+        elif torch._C._is_any_autocast_enabled():  # the op shields the kernels from autocast
+            result = bwd_op(grad_out, out, lse, *args, needs)
+        else:  # NAME_bwd without the dispatcher (and without the contiguous copies its fake
+            # kernel's strides ask for); None may stand for a gradient that is not needed
+            result = python_backward(AttentionProblem._make(args), grad_out, out, lse, needs)
+        grads = [None] * _EAGER_NUM_INPUTS
+        for slot, grad, needed in zip(_EAGER_GRAD_SLOTS, result, needs):
+            if needed:
+                grads[slot] = grad
+        return tuple(grads)
 
     # old-style forward(ctx, ...): Function.apply binds default arguments through inspect.signature
     # (~20 us) when a separate setup_context is defined
-    return type(f"{name}_eager", (torch.autograd.Function,),
-                {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+    function = type(f"{name}_eager", (torch.autograd.Function,),
+                    {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+    # the C implementation behind Function.apply: its Python wrapper only binds default arguments
+    # (there are none) and unwraps functorch's wrappers (the eager path runs without transforms)
+    c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+
+    def apply(problem: AttentionProblem):
+        """(out, lse) of `problem` with autograd through the eager Function."""
+        return c_apply(problem, *[problem[i] for i in _EAGER_TENSORS])
+
+    function.apply_problem = staticmethod(apply)
+    return function
 
 
 @contextlib.contextmanager
@@ -226,28 +260,40 @@ def eager_kernels(name: str):
     return _eager.get(name)
 
 
+def _contiguous_outputs(out: Tensor, lse: Tensor):
+    return out.contiguous(), lse.contiguous()
+
+
 def register_python_kernels(
     name: str,
     forward: Callable[[AttentionProblem], tuple],
     backward: Callable[..., tuple],
     dispatch_key: str = "CompositeExplicitAutograd",
+    op_outputs: Callable[[Tensor, Tensor], tuple] = None,
 ):
     """Serve NAME_fwd / NAME_bwd with Python functions of the normalised problem.
 
-    forward(problem) -> (out, lse);
-    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks).
+    forward(problem) -> (out, lse), in any layout (the eager path keeps it);
+    backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks),
+    None allowed where needs_grad is False;
+    op_outputs(out, lse) -> (out, lse) contiguous, for the op (default: Tensor.contiguous).
     """
+    if op_outputs is None:
+        op_outputs = _contiguous_outputs
     _fwd_op, bwd_op = define_backend_ops(name)
     _eager[name] = (forward, _eager_function(name, forward, backward, bwd_op))
 
     def fwd_kernel(*args):
-        return forward(AttentionProblem._make(args))
+        # contiguous, as the fake kernel declares (the eager path keeps the kernels' layouts)
+        return op_outputs(*forward(AttentionProblem._make(args)))
 
     def bwd_kernel(grad_out, out, lse, *rest):
         problem, needs_grad = AttentionProblem._make(rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
         grads = backward(problem, grad_out, out, lse, list(needs_grad))
-        # contiguous, as the fake kernel declares (inductor asserts the strides it was promised)
-        return tuple(g.contiguous() for g in grads)
+        # contiguous, as the fake kernel declares (inductor asserts the strides it was promised);
+        # an empty tensor where the backend returned None (a gradient nobody asked for)
+        q = problem.q
+        return tuple(empty_grad(q) if g is None else g.contiguous() for g in grads)
 
     _lib.impl(f"{name}_fwd", fwd_kernel, dispatch_key)
     _lib.impl(f"{name}_bwd", bwd_kernel, dispatch_key)

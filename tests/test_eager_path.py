@@ -125,3 +125,25 @@ def test_the_registered_backward_returns_contiguous_gradients():
     eager_grads = torch.autograd.grad(out, (q, k, v), grad_out)
     for got, want in zip(eager_grads, op_grads):
         assert torch.equal(got, want)
+
+
+def test_the_eager_path_keeps_the_kernels_layouts_and_the_op_makes_them_contiguous():
+    """Issue 20: the eager path makes no copy the composition does not make (the CPU kernel's lse
+    is (B, L, H) strided: saved as it is); the registered op returns what its fake kernel
+    declares (contiguous out and lse), with empty tensors for the gradients nobody asked for."""
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    problem = PROBLEMS["sdpa"]()._replace(q=q, k=k, v=v)
+    out, lse = dispatch.forward("torch", problem)
+    assert not lse.is_contiguous()  # no copy (a (2, 3, 5) lse with strides of (2, 5, 3))
+    op_out, op_lse = dispatch._ops["torch"][0](*problem)
+    assert op_out.is_contiguous() and op_lse.is_contiguous()
+    assert torch.equal(op_out, out) and torch.equal(op_lse, lse)
+    grad_out = torch.randn(2, 3, 5, 4)
+    needs = [True, False, True, False, False, False, False]
+    op_grads = dispatch._ops["torch"][1](grad_out, out.detach(), lse, *problem, needs)
+    assert [g.numel() == 0 for g in op_grads] == [False, True, False, True, True, True, True]
+    # the backend itself returns None for them (no tensor allocated on the eager path)
+    backend_grads = dispatch.BACKENDS["torch"].backward(problem, grad_out, out.detach(), lse, needs)
+    assert [g is None for g in backend_grads] == [False, True, False, True, True, True, True]
+    dq, dv = torch.autograd.grad(out, (q, v), grad_out)
+    assert torch.equal(dq, op_grads[0]) and torch.equal(dv, op_grads[2])

@@ -12,7 +12,8 @@ A new backend plugs in by subclassing `Backend`:
   * its policies, where the defaults do not fit: `prepare(problem)` (the problem as this
     backend's forward wants it, e.g. the torch backend's RNG replay), `dropout_keep_mask(problem)`
     (its forward's keep mask regenerated in PyTorch, for double backward through dropout) and
-    `merged_statistics` (where its backward takes the merged (out, lse) of context parallelism).
+    `merged_statistics` (where its backward takes the merged (out, lse) of context parallelism),
+    `op_outputs(out, lse)` (the forward's outputs as the registered op returns them: contiguous).
 It then takes its place in the order of backends/registry.py. Dispatch, validation, layouts and
 autograd are done for it.
 """
@@ -178,3 +179,8 @@ class Backend:
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
         raise NotImplementedError
+
+    def op_outputs(self, out: Tensor, lse: Tensor):
+        """(out, lse) of `forward` as the registered op returns them: contiguous (its fake kernel
+        says so). The eager path keeps the layouts `forward` returned."""
+        return out.contiguous(), lse.contiguous()

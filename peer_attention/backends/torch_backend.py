@@ -27,7 +27,6 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ..ops import empty_grad
 from ..lse_merge import safe_logsumexp
 from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
 from ..reference import repeat_kv_heads
@@ -195,8 +194,9 @@ def _one_call_forward(p: AttentionProblem):
     out, lse = pair_forward(p.q, p.k, p.v, mask, p.is_causal, p.scale)
     if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for rows that see no key
         out, lse = _mark_empty_rows(out, lse, mask)
-    # the kernels' layouts are (B, L, H, .); the op's are contiguous
-    return out.contiguous(), contiguous_lse(lse.to(lse_dtype(p.q.dtype)))
+    # the kernels' layouts ((B, L, H, .) strides), as torch's own SDPA keeps them: the registered
+    # op makes them contiguous (TorchBackend.op_outputs), the eager path saves them as they are
+    return out, lse.to(lse_dtype(p.q.dtype))
 
 
 def _forward(problem: AttentionProblem):
@@ -446,10 +446,11 @@ class _Grads:
 
     def result(self, problem: AttentionProblem, dmask):
         p = problem
-        out = [empty_grad(p.q) if grad is None else grad.result()
+        # None for a gradient nobody asked for (the registered op fills in an empty tensor)
+        out = [None if grad is None else grad.result()
                for grad in (self.dq, self.dk, self.dv, self.dgate, self.dbias)]
-        out.append(empty_grad(p.q) if dmask is None else dmask)
-        out.append(empty_grad(p.q) if self.dsinks is None else self.dsinks.to(p.sinks.dtype))
+        out.append(dmask)
+        out.append(None if self.dsinks is None else self.dsinks.to(p.sinks.dtype))
         return tuple(out)
 
 
@@ -470,11 +471,10 @@ def _one_call_backward(p: AttentionProblem, mask, causal: bool, grad_out, out, l
     if needs_grad[5] and p.attn_mask is not None and p.attn_mask.dtype != torch.bool:
         dmask = _mask_grad(p, mask, causal, grad_out, lse)
     # in the kernel's layout ((B, L, H, .) strides on the CPU), as torch's own SDPA returns them;
-    # the registered op makes them contiguous (ops.register_python_kernels), the eager path not
-    return (dq if needs_grad[0] else empty_grad(p.q),
-            dk if needs_grad[1] else empty_grad(p.q),
-            dv if needs_grad[2] else empty_grad(p.q), empty_grad(p.q), empty_grad(p.q),
-            dmask if dmask is not None else empty_grad(p.q), empty_grad(p.q))
+    # the registered op makes them contiguous and fills the gradients nobody asked for
+    # (ops.register_python_kernels), the eager path not
+    return (dq if needs_grad[0] else None, dk if needs_grad[1] else None,
+            dv if needs_grad[2] else None, None, None, dmask, None)
 
 
 def _by_pair(t: Optional[Tensor]):
@@ -658,6 +658,11 @@ class TorchBackend(Backend):
     def decode(self, problem):
         """Over a gathered cache (see torch_decode.py)."""
         return torch_decode(problem, _forward)
+
+    def op_outputs(self, out: Tensor, lse: Tensor):
+        # the lse copied in row blocks (contiguous_lse: a parallel copy costs milliseconds on a
+        # loaded CPU)
+        return out.contiguous(), contiguous_lse(lse)
 
     def forward(self, problem: AttentionProblem):
         if problem.dropout_p > 0:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..problem import JOINT, AttentionProblem
-from .torch_pair import NEG_INF, contiguous_lse, mark_empty_rows, pair_backward, pair_forward
+from .torch_pair import NEG_INF, mark_empty_rows, pair_backward, pair_forward
 
 PAIRS, FUSED = "pairs", "fused"
 _FULL_PRECISION = (torch.float32, torch.float64)
@@ -166,6 +166,15 @@ class _Streams:
         block = _causal_rows(p.q_lens[s], kv_total, self_at, p.kv_lens[s], dtype, p.q.device)
         return block if rows is None else rows + block
 
+    def rows_can_empty(self) -> bool:
+        """Whether a query row's mask can hide every key: kv_lengths padding, or a bias of -inf
+        (one check per call). A causal self block alone never does: row i sees key 0 of its own
+        stream. Without either, no row needs marking after the kernel (mark_empty_rows: three
+        ops per call of the kernel)."""
+        p = self.p
+        return p.kv_lengths is not None or (
+            p.bias is not None and bool(torch.isneginf(p.bias).any()))
+
     def one_call(self) -> bool:
         """Every query stream sees the same keys with the same mask row: the packed q is one call."""
         p = self.p
@@ -225,9 +234,9 @@ def fused_forward(pair_plan):
     streams = _Streams(pair_plan)
     if streams.one_call():
         mask = streams.mask(0, streams.nonempty)
-        out, lse = _call(p.q, p.k, p.v, mask, p.scale)
-        return out.contiguous(), contiguous_lse(lse)
+        return _call(p.q, p.k, p.v, mask, p.scale)  # the kernel's layouts (op_outputs: the op's)
     batch, heads = p.q.shape[:2]
+    can_empty = streams.rows_can_empty()
     outs, lses = [], []
     # the gated values, kept for the eager backward as the composition's autograd keeps its g * v
     kept = {} if p.gate is not None and any(
@@ -241,7 +250,8 @@ def fused_forward(pair_plan):
         values = streams.values(s, attended)
         if kept is not None:
             kept[s] = values
-        out, lse = _call(q_s, streams.keys(attended), values, streams.mask(s, attended), p.scale)
+        out, lse = _call(q_s, streams.keys(attended), values, streams.mask(s, attended), p.scale,
+                         can_empty)
         outs.append(out)
         lses.append(lse)
     # cat writes the op's layout from the kernels' (B, L, H, .) layouts
@@ -256,9 +266,9 @@ def fused_forward(pair_plan):
 KEPT_VALUES = "_peer_attention_fused_values"
 
 
-def _call(q, k, v, mask, scale):
+def _call(q, k, v, mask, scale, can_empty: bool = True):
     out, lse = pair_forward(q, k, v, mask, False, scale)
-    if mask is not None:  # the CPU kernel reports lse 0 (not -inf) for rows that see no key
+    if mask is not None and can_empty:  # the CPU kernel reports lse 0, not -inf, on empty rows
         out, lse = mark_empty_rows(out, lse, mask)
     return out, lse
 
@@ -278,6 +288,7 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
     gates = pair_plan.pair_gates()
     _, values = pair_plan.key_streams()
     kept = getattr(lse, KEPT_VALUES, None) or {}
+    can_empty = streams.rows_can_empty()
     lens = p.q_lens
     for s, (q_s, d_out, o_s, l_s) in enumerate(zip(
             p.q.split_with_sizes(lens, 2), grad_out.split_with_sizes(lens, 2),
@@ -288,7 +299,8 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         mask = streams.mask(s, attended)
         scaled = kept[s] if s in kept else streams.values(s, attended)
         dq, dk, dv = pair_backward(d_out, q_s, streams.keys(attended), scaled,
-                                   o_s, _lse_in(l_s, mask), mask, False, p.scale)
+                                   o_s, _lse_in(l_s, mask if can_empty else None), mask, False,
+                                   p.scale)
         if grads.dq is not None:
             grads.dq.add(s, dq)
         kv_lens = [p.kv_lens[t] for t in attended]

@@ -152,3 +152,48 @@ def test_fused_backward_reuses_the_forwards_gated_values(monkeypatch):
     want = torch.autograd.grad(reference_fn(*inputs), wanted, [torch.ones_like(o) for o in outs])
     for name, g, w in zip(names, grads, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_plan_marks_rows_that_a_minus_inf_bias_empties(causal):
+    """The fused plan checks for empty rows only when a row can be empty (kv_lengths padding or
+    a -inf bias; issue 20): a bias of -inf on every pair of stream 0 empties its rows (out 0, lse
+    -inf, as the reference), a finite bias with a causal self block empties none."""
+    problem = _problem((5, 9, 3), gate=True, bias=True, is_causal=causal)
+    bias = problem.bias.clone()
+    bias[:, 0] = float("-inf")
+    for p in (problem, problem._replace(bias=bias)):
+        assert torch_fused.plan(p) == FUSED
+        out, lse = torch_backend.TorchBackend().forward(p)
+        want_out, want_lse = pa.dispatch.BACKENDS["reference"].forward(p)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse.to(lse.dtype), atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(lse[:, :, :5]).all() and (out[:, :, :5] == 0).all()
+
+
+def test_a_lone_filled_stream_is_packed_without_a_copy():
+    """Wan's layout (video queries beside empty text/image query streams): the problem's q is the
+    caller's video tensor itself (issue 20: no copy the composition does not make); an empty
+    stream that requires grad still goes through the cat and gets its empty gradient."""
+    video = torch.randn(1, 2, 6, 8, requires_grad=True)
+    empty = torch.zeros(1, 2, 0, 8)
+    keys = [torch.randn(1, 2, n, 8) for n in (0, 3, 4)]
+    values = [torch.randn(1, 2, n, 8) for n in (0, 3, 4)]
+    peers = [[0, 1, 1], [0, 0, 0], [0, 0, 0]]
+    problem = peer_problem([video, empty, empty], keys, values, peers=peers, normalize="peer")
+    assert problem.q is video
+    assert problem.k.shape[2] == 7  # two filled key streams: packed
+    want = pa.peer_attention([video, empty, empty], keys, values, peers=peers, normalize="peer",
+                             backend="reference")[0]
+    got = pa.peer_attention([video, empty, empty], keys, values, peers=peers, normalize="peer")[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (dvideo,) = torch.autograd.grad(got.sum(), video)
+    (want_dvideo,) = torch.autograd.grad(want.sum(), video)
+    torch.testing.assert_close(dvideo, want_dvideo, atol=1e-5, rtol=1e-5)
+    empty_leaf = torch.zeros(1, 2, 0, 8, requires_grad=True)
+    problem = peer_problem([video, empty_leaf, empty], keys, values, peers=peers, normalize="peer")
+    assert problem.q is not video
+    out = pa.peer_attention([video, empty_leaf, empty], keys, values, peers=peers,
+                            normalize="peer")[0]
+    grads = torch.autograd.grad(out.sum(), (video, empty_leaf))
+    assert grads[1].shape == (1, 2, 0, 8)
