@@ -94,8 +94,11 @@ struct FusedBwdMaps {
   __host__ __device__ static constexpr int ds_store_lane(int warp, int lane) {
     return (warp * 16 + (lane >> 2)) * BM + ((lane >> 2) << 3) + (lane & 3) * 2;
   }
+  __host__ __device__ static constexpr int ds_store_at(int lane_part, int kk, int r) {
+    return (lane_part ^ ((2 * kk + (r >> 1)) << 3)) + 8 * (r & 1) * BM;
+  }
   __host__ __device__ static constexpr int ds_store_offset(int warp, int lane, int kk, int r) {
-    return (ds_store_lane(warp, lane) ^ ((2 * kk + (r >> 1)) << 3)) + 8 * (r & 1) * BM;
+    return ds_store_at(ds_store_lane(warp, lane), kk, r);
   }
   // byte offset of the transposing ldmatrix for dQ's A fragment (keys k0.., queries 16 warp..)
   __host__ __device__ static constexpr int ds_load_bytes(int warp, int lane, int k0) {
@@ -107,6 +110,10 @@ struct FusedBwdMaps {
   __host__ __device__ static constexpr int dq_col(int lane, int c0, int nt, int e) {
     return c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
   }
+  // the kernel's form: element (dq_row(.., e), dq_col(.., c0, nt, e)) of a row-major tile with
+  // D columns is row_base(e) * D + dq_col(lane, 0, 0, 0) + dq_at(c0, nt, e), row_base(e) the
+  // lane's row dq_row(.., 0) + 8 (e >> 1)
+  __host__ __device__ static constexpr int dq_at(int c0, int nt, int e) { return c0 + nt * 8 + (e & 1); }
 };
 
 __device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, bool per_peer, int b,
@@ -473,9 +480,8 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r)  // = Maps::ds_store_offset(warp, lane, kk, r)
-          *reinterpret_cast<uint32_t*>(ds_tile + ((ds_lane ^ ((2 * kk + (r >> 1)) << 3)) +
-                                                  8 * (r & 1) * BM)) = dsf[kk][r];
+        for (int r = 0; r < 4; ++r)
+          *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, kk, r)) = dsf[kk][r];
       }
       __syncthreads();  // dS of every warp's keys is in shared memory
       // dQ (queries 16 warp.., D columns) += dS (16 x BN) K (BN x D), summed over the key blocks
@@ -511,7 +517,7 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
         for (int nt = 0; nt < kChunk / 8; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e)  // row dq_row(.., e), column dq_col(.., c0, nt, e)
-            atomicAdd(dq_base[e >> 1] + c0 + nt * 8 + (e & 1), dq_row_ok[e >> 1] ? dq[nt][e] : 0.f);
+            atomicAdd(dq_base[e >> 1] + Maps::dq_at(c0, nt, e), dq_row_ok[e >> 1] ? dq[nt][e] : 0.f);
         }
       }
     }
