@@ -9,6 +9,10 @@
 // D > 128 (160, 192, 256): dK and dV of 16 keys x D channels per warp would not fit in
 // registers, so the dK/dV grid has two blocks per key tile, each accumulating half of the
 // channels (S^T and dP^T are formed in full by each).
+//   bwd_fused_kernel (plain instantiation, D <= 128, not under deterministic algorithms):
+//                FlashAttention-2's fused loop, dkdv_kernel's key-major walk plus dQ: dS goes
+//                to shared memory and each warp adds dS K for 16 query rows into a float32
+//                (B, Hq, Tq, D) buffer with atomics, 5 products per tile pair instead of 7.
 // delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
 // (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
 // several query heads add into one key head (atomicAdd), else each element is stored once.
@@ -40,6 +44,76 @@ struct DkdvConfig {
     return (2 * kBlockN * D + 4 * kBlockM * D) * sizeof(T) + (D + 4 * kBlockM) * sizeof(float) +
            2 * kMaxStreams * sizeof(int);
   }
+};
+
+// The fused backward (bwd_fused_kernel): dkdv_kernel's tiles plus a BN x BM tile of dS in
+// shared memory, its own buffer where that still fits the 101376 B of sm_86/89/120 (D < 128),
+// else written over the current Q stage once every warp is done with Q (D = 128: BM x D >= BN x
+// BM; one barrier more per tile).
+constexpr int kSmallSmemPerBlock = 101376;
+template <int D>
+struct FusedBwdConfig : DkdvConfig<D> {
+  using Base = DkdvConfig<D>;
+  static constexpr int kDqChunk = 32 < D ? 32 : D;  // dQ columns per chunk of atomics
+  template <typename T>
+  static constexpr bool own_ds() {
+    return Base::template smem_bytes<T>() + Base::kBlockN * Base::kBlockM * sizeof(T) <=
+           kSmallSmemPerBlock;
+  }
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return Base::template smem_bytes<T>() +
+           (own_ds<T>() ? Base::kBlockN * Base::kBlockM * static_cast<int>(sizeof(T)) : 0);
+  }
+};
+
+// Index maps of the fused backward's dS tile and dQ atomics (host-callable:
+// tests/cuda/test_fused_backward.py checks them on the CPU). lane = 4 g + t.
+// - dS store: warp w holds dS^T (keys 16w.., queries 0..BM-1) as A fragments dsf[kk][r] of 16 x
+//   16 blocks (pack_a of the C fragments): r = 0..3 -> key 16w + g + 8 (r & 1), queries
+//   16 kk + 8 (r >> 1) + 2t and + 1. Stored [key][query] (rows of BM) at swizzle<BM>.
+// - dQ = dS K: warp w owns queries 16w..16w+15; its A fragments of dS (query x key) are the
+//   transposing ldmatrix of that [key][query] tile at load_b_from_nk's lane offsets (row base =
+//   key k0, column base = query 16w): matrix m holds keys k0 + 8 (m >> 1) .., queries
+//   16w + 8 (m & 1) .., transposed.
+// - dQ atomics: C fragment nt of a chunk of columns from c0, element e -> query 16w + g + 8 (e >>
+//   1), column c0 + 8 nt + 2t + (e & 1).
+template <int BM>
+struct FusedBwdMaps {
+  __host__ __device__ static constexpr int ds_key(int warp, int lane, int r) {
+    return warp * 16 + (lane >> 2) + 8 * (r & 1);
+  }
+  __host__ __device__ static constexpr int ds_query(int lane, int kk, int r) {
+    return kk * 16 + 8 * (r >> 1) + (lane & 3) * 2;
+  }
+  // swizzle<BM>(ds_key, ds_query) as the lane's part XORed with a constant per (kk, r): rows of
+  // BM = 64 elements (8 chunks, swizzle group 8) and ds_key & 7 = g, so the chunk (2 kk + (r >>
+  // 1)) ^ g is (g << 3) ^ ((2 kk + (r >> 1)) << 3) in element bits 3..5, which the row part
+  // (a multiple of 64) and 2t (bits 0..2) leave free
+  static_assert(BM == 64, "dS tile rows of 8 chunks");
+  __host__ __device__ static constexpr int ds_store_lane(int warp, int lane) {
+    return (warp * 16 + (lane >> 2)) * BM + ((lane >> 2) << 3) + (lane & 3) * 2;
+  }
+  __host__ __device__ static constexpr int ds_store_at(int lane_part, int kk, int r) {
+    return (lane_part ^ ((2 * kk + (r >> 1)) << 3)) + 8 * (r & 1) * BM;
+  }
+  __host__ __device__ static constexpr int ds_store_offset(int warp, int lane, int kk, int r) {
+    return ds_store_at(ds_store_lane(warp, lane), kk, r);
+  }
+  // byte offset of the transposing ldmatrix for dQ's A fragment (keys k0.., queries 16 warp..)
+  __host__ __device__ static constexpr int ds_load_bytes(int warp, int lane, int k0) {
+    return LdsmOffsets<BM>::at(LdsmOffsets<BM>::b_nk(lane), k0, warp * 16);
+  }
+  __host__ __device__ static constexpr int dq_row(int warp, int lane, int e) {
+    return warp * 16 + (lane >> 2) + 8 * (e >> 1);
+  }
+  __host__ __device__ static constexpr int dq_col(int lane, int c0, int nt, int e) {
+    return c0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+  }
+  // the kernel's form: element (dq_row(.., e), dq_col(.., c0, nt, e)) of a row-major tile with
+  // D columns is row_base(e) * D + dq_col(lane, 0, 0, 0) + dq_at(c0, nt, e), row_base(e) the
+  // lane's row dq_row(.., 0) + 8 (e >> 1)
+  __host__ __device__ static constexpr int dq_at(int c0, int nt, int e) { return c0 + nt * 8 + (e & 1); }
 };
 
 __device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, bool per_peer, int b,
@@ -231,16 +305,22 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   }
 }
 
-template <int D, typename T, bool kFeatures, bool kMask>
-__global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
+// The key-major walk of dkdv_kernel and bwd_fused_kernel (kDq: dQ too, plain path only).
+template <int D, typename T, bool kFeatures, bool kMask, bool kDq>
+__device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   using Cfg = DkdvConfig<D>;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
+  static_assert(!kDq || (!kFeatures && D <= 128 && BM == 16 * kWarps),
+                "fused dQ: plain path, one 16-row slice of the query tile per warp");
+  constexpr bool kOwnDs = kDq && FusedBwdConfig<D>::template own_ds<T>();
+  static_assert(!kDq || kOwnDs || BM * D >= BN * BM, "dS fits in a Q stage");
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_tile = reinterpret_cast<T*>(smem);
   T* v_tile = k_tile + BN * D;
   T* q_tiles = v_tile + BN * D;      // 2 stages of BM x D
   T* do_tiles = q_tiles + 2 * BM * D;  // 2 stages
-  float* gate_s = reinterpret_cast<float*>(do_tiles + 2 * BM * D);
+  T* ds_own = do_tiles + 2 * BM * D;   // fused, kOwnDs: BN x BM
+  float* gate_s = reinterpret_cast<float*>(ds_own + (kOwnDs ? BN * BM : 0));
   float* offset_s = gate_s + D;      // 2 stages x BM: log2-domain lse of the query rows
   float* delta_s = offset_s + 2 * BM;  // 2 stages x BM
   int* first_s = reinterpret_cast<int*>(delta_s + 2 * BM);  // query tiles [first, end) per stream
@@ -390,6 +470,57 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
     uint32_t dsf[BM / 16][4];
     pack_a<BM, T>(dsf, dpt);
     gemm_rs<BM, D, NACC, T>(dk, dsf, q_tile, channel0, nullptr, lane);
+    if constexpr (kDq) {
+      using Maps = FusedBwdMaps<BM>;
+      // dS^T to shared memory as [key][query]: its own tile, or Q(stage) once every warp is
+      // done reading Q (the dK product above)
+      T* ds_tile = kOwnDs ? ds_own : q_tiles + stage * BM * D;
+      if constexpr (!kOwnDs) __syncthreads();
+      const int ds_lane = Maps::ds_store_lane(warp, lane);
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, kk, r)) = dsf[kk][r];
+      }
+      __syncthreads();  // dS of every warp's keys is in shared memory
+      // dQ (queries 16 warp.., D columns) += dS (16 x BN) K (BN x D), summed over the key blocks
+      // by float32 atomics, a chunk of columns at a time (few registers beside dK and dV)
+      uint32_t dsa[BN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        ldmatrix_x4_trans(dsa[kk], byte_offset(ds_tile, Maps::ds_load_bytes(warp, lane, kk * 16)));
+      // rows past the stream (another stream's, or past the buffer) only in the last, partial
+      // query tile, which always takes the masked step
+      // a base pointer per row (dq_row(.., 0) and + 8, column 2t), every atomic of the lane at
+      // a constant offset from it; unmasked steps: one pointer (+ 8 rows = + 8 D). In the masked
+      // steps (the last query tile may be partial) a row past the stream (another stream's, or
+      // past the buffer) adds an explicit 0 to the stream's last row instead: in bounds, no
+      // branch per atomic, exact (x + 0 = x)
+      const int i0 = tile * BM + Maps::dq_row(warp, lane, 0);
+      const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
+      const bool dq_row_ok[2] = {!kMasked || i0 < q_len_qs, !kMasked || i0 + 8 < q_len_qs};
+      float* const dq_head = p.dq_accum +
+                             ((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q +
+                              p.q_offsets[qs]) * D + Maps::dq_col(lane, 0, 0, 0);
+      float* const dq_base[2] = {
+          dq_head + static_cast<int64_t>(dq_row_ok[0] ? i0 : q_len_qs - 1) * D,
+          kMasked ? dq_head + static_cast<int64_t>(dq_row_ok[1] ? i0 + 8 : q_len_qs - 1) * D
+                  : dq_head + static_cast<int64_t>(i0 + 8) * D};
+      constexpr int kChunk = FusedBwdConfig<D>::kDqChunk;
+#pragma unroll
+      for (int c0 = 0; c0 < D; c0 += kChunk) {
+        float dq[kChunk / 8][4];
+        zero(dq);
+        gemm_rs<BN, D, kChunk, T>(dq, dsa, k_tile, c0, nullptr, lane);
+#pragma unroll
+        for (int nt = 0; nt < kChunk / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)  // row dq_row(.., e), column dq_col(.., c0, nt, e)
+            atomicAdd(dq_base[e >> 1] + Maps::dq_at(c0, nt, e), dq_row_ok[e >> 1] ? dq[nt][e] : 0.f);
+        }
+      }
+    }
     // stage ^ 1's rows were last read before the previous iteration's closing barrier, and are
     // next read after this one's
     if (next < S) store_rows(stage ^ 1, next_rows);
@@ -414,17 +545,26 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
         kFeatures ? end
                   : first_unmasked_query_tile(tile, end, key_row0, BN, limit,
                                               p.causal && qs == kp, causal_offset(p, kp), BM);
-    for (; tile < unmasked_from; ++tile, stage ^= 1) {
-      const bool last = tile + 1 == end;
-      step(MaskedStep<true>{}, qs, tile, last ? following : qs, last ? following_tile : tile + 1,
-           stage);
-    }
-    if constexpr (!kFeatures) {  // the main loop of the plain path
-      for (; tile < end; ++tile, stage ^= 1) {
+    // fused (dQ rows are written): a partial last query tile takes the masked step too; two
+    // call sites of each step either way (a third copy of the step made ptxas spill)
+    const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
+    const int unmasked_end = kDq && q_len_qs % BM != 0 ? end - 1 : end;
+    int masked_end = unmasked_from;  // then, after the unmasked tiles, end
+    while (true) {
+      for (; tile < masked_end; ++tile, stage ^= 1) {
         const bool last = tile + 1 == end;
-        step(MaskedStep<false>{}, qs, tile, last ? following : qs,
+        step(MaskedStep<true>{}, qs, tile, last ? following : qs,
              last ? following_tile : tile + 1, stage);
       }
+      if (kFeatures || tile >= end) break;
+      if constexpr (!kFeatures) {  // the main loop of the plain path
+        for (; tile < unmasked_end; ++tile, stage ^= 1) {
+          const bool last = tile + 1 == end;
+          step(MaskedStep<false>{}, qs, tile, last ? following : qs,
+               last ? following_tile : tile + 1, stage);
+        }
+      }
+      masked_end = end;
     }
     qs = following;
     tile = following_tile;
@@ -464,6 +604,17 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams
 }
 
 template <int D, typename T, bool kFeatures, bool kMask>
+__global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(const AttentionParams p) {
+  key_major_backward<D, T, kFeatures, kMask, false>(p);
+}
+
+// FlashAttention-2's fused backward: dK, dV and (by atomics into p.dq_accum) dQ in one loop
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads, 1) bwd_fused_kernel(const AttentionParams p) {
+  key_major_backward<D, T, false, false, true>(p);
+}
+
+template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DqConfig<D>;
   AttentionParams p = params;
@@ -491,6 +642,23 @@ cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const unsigned blocks = flat_grid(tiles, p.q_heads * Cfg::kParts, p.batch);
+  if (blocks == 0) return cudaErrorInvalidConfiguration;
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t run_backward_fused(const AttentionParams& params, cudaStream_t stream) {
+  using Cfg = FusedBwdConfig<D>;
+  AttentionParams p = params;
+  const int tiles =
+      fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
+  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto kernel = bwd_fused_kernel<D, T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
   if (blocks == 0) return cudaErrorInvalidConfiguration;
   kernel<<<blocks, kThreads, smem, stream>>>(p);
   return cudaGetLastError();

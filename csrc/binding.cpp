@@ -321,6 +321,18 @@ cudaError_t backward_dispatch(at::ScalarType dtype, int d, bool dq, const Attent
                             : backward_for<__nv_bfloat16>(d, dq, p, stream);
 }
 
+// the fused backward (launch.h: plain path, D <= kFusedBackwardMaxDim)
+template <typename T>
+cudaError_t backward_fused_for(int d, const AttentionParams& p, cudaStream_t stream) {
+  switch (d) {
+    case 32: return run_backward_fused<32, T>(p, stream);
+    case 64: return run_backward_fused<64, T>(p, stream);
+    case 96: return run_backward_fused<96, T>(p, stream);
+    case 128: return run_backward_fused<128, T>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 ForwardResult forward(FORWARD_ARGS) {
   (void)dropout_seed;
   check_variants(window_left, window_right, softcap, alibi_slopes, sinks);
@@ -404,12 +416,28 @@ BackwardResult backward(BACKWARD_ARGS) {
     p.dgate = nullptr;
   }
 
-  Tensor dq_padded, dbias_accum, dmask;
+  Tensor dq_padded, dq_accum, dbias_accum, dmask, dk_accum, dv_accum;
+  // FlashAttention-2's fused loop (dQ by float32 atomics: not under deterministic algorithms,
+  // where the order of the additions must not vary) when dQ and dK or dV are asked for
+  const bool fused = need_dq && (need_dk || need_dv) && !need_dbias && !need_dmask &&
+                     fused_backward_serves(p, d) &&
+                     !at::globalContext().deterministicAlgorithms();
+  if (fused) {
+    dq_accum = at::zeros({B, Hq, Tq, d}, f32);  // the kernel's head dim: no column test
+    dk_accum = at::zeros({B, H, Tk, prep.E8}, f32);
+    dv_accum = at::zeros({B, H, Tk, prep.Ev8}, f32);
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dk_accum = dk_accum.data_ptr<float>();
+    p.dv_accum = dv_accum.data_ptr<float>();
+    check_cuda(dtype == at::kHalf ? backward_fused_for<__half>(d, p, stream)
+                                  : backward_fused_for<__nv_bfloat16>(d, p, stream),
+               "fused backward kernel");
+  }
   if (need_dmask) {
     dmask = at::zeros({B, Hq, Tq, Tk}, f32);
     p.dmask = dmask.data_ptr<float>();
   }
-  if (need_dq || need_dbias || need_dmask) {
+  if (!fused && (need_dq || need_dbias || need_dmask)) {
     dq_padded = at::empty({B, Hq, Tq, prep.E8}, q.options());
     p.dq = dq_padded.data_ptr();
     if (need_dbias) {
@@ -418,8 +446,7 @@ BackwardResult backward(BACKWARD_ARGS) {
     }
     check_cuda(backward_dispatch(dtype, d, true, p, stream), "dq kernel");
   }
-  Tensor dk_accum, dv_accum;
-  if (need_dk || need_dv) {
+  if (!fused && (need_dk || need_dv)) {
     dk_accum = at::zeros({B, H, Tk, prep.E8}, f32);
     dv_accum = at::zeros({B, H, Tk, prep.Ev8}, f32);
     p.dk_accum = dk_accum.data_ptr<float>();
@@ -429,7 +456,9 @@ BackwardResult backward(BACKWARD_ARGS) {
 
   // a fresh empty tensor per gradient nobody asked for: outputs of a custom op must not alias
   auto none = [&] { return at::empty({0}, q.options()); };
-  Tensor dq = need_dq ? dq_padded.narrow(3, 0, prep.E).contiguous() : none();
+  Tensor dq = !need_dq ? none()
+              : fused   ? dq_accum.narrow(3, 0, prep.E).mul(scale).to(dtype).contiguous()
+                        : dq_padded.narrow(3, 0, prep.E).contiguous();
   Tensor dk = need_dk ? dk_accum.narrow(3, 0, prep.E).to(k.scalar_type()).contiguous() : none();
   Tensor dv = need_dv ? dv_accum.narrow(3, 0, prep.Ev).to(v.scalar_type()).contiguous() : none();
   // gate, bias and a float mask may be float32 with 16-bit q (the API upcasts broadcast ones so

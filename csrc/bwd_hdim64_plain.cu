@@ -12,4 +12,6 @@ template cudaError_t run_backward_dkdv_variant<64, __half, false, false>(const A
                                                                    cudaStream_t);
 template cudaError_t run_backward_dkdv_variant<64, __nv_bfloat16, false, false>(
     const AttentionParams&, cudaStream_t);
+template cudaError_t run_backward_fused<64, __half>(const AttentionParams&, cudaStream_t);
+template cudaError_t run_backward_fused<64, __nv_bfloat16>(const AttentionParams&, cudaStream_t);
 }  // namespace peer_attention

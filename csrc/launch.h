@@ -52,6 +52,18 @@ cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t 
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream);
 
+// FlashAttention-2's fused backward (bwd_fused_kernel, backward.cuh) for the plain path at
+// D <= kFusedBackwardMaxDim: dK/dV into dk_accum/dv_accum as dkdv_kernel, dQ unscaled into
+// p.dq_accum by float32 atomics (so not under torch.use_deterministic_algorithms(True), where
+// the binding keeps dq_kernel + dkdv_kernel). PEER_ATTENTION_FUSED_BACKWARD=0 at compile time
+// turns it off (the split kernels everywhere).
+#ifndef PEER_ATTENTION_FUSED_BACKWARD
+#define PEER_ATTENTION_FUSED_BACKWARD 1
+#endif
+constexpr int kFusedBackwardMaxDim = PEER_ATTENTION_FUSED_BACKWARD ? 128 : 0;
+template <int D, typename T>
+cudaError_t run_backward_fused(const AttentionParams& params, cudaStream_t stream);
+
 // the plain forward up to D = 128 (forward_plain.cuh) folds the scale into the exponent, which
 // needs 0 < scale * log2(e) < inf; any other scale takes the general kernel
 inline bool forward_needs_features(const AttentionParams& p) {
@@ -66,6 +78,12 @@ inline bool dq_needs_features(const AttentionParams& p) {
 
 inline bool dkdv_needs_features(const AttentionParams& p) {
   return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer;
+}
+
+// the fused backward serves the plain path (neither dQ nor dK/dV needs a feature)
+inline bool fused_backward_serves(const AttentionParams& p, int kernel_head_dim) {
+  return kernel_head_dim <= kFusedBackwardMaxDim && !dq_needs_features(p) &&
+         !dkdv_needs_features(p);
 }
 
 // the mask variants: attn_mask (forward, dK/dV), attn_mask or its gradient (dQ)

@@ -57,6 +57,8 @@ struct AttentionParams {
   float* dbias;      // (B, S, S, Hq) float32 accumulator (zeroed), or null
   float* dmask;      // (B, Hq, Tq, Tk) float32 (zeroed): dS of every visited score, or null
   void* dq;          // (B, Hq, Tq, head_dim) contiguous, input dtype
+  float* dq_accum;   // bwd_fused_kernel: (B, Hq, Tq, D) float32 (zeroed; D = the kernel's head
+                     // dim), dS K unscaled
   float* dk_accum;   // (B, H, Tk, head_dim) float32 (zeroed)
   float* dv_accum;   // (B, H, Tk, value_dim) float32 (zeroed)
 };

@@ -19,7 +19,8 @@ as compiled), not a dynamic trace.
 forward `Flash_fwd_kernel_traits<128, 128, 64, 4>` and backward
 `Flash_bwd_kernel_traits<128, 64, 128, 8, 2, 4, 2>` (sm_80; non-causal, no dropout, even M/N
 and K: their plain paths) with the same nvcc flags plus its own `--expt-extended-lambda`, as
-the yardstick, and prints our backward's loop instructions per unit of work against its.
+the yardstick, and prints our backward's loop instructions per unit of work against its (the
+split dQ + dK/dV kernels, and the fused one).
 Needs nvcc on PATH (cuobjdump from the toolkit, else the one triton ships); runs from a checkout
 (csrc/ is not in the wheel). Results for the record: docs/cuda.md.
 """
@@ -235,8 +236,10 @@ OURS_PROBE = r"""
 #include "launch.h"
 using namespace peer_attention;
 template <int D, typename T> void print(const char* dtype) {
-  if constexpr (D <= 128)
+  if constexpr (D <= 128) {
     std::printf("forward_plain_kernel %d %s %d %d\n", D, dtype, ForwardPlainConfig<D>::template smem_bytes<T>(), kThreads);
+    std::printf("bwd_fused_kernel %d %s %d %d\n", D, dtype, FusedBwdConfig<D>::template smem_bytes<T>(), kThreads);
+  }
   std::printf("forward_kernel %d %s %d %d\n", D, dtype, ForwardConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("dq_kernel %d %s %d %d\n", D, dtype, DqConfig<D>::template smem_bytes<T>(), kThreads);
   std::printf("dkdv_kernel %d %s %d %d\n", D, dtype, DkdvConfig<D>::template smem_bytes<T>(), kThreads);
@@ -430,19 +433,29 @@ def report_flash_attn(path: Path, work: Path) -> List[Row]:
     return rows
 
 
-def backward_per_unit(rows: List[Row]) -> Optional[float]:
-    """Our backward's static loop instructions per unit of work against FlashAttention-2's, hd128
-    fp16 sm_80 (plain path): a unit is a 64-query x 64-key tile pair (its five products). Our
-    dQ and dK/dV loops each cover one unit per block of 4 warps; FA2's fused loop covers two
-    (64 x 128) per block of 8 warps: (dq + dkdv) * 4 / (fa2 * 8 / 2) = (dq + dkdv) / fa2."""
-    def loop(kernel):
-        found = [r for r in rows if r.arch == "sm80" and r.head_dim == 128 and r.dtype == "fp16"
-                 and r.kernel == kernel]
-        return found[0].loop.get("instructions") if found else None
+def _loop_instructions(rows: List[Row], kernel: str) -> Optional[int]:
+    found = [r for r in rows if r.arch == "sm80" and r.head_dim == 128 and r.dtype == "fp16"
+             and r.kernel == kernel]
+    return found[0].loop.get("instructions") if found else None
 
-    dq, dkdv = loop("dq_kernel plain"), loop("dkdv_kernel plain")
-    fa2 = loop("FA2 flash_bwd_dq_dk_dv 64x128 w8")
+
+def backward_per_unit(rows: List[Row]) -> Optional[float]:
+    """Our split backward's static loop instructions per unit of work against FlashAttention-2's,
+    hd128 fp16 sm_80 (plain path): a unit is a 64-query x 64-key tile pair (its five products).
+    Our dQ and dK/dV loops each cover one unit per block of 4 warps; FA2's fused loop covers two
+    (64 x 128) per block of 8 warps: (dq + dkdv) * 4 / (fa2 * 8 / 2) = (dq + dkdv) / fa2."""
+    dq, dkdv = (_loop_instructions(rows, k) for k in ("dq_kernel plain", "dkdv_kernel plain"))
+    fa2 = _loop_instructions(rows, "FA2 flash_bwd_dq_dk_dv 64x128 w8")
     return round((dq + dkdv) / fa2, 2) if dq and dkdv and fa2 else None
+
+
+def fused_backward_per_unit(rows: List[Row]) -> Optional[float]:
+    """The same for our fused backward (bwd_fused_kernel, the plain path's backward where atomics
+    are allowed): one unit per loop iteration of a 4-warp block, so fused * 4 / (fa2 * 8 / 2) =
+    fused / fa2."""
+    fused = _loop_instructions(rows, "bwd_fused_kernel")
+    fa2 = _loop_instructions(rows, "FA2 flash_bwd_dq_dk_dv 64x128 w8")
+    return round(fused / fa2, 2) if fused and fa2 else None
 
 
 HEADER = ("| arch | kernel | D | dtype | threads | regs | spill B | smem B / limit | blocks/SM "
@@ -500,6 +513,10 @@ def main(argv=None) -> List[Row]:
     if ratio is not None:
         print(f"\nbackward (hd128 fp16 sm80, plain): (dq + dkdv loop instructions) per unit of "
               f"work / FlashAttention-2's = {ratio}")
+    fused = fused_backward_per_unit(rows)
+    if fused is not None:
+        print(f"fused backward (hd128 fp16 sm80): bwd_fused_kernel loop instructions per unit of "
+              f"work / FlashAttention-2's = {fused}")
     if opts.json:
         print(json.dumps([dict(asdict(r), fits=r.fits) for r in rows]))
     return rows

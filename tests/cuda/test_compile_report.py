@@ -85,7 +85,7 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
     # the plain forward up to D = 128 is its own kernel (forward_plain.cuh)
     assert {r.kernel for r in rows} == {"forward_plain_kernel", "forward_kernel features",
-                                        "forward_kernel features+mask"} | {
+                                        "forward_kernel features+mask", "bwd_fused_kernel"} | {
         f"{k}_kernel {v}" for k in ("dq", "dkdv") for v in ("plain", "features", "features+mask")}
     for r in rows:
         assert r.head_dim == 32 and r.dtype == "fp16" and r.threads == 128
@@ -107,6 +107,9 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     fwd = next(r for r in rows if r.kernel == "forward_plain_kernel")
     assert fwd.loop["hmma"] == 2 * features["forward_kernel"].loop["hmma"]
     assert fwd.loop["per_hmma"] < features["forward_kernel"].loop["per_hmma"]
+    # the fused backward: dK/dV's four products and dQ's one per tile pair (5/4 of dK/dV's mma)
+    fused = next(r for r in rows if r.kernel == "bwd_fused_kernel")
+    assert 4 * fused.loop["hmma"] == 5 * plain["dkdv_kernel"].loop["hmma"]
 
 
 def test_instantiation_names():
@@ -176,3 +179,6 @@ def test_backward_per_unit_of_work():
     # 4 warps x (600 + 900) per unit against 8 warps x 1000 per two units
     assert report.backward_per_unit(rows) == 1.5
     assert report.backward_per_unit(rows[:2]) is None
+    # the fused kernel: one unit per iteration of a 4-warp block
+    assert report.fused_backward_per_unit(rows) is None
+    assert report.fused_backward_per_unit(rows + [row("bwd_fused_kernel", 1200)]) == 1.2

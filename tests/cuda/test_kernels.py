@@ -344,3 +344,71 @@ def test_kernel_image_for_this_device():
     from peer_attention.backends.cuda import kernel_image_error
 
     assert kernel_image_error(torch.cuda.current_device()) == ""
+
+
+# --- the fused backward (dQ by atomics) and the split one (deterministic algorithms) ----------
+
+def _backward_kernel_names(fn):
+    """Names of the CUDA kernels fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.key for e in prof.key_averages())
+
+
+@pytest.fixture(params=[False, True], ids=["fused", "deterministic_split"])
+def deterministic_mode(request):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (96, 96), (128, 128), (80, 80), (40, 120)])
+@pytest.mark.parametrize("L,M,is_causal", [(63, 65, False), (129, 257, True), (200, 64, True),
+                                           (1, 70, False)])
+def test_fused_backward_head_dims_and_lengths(deterministic_mode, dtype, E, Ev, L, M, is_causal):
+    # plain backward at every kernel head dim <= 128 (80 and 40/120: padded into 96 and 128),
+    # partial last query and key tiles (the fused kernel's masked step), causal, one query row;
+    # the same cases with torch.use_deterministic_algorithms(True) take dq_kernel + dkdv_kernel
+    check_peer(dtype, q_lens=[L], kv_lens=[M], B=2, Hq=2, H=2, E=E, Ev=Ev, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [64, 128])
+def test_fused_backward_gqa_streams_kv_lengths(dtype, E):
+    # GQA (dK/dV of 3 query heads per key head summed by atomics), several streams whose dQ
+    # rows are packed next to each other (a partial last tile of stream 0 sits before stream 1's
+    # rows), kv_lengths, causal self pairs with bottom-right alignment off
+    check_peer(dtype, q_lens=[70, 130], kv_lens=[90, 65], B=2, Hq=6, H=2, E=E, Ev=E,
+               is_causal=True, kv_lengths=[[90, 40], [17, 65]])
+
+
+def test_fused_backward_is_the_plain_path_split_under_determinism():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (_randn(1, 2, 100, 64, gen=gen).to(torch.float16).detach().requires_grad_()
+               for _ in range(3))
+
+    def backward():
+        out = peer_attention.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")
+        out.float().sum().backward()
+
+    names = _backward_kernel_names(backward)
+    assert "bwd_fused_kernel" in names and "dq_kernel" not in names, names
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        names = _backward_kernel_names(backward)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert "bwd_fused_kernel" not in names and "dq_kernel" in names and "dkdv_kernel" in names, \
+        names
+    # only dQ asked for: the dQ kernel alone (3 products instead of the fused 5)
+    q.grad = None
+    names = _backward_kernel_names(lambda: torch.autograd.grad(
+        peer_attention.scaled_dot_product_attention(q, k.detach(), v.detach(), backend="cuda")
+        .float().sum(), [q]))
+    assert "bwd_fused_kernel" not in names and "dq_kernel" in names, names
