@@ -617,51 +617,22 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_fused_kernel(const AttentionP
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DqConfig<D>;
-  AttentionParams p = params;
-  const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
-  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dq_kernel<D, T, kFeatures, kMask>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
-  if (blocks == 0) return cudaErrorInvalidConfiguration;
-  kernel<<<blocks, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_over_tiles(dq_kernel<D, T, kFeatures, kMask>, params, TileRows::kQuery,
+                           Cfg::kBlockM, Cfg::template smem_bytes<T>(), 1, stream);
 }
 
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dkdv_variant(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = DkdvConfig<D>;
-  AttentionParams p = params;
-  const int tiles =
-      fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
-  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = dkdv_kernel<D, T, kFeatures, kMask>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = flat_grid(tiles, p.q_heads * Cfg::kParts, p.batch);
-  if (blocks == 0) return cudaErrorInvalidConfiguration;
-  kernel<<<blocks, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_over_tiles(dkdv_kernel<D, T, kFeatures, kMask>, params, TileRows::kKey,
+                           Cfg::kBlockN, Cfg::template smem_bytes<T>(), Cfg::kParts, stream);
 }
 
 template <int D, typename T>
 cudaError_t run_backward_fused(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = FusedBwdConfig<D>;
-  AttentionParams p = params;
-  const int tiles =
-      fill_tile_offsets(p.kv_tile_offsets, p.kv_offsets, p.num_streams, Cfg::kBlockN);
-  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = bwd_fused_kernel<D, T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
-  if (blocks == 0) return cudaErrorInvalidConfiguration;
-  kernel<<<blocks, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_over_tiles(bwd_fused_kernel<D, T>, params, TileRows::kKey,
+                           Cfg::kBlockN, Cfg::template smem_bytes<T>(), 1, stream);
 }
 
 }  // namespace peer_attention

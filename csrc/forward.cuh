@@ -320,17 +320,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const AttentionPar
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t launch_forward_kernel(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = ForwardConfig<D>;
-  AttentionParams p = params;
-  const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
-  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = forward_kernel<D, T, kFeatures, kMask>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
-  if (blocks == 0) return cudaErrorInvalidConfiguration;
-  kernel<<<blocks, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_over_tiles(forward_kernel<D, T, kFeatures, kMask>, params, TileRows::kQuery,
+                           Cfg::kBlockM, Cfg::template smem_bytes<T>(), 1, stream);
 }
 
 

@@ -311,17 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
 template <int D, typename T>
 cudaError_t run_forward_plain(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = ForwardPlainConfig<D>;
-  AttentionParams p = params;
-  const int tiles = fill_tile_offsets(p.q_tile_offsets, p.q_offsets, p.num_streams, Cfg::kBlockM);
-  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto kernel = forward_plain_kernel<D, T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = flat_grid(tiles, p.q_heads, p.batch);
-  if (blocks == 0) return cudaErrorInvalidConfiguration;
-  kernel<<<blocks, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_over_tiles(forward_plain_kernel<D, T>, params, TileRows::kQuery,
+                           Cfg::kBlockM, Cfg::template smem_bytes<T>(), 1, stream);
 }
 
 }  // namespace peer_attention

@@ -589,4 +589,23 @@ inline int fill_tile_offsets(int* tile_offsets, const int* offsets, int num_stre
   return tile_offsets[num_streams];
 }
 
+// Host side, every kernel's launch: `kernel` over the flat grid of the tiles of `block_rows`
+// rows of each stream (TileRows: its query rows or its key rows) x q_heads * head_parts x batch,
+// with `smem` bytes of dynamic shared memory. Nothing to do is success.
+enum class TileRows { kQuery, kKey };
+template <typename Kernel>
+cudaError_t launch_over_tiles(Kernel kernel, AttentionParams p, TileRows rows, int block_rows,
+                              int smem, int head_parts, cudaStream_t stream) {
+  const bool query = rows == TileRows::kQuery;
+  const int tiles = fill_tile_offsets(query ? p.q_tile_offsets : p.kv_tile_offsets,
+                                      query ? p.q_offsets : p.kv_offsets, p.num_streams, block_rows);
+  if (tiles == 0 || p.batch == 0 || p.q_heads == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = flat_grid(tiles, p.q_heads * head_parts, p.batch);
+  if (blocks == 0) return cudaErrorInvalidConfiguration;
+  kernel<<<blocks, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace peer_attention
