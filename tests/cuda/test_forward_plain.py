@@ -18,13 +18,11 @@ query rows per warp), checked without a GPU:
 """
 import math
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from tests.cuda.host_program import host_program_output
 
 PROGRAM = r"""
 #include <cstdio>
@@ -192,23 +190,17 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_index_math_on_the_host(tmp_path):
-    source = tmp_path / "forward_plain_host.cu"
-    source.write_text(PROGRAM)
-    binary = tmp_path / "forward_plain_host"
-    subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", f"-I{CSRC}", "-o",
-                    str(binary), str(source)], check=True, capture_output=True)
-    done = subprocess.run([str(binary)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout
-    lines = done.stdout.split("\n")
-    assert all(f"offsets {d} 0" in lines for d in (32, 64, 96, 128, 160, 192, 256)), done.stdout
+    stdout = host_program_output(tmp_path, "forward_plain_host", PROGRAM)
+    lines = stdout.split("\n")
+    assert all(f"offsets {d} 0" in lines for d in (32, 64, 96, 128, 160, 192, 256)), stdout
     assert all(f"copy 128 {d} 0" in lines for d in (32, 64, 96, 128))
-    assert all(f"aligned {d} 0" in lines for d in (32, 64, 96, 128)), done.stdout
+    assert all(f"aligned {d} 0" in lines for d in (32, 64, 96, 128)), stdout
     # no ldmatrix bank conflicts at any kernel head dim (32 and 96 had 2-way ones)
     assert all(f"banks {d} 1" in lines for d in (32, 64, 96, 128, 160, 192, 256)), \
-        done.stdout
+        stdout
     for kind in ("tiles", "query_tiles"):  # sound tile splits, many cases each
         cases = [line for line in lines if line.startswith(kind + " ")]
-        assert cases and int(cases[0].split()[1]) > 1000 and cases[0].endswith(" 0"), done.stdout
+        assert cases and int(cases[0].split()[1]) > 1000 and cases[0].endswith(" 0"), stdout
 
 
 def test_fragment_ownership_covers_the_block_once():

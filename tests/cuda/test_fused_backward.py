@@ -14,12 +14,10 @@ float32 atomics), checked without a GPU:
   in order, the partial one never unmasked.
 """
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from tests.cuda.host_program import host_program_output
 
 PROGRAM = r"""
 #include <cstdio>
@@ -123,21 +121,15 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_fused_backward_index_maps_on_the_host(tmp_path):
-    source = tmp_path / "fused_backward_host.cu"
-    source.write_text(PROGRAM)
-    binary = tmp_path / "fused_backward_host"
-    subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", f"-I{CSRC}", "-o",
-                    str(binary), str(source)], check=True, capture_output=True)
-    done = subprocess.run([str(binary)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout
-    lines = done.stdout.split("\n")
-    assert "ds 0 1" in lines, done.stdout  # exact fragments, conflict-free stores
-    assert all(f"dq {d} 0" in lines for d in (32, 64, 96, 128)), done.stdout
+    stdout = host_program_output(tmp_path, "fused_backward_host", PROGRAM)
+    lines = stdout.split("\n")
+    assert "ds 0 1" in lines, stdout  # exact fragments, conflict-free stores
+    assert all(f"dq {d} 0" in lines for d in (32, 64, 96, 128)), stdout
     smem = {tuple(map(int, line.split()[1:3])): line.split()[3:] for line in lines
             if line.startswith("smem ")}
     assert len(smem) == 4  # fp16 and bf16 share (D, 2): both checked by the exit status
     # D = 128: the dS tile goes into a Q stage (its own would need 108160 B > 101376)
-    assert smem[(128, 2)][1] == "0" and smem[(64, 2)][1] == "1", done.stdout
+    assert smem[(128, 2)][1] == "0" and smem[(64, 2)][1] == "1", stdout
 
 
 def query_tile_visits(first, end, unmasked_from, q_len, block=64, fused=True):

@@ -6,11 +6,10 @@ as a host program with nvcc (no GPU); the mapping is the one the kernels use."""
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from tests.cuda.host_program import CSRC, host_program_output
 
 PROGRAM = r"""
 #include <cstdio>
@@ -102,25 +101,19 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_every_chunk_is_copied_once(tmp_path):
-    source = tmp_path / "tile_copy.cu"
-    source.write_text(PROGRAM)
-    binary = tmp_path / "tile_copy"
-    subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", f"-I{CSRC}", "-o",
-                    str(binary), str(source)], check=True, capture_output=True)
-    done = subprocess.run([str(binary)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout
-    lines = done.stdout.split("\n")
+    stdout = host_program_output(tmp_path, "tile_copy", PROGRAM)
+    lines = stdout.split("\n")
     # every kernel head dim but 96, 160 and 192 (12, 20, 24 chunks per row: 128 threads do not
     # cover whole rows)
     # takes the stepped path
-    assert sum(line.startswith("ok") for line in lines) == 8, done.stdout
+    assert sum(line.startswith("ok") for line in lines) == 8, stdout
     assert "per-chunk 64 96" in lines and "per-chunk 32 96" in lines
     assert all(f"per-chunk {r} {d}" in lines for r in (32, 64) for d in (160, 192))
     # the plain forward's D = 96 copies (kOrdered): 32-column blocks, every chunk once; the
     # dims whose rows 128 threads cover whole keep TileCopy (D = 192: groups of 8 chunks)
-    assert all(f"blocks ok {r} 96" in lines for r in (32, 64, 128)), done.stdout
-    assert "blocks ok 64 160" in lines, done.stdout
-    assert all(f"blocks n/a 64 {d}" in lines for d in (32, 64, 128, 192, 256)), done.stdout
+    assert all(f"blocks ok {r} 96" in lines for r in (32, 64, 128)), stdout
+    assert "blocks ok 64 160" in lines, stdout
+    assert all(f"blocks n/a 64 {d}" in lines for d in (32, 64, 128, 192, 256)), stdout
 
 
 STEP_PROBE = r"""
