@@ -243,8 +243,7 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
         q, k, v = q0, keys[0], values[0]
     else:  # one packed buffer per role; the caller's tensors are only read
         q = _packed(queries, q_lens)
-        k, v = (_packed(keys, kv_lens), _packed(values, kv_lens)) if 0 in kv_lens else (
-            torch.cat(keys, 2), torch.cat(values, 2))
+        k, v = _packed(keys, kv_lens), _packed(values, kv_lens)
     if gate is not None:
         gate = broadcast_in_fp32(gate, (batch, num_streams, num_streams, num_q_heads, value_dim))
     if bias is not None:
