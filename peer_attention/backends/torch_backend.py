@@ -562,7 +562,8 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 alone = len(peers) == 1 and gate is None
                 o_t, l_t = (o_s, None) if alone else _kept_or_again(plan, kept, s, t, q_s)
                 lse_in = lses[s][:, :, t]
-                lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
+                if pair_mask is not None:  # only a mask empties a row (lse -inf: Plan.pair)
+                    lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
                 g_out = d_out if gate is None else d_out_c * gate
                 if g_out.dtype != p.q.dtype:
                     g_out = g_out.to(p.q.dtype)
