@@ -26,7 +26,8 @@ from torch import Tensor
 
 from .double_backward import differentiable_grads
 from .problem import (AUTOCAST_POSITIONS, FIELDS, GRAD_POSITIONS, NUM_FIELDS, OPTION_POSITIONS,
-                      TENSOR_POSITIONS, AttentionProblem, lse_dtype, lse_shape)
+                      TENSOR_POSITIONS, AttentionProblem, lse_dtype, lse_shape,
+                      mask_grad_shape)
 # re-exported for the backends that import it from here; it lives in problem.py, below every
 # backend (backends/torch_dropout.py importing it from here closed the cycle ops ->
 # double_backward -> backends/torch_dropout -> ops)
@@ -47,7 +48,28 @@ BWD_SCHEMA = (
     f"-> ({', '.join(['Tensor'] * len(GRAD_INPUTS))})"
 )
 
+# the attn_mask's position among the problem arguments: its gradient is the one the backward op
+# returns at the mask's un-broadcast shape (problem.mask_grad_shape)
+MASK_ARG = next(i for i, f in enumerate(FIELDS) if f.name == "attn_mask")
+_MASK_GRAD = GRAD_INPUTS.index(MASK_ARG)  # and its gradient's among the backward's outputs
+
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def mask_grad_for_input(grad, mask: Tensor):
+    """The gradient autograd gets for the (expanded) mask input from the backward's dmask, which
+    may sum to the mask's un-broadcast shape (problem.py): a dense one as it is, a compact one as
+    a stride-0 view whose copies sum back to it (each an equal share: the expand()'s backward, the
+    only consumer of this gradient, sums them), so the dense buffer is never made."""
+    if grad is None or grad.shape == mask.shape:
+        return grad
+    grad = grad.sum_to_size(mask_grad_shape(mask))
+    copies = mask.numel() // grad.numel() if grad.numel() else 1
+    return (grad / copies if copies > 1 else grad).expand(mask.shape)
+
+
+def _grad_shape(arg: Tensor, position: int):
+    return mask_grad_shape(arg) if position == MASK_ARG else arg.shape
 _defined: dict = {}
 
 
@@ -65,7 +87,8 @@ def _fake_bwd(grad_out, out, lse, *rest):
     # a new tensor per output (outputs of a custom op must not alias each other): the input's
     # shape where its gradient is wanted, else empty
     return tuple(
-        args[i].new_empty(args[i].shape) if (args[i] is not None and need) else q.new_empty(0)
+        args[i].new_empty(_grad_shape(args[i], i)) if (args[i] is not None and need)
+        else q.new_empty(0)
         for i, need in zip(GRAD_INPUTS, needs_grad)
     )
 
@@ -115,6 +138,7 @@ def _make_backward(name, bwd_op):
         for slot, grad, needed in zip(GRAD_INPUTS, result, needs):
             if needed:
                 grads[slot] = grad
+        grads[MASK_ARG] = mask_grad_for_input(grads[MASK_ARG], args[MASK_ARG])
         return tuple(grads)
 
     return backward
@@ -193,6 +217,7 @@ _EAGER_TENSORS = _SAVED_TENSORS
 # where each differentiable field (GRAD_INPUTS) sits among the eager Function's inputs
 _EAGER_GRAD_SLOTS = tuple(1 + _EAGER_TENSORS.index(i) for i in GRAD_INPUTS)
 _EAGER_NUM_INPUTS = 1 + len(_EAGER_TENSORS)
+_EAGER_MASK_SLOT = 1 + _EAGER_TENSORS.index(MASK_ARG)
 _NO_EAGER_GRADS = (None,) * _EAGER_NUM_INPUTS
 
 
@@ -223,6 +248,7 @@ def _eager_function(name: str, forward, python_backward, bwd_op):
         for slot, grad, needed in zip(_EAGER_GRAD_SLOTS, result, needs):
             if needed:
                 grads[slot] = grad
+        grads[_EAGER_MASK_SLOT] = mask_grad_for_input(grads[_EAGER_MASK_SLOT], args[MASK_ARG])
         return tuple(grads)
 
     # old-style forward(ctx, ...): Function.apply binds default arguments through inspect.signature
@@ -275,7 +301,8 @@ def register_python_kernels(
 
     forward(problem) -> (out, lse), in any layout (the eager path keeps it);
     backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks),
-    None allowed where needs_grad is False;
+    None allowed where needs_grad is False, dmask at any shape that sums to
+    problem.mask_grad_shape(attn_mask) (the op returns it at that shape);
     op_outputs(out, lse) -> (out, lse) contiguous, for the op (default: Tensor.contiguous).
     """
     if op_outputs is None:
@@ -293,6 +320,10 @@ def register_python_kernels(
         # contiguous, as the fake kernel declares (inductor asserts the strides it was promised);
         # an empty tensor where the backend returned None (a gradient nobody asked for)
         q = problem.q
+        grads = list(grads)
+        dmask = grads[_MASK_GRAD]
+        if dmask is not None and needs_grad[_MASK_GRAD] and problem.attn_mask is not None:
+            grads[_MASK_GRAD] = dmask.sum_to_size(mask_grad_shape(problem.attn_mask))
         return tuple(empty_grad(q) if g is None else g.contiguous() for g in grads)
 
     _lib.impl(f"{name}_fwd", fwd_kernel, dispatch_key)

@@ -31,8 +31,13 @@ GQA is implied by Hq != H: query head h reads key/value head h // (Hq / H).
 A backend's forward returns (out (B, Hq, Tq, Ev) in q's dtype, lse), where lse is the natural-log
 sum-exp of each row's scores, float32 (float64 for float64 inputs): (B, Hq, Tq) for "joint",
 (B, Hq, S, Tq) for "peer" (-inf where a row has nothing to attend to). Its backward returns the
-seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) shaped like those inputs (gate/bias/mask in their
+seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) shaped like those inputs (gate/bias in their
 full expanded shape; autograd of the expand sums them down), or empty tensors where not needed.
+dmask may come back at any shape that sums (Tensor.sum_to_size) to mask_grad_shape(attn_mask): the
+mask's own shape, 1 on every dim it is broadcast along (stride 0), so that a broadcast mask's
+gradient is accumulated at its own size, not as a dense (B, Hq, Tq, Tk) float32 buffer (8 GiB at
+B*H = 32, L = 8k). The registered op returns it at mask_grad_shape, and its autograd formula hands
+it to the expand (ops.mask_grad_for_input).
 """
 from __future__ import annotations
 
@@ -231,6 +236,12 @@ def causal_band(causal: bool, window: Tuple[int, int]):
 def empty_grad(like: Tensor) -> Tensor:
     """The placeholder a backward returns for a gradient nobody asked for."""
     return like.new_empty(0)
+
+
+def mask_grad_shape(mask: Tensor) -> Tuple[int, ...]:
+    """The shape a float attn_mask's gradient is accumulated at: the mask's, with 1 on every dim
+    it is broadcast along (stride 0: an expand()ed view of a smaller mask)."""
+    return tuple(1 if stride == 0 else size for size, stride in zip(mask.shape, mask.stride()))
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
