@@ -1,0 +1,123 @@
+"""A float attn_mask's gradient at the mask's own shape (issue 23): a mask broadcast over batch,
+heads or queries gets its gradient accumulated at its un-broadcast shape (problem.mask_grad_shape),
+not in a dense (B, Hq, Tq, Tk) buffer, by the Triton kernels (atomic adds into a compact float32
+buffer; dense then summed under deterministic algorithms) and the torch/reference backends, and
+the gradient reaching the user's mask matches the float64 reference (SPEC section 8)."""
+import contextlib
+
+import pytest
+import torch
+
+from peer_attention import entry, ops
+from peer_attention.api import peer_problem
+from peer_attention.problem import mask_grad_shape
+from peer_attention.triton_kernels import bwd
+from tests.helpers import assert_matches_reference, randn
+
+B, HQ, H, TQ, TK, E = 2, 4, 2, 13, 21, 16  # GQA (2 query heads per key/value head)
+MASK_SHAPES = [(TQ, TK), (1, 1, TQ, TK), (B, 1, TQ, TK), (1, HQ, TQ, TK), (B, HQ, TQ, TK),
+               (B, 1, 1, TK), (1, HQ, 1, TK)]
+BACKENDS = ["triton", "torch", "reference"]
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def _run(backend, is_causal, kv_lengths):
+    def fn(q, k, v, mask):
+        problem = peer_problem([q], [k], [v], is_causal=is_causal, enable_gqa=True,
+                               kv_lengths=kv_lengths)
+        problem = problem._replace(attn_mask=mask.expand(B, HQ, TQ, TK))
+        return entry.run(problem, backend)[0]
+    return fn
+
+
+def _inputs(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [randn(B, HQ, TQ, E, gen=gen), randn(B, H, TK, E, gen=gen), randn(B, H, TK, E, gen=gen),
+            randn(*shape, gen=gen)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_broadcast_mask_gradient_matches_reference(backend, shape, deterministic):
+    kv_lengths = torch.tensor([[TK], [TK - 6]], dtype=torch.int32)  # padding keys in batch 1
+    with _deterministic(deterministic):
+        for causal in (False, True):
+            assert_matches_reference(_run(backend, causal, kv_lengths),
+                                     _run("reference", causal, kv_lengths), _inputs(shape),
+                                     torch.float32, names=["q", "k", "v", "mask"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_op_returns_the_compact_gradient(backend):
+    """The registered backward op (what torch.compile and the compiled extension see) returns
+    dmask at mask_grad_shape, as its fake kernel declares, for a dense and a broadcast mask."""
+    for shape in [(1, 1, TQ, TK), (B, 1, 1, TK), (B, HQ, TQ, TK)]:
+        q, k, v, mask = (t.detach().float() for t in _inputs(shape))
+        problem = peer_problem([q], [k], [v], enable_gqa=True)._replace(
+            attn_mask=mask.expand(B, HQ, TQ, TK))
+        name = entry.select_backend(problem, backend)
+        out, lse = ops.backend_ops(name)[0](*problem)
+        grads = entry.backward(problem, name, torch.randn_like(out), out, lse, [False] * 5 + [True, False])
+        dmask = grads[5]
+        assert tuple(dmask.shape) == mask_grad_shape(problem.attn_mask) == (4 - len(shape)) * (
+            1,) + shape
+        fake = ops._fake_bwd(out, out, lse, *problem, [False] * 5 + [True, False])[5]
+        assert fake.shape == dmask.shape
+
+
+def _allocations(monkeypatch):
+    """The dmask buffers the Triton backward allocates (spied on at bwd._dmask_buffer)."""
+    made = []
+    real = bwd._dmask_buffer
+
+    def spy(mask, device):
+        made.append(real(mask, device))
+        return made[-1]
+    monkeypatch.setattr(bwd, "_dmask_buffer", spy)
+    return made
+
+
+@pytest.mark.parametrize("shape", [(TQ, TK), (B, 1, TQ, TK), (1, HQ, 1, TK), (B, HQ, TQ, TK)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_triton_allocates_the_mask_gradient_at_its_own_shape(shape, monkeypatch):
+    made = _allocations(monkeypatch)
+    q, k, v, mask = _inputs(shape)
+    q, k, v, mask = (t.detach().float().requires_grad_() for t in (q, k, v, mask))
+    _run("triton", False, None)(q, k, v, mask).sum().backward()
+    full = (4 - len(shape)) * (1,) + shape
+    assert [tuple(m.shape) for m in made] == [full]
+    dense = full == (B, HQ, TQ, TK)
+    assert made[0].dtype == torch.float32 and (dense or made[0].numel() < B * HQ * TQ * TK)
+    assert mask.grad.shape == mask.shape
+    # deterministic algorithms: a dense buffer, summed by torch afterwards
+    made.clear()
+    mask.grad = None
+    with _deterministic(True):
+        _run("triton", False, None)(q, k, v, mask).sum().backward()
+    assert [tuple(m.shape) for m in made] == [(B, HQ, TQ, TK)]
+
+
+def test_a_broadcast_leaf_mask_gets_its_full_gradient():
+    """An expand()ed mask that is itself a leaf requiring grad (or retains its grad) needs every
+    element of its gradient: it is copied dense first, its gradient is per element."""
+    base = torch.randn(1, 1, TQ, TK, dtype=torch.float64)
+    q, k, v, _ = (t.detach() for t in _inputs((1, 1, TQ, TK)))
+    grads = {}
+    for backend in ("triton", "reference"):
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        mask = base.to(dtype).expand(B, HQ, TQ, TK).detach().requires_grad_()
+        assert mask.is_leaf and mask.stride()[:2] == (0, 0)
+        _run(backend, False, None)(q.to(dtype), k.to(dtype), v.to(dtype), mask).square().sum() \
+            .backward()
+        grads[backend] = mask.grad.double()
+    assert (grads["triton"] - grads["reference"]).abs().max().item() <= 1e-4
