@@ -3,8 +3,6 @@ heads or queries gets its gradient accumulated at its un-broadcast shape (proble
 not in a dense (B, Hq, Tq, Tk) buffer, by the Triton kernels (atomic adds into a compact float32
 buffer; dense then summed under deterministic algorithms) and the torch/reference backends, and
 the gradient reaching the user's mask matches the float64 reference (SPEC section 8)."""
-import contextlib
-
 import pytest
 import torch
 
@@ -12,48 +10,21 @@ from peer_attention import entry, ops
 from peer_attention.api import peer_problem
 from peer_attention.problem import mask_grad_shape
 from peer_attention.triton_kernels import bwd
-from tests.helpers import assert_matches_reference, randn
+from tests.dmask_cases import (B, HQ, KV_LENGTHS, MASK_SHAPES, TK, TQ, attention, deterministic,
+                               inputs, shape_id)
+from tests.helpers import assert_matches_reference
 
-B, HQ, H, TQ, TK, E = 2, 4, 2, 13, 21, 16  # GQA (2 query heads per key/value head)
-MASK_SHAPES = [(TQ, TK), (1, 1, TQ, TK), (B, 1, TQ, TK), (1, HQ, TQ, TK), (B, HQ, TQ, TK),
-               (B, 1, 1, TK), (1, HQ, 1, TK)]
 BACKENDS = ["triton", "torch", "reference"]
 
 
-@contextlib.contextmanager
-def _deterministic(on: bool):
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
-
-
-def _run(backend, is_causal, kv_lengths):
-    def fn(q, k, v, mask):
-        problem = peer_problem([q], [k], [v], is_causal=is_causal, enable_gqa=True,
-                               kv_lengths=kv_lengths)
-        problem = problem._replace(attn_mask=mask.expand(B, HQ, TQ, TK))
-        return entry.run(problem, backend)[0]
-    return fn
-
-
-def _inputs(shape, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [randn(B, HQ, TQ, E, gen=gen), randn(B, H, TK, E, gen=gen), randn(B, H, TK, E, gen=gen),
-            randn(*shape, gen=gen)]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_broadcast_mask_gradient_matches_reference(backend, shape, deterministic):
-    kv_lengths = torch.tensor([[TK], [TK - 6]], dtype=torch.int32)  # padding keys in batch 1
-    with _deterministic(deterministic):
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("determinism", [False, True], ids=["atomic", "deterministic"])
+def test_broadcast_mask_gradient_matches_reference(backend, shape, determinism):
+    with deterministic(determinism):
         for causal in (False, True):
-            assert_matches_reference(_run(backend, causal, kv_lengths),
-                                     _run("reference", causal, kv_lengths), _inputs(shape),
+            assert_matches_reference(attention(backend, causal, KV_LENGTHS),
+                                     attention("reference", causal, KV_LENGTHS), inputs(shape),
                                      torch.float32, names=["q", "k", "v", "mask"])
 
 
@@ -62,7 +33,7 @@ def test_backward_op_returns_the_compact_gradient(backend):
     """The registered backward op (what torch.compile and the compiled extension see) returns
     dmask at mask_grad_shape, as its fake kernel declares, for a dense and a broadcast mask."""
     for shape in [(1, 1, TQ, TK), (B, 1, 1, TK), (B, HQ, TQ, TK)]:
-        q, k, v, mask = (t.detach().float() for t in _inputs(shape))
+        q, k, v, mask = (t.detach().float() for t in inputs(shape))
         problem = peer_problem([q], [k], [v], enable_gqa=True)._replace(
             attn_mask=mask.expand(B, HQ, TQ, TK))
         name = entry.select_backend(problem, backend)
@@ -88,12 +59,12 @@ def _allocations(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(TQ, TK), (B, 1, TQ, TK), (1, HQ, 1, TK), (B, HQ, TQ, TK)],
-                         ids=lambda s: "x".join(map(str, s)))
+                         ids=shape_id)
 def test_triton_allocates_the_mask_gradient_at_its_own_shape(shape, monkeypatch):
     made = _allocations(monkeypatch)
-    q, k, v, mask = _inputs(shape)
+    q, k, v, mask = inputs(shape)
     q, k, v, mask = (t.detach().float().requires_grad_() for t in (q, k, v, mask))
-    _run("triton", False, None)(q, k, v, mask).sum().backward()
+    attention("triton")(q, k, v, mask).sum().backward()
     full = (4 - len(shape)) * (1,) + shape
     assert [tuple(m.shape) for m in made] == [full]
     dense = full == (B, HQ, TQ, TK)
@@ -102,8 +73,8 @@ def test_triton_allocates_the_mask_gradient_at_its_own_shape(shape, monkeypatch)
     # deterministic algorithms: a dense buffer, summed by torch afterwards
     made.clear()
     mask.grad = None
-    with _deterministic(True):
-        _run("triton", False, None)(q, k, v, mask).sum().backward()
+    with deterministic(True):
+        attention("triton")(q, k, v, mask).sum().backward()
     assert [tuple(m.shape) for m in made] == [(B, HQ, TQ, TK)]
 
 
@@ -111,13 +82,13 @@ def test_a_broadcast_leaf_mask_gets_its_full_gradient():
     """An expand()ed mask that is itself a leaf requiring grad (or retains its grad) needs every
     element of its gradient: it is copied dense first, its gradient is per element."""
     base = torch.randn(1, 1, TQ, TK, dtype=torch.float64)
-    q, k, v, _ = (t.detach() for t in _inputs((1, 1, TQ, TK)))
+    q, k, v, _ = (t.detach() for t in inputs((1, 1, TQ, TK)))
     grads = {}
     for backend in ("triton", "reference"):
         dtype = torch.float32 if backend == "triton" else torch.float64
         mask = base.to(dtype).expand(B, HQ, TQ, TK).detach().requires_grad_()
         assert mask.is_leaf and mask.stride()[:2] == (0, 0)
-        _run(backend, False, None)(q.to(dtype), k.to(dtype), v.to(dtype), mask).square().sum() \
+        attention(backend)(q.to(dtype), k.to(dtype), v.to(dtype), mask).square().sum() \
             .backward()
         grads[backend] = mask.grad.double()
     assert (grads["triton"] - grads["reference"]).abs().max().item() <= 1e-4
