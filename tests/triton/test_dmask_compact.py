@@ -92,3 +92,43 @@ def test_a_broadcast_leaf_mask_gets_its_full_gradient():
             .backward()
         grads[backend] = mask.grad.double()
     assert (grads["triton"] - grads["reference"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_op_returns_dmask_at_dmask_shape(backend):
+    """The dmask_shape argument (the autograd formula's, from the strides it traced) decides the
+    op's dmask shape whatever strides the mask has when the op runs (inductor may materialise
+    it): a dense mask's gradient summed down, a broadcast one's shared out; the same sum."""
+    q, k, v, base = (t.detach().float() for t in inputs((1, 1, TQ, TK)))
+    needs = [False] * 5 + [True, False]
+    compact, full = [1, 1, TQ, TK], [B, HQ, TQ, TK]
+    sums = []
+    for mask, dmask_shape in [(base.expand(full), compact), (base.expand(full).contiguous(), compact),
+                              (base.expand(full), full), (base.expand(full).contiguous(), full)]:
+        problem = peer_problem([q], [k], [v], enable_gqa=True)._replace(attn_mask=mask)
+        name = entry.select_backend(problem, backend)
+        fwd_op, bwd_op = ops.backend_ops(name)
+        out, lse = fwd_op(*problem)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        dmask = bwd_op(grad_out, out, lse, *problem, needs, dmask_shape)[5]
+        assert list(dmask.shape) == dmask_shape and dmask.is_contiguous()
+        sums.append(dmask.sum_to_size(compact))
+    for s in sums[1:]:
+        torch.testing.assert_close(s, sums[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_broadcast_mask_that_retains_its_grad_gets_it_in_full():
+    q, k, v, base = (t.detach().float() for t in inputs((1, 1, TQ, TK)))
+    base.requires_grad_()
+    grads = []
+    for backend in ("triton", "torch"):
+        mask = base.expand(B, HQ, TQ, TK)
+        mask.retain_grad()
+        problem = peer_problem([q], [k], [v], enable_gqa=True)._replace(attn_mask=mask)
+        entry.run(problem, backend)[0].square().sum().backward()
+        grads.append(mask.grad)
+    dense = base.detach().expand(B, HQ, TQ, TK).contiguous().requires_grad_()
+    problem = peer_problem([q], [k], [v], enable_gqa=True)._replace(attn_mask=dense)
+    entry.run(problem, "reference")[0].square().sum().backward()
+    for got in grads:
+        torch.testing.assert_close(got, dense.grad, atol=1e-4, rtol=0)
