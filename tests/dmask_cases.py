@@ -8,7 +8,7 @@ import torch
 
 from peer_attention import entry
 from peer_attention.api import peer_problem
-from tests.helpers import randn
+from tests.helpers import TEST_DEVICE, randn
 
 B, HQ, H, TQ, TK, E = 2, 4, 2, 13, 21, 16  # GQA (2 query heads per key/value head)
 MASK_SHAPES = [(TQ, TK), (1, 1, TQ, TK), (B, 1, TQ, TK), (1, HQ, TQ, TK), (B, HQ, TQ, TK),
@@ -40,13 +40,15 @@ def attention(backend, is_causal=False, kv_lengths=None, sizes=(B, HQ, TQ, TK)):
     return fn
 
 
-def inputs(shape, seed=0, device="cpu", sizes=(B, HQ, H, TQ, TK, E)):
+def inputs(shape, seed=0, device=None, sizes=(B, HQ, H, TQ, TK, E)):
     """float64 q, k, v and a mask of `shape`, requiring grad."""
     batch, q_heads, kv_heads, q_len, kv_len, dim = sizes
     gen = torch.Generator().manual_seed(seed)
     made = [randn(batch, q_heads, q_len, dim, gen=gen), randn(batch, kv_heads, kv_len, dim, gen=gen),
             randn(batch, kv_heads, kv_len, dim, gen=gen), randn(*shape, gen=gen)]
-    return [t.detach().to(device).requires_grad_() for t in made]
+    return [t.detach().to(device or DEVICE).requires_grad_() for t in made]
 
 
+# where the suites written with CPU tensors run (scripts/gpu_check.sh: PEER_ATTENTION_TEST_DEVICE)
+DEVICE = TEST_DEVICE or "cpu"
 KV_LENGTHS = torch.tensor([[TK], [TK - 6]], dtype=torch.int32)  # padding keys in batch 1

@@ -10,16 +10,20 @@ from peer_attention import entry, ops
 from peer_attention.api import peer_problem
 from peer_attention.problem import mask_grad_shape
 from peer_attention.triton_kernels import bwd
-from tests.dmask_cases import (B, HQ, KV_LENGTHS, MASK_SHAPES, TK, TQ, attention, deterministic,
-                               inputs, shape_id)
+from tests.dmask_cases import (B, DEVICE, HQ, KV_LENGTHS, MASK_SHAPES, TK, TQ, attention,
+                               deterministic, inputs, shape_id)
 from tests.helpers import assert_matches_reference
 
 BACKENDS = ["triton", "torch", "reference"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# deterministic algorithms change the Triton kernels' path only (dense buffer, summed afterwards)
+RUNS = [("triton", False), ("triton", True), ("torch", False), ("reference", False)]
+
+
+@pytest.mark.parametrize("backend,determinism", RUNS,
+                         ids=["triton-atomic", "triton-deterministic", "torch", "reference"])
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("determinism", [False, True], ids=["atomic", "deterministic"])
 def test_broadcast_mask_gradient_matches_reference(backend, shape, determinism):
     with deterministic(determinism):
         for causal in (False, True):
@@ -81,7 +85,7 @@ def test_triton_allocates_the_mask_gradient_at_its_own_shape(shape, monkeypatch)
 def test_a_broadcast_leaf_mask_gets_its_full_gradient():
     """An expand()ed mask that is itself a leaf requiring grad (or retains its grad) needs every
     element of its gradient: it is copied dense first, its gradient is per element."""
-    base = torch.randn(1, 1, TQ, TK, dtype=torch.float64)
+    base = torch.randn(1, 1, TQ, TK, dtype=torch.float64, device=DEVICE)
     q, k, v, _ = (t.detach() for t in inputs((1, 1, TQ, TK)))
     grads = {}
     for backend in ("triton", "reference"):
@@ -109,7 +113,7 @@ def test_backward_op_returns_dmask_at_dmask_shape(backend):
         name = entry.select_backend(problem, backend)
         fwd_op, bwd_op = ops.backend_ops(name)
         out, lse = fwd_op(*problem)
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
         dmask = bwd_op(grad_out, out, lse, *problem, needs, dmask_shape)[5]
         assert list(dmask.shape) == dmask_shape and dmask.is_contiguous()
         sums.append(dmask.sum_to_size(compact))
