@@ -227,9 +227,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const float prob = masked ? 0.f : exp2f(x);
         const float ds = prob * (dp[nt][e] - row_delta[r]);
         dbias_part += ds;
-        if (dmask != nullptr && !masked && row_ok[r])  // d mask = dS, in full (B, Hq, Tq, Tk)
-          dmask[((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first +
-                   local_row[r]) * p.total_kv + p.kv_offsets[peer] + j] = ds;
+        // d mask = dS, added at the mask's shape: a broadcast mask's (b, h, row) add into one
+        // element; into a dense buffer (zeroed, one add per element) the add is a store
+        if (dmask != nullptr && !masked && row_ok[r])
+          atomicAdd(dmask + b * p.dmask_strides[0] + h * p.dmask_strides[1] +
+                        (q_first + local_row[r]) * p.dmask_strides[2] +
+                        (p.kv_offsets[peer] + j) * p.dmask_strides[3],
+                    ds);
         sc[nt][e] = ds;
       }
     }

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..problem import mask_grad_shape
 from .configs import tuned
 from .launch import (common_args, head_dims, kernel_flags, meta, num_row_tiles, strides,
                      tune_len_of, use_tma)
@@ -64,6 +65,15 @@ def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIA
 # every config writes every slot any config writes: triton.autotune runs all candidates on the
 # same buffers, and nothing a config with smaller tiles left there may survive into the result.
 PART_ROWS = tl.constexpr(min(TILE_SIZES))
+
+# NEED_DMASK of the dQ kernel: how the float mask gradient dS reaches its buffer. A mask that is
+# broadcast (stride 0) along some dims gets a buffer of its own shape (problem.mask_grad_shape,
+# float32) that the programs add into with atomics, through strides that are 0 on those dims; a
+# query-broadcast mask (a key padding row) sums each tile's rows first, one add per column.
+# Under torch.use_deterministic_algorithms the buffer is dense and summed by torch afterwards.
+DMASK_STORE = tl.constexpr(1)      # one element per score: a plain store
+DMASK_ADD = tl.constexpr(2)        # broadcast over batch and/or heads (or keys): atomic adds
+DMASK_ADD_ROWS = tl.constexpr(3)   # broadcast over queries too: a column sum per tile, then adds
 
 
 def partial_slots(problem) -> int:
@@ -234,6 +244,7 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
     Tq, Tk, E, EV = sizes[4], sizes[5], sizes[6], sizes[7]
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
+    tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tile_n
@@ -268,9 +279,19 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
         if NEED_DBIAS:
             dbias += tl.sum(ds, 1)
         if NEED_DMASK:
-            tl.store(dmask_rows + (kv_start + n64) * stride_dmk + tile_n[None, :] * stride_dmk,
-                     to_io(ds, dmask_rows.dtype.element_ty, F.BF16_RTNE),
-                     mask=row_ok[:, None] & key_ok[None, :])
+            dmask_ptrs = dmask_rows + (kv_start + n64) * stride_dmk + tile_n[None, :] * stride_dmk
+            if NEED_DMASK == DMASK_STORE:
+                tl.store(dmask_ptrs, to_io(ds, dmask_rows.dtype.element_ty, F.BF16_RTNE),
+                         mask=row_ok[:, None] & key_ok[None, :])
+            else:  # a broadcast mask: added into its own-shape buffer (stride 0 where broadcast)
+                ds = tl.where(row_ok[:, None] & key_ok[None, :], ds, 0.0)
+                if NEED_DMASK == DMASK_ADD_ROWS:  # broadcast over queries: one add per column
+                    first = tile_m[:, None] == 0
+                    tl.atomic_add(dmask_ptrs, tl.where(first, tl.sum(ds, 0)[None, :], 0.0),
+                                  mask=first & key_ok[None, :], sem="relaxed")
+                else:
+                    tl.atomic_add(dmask_ptrs, ds, mask=row_ok[:, None] & key_ok[None, :],
+                                  sem="relaxed")
     return dq, dbias
 
 
@@ -598,6 +619,28 @@ def _wanted(problem, needs_grad):
     return need
 
 
+def _dmask_buffer(mask, device):
+    """The float mask gradient's buffer: dense in the mask's dtype when the mask broadcasts
+    nowhere (or deterministic algorithms are asked for: summed afterwards), else float32 (float64
+    for float64) at the mask's own shape (problem.mask_grad_shape), for the kernel's atomic adds."""
+    compact = mask_grad_shape(mask)
+    if compact == tuple(mask.shape):
+        return torch.zeros(mask.shape, dtype=mask.dtype, device=device)
+    accumulate = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    if torch.are_deterministic_algorithms_enabled():
+        return torch.zeros(mask.shape, dtype=accumulate, device=device)
+    return torch.zeros(compact, dtype=accumulate, device=device)
+
+
+def _dmask_mode(mask, dmask):
+    """NEED_DMASK for the dQ kernel (DMASK_*), and the buffer as the kernel indexes it: expanded
+    to the mask's shape, stride 0 on the dims it is accumulated over."""
+    if dmask.shape == mask.shape:
+        return DMASK_STORE.value, dmask
+    rows_broadcast = dmask.shape[2] == 1 and mask.shape[2] > 1
+    return (DMASK_ADD_ROWS if rows_broadcast else DMASK_ADD).value, dmask.expand(mask.shape)
+
+
 def gradient_buffers(problem, needs_grad):
     """Zeroed outputs of the backward kernels: dq, dk, dv, dmask and the per-tile gate/bias
     partials."""
@@ -607,8 +650,7 @@ def gradient_buffers(problem, needs_grad):
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_q else empty
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
-    mask = problem.attn_mask
-    dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=q.device) if need_mask else empty
+    dmask = _dmask_buffer(problem.attn_mask, q.device) if need_mask else empty
     tiles = partial_slots(problem)
     dgate_part = (torch.zeros((tiles,) + tuple(problem.gate.shape), dtype=torch.float32,
                               device=q.device) if need_gate else empty)
@@ -653,13 +695,16 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
         *rows[:4], *shared, tuple(out.stride()), do_strides, rows.lse_strides,
         strides(dgate_part, 5), rows.opt_strides, rows.sizes, tune),
         dict(flags, NEED_DGATE=need_gate, EXACT_DELTA=exact_delta), row_grid)]
+    dmask_mode = 0
+    if need_mask:
+        dmask_mode, dmask = _dmask_mode(problem.attn_mask, dmask)
     if need_q or need_bias or need_mask:
         launches.append(("dq", _bwd_dq, (
             q, problem.k, problem.v, grad_out, lse, delta, dq if need_q else q,
             dbias_part if need_bias else lse, dmask if need_mask else q, *rows[:4],
             problem.scale, *shared, do_strides, rows.lse_strides, strides(dq, 4),
             strides(dbias_part, 5), strides(dmask, 4), rows.opt_strides, rows.sizes, tune),
-            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask), row_grid))
+            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=dmask_mode), row_grid))
     if need_k or need_v:
         launches.append(("dkdv", _bwd_dkdv, (
             q, problem.k, problem.v, grad_out, lse, delta, dk, dv, *keys[:4], problem.scale,
@@ -698,5 +743,9 @@ def backward(problem, grad_out, out, lse, needs_grad):
     dgate = bufs["dgate_part"].sum(0).to(problem.gate.dtype) if need_gate else empty
     dbias = bufs["dbias_part"].sum(0).to(problem.bias.dtype) if need_bias else empty
     dsinks = sink_gradient(problem, lse, delta) if need_sinks else empty
+    dmask = bufs["dmask"]
+    if need_mask:  # (a dense accumulator of a broadcast mask: deterministic algorithms)
+        mask = problem.attn_mask
+        dmask = dmask.sum_to_size(mask_grad_shape(mask)).to(mask.dtype)
     return (bufs["dq"] if need_q else empty, bufs["dk"] if need_k else empty,
-            bufs["dv"] if need_v else empty, dgate, dbias, bufs["dmask"], dsinks)
+            bufs["dv"] if need_v else empty, dgate, dbias, dmask, dsinks)

@@ -277,6 +277,13 @@ def make_pruner(kernel, kind: str):
     return prune
 
 
+def _zero_added_outputs(nargs, reset_only=False):
+    """The dQ kernel adds a broadcast mask's gradient into its buffer (bwd.py, NEED_DMASK >= 2):
+    zeroed before every config the autotuner runs and before the winner's run."""
+    if nargs.get("NEED_DMASK", 0) >= 2:
+        nargs["DMask"].zero_()
+
+
 def tuned(kernel, kind: str = "fwd"):
     """kernel wrapped in triton.autotune (GPU), or the bare kernel (interpreter: the launcher
     passes interpreter_meta())."""
@@ -286,6 +293,7 @@ def tuned(kernel, kind: str = "fwd"):
         configs=autotune_configs(kind),
         key=tune_key(kernel),
         prune_configs_by={"early_config_prune": make_pruner(kernel, kind)},
+        pre_hook=_zero_added_outputs if kind == "dq" else None,
     )(kernel)
 
 
