@@ -341,10 +341,14 @@ __device__ constexpr KeyMajorChoice key_major_choice() {
 #endif
   KeyMajorChoice c{D <= 128, 1, false};
   if (kDq && D == 96) c.slices = 2;
-  if (kDq && D == 128) {
+  if (kDq && D == 128) {  // sm_120: 84 B (7 LDL+STL per tile) spilled still, the least found
     c.slices = arch == 900 ? 1 : 2;
     c.block_in_smem = arch != 900;
     c.ds_in_slice0 = arch != 900 && arch != 1200;
+  }
+  if (!kDq && D == 128) {  // dkdv_kernel
+    c.block_in_smem = kMask;
+    c.slices = kFeatures || arch >= 1000 ? 4 : 1;
   }
 #ifdef EXP_LOOP
   c.block_in_smem = EXP_LOOP;
