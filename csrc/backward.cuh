@@ -13,6 +13,10 @@
 //                FlashAttention-2's fused loop, dkdv_kernel's key-major walk plus dQ: dS goes
 //                to shared memory and each warp adds dS K for 16 query rows into a float32
 //                (B, Hq, Tq, D) buffer with atomics, 5 products per tile pair instead of 7.
+// Registers of the key-major walk (no spill at D <= 128 but the fused hd128 on sm_120, 60 B):
+// the block's values in shared memory (KeyBlock), dP^T accumulated onto -delta, S^T / dP^T in
+// query slices and dS over Q's first slice where that compiled spill-free (key_major_choice,
+// per head dim and architecture), the Q/dO copies pointer-stepped (kOrdered).
 // delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
 // (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
 // several query heads add into one key head (atomicAdd), else each element is stored once.
@@ -341,23 +345,25 @@ __device__ constexpr KeyMajorChoice key_major_choice() {
 #endif
   KeyMajorChoice c{D <= 128, 1, false};
   if (kDq && D == 96) c.slices = 2;
-  if (kDq && D == 128) {  // sm_120: 84 B (7 LDL+STL per tile) spilled still, the least found
+  if (kDq && D == 128) {  // sm_120 still spills 60 B (2 LDL+STL per tile), the least found
     c.slices = arch == 900 ? 1 : 2;
     c.block_in_smem = arch != 900;
-    c.ds_in_slice0 = arch != 900 && arch != 1200;
+    c.ds_in_slice0 = arch != 900;
   }
   if (!kDq && D == 128) {  // dkdv_kernel
     c.block_in_smem = kMask;
     c.slices = kFeatures || arch >= 1000 ? 4 : 1;
   }
-#ifdef EXP_LOOP
-  c.block_in_smem = EXP_LOOP;
+  // tuning hooks: -D... overrides every instantiation of a translation unit (compile one
+  // instantiation per file, as the search behind the choices above did)
+#ifdef PEER_ATTENTION_KM_BLOCK_IN_SMEM
+  c.block_in_smem = PEER_ATTENTION_KM_BLOCK_IN_SMEM;
 #endif
-#ifdef EXP_SLICES
-  c.slices = EXP_SLICES;
+#ifdef PEER_ATTENTION_KM_SLICES
+  c.slices = PEER_ATTENTION_KM_SLICES;
 #endif
-#ifdef EXP_DSSLICE
-  c.ds_in_slice0 = EXP_DSSLICE;
+#ifdef PEER_ATTENTION_KM_DS_IN_SLICE0
+  c.ds_in_slice0 = PEER_ATTENTION_KM_DS_IN_SLICE0;
 #endif
   return c;
 }
