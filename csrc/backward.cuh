@@ -453,16 +453,19 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   auto load_q = [&](int qs, int tile, int stage, float2& rows) {
     const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
     const int row0 = tile * BM, packed0 = p.q_offsets[qs] + row0;
-    load_tile_async<BM, D, T, kStepped, false, kOrderedCopy>(q_tiles + stage * BM * D,
-                                        static_cast<const T*>(PA_BLOCK(q_base)) + packed0 * p.q_strides[2], p.q_strides[2],
-                                        q_len - row0, p.head_dim, static_cast<const T*>(p.q));
-    load_tile_async<BM, D, T, kStepped, false, kOrderedCopy>(do_tiles + stage * BM * D,
-                                        static_cast<const T*>(PA_BLOCK(do_base)) + static_cast<int64_t>(packed0) * p.value_dim,
-                                        p.value_dim, q_len - row0, p.value_dim,
-                                        static_cast<const T*>(p.dout));
+    const T* q_from = static_cast<const T*>(PA_BLOCK(q_base)) + packed0 * p.q_strides[2];
+    const T* do_from = static_cast<const T*>(PA_BLOCK(do_base)) +
+                       static_cast<int64_t>(packed0) * p.value_dim;
+    load_tile_async<BM, D, T, kStepped, false, kOrderedCopy>(
+        q_tiles + stage * BM * D, q_from, p.q_strides[2], q_len - row0, p.head_dim,
+        static_cast<const T*>(p.q));
+    load_tile_async<BM, D, T, kStepped, false, kOrderedCopy>(
+        do_tiles + stage * BM * D, do_from, p.value_dim, q_len - row0, p.value_dim,
+        static_cast<const T*>(p.dout));
     rows = make_float2(INFINITY, 0.f);  // rows past the stream: P = 0, delta = 0
     if (tid < BM && row0 + tid < q_len) {
-      const int64_t at = lse_row_index(p, per_peer, PA_BLOCK(b), PA_BLOCK(h), PA_BLOCK(kp), packed0 + tid);
+      const int64_t at =
+          lse_row_index(p, per_peer, PA_BLOCK(b), PA_BLOCK(h), PA_BLOCK(kp), packed0 + tid);
       rows = make_float2(p.lse[at], p.delta[at]);
     }
   };
@@ -524,64 +527,64 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
     using Maps = FusedBwdMaps<BM>;
     // dS^T to shared memory as [key][query] (fused): its own tile, or Q(stage) once every warp
     // is done reading Q (the dK products)
-    T* ds_tile = kOwnDs ? ds_own : q_tiles + stage * BM * D;
+    [[maybe_unused]] T* ds_tile = kOwnDs ? ds_own : q_tiles + stage * BM * D;
     constexpr bool kDsInSlice0 = kDq && !kOwnDs && kChoice.ds_in_slice0;
     static_assert(!kDsInSlice0 || (kSlices == 2 && SW * D >= BN * BM), "dS fits Q's first slice");
-    uint32_t ds_keep[kDq && !kOwnDs && !kDsInSlice0 ? BM / 16 : 1][4];
+    [[maybe_unused]] uint32_t ds_keep[kDq && !kOwnDs && !kDsInSlice0 ? BM / 16 : 1][4];
 #pragma unroll
     for (int sl = 0; sl < kSlices; ++sl) {
-    const int c0 = sl * SW;
-    float st[SW / 8][4];  // S^T: rows = keys, columns = queries c0..
-    zero(st);
-    gemm_nt<SW, D, T>(st, k_tile, warp * 16, nullptr, q_tile + c0 * D, nullptr, lane);
-    float dpt[SW / 8][4];  // dP^T - delta: the product accumulated onto -delta (deltas)
+      const int c0 = sl * SW;
+      float st[SW / 8][4];  // S^T: rows = keys, columns = queries c0..
+      zero(st);
+      gemm_nt<SW, D, T>(st, k_tile, warp * 16, nullptr, q_tile + c0 * D, nullptr, lane);
+      float dpt[SW / 8][4];  // dP^T - delta: the product accumulated onto -delta (deltas)
 #pragma unroll
-    for (int nt = 0; nt < SW / 8; ++nt) {
+      for (int nt = 0; nt < SW / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dpt[nt][e] = deltas[c0 + nt * 8 + t2 + (e & 1)];
-    }
-    gemm_nt<SW, D, T>(dpt, v_tile, warp * 16, nullptr, do_tile + c0 * D, gate, lane);
+        for (int e = 0; e < 4; ++e) dpt[nt][e] = deltas[c0 + nt * 8 + t2 + (e & 1)];
+      }
+      gemm_nt<SW, D, T>(dpt, v_tile, warp * 16, nullptr, do_tile + c0 * D, gate, lane);
 
 #pragma unroll
-    for (int nt = 0; nt < SW / 8; ++nt) {
+      for (int nt = 0; nt < SW / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = c0 + nt * 8 + t2 + (e & 1);
-        const int j = PA_BLOCK(key_row0) + local_key[e >> 1];
-        const int i = q_row0 + col;
-        const bool masked = kMasked && (j >= PA_BLOCK(limit) || (causal_pair && j > i + diag));
-        float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
-        if (has_mask && !masked && i < q_len_qs)
-          x += mask_log2(p, PA_BLOCK(b), PA_BLOCK(h), p.q_offsets[qs] + i,
-                         p.kv_offsets[PA_BLOCK(kp)] + j);
-        const float prob = masked ? 0.f : exp2f(x);
-        st[nt][e] = prob;
-        dpt[nt][e] = prob * dpt[nt][e];  // dS^T = P^T (dP^T - delta)
-      }
-    }
-    // both packed first: S^T and dP^T (fp32) die before the products
-    uint32_t pf[SW / 16][4];
-    pack_a<SW, T>(pf, st);
-    uint32_t dsf[SW / 16][4];
-    pack_a<SW, T>(dsf, dpt);
-    gemm_rs<SW, D, NACC, T>(dv, pf, do_tile + c0 * D, channel0, gate, lane);
-    gemm_rs<SW, D, NACC, T>(dk, dsf, q_tile + c0 * D, channel0, nullptr, lane);
-    if constexpr (kDq) {
-      // kDsInSlice0: the dS tile goes over Q's first slice once every warp is done with it
-      if (kDsInSlice0 && sl == 0) __syncthreads();
-      const int ds_lane = Maps::ds_store_lane(warp, lane);
-#pragma unroll
-      for (int kk = 0; kk < SW / 16; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          if constexpr (kOwnDs || kDsInSlice0)
-            *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, c0 / 16 + kk, r)) =
-                dsf[kk][r];
-          else
-            ds_keep[c0 / 16 + kk][r] = dsf[kk][r];
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + nt * 8 + t2 + (e & 1);
+          const int j = PA_BLOCK(key_row0) + local_key[e >> 1];
+          const int i = q_row0 + col;
+          const bool masked = kMasked && (j >= PA_BLOCK(limit) || (causal_pair && j > i + diag));
+          float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
+          if (has_mask && !masked && i < q_len_qs)
+            x += mask_log2(p, PA_BLOCK(b), PA_BLOCK(h), p.q_offsets[qs] + i,
+                           p.kv_offsets[PA_BLOCK(kp)] + j);
+          const float prob = masked ? 0.f : exp2f(x);
+          st[nt][e] = prob;
+          dpt[nt][e] = prob * dpt[nt][e];  // dS^T = P^T (dP^T - delta)
         }
       }
-    }
+      // both packed first: S^T and dP^T (fp32) die before the products
+      uint32_t pf[SW / 16][4];
+      pack_a<SW, T>(pf, st);
+      uint32_t dsf[SW / 16][4];
+      pack_a<SW, T>(dsf, dpt);
+      gemm_rs<SW, D, NACC, T>(dv, pf, do_tile + c0 * D, channel0, gate, lane);
+      gemm_rs<SW, D, NACC, T>(dk, dsf, q_tile + c0 * D, channel0, nullptr, lane);
+      if constexpr (kDq) {
+        // kDsInSlice0: the dS tile goes over Q's first slice once every warp is done with it
+        if (kDsInSlice0 && sl == 0) __syncthreads();
+        const int ds_lane = Maps::ds_store_lane(warp, lane);
+#pragma unroll
+        for (int kk = 0; kk < SW / 16; ++kk) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if constexpr (kOwnDs || kDsInSlice0)
+              *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, c0 / 16 + kk, r)) =
+                  dsf[kk][r];
+            else
+              ds_keep[c0 / 16 + kk][r] = dsf[kk][r];
+          }
+        }
+      }
     }
     if constexpr (kDq) {
       if constexpr (!kOwnDs && !kDsInSlice0) {
@@ -591,7 +594,8 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
         for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
           for (int r = 0; r < 4; ++r)
-            *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, kk, r)) = ds_keep[kk][r];
+            *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, kk, r)) =
+                ds_keep[kk][r];
         }
       }
       __syncthreads();  // dS of every warp's keys is in shared memory
@@ -653,7 +657,8 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
     const int unmasked_from =
         kFeatures ? end
                   : first_unmasked_query_tile(tile, end, PA_BLOCK(key_row0), BN, PA_BLOCK(limit),
-                                              p.causal && qs == PA_BLOCK(kp), causal_offset(p, PA_BLOCK(kp)), BM);
+                                              p.causal && qs == PA_BLOCK(kp),
+                                              causal_offset(p, PA_BLOCK(kp)), BM);
     // fused (dQ rows are written): a partial last query tile takes the masked step too; two
     // call sites of each step either way (a third copy of the step made ptxas spill)
     const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
@@ -689,7 +694,8 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
                            : KeyBlock{nullptr, nullptr, bh_row0,
                                       (static_cast<int64_t>(b) * p.kv_heads + hk) * p.total_kv +
                                           p.kv_offsets[kp] + key_row0,
-                                      kv_len - key_row0, channel0, group, kp, key_row0, limit, b, h};
+                                      kv_len - key_row0, channel0, group, kp, key_row0, limit,
+                                      b, h};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = key_e + 8 * r;  // key key_row0 + j
