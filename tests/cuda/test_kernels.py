@@ -245,6 +245,26 @@ def test_sdpa_attn_mask(dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [96, 128])
+def test_key_major_query_slices_features_and_mask(dtype, E):
+    # the dK/dV kernel's features and mask instantiations at the head dims where key_major_choice
+    # forms S^T and dP^T in query slices and keeps the block's values in registers or shared
+    # memory per architecture: several key blocks and query tiles, partial ones, causal
+    check_peer(dtype, q_lens=[150, 70], kv_lens=[150, 90], E=E, Ev=E, is_causal=True,
+               gate_shape=(2, 2, 2, 2, E), bias_shape=(2, 2, 2, 2))
+    gen = torch.Generator().manual_seed(3)
+    q = _randn(2, 2, 150, E, gen=gen)
+    k, v = _randn(2, 2, 170, E, gen=gen), _randn(2, 2, 170, E, gen=gen)
+    mask = _randn(2, 2, 150, 170, gen=gen)
+
+    def kernel(q, k, v, mask):
+        return peer_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           backend="cuda")
+
+    assert_matches_reference(kernel, sdpa_reference, [q, k, v, mask], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sdpa_drop_in(dtype):
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 77, 64, generator=gen, dtype=torch.float64).to(DEVICE)
