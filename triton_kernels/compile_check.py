@@ -270,7 +270,9 @@ def sweep_tasks(arch, families=None, dtypes=None, dims=None, kernels=None):
 
 
 def _config_name(c):
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+    phases = c.kwargs.get("PHASES", 1)
+    return (f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+            + (f" p{phases}" if phases != 1 else ""))
 
 
 def check_task(task, autotune_off=False):
