@@ -432,8 +432,12 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, F.BF16_RTNE)
         if MASKED:
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
+            if DO_DK:
+                delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         else:  # a full tile: every row exists (no per-row predicates held in registers)
             lse = tl.load(lse_ptr + q_start + m_start + tile_m)
+            if DO_DK:
+                delta = tl.load(delta_ptr + q_start + m_start + tile_m)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E) - lse_shift
         probs_t, dcap = probs_from_lse(
             mma(k, tl.trans(q), F.F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
@@ -441,30 +445,39 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             mask_head + row0 * stride_mq + tile_m[None, :] * stride_mq
             + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
             row_ok[None, :] & key_ok[:, None], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
-        if F.HAS_DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
-                                           BLOCK_M, BLOCK_N))
-        if DO_DV:
-            kept_t = probs_t
-            if F.HAS_DROPOUT:
-                kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
-            dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
+        kept_t = probs_t
         if DO_DK:
-            if MASKED:
-                delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-            else:
-                delta = tl.load(delta_ptr + q_start + m_start + tile_m)
             if MASKED or F.HAS_DROPOUT:
                 dp_t = mma(v, tl.trans(do), F.F32_DOT)
                 if F.HAS_DROPOUT:
+                    keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk,
+                                                   dropout_p, BLOCK_M, BLOCK_N))
+                    kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
                     dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
                 dp_t -= delta[None, :]
             else:  # full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
                 dp_t = mma(v, tl.trans(do), F.F32_DOT,
                            tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
+        elif F.HAS_DROPOUT:  # the dV sweep alone
+            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
+                                           BLOCK_M, BLOCK_N))
+            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
+        if DO_DV:
+            dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
+        if DO_DK:
             ds_t = probs_t * dp_t * dcap
             dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
     return dk, dv
+
+
+@triton.jit
+def _store_rows(Out, b, kvh, key0, tile_n, offs_e, out_strides, x, out_rows, e_ok,
+                BF16_RTNE: tl.constexpr):
+    """Store a key tile's gradient rows (dV) in the output dtype."""
+    stride_b, stride_h, stride_t, stride_e = out_strides
+    tl.store(Out + b.to(tl.int64) * stride_b + kvh.to(tl.int64) * stride_h
+             + key0 * stride_t + tile_n[:, None] * stride_t + offs_e[None, :] * stride_e,
+             to_io(x, Out.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -488,8 +501,6 @@ def _bwd_dkdv(
     stride_vb, stride_vh, stride_vt, stride_ve = v_strides
     stride_dob, stride_doh, stride_dot, stride_doe = do_strides
     stride_lb, stride_lh, stride_ls = lse_strides
-    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
-    stride_dvb, stride_dvh, stride_dvt, stride_dve = dv_strides
     gate_strides, bias_strides, kvlen_strides, mask_strides, alibi_strides = opt_strides
     stride_gb, stride_gs, stride_gp, stride_gh, stride_ge = gate_strides
     stride_bb, stride_bs, stride_bp, stride_bh = bias_strides
@@ -523,7 +534,6 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
-    out_rows = offs_n < kv_len
     for phase in tl.static_range(PHASES):  # PHASES == 2: phase 0 dV only, phase 1 dK only
         if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
             if F.DIAGONAL:
@@ -587,17 +597,19 @@ def _bwd_dkdv(
                             scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N,
                             PHASES == 1 or phase == 1, PHASES == 1 or phase == 0)
 
-        if PHASES == 1 or phase == 0:
-            tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-                     + key0 * stride_dvt + tile_n[:, None] * stride_dvt
-                     + offs_ev[None, :] * stride_dve,
-                     to_io(dv, DV.dtype.element_ty, F.BF16_RTNE),
-                     mask=out_rows[:, None] & ev_ok[None, :])
+        if PHASES == 2 and phase == 0:  # dV is done: its registers are free for dK's sweep
+            _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, offs_n < kv_len,
+                        ev_ok, F.BF16_RTNE)
 
+    out_rows = offs_n < kv_len
+    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
              to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
              mask=out_rows[:, None] & (offs_e[None, :] < E))
+    if PHASES == 1:
+        _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, out_rows, ev_ok,
+                    F.BF16_RTNE)
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
