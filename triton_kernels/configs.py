@@ -89,13 +89,14 @@ _HOPPER = {
     # (mma.sync) (docs/triton_compile_report.md, third pass). Causal 32 x 128 spills with two
     # stages, not with one: for autotune to weigh against 16 x 128's pipelining.
     # A fifth entry 2: dV and dK in two sweeps over the query tiles (one fp32 accumulator live
-    # at a time, S^T computed twice): at head dim 128 gate/bias runs 64 x 128 (one stage),
-    # causal and the variants 32 x 128, peer mode 32 x 128 (one stage) without spilling, where
-    # 16 x 128 or 32 x 64 ran (fourth pass); after 32 x 128 so that plain attention keeps one
-    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2, 2), (64, 128, 8, 1, 2),
-             (32, 128, 8, 2, 2), (32, 128, 8, 1, 2), (64, 64, 8, 2), (64, 64, 8, 3),
-             (16, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2),
-             (64, 32, 8, 2)] + _SMALL,
+    # at a time, S^T and its exponentials computed twice). At head dim 128 gate/bias runs
+    # 64 x 128 (one stage) and peer mode 32 x 128 (one stage) without spilling, where 32 x 64
+    # ran; causal and the variants fit 32 x 128 too, but by the compiled loops not better than
+    # 16 x 128 (126 vs 114, 246 vs 177 instructions per 1k pairs: softcap's tanh twice), so the
+    # two-sweep tiles come after 16 x 128, for autotune to weigh (compile report, fourth pass)
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2),
+             (64, 128, 8, 2, 2), (64, 128, 8, 1, 2), (32, 128, 8, 2, 2), (32, 128, 8, 1, 2),
+             (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
 CANDIDATES = {
     90: _HOPPER,
