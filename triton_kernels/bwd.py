@@ -416,11 +416,12 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
                 row_strides, rng, scales, sizes,
                 F: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
     rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly. pair:
     (kv_start, kv_end, self_pair, off, left, right, alibi2); row_strides: (stride_qt,
-    stride_dot, stride_mq, stride_mk)."""
+    stride_dot, stride_mq, stride_mk). DO_DK / DO_DV: which of the two products this pass
+    accumulates (the dV pass needs neither dP^T nor Delta)."""
     kv_start, kv_end, self_pair, off, left, right, alibi2 = pair
     stride_qt, stride_dot, stride_mq, stride_mk = row_strides
     seed, rng_offset, dropout_p = rng
@@ -452,10 +453,12 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, F.BF16_RTNE)
         if MASKED:
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
-            delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+            if DO_DK:
+                delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         else:  # a full tile: every row exists (no per-row predicates held in registers)
             lse = tl.load(lse_ptr + q_start + m_start + tile_m)
-            delta = tl.load(delta_ptr + q_start + m_start + tile_m)
+            if DO_DK:
+                delta = tl.load(delta_ptr + q_start + m_start + tile_m)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E) - lse_shift
         probs_t, dcap = probs_from_lse(
             mma(k, tl.trans(q), F.F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
@@ -464,21 +467,38 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
             row_ok[None, :] & key_ok[:, None], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
         kept_t = probs_t
-        if MASKED or F.HAS_DROPOUT:
-            dp_t = mma(v, tl.trans(do), F.F32_DOT)
-            if F.HAS_DROPOUT:
-                keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk,
-                                               dropout_p, BLOCK_M, BLOCK_N))
-                kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
-                dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
-            dp_t -= delta[None, :]
-        else:  # the full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
-            dp_t = mma(v, tl.trans(do), F.F32_DOT,
-                       tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
-        dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
-        ds_t = probs_t * dp_t * dcap
-        dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
+        if DO_DK:
+            if MASKED or F.HAS_DROPOUT:
+                dp_t = mma(v, tl.trans(do), F.F32_DOT)
+                if F.HAS_DROPOUT:
+                    keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk,
+                                                   dropout_p, BLOCK_M, BLOCK_N))
+                    kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
+                    dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+                dp_t -= delta[None, :]
+            else:  # full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
+                dp_t = mma(v, tl.trans(do), F.F32_DOT,
+                           tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
+        elif F.HAS_DROPOUT:  # the dV sweep alone
+            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
+                                           BLOCK_M, BLOCK_N))
+            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
+        if DO_DV:
+            dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
+        if DO_DK:
+            ds_t = probs_t * dp_t * dcap
+            dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
     return dk, dv
+
+
+@triton.jit
+def _store_rows(Out, b, kvh, key0, tile_n, offs_e, out_strides, x, out_rows, e_ok,
+                BF16_RTNE: tl.constexpr):
+    """Store a key tile's gradient rows (dV) in the output dtype."""
+    stride_b, stride_h, stride_t, stride_e = out_strides
+    tl.store(Out + b.to(tl.int64) * stride_b + kvh.to(tl.int64) * stride_h
+             + key0 * stride_t + tile_n[:, None] * stride_t + offs_e[None, :] * stride_e,
+             to_io(x, Out.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -488,8 +508,13 @@ def _bwd_dkdv(
     opt_strides, sizes, TUNE_LEN,
     F: tl.constexpr, USE_TMA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PHASES: tl.constexpr = 1,
 ):
-    """The arguments' bundles: see launch.py (F: launch.Flags)."""
+    """The arguments' bundles: see launch.py (F: launch.Flags). PHASES (a config's): 1 computes
+    dK and dV in one sweep over the query tiles; 2 sweeps twice, dV first (stored), then dK, so
+    that only one of the two fp32 accumulators is live at a time: S^T is computed twice, but
+    64-query tiles at head dim 128 fit wgmma's registers without spilling
+    (docs/triton_compile_report.md)."""
     QOff, KVOff, TileOff, SrcStart, SrcList = tables
     Gate, Bias, KVLen, Mask, Alibi, Sinks = optional
     stride_qb, stride_qh, stride_qt, stride_qe = q_strides
@@ -497,8 +522,6 @@ def _bwd_dkdv(
     stride_vb, stride_vh, stride_vt, stride_ve = v_strides
     stride_dob, stride_doh, stride_dot, stride_doe = do_strides
     stride_lb, stride_lh, stride_ls = lse_strides
-    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
-    stride_dvb, stride_dvh, stride_dvt, stride_dve = dv_strides
     gate_strides, bias_strides, kvlen_strides, mask_strides, alibi_strides = opt_strides
     stride_gb, stride_gs, stride_gp, stride_gh, stride_ge = gate_strides
     stride_bb, stride_bs, stride_bp, stride_bh = bias_strides
@@ -532,74 +555,82 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
-    if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
-        if F.DIAGONAL:
-            src_lo = 0
-            src_hi = 1
-        else:
-            src_lo = tl.load(SrcStart + p)
-            src_hi = tl.load(SrcStart + p + 1)
-        for i in range(src_lo, src_hi):  # every stream that attends to p
+    for phase in tl.static_range(PHASES):  # PHASES == 2: phase 0 dV only, phase 1 dK only
+        if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
             if F.DIAGONAL:
-                s = p
+                src_lo = 0
+                src_hi = 1
             else:
-                s = tl.load(SrcList + i)
-            q_start = tl.load(QOff + s)
-            q_len = tl.load(QOff + s + 1) - q_start
-            off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
-            self_pair = s == p
-            bounds = query_stages(n_start, kv_end, q_len, self_pair, off, left, right, F.BAND,
-                                  BLOCK_M, BLOCK_N)
-            for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
-                h = kvh * group_size + hh
-                bh = b * num_q_heads + h
-                stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-                if F.PEER_MODE:
-                    stats_off += p * stride_ls
-                bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
-                               F.HAS_BIAS)
-                alibi2 = 0.0
-                if F.HAS_ALIBI:
-                    alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
-                gate = tl.full([EV_PAD], 1.0, tl.float32)
-                if F.HAS_GATE:
-                    gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
-                                   + h * stride_gh + offs_ev * stride_ge,
-                                   mask=ev_ok, other=0.0).to(tl.float32)
-                q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
-                    + offs_e[None, :] * stride_qe
-                do_head = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh \
-                    + offs_ev[None, :] * stride_doe
-                mask_head = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                q_desc = q_head
-                do_desc = do_head
-                if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
-                    q_desc = tl.make_tensor_descriptor(
-                        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                        + q_start.to(tl.int64) * stride_qt, shape=[q_len, E],
-                        strides=[stride_qt, 1],
-                        block_shape=[BLOCK_M, E_PAD])
-                    do_desc = tl.make_tensor_descriptor(
-                        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                        + q_start.to(tl.int64) * stride_dot, shape=[q_len, EV],
-                        strides=[stride_dot, 1],
-                        block_shape=[BLOCK_M, EV_PAD])
-                pair = (kv_start, kv_end, self_pair, off, left, right, alibi2)
-                for stage in tl.static_range(3):  # boundary, full (mask-free), boundary
-                    dk, dv = _dkdv_tiles(
-                        dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
-                        Delta + stats_off, bounds[stage], bounds[stage + 1], q_start, q_len,
-                        offs_n, keys0, key_ok, bh, pair, bias2, mask_head, row_strides, rng,
-                        scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
+                src_lo = tl.load(SrcStart + p)
+                src_hi = tl.load(SrcStart + p + 1)
+            for i in range(src_lo, src_hi):  # every stream that attends to p
+                if F.DIAGONAL:
+                    s = p
+                else:
+                    s = tl.load(SrcList + i)
+                q_start = tl.load(QOff + s)
+                q_len = tl.load(QOff + s + 1) - q_start
+                off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
+                self_pair = s == p
+                bounds = query_stages(n_start, kv_end, q_len, self_pair, off, left, right, F.BAND,
+                                      BLOCK_M, BLOCK_N)
+                for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
+                    h = kvh * group_size + hh
+                    bh = b * num_q_heads + h
+                    stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+                    if F.PEER_MODE:
+                        stats_off += p * stride_ls
+                    bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
+                                   F.HAS_BIAS)
+                    alibi2 = 0.0
+                    if F.HAS_ALIBI:
+                        alibi2 = tl.load(Alibi + b * stride_ab
+                                         + h * stride_ah).to(tl.float32) * LOG2E
+                    gate = tl.full([EV_PAD], 1.0, tl.float32)
+                    if F.HAS_GATE:
+                        gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
+                                       + h * stride_gh + offs_ev * stride_ge,
+                                       mask=ev_ok, other=0.0).to(tl.float32)
+                    q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+                        + offs_e[None, :] * stride_qe
+                    do_head = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh \
+                        + offs_ev[None, :] * stride_doe
+                    mask_head = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                    q_desc = q_head
+                    do_desc = do_head
+                    if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
+                        q_desc = tl.make_tensor_descriptor(
+                            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                            + q_start.to(tl.int64) * stride_qt, shape=[q_len, E],
+                            strides=[stride_qt, 1],
+                            block_shape=[BLOCK_M, E_PAD])
+                        do_desc = tl.make_tensor_descriptor(
+                            DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                            + q_start.to(tl.int64) * stride_dot, shape=[q_len, EV],
+                            strides=[stride_dot, 1],
+                            block_shape=[BLOCK_M, EV_PAD])
+                    pair = (kv_start, kv_end, self_pair, off, left, right, alibi2)
+                    for stage in tl.static_range(3):  # boundary, full (mask-free), boundary
+                        dk, dv = _dkdv_tiles(
+                            dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                            Delta + stats_off, bounds[stage], bounds[stage + 1], q_start, q_len,
+                            offs_n, keys0, key_ok, bh, pair, bias2, mask_head, row_strides, rng,
+                            scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N,
+                            PHASES == 1 or phase == 1, PHASES == 1 or phase == 0)
+
+        if PHASES == 2 and phase == 0:  # dV is done: its registers are free for dK's sweep
+            _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, offs_n < kv_len,
+                        ev_ok, F.BF16_RTNE)
 
     out_rows = offs_n < kv_len
+    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
              to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
              mask=out_rows[:, None] & (offs_e[None, :] < E))
-    tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-             + key0 * stride_dvt + tile_n[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
-             to_io(dv, DV.dtype.element_ty, F.BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
+    if PHASES == 1:
+        _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, out_rows, ev_ok,
+                    F.BF16_RTNE)
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)

@@ -43,11 +43,12 @@ def _problem(normalize, broadcast_mask=False):
 
 def _gpu_configs(kind, monkeypatch):
     """Every config the autotuner may try for `kind` on any architecture, one per tile shape
-    (warps and stages change nothing under the interpreter), in the order it tries them."""
+    and dK/dV sweep count (warps and stages change nothing under the interpreter), in the order
+    it tries them."""
     monkeypatch.setattr(configs, "INTERPRET", False)
     seen, kept = set(), []
     for c in configs.autotune_configs(kind):
-        blocks = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+        blocks = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("PHASES", 1))
         if blocks not in seen:
             seen.add(blocks)
             kept.append(c)
@@ -121,8 +122,8 @@ def test_autotuning_replay_leaves_no_stale_state(normalize, pick, monkeypatch):
     winners, tuners = {}, {}
     for name, kind in KINDS.items():
         candidates = _gpu_configs(kind, monkeypatch)
-        winners[name] = pick(candidates, key=lambda c: c.kwargs["BLOCK_M"] * 1000
-                             + c.kwargs["BLOCK_N"])
+        winners[name] = pick(candidates, key=lambda c: c.kwargs["BLOCK_M"] * 10000
+                             + c.kwargs["BLOCK_N"] * 10 + c.kwargs.get("PHASES", 1))
 
     def tuned(name, kernel):
         tuners[name] = _tuner(kernel, KINDS[name], winners[name], monkeypatch)
