@@ -97,6 +97,11 @@ def _grad_shape(arg: Tensor, position: int, dmask_shape):
     return mask_grad_shape(arg) if dmask_shape is None else dmask_shape
 
 
+def _dmask_shape_arg(rest):
+    """The backward op's dmask_shape from its arguments after lse (None when not passed)."""
+    return rest[NUM_PROBLEM_ARGS + 1] if len(rest) > NUM_PROBLEM_ARGS + 1 else None
+
+
 _defined: dict = {}
 
 
@@ -110,7 +115,7 @@ def _fake_fwd(*args):
 
 def _fake_bwd(grad_out, out, lse, *rest):
     args, needs_grad = rest[:NUM_PROBLEM_ARGS], rest[NUM_PROBLEM_ARGS]
-    dmask_shape = rest[NUM_PROBLEM_ARGS + 1] if len(rest) > NUM_PROBLEM_ARGS + 1 else None
+    dmask_shape = _dmask_shape_arg(rest)
     q = args[0]
     # a new tensor per output (outputs of a custom op must not alias each other): the input's
     # shape where its gradient is wanted, else empty
@@ -344,7 +349,7 @@ def register_python_kernels(
 
     def bwd_kernel(grad_out, out, lse, *rest):
         problem, needs_grad = AttentionProblem._make(rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
-        dmask_shape = rest[NUM_PROBLEM_ARGS + 1] if len(rest) > NUM_PROBLEM_ARGS + 1 else None
+        dmask_shape = _dmask_shape_arg(rest)
         grads = backward(problem, grad_out, out, lse, list(needs_grad))
         # contiguous, as the fake kernel declares (inductor asserts the strides it was promised);
         # an empty tensor where the backend returned None (a gradient nobody asked for)
@@ -352,8 +357,8 @@ def register_python_kernels(
         grads = list(grads)
         dmask = grads[_MASK_GRAD]
         if dmask is not None and needs_grad[_MASK_GRAD] and problem.attn_mask is not None:
-            grads[_MASK_GRAD] = grad_at_shape(dmask, mask_grad_shape(problem.attn_mask)
-                                              if dmask_shape is None else dmask_shape)
+            grads[_MASK_GRAD] = grad_at_shape(
+                dmask, _grad_shape(problem.attn_mask, MASK_ARG, dmask_shape))
         return tuple(empty_grad(q) if g is None else g.contiguous() for g in grads)
 
     _lib.impl(f"{name}_fwd", fwd_kernel, dispatch_key)

@@ -467,22 +467,19 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
             row_ok[None, :] & key_ok[:, None], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
         kept_t = probs_t
+        if F.HAS_DROPOUT:
+            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
+                                           BLOCK_M, BLOCK_N))
+            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
         if DO_DK:
             if MASKED or F.HAS_DROPOUT:
                 dp_t = mma(v, tl.trans(do), F.F32_DOT)
                 if F.HAS_DROPOUT:
-                    keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk,
-                                                   dropout_p, BLOCK_M, BLOCK_N))
-                    kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
                     dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
                 dp_t -= delta[None, :]
             else:  # full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
                 dp_t = mma(v, tl.trans(do), F.F32_DOT,
                            tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
-        elif F.HAS_DROPOUT:  # the dV sweep alone
-            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
-                                           BLOCK_M, BLOCK_N))
-            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
         if DO_DV:
             dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
         if DO_DK:
@@ -494,7 +491,7 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
 @triton.jit
 def _store_rows(Out, b, kvh, key0, tile_n, offs_e, out_strides, x, out_rows, e_ok,
                 BF16_RTNE: tl.constexpr):
-    """Store a key tile's gradient rows (dV) in the output dtype."""
+    """Store a key tile's gradient rows (dK or dV) in the output dtype."""
     stride_b, stride_h, stride_t, stride_e = out_strides
     tl.store(Out + b.to(tl.int64) * stride_b + kvh.to(tl.int64) * stride_h
              + key0 * stride_t + tile_n[:, None] * stride_t + offs_e[None, :] * stride_e,
@@ -555,6 +552,7 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
+    out_rows = offs_n < kv_len
     for phase in tl.static_range(PHASES):  # PHASES == 2: phase 0 dV only, phase 1 dK only
         if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
             if F.DIAGONAL:
@@ -619,15 +617,11 @@ def _bwd_dkdv(
                             PHASES == 1 or phase == 1, PHASES == 1 or phase == 0)
 
         if PHASES == 2 and phase == 0:  # dV is done: its registers are free for dK's sweep
-            _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, offs_n < kv_len,
-                        ev_ok, F.BF16_RTNE)
+            _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, out_rows, ev_ok,
+                        F.BF16_RTNE)
 
-    out_rows = offs_n < kv_len
-    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
-    tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-             + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
-             to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
-             mask=out_rows[:, None] & (offs_e[None, :] < E))
+    _store_rows(DK, b, kvh, key0, tile_n, offs_e, dk_strides, dk * scale, out_rows,
+                offs_e < E, F.BF16_RTNE)
     if PHASES == 1:
         _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, out_rows, ev_ok,
                     F.BF16_RTNE)
