@@ -280,7 +280,7 @@ def check_task(task, autotune_off=False):
     compile, select as the pruner does (configs.select), and say what is wrong: a compile
     failure, nothing that fits where NO_FIT does not decline it, or a kept config that spills in
     a 16-bit kernel at head dim <= 128."""
-    from .configs import NO_FIT, make_config, candidates, select
+    from .configs import NO_FIT, make_config, candidates, select, spill_allowance
 
     arch, family, dtype_name, dim, kernel = task
     problem = family_problem(family, dtype_name, dim)
@@ -309,8 +309,9 @@ def check_task(task, autotune_off=False):
     configs = [make_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
                                                max(kwargs["E_PAD"], kwargs["EV_PAD"]))]
     # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
+    dim_pad = max(kwargs["E_PAD"], kwargs["EV_PAD"])
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
-                            shortcut=autotune_off)
+                            shortcut=autotune_off, spill_ok=spill_allowance(arch, kind, dim_pad))
     result["kept"] = [_config_name(c) for c in kept]
     smallest = result["rows"][-1] if not autotune_off and result["rows"] else None
     if smallest and not smallest["fits"] and kept:
@@ -361,7 +362,7 @@ def kernel_launches(problem, with_backward, arch=90):
 def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
     """(config, compiled) of the config that runs with autotuning off on `arch`: the first
     candidate that fits (and, for 16-bit inputs, does not spill where one such fits)."""
-    from .configs import make_config, candidates, select
+    from .configs import make_config, candidates, select, spill_allowance
 
     compiled = {}
 
@@ -375,7 +376,8 @@ def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
     element_size = 2 if sixteen_bit else 4
     dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
     kept, rejected = select([make_config(*c) for c in candidates(arch, kind, element_size, dim)],
-                            measure, SMEM_OPTIN[arch], sixteen_bit, first_only=True)
+                            measure, SMEM_OPTIN[arch], sixteen_bit, first_only=True,
+                            spill_ok=spill_allowance(arch, kind, dim))
     if not kept:
         return None, rejected
     return kept[0], compiled[_config_name(kept[0])]

@@ -138,6 +138,27 @@ CANDIDATES[86] = CANDIDATES[89] = CANDIDATES[120] = {
              (64, 32, 4, 2), (32, 32, 8, 2)] + _SMALL,
 }
 KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
+# 16-bit inputs above head dim 128 on sm_100, tried before the lists above (tcgen05 where the
+# lists' tiles fall back to mma.sync at 32 x 32 or smaller; compiled at head dim 256, bf16,
+# docs/triton_compile_report.md, fifth pass):
+# - dK/dV: dK and dV take tensor memory's 512 columns between them, so every one-sweep tile that
+#   fits runs on mma.sync (64 x 32 with 8 warps, 16 x 32 gated); two sweeps (PHASES=2, one
+#   accumulator live) keep tcgen05 at 64 x 64 and 32 x 64, one stage: 0 B spilled causal and in
+#   peer mode, 92-200 B plain, variants and gate/bias, 752 B with a float mask; their full-tile
+#   loops issue 185-277 SASS instructions per 1k pairs against mma.sync's 313-392;
+# - forward (one accumulator): every 4-warp tile spills (156-1492 B), 64 x 64 and 64 x 32 with 8
+#   warps do not (233-238 registers), where 32 x 32 with 4 warps and one stage was kept.
+WIDE_TILES = {100: {"dkdv": [(64, 64, 8, 1, 2), (32, 64, 8, 1, 2)],
+                    "fwd": [(64, 64, 8, 2), (64, 32, 8, 2)]}}
+# There, spills up to this many bytes count as none: what else stays spill-free is mma.sync at
+# 32 x 32 or smaller (dQ: 64 x 32 with 8 warps spills 212 B plain on tcgen05, 880-1292 B gated
+# or with a float mask), and a few L1-resident local loads cost less than a quarter of the tile
+WIDE_SPILL_ALLOWANCE = 256
+
+
+def spill_allowance(arch: int, kind: str, head_dim_pad: int) -> int:
+    """Bytes of spill that select() counts as none for this kernel (16-bit inputs)."""
+    return WIDE_SPILL_ALLOWANCE if head_dim_pad > 128 and table_arch(arch) in WIDE_TILES else 0
 
 
 # fp32 inputs: tiles of at most 64 x 64 (32 x 32 at head dim 256), at most 2 stages. Their
@@ -161,6 +182,8 @@ def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 
             return FP32_WIDE_DKDV
         most = FP32_MAX_TILE.get(head_dim_pad, 64 * 64)
         return [c for c in listed if c[0] * c[1] <= most and c[3] <= 2]
+    if head_dim_pad > 128:
+        return WIDE_TILES.get(table_arch(arch), {}).get(kind, []) + listed
     return listed
 
 
@@ -191,6 +214,10 @@ def autotune_configs(kind: str = "fwd"):
         for k in kinds:
             for c in arch_lists[k]:
                 seen.setdefault(c, make_config(*c))
+    for tables in WIDE_TILES.values():
+        for k in kinds:
+            for c in tables.get(k, ()):
+                seen.setdefault(c, make_config(*c))
     for c in FP32_WIDE_DKDV if kind == "dkdv" else ():
         seen.setdefault(c, make_config(*c))
     return list(seen.values())
@@ -209,9 +236,10 @@ def forward_kind(one_accumulator: bool) -> str:
 
 
 def select(configs, measure, smem_limit: int, sixteen_bit: bool, first_only: bool,
-           shortcut: bool = True):
+           shortcut: bool = True, spill_ok: int = 0):
     """The configs (in order) that fit, measured by `measure(config)` -> usage dict (with
-    "spills" where known); for 16-bit inputs the non-spilling ones when any fits. With
+    "spills" where known); for 16-bit inputs the non-spilling ones (at most `spill_ok` bytes:
+    spill_allowance) when any fits. With
     first_only, stop at the first that fits without spilling. With shortcut, the last (smallest)
     config is measured first: when it does not fit, none does (shared memory grows with the
     tiles and stages; compile_check's full sweep checks this). Returns (kept, {config:
@@ -232,7 +260,7 @@ def select(configs, measure, smem_limit: int, sixteen_bit: bool, first_only: boo
         reason = misfit(use(i), smem_limit)
         if reason:
             rejected[c] = reason
-        elif sixteen_bit and use(i).get("spills"):
+        elif sixteen_bit and (use(i).get("spills") or 0) > spill_ok:
             spilling.append(c)
         else:
             kept.append(c)
@@ -282,7 +310,8 @@ def make_pruner(kernel, kind: str):
         first_only = os.environ.get(AUTOTUNE_ENV, "1") == "0"  # one fixed config, no tuning
         dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
         kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size(), dim),
-                                measure, smem, q.element_size() == 2, first_only)
+                                measure, smem, q.element_size() == 2, first_only,
+                                spill_ok=spill_allowance(arch, this_kind, dim))
         if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
             raise RuntimeError(
                 f"peer_attention: no {this_kind} Triton config fits sm_{arch} ({smem} B shared "

@@ -37,9 +37,16 @@ def test_select_never_keeps_what_does_not_fit_and_prefers_no_spills():
     kept, rejected = configs.select(["trap", "big"], usage.get, 101376, True, False,
                                     shortcut=False)
     assert kept == [] and "200000 B of shared memory > 101376" in rejected["big"]
+    # an allowance (sm_100's two-sweep dK/dV above head dim 128) counts small spills as none
+    assert configs.select(order, usage.get, 101376, True, True, spill_ok=96)[0] == ["spills"]
+    assert configs.select(order, usage.get, 101376, True, True, spill_ok=95)[0] == ["ok"]
+    assert configs.spill_allowance(100, "dq", 256) == configs.WIDE_SPILL_ALLOWANCE > 0
+    assert configs.spill_allowance(103, "dkdv", 256) > 0  # sm_103/110: sm_100's tables
+    assert configs.spill_allowance(100, "dkdv", 128) == configs.spill_allowance(
+        90, "dkdv", 256) == configs.spill_allowance(120, "fwd", 256) == 0
 
 
-def test_every_architecture_has_candidates_and_limits():
+def test_every_architecture_has_candidates_and_limits(monkeypatch):
     assert set(ARCHS) == {80, 86, 89, 90, 100, 120}
     assert SMEM_OPTIN[120] == SMEM_OPTIN[86] == SMEM_OPTIN[89] == 101376
     for arch in ARCHS:
@@ -53,6 +60,18 @@ def test_every_architecture_has_candidates_and_limits():
     for arch in (80, 86, 89, 120):
         for kind in ("dq", "dkdv"):
             assert configs.candidates(arch, kind)[0][3] >= 2
+    # sm_100 above head dim 128 (16-bit): two-sweep dK/dV tiles and 8-warp forward tiles first
+    # (tcgen05 instead of mma.sync); fp32 and other architectures keep their lists
+    wide = configs.candidates(100, "dkdv", 2, 256)
+    assert wide[0] == (64, 64, 8, 1, 2) and wide[2:] == configs.candidates(100, "dkdv", 2, 128)
+    assert configs.candidates(100, "dkdv", 4, 256) == configs.FP32_WIDE_DKDV
+    assert configs.candidates(90, "dkdv", 2, 256) == configs.candidates(90, "dkdv", 2, 128)
+    assert configs.candidates(100, "fwd", 2, 256)[0] == (64, 64, 8, 2)
+    assert configs.candidates(100, "dq", 2, 256) == configs.candidates(100, "dq", 2, 128)
+    monkeypatch.setattr(configs, "INTERPRET", False)  # the GPU's autotune configs
+    for kind in ("fwd", "dkdv"):  # the autotuner holds them (the pruner orders and picks)
+        held = [configs.blocks(c) for c in configs.autotune_configs(kind)]
+        assert set(configs.WIDE_TILES[100][kind]) <= set(held)
 
 
 def _meta_problem(dtype=torch.float16, dim=64, grad=False):
