@@ -147,9 +147,13 @@ KINDS = ("fwd", "fwd_two_acc", "dq", "dkdv")
 #   peer mode, 92-200 B plain, variants and gate/bias, 752 B with a float mask; their full-tile
 #   loops issue 185-277 SASS instructions per 1k pairs against mma.sync's 313-392;
 # - forward (one accumulator): every 4-warp tile spills (156-1492 B), 64 x 64 and 64 x 32 with 8
-#   warps do not (233-238 registers), where 32 x 32 with 4 warps and one stage was kept.
+#   warps do not (233-238 registers), where 32 x 32 with 4 warps and one stage was kept;
+# - forward with two accumulators (gated joint, peer mode): 64 x 32 with 8 warps and one stage
+#   spills 196 B in peer mode and 184 B gated in fp16 (342 B in bf16), where 16 x 32 with 4
+#   warps ran.
 WIDE_TILES = {100: {"dkdv": [(64, 64, 8, 1, 2), (32, 64, 8, 1, 2)],
-                    "fwd": [(64, 64, 8, 2), (64, 32, 8, 2)]}}
+                    "fwd": [(64, 64, 8, 2), (64, 32, 8, 2)],
+                    "fwd_two_acc": [(64, 32, 8, 1)]}}
 # There, spills up to this many bytes count as none: what else stays spill-free is mma.sync at
 # 32 x 32 or smaller (dQ: 64 x 32 with 8 warps spills 212 B plain on tcgen05, 880-1292 B gated
 # or with a float mask), and a few L1-resident local loads cost less than a quarter of the tile
