@@ -322,8 +322,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // z = c S + b instead: max over the tile's z = c max(S) + b, P = exp2(c S + (b - max)).
     const float c = p.scale_log2;
     if constexpr (Cfg::kRowStateInSmem) load_row_state(state_s, tid, row_max, row_sum);
-    // kBias: read where used (a volatile load per use: no register held across the rows)
-    [[maybe_unused]] const volatile float* bias2 = &terms_s->bias_log2;
+    // kBias: read where used (a volatile load per use at D = 128: no register held across the
+    // rows; one load at D <= 96)
+    [[maybe_unused]] float bias_once = 0.f;
+    if constexpr (kBias && D <= 96) bias_once = terms_s->bias_log2;
+    auto bias2 = [&]() -> float {
+      if constexpr (D <= 96) return bias_once;
+      else return *reinterpret_cast<const volatile float*>(&terms_s->bias_log2);
+    };
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -334,10 +340,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
           tile_max = fmaxf(tile_max, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
         float new_max, base, alpha, shift;
         if constexpr (kBias) {  // row_max on z (log2 domain); c * (-inf) + b = -inf
-          new_max = fmaxf(row_max[mt][r], fmaf(quad_max(tile_max), c, *bias2));
+          new_max = fmaxf(row_max[mt][r], fmaf(quad_max(tile_max), c, bias2()));
           base = new_max == -INFINITY ? 0.f : new_max;
           alpha = exp2f(row_max[mt][r] - base);
-          shift = *bias2 - base;
+          shift = bias2() - base;
         } else {
           new_max = fmaxf(row_max[mt][r], quad_max(tile_max));  // raw, like row_max
           // no NaN from (-inf) - (-inf): a row with no key yet keeps base 0 and P = 0
@@ -398,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
 #pragma unroll
         for (int w = 1; w < kWarps; ++w) gmax = fmaxf(gmax, terms_s->warp_max[w]);
         int exp = 0;  // gmax = f 2^exp, f in [0.5, 1): |gate| / 2^exp < 1
-        if (gmax > 0.f && gmax <= 3.4e38f) frexpf(gmax, &exp);
+        if (gmax > 0.f && gmax < INFINITY) frexpf(gmax, &exp);
         const float m = ldexpf(gv, -exp);
         const float m_next = __shfl_down_sync(0xffffffffu, m, 1);  // column tid + 1
         if (tid < D && (tid & 1) == 0) terms_s->gate_m[tid / 2] = Ops::pack(m, m_next);
@@ -431,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // barriers rather than held in registers through it: at D = 128 the held ones spilled in
     // these instantiations on sm_80-90a, the re-read ones in the others (ptxas at 255 registers;
     // chosen by the compile report)
-    constexpr bool kReread = kPeer || (kBias && !kGate);
+    constexpr bool kReread = D > 96 ? kPeer || (kBias && !kGate) : kPeer;
     [[maybe_unused]] const int following = kReread ? 0 : next_peer(peer + 1);
     auto after = [&] { return kReread ? next_peer(peer + 1) : following; };
     auto count = [&] { return kReread ? ntiles_s[peer] : ntiles; };
