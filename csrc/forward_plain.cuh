@@ -3,8 +3,9 @@
 // 32 rows (two m16 row tiles, so each K and V fragment loaded from shared memory feeds two mma),
 // key tiles of 64. The peer features are compile-time switches (FlashAttention's BOOL_SWITCH,
 // launch.h's run_forward), each instantiation carrying only its own code:
-//   kGate (joint):  acc = acc * alpha + (P V) * gate[s, p], P V formed 16 channels at a time
-//                   (gemm_rs_rows_gated) since the gate multiplies it per channel;
+//   kGate (joint):  acc = acc * alpha + (P V) * gate[s, p] = acc * alpha + P (V diag(gate)):
+//                   V's tile scaled per column in shared memory (scale_tile_columns, a third
+//                   barrier per tile), the gate as m = gate / 2^exp (PeerTerms);
 //   kBias:          z = scale * S + bias[s, p]: the running max is kept on z (log2 domain)
 //                   instead of on the raw S, the bias folded into the exponent's fma;
 //   kPeer:          a softmax per peer; after the peer's last tile (outside the tile loop)
@@ -15,7 +16,7 @@
 // in flight when a step starts; V of the current tile is fetched while S = Q K^T runs, K of the
 // next tile (the next peer's first one after a peer's last) while the softmax and P V run. Two
 // barriers per tile: the first frees V (every warp is done with the previous P V), the second
-// frees K (every warp is done with Q K^T).
+// frees K (every warp is done with Q K^T); kGate adds one between the V scaling and P V.
 //
 // Masking only where it can change something: per peer, the leading key tiles that lie inside
 // the keys and (causal self pair) below the diagonal of the block's first row take an unmasked

@@ -306,27 +306,6 @@ def test_tile_schedule_matches_dense_softmax(q_len, kv_len, cut, causal, bottom_
 
 # --- the feature switches (gate, bias, peer mode) --------------------------------------------
 
-def b_kn_columns(lane, n0=0):
-    """Output columns of the 4 registers load_b_from_kn gives `lane` (ldmatrix.x4.trans: matrix
-    i is addressed by lanes 8i..8i+7, each at row k0 + (l & 7) + 8 * ((l >> 3) & 1) and column
-    n0 + 8 * (l >> 4), the b_kn_generic offsets of PROGRAM; .trans hands lane l of matrix i its
-    column l // 4 of the 8 addressed columns)."""
-    columns = []
-    for i in range(4):
-        addresser = 8 * i  # every lane of matrix i shares one column base
-        columns.append(n0 + 8 * (addresser >> 4) + lane // 4)
-    return columns
-
-
-def test_gate_factor_columns_of_the_b_fragments():
-    # gemm_rs_rows_scaled multiplies b[0], b[1] by the factor of column n0 + g and b[2], b[3]
-    # by that of n0 + 8 + g (lane = 4 g + t): the columns those registers hold
-    for lane in range(32):
-        g = lane >> 2
-        for n0 in (0, 16, 112):
-            assert b_kn_columns(lane, n0) == [n0 + g, n0 + g, n0 + 8 + g, n0 + 8 + g]
-
-
 def emulate_featured(q, peers, scale, gate, bias, per_peer, BN=64):
     """forward_plain_kernel's arithmetic with the switches on, for one block's rows (float64):
     peers: [(k, v, visible (rows x keys) bool)] in visit order; gate: per peer a (Ev,) vector or
