@@ -3,8 +3,8 @@
 # compiler and ptxas) and fail if a config the pruner may keep does not fit, traps, spills in a
 # 16-bit kernel at head dim <= 128, or does not compile. Sampled (COMPILE_CHECK_SAMPLE tasks per
 # architecture, the autotune-off config of each; compile_check.HARDEST - fp32 dK/dV at head dim
-# 256, bf16 dQ at 128 with a float mask, bf16 dK/dV at 128, the gated bf16 forward at 128 -
-# always among them, the rest drawn per architecture with COMPILE_CHECK_SEED), two
+# 256, bf16 dQ at 128 with a float mask, bf16 dK/dV at 128, the gated bf16 forward and dK/dV
+# at 128 - always among them, the rest drawn per architecture with COMPILE_CHECK_SEED), two
 # architectures at a time. The full sweep of one architecture:
 #   python -m peer_attention.triton_kernels.compile_check --arch sm90a --jobs N
 set -euo pipefail

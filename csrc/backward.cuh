@@ -13,6 +13,10 @@
 //                FlashAttention-2's fused loop, dkdv_kernel's key-major walk plus dQ: dS goes
 //                to shared memory and each warp adds dS K for 16 query rows into a float32
 //                (B, Hq, Tq, D) buffer with atomics, 5 products per tile pair instead of 7.
+// Registers of the key-major walk (no spill at D <= 128 but the fused hd128 on sm_120, 60 B):
+// the block's values in shared memory (KeyBlock), dP^T accumulated onto -delta, S^T / dP^T in
+// query slices and dS over Q's first slice where that compiled spill-free (key_major_choice,
+// per head dim and architecture), the Q/dO copies pointer-stepped (kOrdered).
 // delta is the FlashAttention row term: rowsum(dO * O) (joint) or <dO * gate_p, U_p> per peer
 // (computed by the forward kernel's recompute mode). dK/dV go to float32 accumulators: with GQA
 // several query heads add into one key head (atomicAdd), else each element is stored once.
@@ -32,6 +36,19 @@ struct DqConfig {
   }
 };
 
+// The key-major block's values that its loop needs once per tile or after the loop, kept in
+// shared memory rather than registers (see key_major_backward)
+struct KeyBlock {
+  const void* q_base;   // Q and dO of the block's batch entry and query head
+  const void* do_base;
+  int64_t bh_row0;      // (b * q_heads + h) * total_q: row 0 of the (b, h) lse / delta / dQ rows
+  int64_t out_row0;     // row of key key_row0 in dk_accum / dv_accum
+  int rows;             // keys of the block inside the stream
+  int channel0;         // the block's first dK/dV channel
+  int group;            // query heads per key head (> 1: atomics)
+  int kp, key_row0, limit, b, h;
+};
+
 template <int D>
 struct DkdvConfig {
   static constexpr int kBlockN = 64;                  // keys per block (4 warps x 16)
@@ -39,17 +56,19 @@ struct DkdvConfig {
   // dK/dV channels one block accumulates (16 keys x kAccDim of both per warp in registers)
   static constexpr int kAccDim = D <= 128 ? D : D / 2;
   static constexpr int kParts = D / kAccDim;
+  static constexpr bool kBlockInSmem = D <= 128;  // a KeyBlock in shared memory
   template <typename T>
   static constexpr int smem_bytes() {
     return (2 * kBlockN * D + 4 * kBlockM * D) * sizeof(T) + (D + 4 * kBlockM) * sizeof(float) +
-           2 * kMaxStreams * sizeof(int);
+           2 * kMaxStreams * sizeof(int) + (kBlockInSmem ? sizeof(KeyBlock) : 0);
   }
 };
 
 // The fused backward (bwd_fused_kernel): dkdv_kernel's tiles plus a BN x BM tile of dS in
-// shared memory, its own buffer where that still fits the 101376 B of sm_86/89/120 (D < 128),
-// else written over the current Q stage once every warp is done with Q (D = 128: BM x D >= BN x
-// BM; one barrier more per tile).
+// shared memory, its own buffer at D <= 64, else written over the current Q stage once every
+// warp is done with Q (D >= 96: BM x D >= BN x BM; one barrier more per tile, or none more with
+// key_major_choice's ds_in_slice0). At D = 96 that is what compiled without spills on all six
+// architectures (its own tile: 60-140 B), and it needs 8 KB less (2 blocks per SM on sm_80).
 constexpr int kSmallSmemPerBlock = 101376;
 template <int D>
 struct FusedBwdConfig : DkdvConfig<D> {
@@ -57,8 +76,8 @@ struct FusedBwdConfig : DkdvConfig<D> {
   static constexpr int kDqChunk = 32 < D ? 32 : D;  // dQ columns per chunk of atomics
   template <typename T>
   static constexpr bool own_ds() {
-    return Base::template smem_bytes<T>() + Base::kBlockN * Base::kBlockM * sizeof(T) <=
-           kSmallSmemPerBlock;
+    return D <= 64 && Base::template smem_bytes<T>() + Base::kBlockN * Base::kBlockM * sizeof(T) <=
+                          kSmallSmemPerBlock;
   }
   template <typename T>
   static constexpr int smem_bytes() {
@@ -227,9 +246,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         const float prob = masked ? 0.f : exp2f(x);
         const float ds = prob * (dp[nt][e] - row_delta[r]);
         dbias_part += ds;
-        if (dmask != nullptr && !masked && row_ok[r])  // d mask = dS, in full (B, Hq, Tq, Tk)
-          dmask[((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q + q_first +
-                   local_row[r]) * p.total_kv + p.kv_offsets[peer] + j] = ds;
+        // d mask = dS, added at the mask's shape: a broadcast mask's (b, h, row) add into one
+        // element; into a dense buffer (zeroed, one add per element) the add is a store
+        if (dmask != nullptr && !masked && row_ok[r])
+          atomicAdd(dmask + b * p.dmask_strides[0] + h * p.dmask_strides[1] +
+                        (q_first + local_row[r]) * p.dmask_strides[2] +
+                        (p.kv_offsets[peer] + j) * p.dmask_strides[3],
+                    ds);
         sc[nt][e] = ds;
       }
     }
@@ -305,6 +328,50 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   }
 }
 
+// How the key-major walk spends its 255 registers, per kernel, head dim and architecture. At D
+// >= 64 dK and dV (2 x NACC / 2 per thread), S^T and dP^T (BM / 2 each) and the fragments in
+// flight fill the 255, and ptxas's allocation there is chaotic (the same source moves between 0
+// and ~300 B of spills with unrelated edits), so the choices below were made on the compile
+// report of all six architectures (docs/cuda.md, python -m peer_attention.cuda_compile_report);
+// rerun it after any change to the walk.
+struct KeyMajorChoice {
+  bool block_in_smem;  // the loop reads the block's values (KeyBlock) from shared memory
+  int slices;          // S^T and dP^T formed BM / slices query columns at a time
+  bool ds_in_slice0;   // fused, dS not its own tile: dS over Q's first slice (slices == 2,
+                       // BN x BM <= the slice), not held in registers until every slice is done
+};
+template <int D, bool kFeatures, bool kMask, bool kDq>
+__device__ constexpr KeyMajorChoice key_major_choice() {
+#ifdef __CUDA_ARCH__
+  constexpr int arch = __CUDA_ARCH__;
+#else
+  constexpr int arch = 800;
+#endif
+  KeyMajorChoice c{D <= 128, 1, false};
+  if (kDq && D == 96) c.slices = 2;
+  if (kDq && D == 128) {  // sm_120 still spills 60 B (2 LDL+STL per tile), the least found
+    c.slices = arch == 900 ? 1 : 2;
+    c.block_in_smem = arch != 900;
+    c.ds_in_slice0 = arch != 900;
+  }
+  if (!kDq && D == 128) {  // dkdv_kernel
+    c.block_in_smem = kMask;
+    c.slices = kFeatures || arch >= 1000 ? 4 : 1;
+  }
+  // tuning hooks: -D... overrides every instantiation of a translation unit (compile one
+  // instantiation per file, as the search behind the choices above did)
+#ifdef PEER_ATTENTION_KM_BLOCK_IN_SMEM
+  c.block_in_smem = PEER_ATTENTION_KM_BLOCK_IN_SMEM;
+#endif
+#ifdef PEER_ATTENTION_KM_SLICES
+  c.slices = PEER_ATTENTION_KM_SLICES;
+#endif
+#ifdef PEER_ATTENTION_KM_DS_IN_SLICE0
+  c.ds_in_slice0 = PEER_ATTENTION_KM_DS_IN_SLICE0;
+#endif
+  return c;
+}
+
 // The key-major walk of dkdv_kernel and bwd_fused_kernel (kDq: dQ too, plain path only).
 template <int D, typename T, bool kFeatures, bool kMask, bool kDq>
 __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
@@ -312,6 +379,7 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, NACC = Cfg::kAccDim;
   static_assert(!kDq || (!kFeatures && D <= 128 && BM == 16 * kWarps),
                 "fused dQ: plain path, one 16-row slice of the query tile per warp");
+  constexpr KeyMajorChoice kChoice = key_major_choice<D, kFeatures, kMask, kDq>();
   constexpr bool kOwnDs = kDq && FusedBwdConfig<D>::template own_ds<T>();
   static_assert(!kDq || kOwnDs || BM * D >= BN * BM, "dS fits in a Q stage");
   extern __shared__ __align__(16) unsigned char smem[];
@@ -325,6 +393,8 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   float* delta_s = offset_s + 2 * BM;  // 2 stages x BM
   int* first_s = reinterpret_cast<int*>(delta_s + 2 * BM);  // query tiles [first, end) per stream
   int* end_s = first_s + kMaxStreams;
+  KeyBlock* block_s = reinterpret_cast<KeyBlock*>(end_s + kMaxStreams);  // D <= 128
+  static_assert(!kChoice.block_in_smem || Cfg::kBlockInSmem, "a KeyBlock in shared memory");
 
   const int S = p.num_streams;
   const BlockCoord blk = unflatten_block(p.kv_tile_offsets[S], p.q_heads * Cfg::kParts);
@@ -344,6 +414,14 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   const bool has_mask = kMask && p.mask != nullptr;  // kMask implies kFeatures
   const bool per_peer = kFeatures && p.per_peer;
 
+  const int64_t bh_row0 = (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q;
+  if (Cfg::kBlockInSmem && tid == 0) {
+    *block_s = KeyBlock{static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1],
+                      static_cast<const T*>(p.dout) + bh_row0 * p.value_dim, bh_row0,
+                      (static_cast<int64_t>(b) * p.kv_heads + hk) * p.total_kv +
+                          p.kv_offsets[kp] + key_row0,
+                      kv_len - key_row0, channel0, group, kp, key_row0, limit, b, h};
+  }
   if (tid < S) {
     const int q_len = p.q_offsets[tid + 1] - p.q_offsets[tid];
     const bool on = ((p.peer_rows[tid] >> kp) & 1u) && key_row0 < limit;
@@ -354,8 +432,9 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   __syncthreads();
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
-  const T* do_base = static_cast<const T*>(p.dout) +
-                     (static_cast<int64_t>(b) * p.q_heads + h) * p.total_q * p.value_dim;
+  const T* do_base = static_cast<const T*>(p.dout) + bh_row0 * p.value_dim;
+  // a value of the block: read from shared memory where the loop keeps it there (kChoice)
+#define PA_BLOCK(x) (kChoice.block_in_smem ? block_s->x : x)
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
 
@@ -368,6 +447,9 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   // 5.8 instructions per HMMA, spills 52 vs 96 B; sm_89 104 vs 352 B; features sm_89 19 vs 2
   // LDL+STL in the loop
   constexpr bool kStepped = !kFeatures;
+  // plain: each copy's pointer stepped after it (one live pointer), D = 96 in column blocks
+  // (load_tile_async's kOrdered; fewer registers and 1193 -> 868 loop instructions at D = 96)
+  constexpr bool kOrderedCopy = kStepped;
   static_assert(BM <= kThreads, "one query row's lse and delta per thread");
   // Q and dO of a query tile by cp.async; its lse and delta (row tid) into registers: they are
   // stored to shared memory (store_rows) only after the current tile's products, so the global
@@ -375,23 +457,26 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
   auto load_q = [&](int qs, int tile, int stage, float2& rows) {
     const int q_len = p.q_offsets[qs + 1] - p.q_offsets[qs];
     const int row0 = tile * BM, packed0 = p.q_offsets[qs] + row0;
-    load_tile_async<BM, D, T, kStepped>(q_tiles + stage * BM * D,
-                                        q_base + packed0 * p.q_strides[2], p.q_strides[2],
-                                        q_len - row0, p.head_dim, static_cast<const T*>(p.q));
-    load_tile_async<BM, D, T, kStepped>(do_tiles + stage * BM * D,
-                                        do_base + static_cast<int64_t>(packed0) * p.value_dim,
-                                        p.value_dim, q_len - row0, p.value_dim,
-                                        static_cast<const T*>(p.dout));
+    const T* q_from = static_cast<const T*>(PA_BLOCK(q_base)) + packed0 * p.q_strides[2];
+    const T* do_from = static_cast<const T*>(PA_BLOCK(do_base)) +
+                       static_cast<int64_t>(packed0) * p.value_dim;
+    load_tile_async<BM, D, T, kStepped, false, kOrderedCopy>(
+        q_tiles + stage * BM * D, q_from, p.q_strides[2], q_len - row0, p.head_dim,
+        static_cast<const T*>(p.q));
+    load_tile_async<BM, D, T, kStepped, false, kOrderedCopy>(
+        do_tiles + stage * BM * D, do_from, p.value_dim, q_len - row0, p.value_dim,
+        static_cast<const T*>(p.dout));
     rows = make_float2(INFINITY, 0.f);  // rows past the stream: P = 0, delta = 0
     if (tid < BM && row0 + tid < q_len) {
-      const int64_t at = lse_row_index(p, per_peer, b, h, kp, packed0 + tid);
+      const int64_t at =
+          lse_row_index(p, per_peer, PA_BLOCK(b), PA_BLOCK(h), PA_BLOCK(kp), packed0 + tid);
       rows = make_float2(p.lse[at], p.delta[at]);
     }
   };
-  auto store_rows = [&](int stage, float2 rows) {  // log2-domain lse offset, delta
+  auto store_rows = [&](int stage, float2 rows) {  // log2-domain lse offset, -delta
     if (tid < BM) {
       offset_s[stage * BM + tid] = lse_to_log2_offset(rows.x);
-      delta_s[stage * BM + tid] = rows.y;
+      delta_s[stage * BM + tid] = -rows.y;  // dP^T's initial value (see step)
     }
   };
 
@@ -437,51 +522,85 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
     const float* deltas = delta_s + stage * BM;
     const float* gate = has_gate ? gate_s : nullptr;
 
-    float st[BM / 8][4];  // S^T: rows = keys, columns = queries
-    zero(st);
-    gemm_nt<BM, D, T>(st, k_tile, warp * 16, nullptr, q_tile, nullptr, lane);
-    float dpt[BM / 8][4];
-    zero(dpt);
-    gemm_nt<BM, D, T>(dpt, v_tile, warp * 16, nullptr, do_tile, gate, lane);
-
-    const bool causal_pair = p.causal && qs == kp;
-    const int diag = causal_offset(p, kp);
+    constexpr int kSlices = kChoice.slices;
+    constexpr int SW = BM / kSlices;  // query columns per slice
+    const bool causal_pair = p.causal && qs == PA_BLOCK(kp);
+    const int diag = causal_offset(p, PA_BLOCK(kp));
     const int q_row0 = tile * BM;
     const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
+    using Maps = FusedBwdMaps<BM>;
+    // dS^T to shared memory as [key][query] (fused): its own tile, or Q(stage) once every warp
+    // is done reading Q (the dK products)
+    [[maybe_unused]] T* ds_tile = kOwnDs ? ds_own : q_tiles + stage * BM * D;
+    constexpr bool kDsInSlice0 = kDq && !kOwnDs && kChoice.ds_in_slice0;
+    static_assert(!kDsInSlice0 || (kSlices == 2 && SW * D >= BN * BM), "dS fits Q's first slice");
+    [[maybe_unused]] uint32_t ds_keep[kDq && !kOwnDs && !kDsInSlice0 ? BM / 16 : 1][4];
 #pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
+    for (int sl = 0; sl < kSlices; ++sl) {
+      const int c0 = sl * SW;
+      float st[SW / 8][4];  // S^T: rows = keys, columns = queries c0..
+      zero(st);
+      gemm_nt<SW, D, T>(st, k_tile, warp * 16, nullptr, q_tile + c0 * D, nullptr, lane);
+      float dpt[SW / 8][4];  // dP^T - delta: the product accumulated onto -delta (deltas)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + t2 + (e & 1);
-        const int j = key_row0 + local_key[e >> 1];
-        const int i = q_row0 + col;
-        const bool masked = kMasked && (j >= limit || (causal_pair && j > i + diag));
-        float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
-        if (has_mask && !masked && i < q_len_qs)
-          x += mask_log2(p, b, h, p.q_offsets[qs] + i, p.kv_offsets[kp] + j);
-        const float prob = masked ? 0.f : exp2f(x);
-        st[nt][e] = prob;
-        dpt[nt][e] = prob * (dpt[nt][e] - deltas[col]);
+      for (int nt = 0; nt < SW / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[nt][e] = deltas[c0 + nt * 8 + t2 + (e & 1)];
+      }
+      gemm_nt<SW, D, T>(dpt, v_tile, warp * 16, nullptr, do_tile + c0 * D, gate, lane);
+
+#pragma unroll
+      for (int nt = 0; nt < SW / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + nt * 8 + t2 + (e & 1);
+          const int j = PA_BLOCK(key_row0) + local_key[e >> 1];
+          const int i = q_row0 + col;
+          const bool masked = kMasked && (j >= PA_BLOCK(limit) || (causal_pair && j > i + diag));
+          float x = st[nt][e] * p.scale_log2 + bias_log2 - offsets[col];
+          if (has_mask && !masked && i < q_len_qs)
+            x += mask_log2(p, PA_BLOCK(b), PA_BLOCK(h), p.q_offsets[qs] + i,
+                           p.kv_offsets[PA_BLOCK(kp)] + j);
+          const float prob = masked ? 0.f : exp2f(x);
+          st[nt][e] = prob;
+          dpt[nt][e] = prob * dpt[nt][e];  // dS^T = P^T (dP^T - delta)
+        }
+      }
+      // both packed first: S^T and dP^T (fp32) die before the products
+      uint32_t pf[SW / 16][4];
+      pack_a<SW, T>(pf, st);
+      uint32_t dsf[SW / 16][4];
+      pack_a<SW, T>(dsf, dpt);
+      gemm_rs<SW, D, NACC, T>(dv, pf, do_tile + c0 * D, channel0, gate, lane);
+      gemm_rs<SW, D, NACC, T>(dk, dsf, q_tile + c0 * D, channel0, nullptr, lane);
+      if constexpr (kDq) {
+        // kDsInSlice0: the dS tile goes over Q's first slice once every warp is done with it
+        if (kDsInSlice0 && sl == 0) __syncthreads();
+        const int ds_lane = Maps::ds_store_lane(warp, lane);
+#pragma unroll
+        for (int kk = 0; kk < SW / 16; ++kk) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if constexpr (kOwnDs || kDsInSlice0)
+              *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, c0 / 16 + kk, r)) =
+                  dsf[kk][r];
+            else
+              ds_keep[c0 / 16 + kk][r] = dsf[kk][r];
+          }
+        }
       }
     }
-    uint32_t pf[BM / 16][4];
-    pack_a<BM, T>(pf, st);
-    gemm_rs<BM, D, NACC, T>(dv, pf, do_tile, channel0, gate, lane);
-    uint32_t dsf[BM / 16][4];
-    pack_a<BM, T>(dsf, dpt);
-    gemm_rs<BM, D, NACC, T>(dk, dsf, q_tile, channel0, nullptr, lane);
     if constexpr (kDq) {
-      using Maps = FusedBwdMaps<BM>;
-      // dS^T to shared memory as [key][query]: its own tile, or Q(stage) once every warp is
-      // done reading Q (the dK product above)
-      T* ds_tile = kOwnDs ? ds_own : q_tiles + stage * BM * D;
-      if constexpr (!kOwnDs) __syncthreads();
-      const int ds_lane = Maps::ds_store_lane(warp, lane);
+      if constexpr (!kOwnDs && !kDsInSlice0) {
+        __syncthreads();
+        const int ds_lane = Maps::ds_store_lane(warp, lane);
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
+        for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r)
-          *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, kk, r)) = dsf[kk][r];
+          for (int r = 0; r < 4; ++r)
+            *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, kk, r)) =
+                ds_keep[kk][r];
+        }
       }
       __syncthreads();  // dS of every warp's keys is in shared memory
       // dQ (queries 16 warp.., D columns) += dS (16 x BN) K (BN x D), summed over the key blocks
@@ -498,11 +617,9 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
       // past the buffer) adds an explicit 0 to the stream's last row instead: in bounds, no
       // branch per atomic, exact (x + 0 = x)
       const int i0 = tile * BM + Maps::dq_row(warp, lane, 0);
-      const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
       const bool dq_row_ok[2] = {!kMasked || i0 < q_len_qs, !kMasked || i0 + 8 < q_len_qs};
-      float* const dq_head = p.dq_accum +
-                             ((static_cast<int64_t>(b) * p.q_heads + h) * p.total_q +
-                              p.q_offsets[qs]) * D + Maps::dq_col(lane, 0, 0, 0);
+      float* const dq_head = p.dq_accum + (PA_BLOCK(bh_row0) + p.q_offsets[qs]) * D +
+                             Maps::dq_col(lane, 0, 0, 0);
       float* const dq_base[2] = {
           dq_head + static_cast<int64_t>(dq_row_ok[0] ? i0 : q_len_qs - 1) * D,
           kMasked ? dq_head + static_cast<int64_t>(dq_row_ok[1] ? i0 + 8 : q_len_qs - 1) * D
@@ -530,7 +647,7 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
 
   while (qs < S) {
     {  // a new query stream: its gate and bias on this key stream
-      const int64_t pair = pair_index(p, b, qs, kp, h);
+      const int64_t pair = pair_index(p, PA_BLOCK(b), qs, PA_BLOCK(kp), PA_BLOCK(h));
       if (has_gate) {  // read only through the gate pointer handed to the products
         for (int c = tid; c < D; c += kThreads)
           gate_s[c] = c < p.value_dim ? p.gate[pair * p.value_dim + c] : 1.f;
@@ -543,8 +660,9 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
     // the masked tiles come first (the causal diagonal); the plain path runs the rest unmasked
     const int unmasked_from =
         kFeatures ? end
-                  : first_unmasked_query_tile(tile, end, key_row0, BN, limit,
-                                              p.causal && qs == kp, causal_offset(p, kp), BM);
+                  : first_unmasked_query_tile(tile, end, PA_BLOCK(key_row0), BN, PA_BLOCK(limit),
+                                              p.causal && qs == PA_BLOCK(kp),
+                                              causal_offset(p, PA_BLOCK(kp)), BM);
     // fused (dQ rows are written): a partial last query tile takes the masked step too; two
     // call sites of each step either way (a third copy of the step made ptxas spill)
     const int q_len_qs = p.q_offsets[qs + 1] - p.q_offsets[qs];
@@ -570,20 +688,30 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
     tile = following_tile;
   }
 
-  // every key row of the tile gets its gradient written (zero when no query saw it)
+  // every key row of the tile gets its gradient written (zero when no query saw it). D <= 128:
+  // the block's rows from shared memory and the lane's from threadIdx anew, so that none of
+  // them holds a register through the loop (the loop's closing barrier orders the read)
+  const int lane_e = threadIdx.x & 31;
+  const int t2_e = (lane_e & 3) * 2, key_e = (threadIdx.x >> 5) * 16 + (lane_e >> 2);
+  const KeyBlock out = Cfg::kBlockInSmem
+                           ? *block_s
+                           : KeyBlock{nullptr, nullptr, bh_row0,
+                                      (static_cast<int64_t>(b) * p.kv_heads + hk) * p.total_kv +
+                                          p.kv_offsets[kp] + key_row0,
+                                      kv_len - key_row0, channel0, group, kp, key_row0, limit,
+                                      b, h};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int j = key_row0 + local_key[r];
-    if (j >= kv_len) continue;
-    const int64_t row = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.total_kv +
-                        p.kv_offsets[kp] + j;
+    const int j = key_e + 8 * r;  // key key_row0 + j
+    if (j >= out.rows) continue;
+    const int64_t row = out.out_row0 + j;
 #pragma unroll
     for (int dt = 0; dt < NACC / 8; ++dt) {
-      const int col = channel0 + dt * 8 + t2;
+      const int col = out.channel0 + dt * 8 + t2_e;
       if (col < p.head_dim) {
         float* at = p.dk_accum + row * p.head_dim + col;
         const float x = dk[dt][2 * r] * p.scale, y = dk[dt][2 * r + 1] * p.scale;
-        if (group > 1) {
+        if (out.group > 1) {
           atomicAdd(at, x);
           atomicAdd(at + 1, y);
         } else {
@@ -592,7 +720,7 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
       }
       if (col < p.value_dim) {
         float* at = p.dv_accum + row * p.value_dim + col;
-        if (group > 1) {
+        if (out.group > 1) {
           atomicAdd(at, dv[dt][2 * r]);
           atomicAdd(at + 1, dv[dt][2 * r + 1]);
         } else {
@@ -601,6 +729,7 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
       }
     }
   }
+#undef PA_BLOCK
 }
 
 template <int D, typename T, bool kFeatures, bool kMask>

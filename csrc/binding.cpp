@@ -40,7 +40,7 @@ constexpr char kWho[] = "peer_attention cuda backend: ";
       double softcap, const OptTensor &alibi_slopes, const OptTensor &sinks
 #define BACKWARD_ARGS                                                          \
   const Tensor &grad_out, const Tensor &out, const Tensor &lse, FORWARD_ARGS, \
-      c10::List<bool> needs_grad
+      c10::List<bool> needs_grad, at::OptionalIntArrayRef dmask_shape
 using ForwardResult = std::tuple<Tensor, Tensor>;
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
@@ -57,6 +57,34 @@ Tensor additive_mask(const Tensor& mask) {
                                     at::full({}, -INFINITY, compact.options().dtype(at::kFloat)))
                         : compact.to(at::kFloat);
   return additive.expand(mask.sizes());
+}
+
+// The shape a float mask's gradient is accumulated at (peer_attention/problem.py's
+// mask_grad_shape): the mask's, with 1 on every dim it is broadcast along (stride 0).
+std::vector<int64_t> mask_grad_shape(const Tensor& mask) {
+  std::vector<int64_t> shape(mask.sizes().begin(), mask.sizes().end());
+  for (int64_t d = 0; d < mask.dim(); ++d)
+    if (mask.stride(d) == 0) shape[d] = 1;
+  return shape;
+}
+
+// A mask gradient at `shape` (ops.py's grad_at_shape): summed down to it, or, where it is more
+// compact than `shape` (the op was handed a materialised mask whose gradient the autograd
+// formula asked for at its dense shape), a stride-0 view of equal shares, made contiguous.
+Tensor grad_at_shape(Tensor grad, at::IntArrayRef shape) {
+  if (grad.sizes() == shape) return grad;
+  bool reducible = true;
+  std::vector<int64_t> common;
+  for (int64_t d = 0; d < grad.dim(); ++d) {
+    reducible = reducible && (shape[d] == grad.size(d) || shape[d] == 1);
+    common.push_back(std::min(grad.size(d), shape[d]));
+  }
+  if (reducible) return grad.sum_to_size(shape);
+  grad = grad.sum_to_size(common);
+  int64_t copies = 1;
+  for (int64_t n : shape) copies *= n;
+  copies = grad.numel() > 0 ? copies / grad.numel() : 1;
+  return (copies > 1 ? grad / static_cast<double>(copies) : grad).expand(shape).contiguous();
 }
 
 bool rows_aligned(const Tensor& t) {
@@ -434,7 +462,14 @@ BackwardResult backward(BACKWARD_ARGS) {
                "fused backward kernel");
   }
   if (need_dmask) {
-    dmask = at::zeros({B, Hq, Tq, Tk}, f32);
+    // a broadcast mask's gradient is added at its own shape (stride 0 where broadcast), not in
+    // a dense (B, Hq, Tq, Tk) buffer; dense (one store per score, summed afterwards) when it
+    // broadcasts nowhere or the additions' order must not vary (deterministic algorithms)
+    const std::vector<int64_t> compact = mask_grad_shape(*attn_mask);
+    const std::vector<int64_t> full = {B, Hq, Tq, Tk};
+    dmask = at::zeros(at::globalContext().deterministicAlgorithms() ? full : compact, f32);
+    const Tensor indexed = dmask.expand({B, Hq, Tq, Tk});
+    for (int d = 0; d < 4; ++d) p.dmask_strides[d] = indexed.stride(d);
     p.dmask = dmask.data_ptr<float>();
   }
   if (!fused && (need_dq || need_dbias || need_dmask)) {
@@ -466,7 +501,13 @@ BackwardResult backward(BACKWARD_ARGS) {
   Tensor dgate =
       need_dgate ? dgate_accum.narrow(4, 0, prep.Ev).to(gate->scalar_type()).contiguous() : none();
   Tensor dbias = need_dbias ? dbias_accum.to(bias->scalar_type()) : none();
-  Tensor dmask_out = need_dmask ? dmask.to(attn_mask->scalar_type()) : none();
+  Tensor dmask_out =
+      need_dmask ? grad_at_shape(dmask, dmask_shape.has_value()
+                                            ? *dmask_shape
+                                            : at::IntArrayRef(mask_grad_shape(*attn_mask)))
+                       .to(attn_mask->scalar_type())
+                       .contiguous()
+                 : none();
   return {dq, dk, dv, dgate, dbias, dmask_out, none()};
 }
 

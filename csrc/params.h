@@ -55,7 +55,11 @@ struct AttentionParams {
   float* delta;      // (B, Hq, Tq) joint / (B, Hq, S, Tq) peer
   float* dgate;      // (B, S, S, Hq, value_dim) float32 accumulator (zeroed), or null
   float* dbias;      // (B, S, S, Hq) float32 accumulator (zeroed), or null
-  float* dmask;      // (B, Hq, Tq, Tk) float32 (zeroed): dS of every visited score, or null
+  // float32 (zeroed), indexed [b, h, packed query row, packed key row] with dmask_strides, into
+  // which dS of every visited score is added: the mask's own shape (strides 0 on the dims it is
+  // broadcast along), or dense (B, Hq, Tq, Tk) (one add per element); or null
+  float* dmask;
+  int64_t dmask_strides[4];
   void* dq;          // (B, Hq, Tq, head_dim) contiguous, input dtype
   float* dq_accum;   // bwd_fused_kernel: (B, Hq, Tq, D) float32 (zeroed; D = the kernel's head
                      // dim), dS K unscaled

@@ -18,7 +18,7 @@ from . import ops
 from .backends.base import UNAVAILABLE, Backend
 from .backends.registry import BACKENDS, ORACLE, SPEED_ORDER
 from .backends.torch_dropout import STATE_ATTR
-from .problem import AttentionProblem
+from .problem import AttentionProblem, with_dense_grad_mask
 
 ENV_VAR = "PEER_ATTENTION_BACKEND"
 AUTO = "auto"
@@ -204,6 +204,8 @@ def transforms_active() -> bool:
 def forward(name: str, problem: AttentionProblem):
     """(out, lse) of backend `name` on `problem`, with autograd: the registered op, or for a Python
     backend in plain eager mode the same kernel without the dispatcher's cost (ops.eager_kernels)."""
+    if problem.attn_mask is not None:
+        problem = with_dense_grad_mask(problem)
     eager = ops.eager_kernels(name)
     if eager is None or not _plain_eager(problem):
         return _ops[name][0](*problem)

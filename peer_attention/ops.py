@@ -3,7 +3,8 @@
 For each backend NAME there are two ops in the `peer_attention` namespace:
 
     peer_attention::NAME_fwd(<problem>) -> (Tensor out, Tensor lse)
-    peer_attention::NAME_bwd(Tensor grad_out, Tensor out, Tensor lse, <problem>, bool[] needs_grad)
+    peer_attention::NAME_bwd(Tensor grad_out, Tensor out, Tensor lse, <problem>, bool[] needs_grad,
+                             SymInt[]? dmask_shape=None)
         -> (Tensor dq, Tensor dk, Tensor dv, Tensor dgate, Tensor dbias, Tensor dmask, Tensor dsinks)
 
 where <problem> is the argument list of the problem's field table (problem.FIELDS), from which the
@@ -19,14 +20,16 @@ float -> double, str -> c10::string_view, Tensor? -> std::optional<Tensor>).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .double_backward import differentiable_grads
 from .problem import (AUTOCAST_POSITIONS, FIELDS, GRAD_POSITIONS, NUM_FIELDS, OPTION_POSITIONS,
-                      TENSOR_POSITIONS, AttentionProblem, lse_dtype, lse_shape)
+                      TENSOR_POSITIONS, AttentionProblem, lse_dtype, lse_shape,
+                      mask_grad_shape)
 # re-exported for the backends that import it from here; it lives in problem.py, below every
 # backend (backends/torch_dropout.py importing it from here closed the cycle ops ->
 # double_backward -> backends/torch_dropout -> ops)
@@ -43,11 +46,62 @@ NUM_PROBLEM_ARGS = NUM_FIELDS
 GRAD_INPUTS = GRAD_POSITIONS
 FWD_SCHEMA = f"({PROBLEM_SCHEMA}) -> (Tensor, Tensor)"
 BWD_SCHEMA = (
-    f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA}, bool[] needs_grad) "
+    f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA}, bool[] needs_grad, "
+    f"SymInt[]? dmask_shape=None) "
     f"-> ({', '.join(['Tensor'] * len(GRAD_INPUTS))})"
 )
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+# The float mask's gradient (problem.py): a backend's backward may return it at any shape that
+# sums to mask_grad_shape(attn_mask), the mask's own shape with 1 where it is broadcast (stride
+# 0). The backward op returns it at `dmask_shape`, which the autograd formula takes from the
+# saved mask's strides when it calls the op: a number, not a stride the op's inputs must keep
+# (inductor may hand the op a materialised mask; the fake kernel then still knows the shape).
+# None (a direct call): the mask's own mask_grad_shape.
+MASK_ARG = next(i for i, f in enumerate(FIELDS) if f.name == "attn_mask")
+_MASK_GRAD = GRAD_INPUTS.index(MASK_ARG)  # its gradient's place among the backward's outputs
+
+
+def grad_at_shape(grad: Tensor, shape) -> Tensor:
+    """A mask gradient at `shape`: summed down to it, or, where it is at a more compact shape
+    (summed over copies that `shape` holds), a stride-0 view of equal shares of it. Only the
+    expand() that made those copies may read such shares: it sums them back (see
+    problem.with_dense_grad_mask, which copies any other broadcast mask dense)."""
+    shape = tuple(shape)
+    if tuple(grad.shape) == shape:
+        return grad
+    if all(want in (got, 1) for want, got in zip(shape, grad.shape)):
+        return grad.sum_to_size(shape)
+    grad = grad.sum_to_size(tuple(min(g, n) for g, n in zip(grad.shape, shape)))
+    copies = math.prod(shape) // grad.numel() if grad.numel() else 1
+    return (grad / copies if copies > 1 else grad).expand(shape)
+
+
+def mask_grad_for_input(grad, mask: Tensor):
+    """The gradient autograd gets for the (expanded) mask input from a dmask at any shape (a
+    dense one as it is; a compact one as equal shares, summed back by the expand())."""
+    return grad if grad is None else grad_at_shape(grad, mask.shape)
+
+
+def dmask_shape_of(args, needs) -> Optional[list]:
+    """The backward op's dmask_shape argument for a call whose problem arguments are `args`."""
+    mask = args[MASK_ARG]
+    return list(mask_grad_shape(mask)) if needs[_MASK_GRAD] and mask is not None else None
+
+
+def _grad_shape(arg: Tensor, position: int, dmask_shape):
+    if position != MASK_ARG:
+        return arg.shape
+    return mask_grad_shape(arg) if dmask_shape is None else dmask_shape
+
+
+def _dmask_shape_arg(rest):
+    """The backward op's dmask_shape from its arguments after lse (None when not passed)."""
+    return rest[NUM_PROBLEM_ARGS + 1] if len(rest) > NUM_PROBLEM_ARGS + 1 else None
+
+
 _defined: dict = {}
 
 
@@ -61,11 +115,13 @@ def _fake_fwd(*args):
 
 def _fake_bwd(grad_out, out, lse, *rest):
     args, needs_grad = rest[:NUM_PROBLEM_ARGS], rest[NUM_PROBLEM_ARGS]
+    dmask_shape = _dmask_shape_arg(rest)
     q = args[0]
     # a new tensor per output (outputs of a custom op must not alias each other): the input's
     # shape where its gradient is wanted, else empty
     return tuple(
-        args[i].new_empty(args[i].shape) if (args[i] is not None and need) else q.new_empty(0)
+        args[i].new_empty(_grad_shape(args[i], i, dmask_shape)) if (args[i] is not None and need)
+        else q.new_empty(0)
         for i, need in zip(GRAD_INPUTS, needs_grad)
     )
 
@@ -110,11 +166,12 @@ def _make_backward(name, bwd_op):
             result = differentiable_grads(name, AttentionProblem._make(args), grad_out,
                                           [args[i] for i in GRAD_INPUTS], needs)
         else:
-            result = bwd_op(grad_out, out, lse, *args, needs)
+            result = bwd_op(grad_out, out, lse, *args, needs, dmask_shape_of(args, needs))
         grads = [None] * NUM_PROBLEM_ARGS
         for slot, grad, needed in zip(GRAD_INPUTS, result, needs):
             if needed:
                 grads[slot] = grad
+        grads[MASK_ARG] = mask_grad_for_input(grads[MASK_ARG], args[MASK_ARG])
         return tuple(grads)
 
     return backward
@@ -193,6 +250,7 @@ _EAGER_TENSORS = _SAVED_TENSORS
 # where each differentiable field (GRAD_INPUTS) sits among the eager Function's inputs
 _EAGER_GRAD_SLOTS = tuple(1 + _EAGER_TENSORS.index(i) for i in GRAD_INPUTS)
 _EAGER_NUM_INPUTS = 1 + len(_EAGER_TENSORS)
+_EAGER_MASK_SLOT = 1 + _EAGER_TENSORS.index(MASK_ARG)
 _NO_EAGER_GRADS = (None,) * _EAGER_NUM_INPUTS
 
 
@@ -215,7 +273,7 @@ def _eager_function(name: str, forward, python_backward, bwd_op):
             result = differentiable_grads(name, AttentionProblem._make(args), grad_out,
                                           [args[i] for i in GRAD_INPUTS], needs)
         elif torch._C._is_any_autocast_enabled():  # the op shields the kernels from autocast
-            result = bwd_op(grad_out, out, lse, *args, needs)
+            result = bwd_op(grad_out, out, lse, *args, needs, dmask_shape_of(args, needs))
         else:  # NAME_bwd without the dispatcher (and without the contiguous copies its fake
             # kernel's strides ask for); None may stand for a gradient that is not needed
             result = python_backward(AttentionProblem._make(args), grad_out, out, lse, needs)
@@ -223,6 +281,7 @@ def _eager_function(name: str, forward, python_backward, bwd_op):
         for slot, grad, needed in zip(_EAGER_GRAD_SLOTS, result, needs):
             if needed:
                 grads[slot] = grad
+        grads[_EAGER_MASK_SLOT] = mask_grad_for_input(grads[_EAGER_MASK_SLOT], args[MASK_ARG])
         return tuple(grads)
 
     # old-style forward(ctx, ...): Function.apply binds default arguments through inspect.signature
@@ -275,7 +334,8 @@ def register_python_kernels(
 
     forward(problem) -> (out, lse), in any layout (the eager path keeps it);
     backward(problem, grad_out, out, lse, needs_grad) -> (dq, dk, dv, dgate, dbias, dmask, dsinks),
-    None allowed where needs_grad is False;
+    None allowed where needs_grad is False, dmask at any shape that sums to
+    problem.mask_grad_shape(attn_mask) (the op returns it at that shape);
     op_outputs(out, lse) -> (out, lse) contiguous, for the op (default: Tensor.contiguous).
     """
     if op_outputs is None:
@@ -289,10 +349,16 @@ def register_python_kernels(
 
     def bwd_kernel(grad_out, out, lse, *rest):
         problem, needs_grad = AttentionProblem._make(rest[:NUM_PROBLEM_ARGS]), rest[NUM_PROBLEM_ARGS]
+        dmask_shape = _dmask_shape_arg(rest)
         grads = backward(problem, grad_out, out, lse, list(needs_grad))
         # contiguous, as the fake kernel declares (inductor asserts the strides it was promised);
         # an empty tensor where the backend returned None (a gradient nobody asked for)
         q = problem.q
+        grads = list(grads)
+        dmask = grads[_MASK_GRAD]
+        if dmask is not None and needs_grad[_MASK_GRAD] and problem.attn_mask is not None:
+            grads[_MASK_GRAD] = grad_at_shape(
+                dmask, _grad_shape(problem.attn_mask, MASK_ARG, dmask_shape))
         return tuple(empty_grad(q) if g is None else g.contiguous() for g in grads)
 
     _lib.impl(f"{name}_fwd", fwd_kernel, dispatch_key)

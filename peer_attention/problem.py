@@ -31,12 +31,18 @@ GQA is implied by Hq != H: query head h reads key/value head h // (Hq / H).
 A backend's forward returns (out (B, Hq, Tq, Ev) in q's dtype, lse), where lse is the natural-log
 sum-exp of each row's scores, float32 (float64 for float64 inputs): (B, Hq, Tq) for "joint",
 (B, Hq, S, Tq) for "peer" (-inf where a row has nothing to attend to). Its backward returns the
-seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) shaped like those inputs (gate/bias/mask in their
+seven gradients (dq, dk, dv, dgate, dbias, dmask, dsinks) shaped like those inputs (gate/bias in their
 full expanded shape; autograd of the expand sums them down), or empty tensors where not needed.
+dmask may come back at any shape that sums (Tensor.sum_to_size) to mask_grad_shape(attn_mask): the
+mask's own shape, 1 on every dim it is broadcast along (stride 0), so that a broadcast mask's
+gradient is accumulated at its own size, not as a dense (B, Hq, Tq, Tk) float32 buffer (8 GiB at
+B*H = 32, L = 8k). The registered op returns it at mask_grad_shape, and its autograd formula hands
+it to the expand (ops.mask_grad_for_input).
 """
 from __future__ import annotations
 
 import collections
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -231,6 +237,45 @@ def causal_band(causal: bool, window: Tuple[int, int]):
 def empty_grad(like: Tensor) -> Tensor:
     """The placeholder a backward returns for a gradient nobody asked for."""
     return like.new_empty(0)
+
+
+def mask_grad_shape(mask: Tensor) -> Tuple[int, ...]:
+    """The shape a float attn_mask's gradient is accumulated at: the mask's, with 1 on every dim
+    it is broadcast along (stride 0: an expand()ed view of a smaller mask)."""
+    return tuple(1 if stride == 0 else size for size, stride in zip(mask.shape, mask.stride()))
+
+
+# autograd nodes that pass a gradient on element for element (reshapes) or sum it over copies
+# (expand): a chain of them from the mask up to an expand() of a tensor holding one element per
+# distinct element of the mask means every copy's share is summed before anything reads it
+_RESHAPES = frozenset(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"))
+_EXPAND = "ExpandBackward0"
+
+
+def _copies_summed_by_autograd(mask: Tensor) -> bool:
+    compact = math.prod(mask_grad_shape(mask))
+    node = mask.grad_fn
+    while node is not None and (node.name() in _RESHAPES or node.name() == _EXPAND):
+        if node.name() == _EXPAND and math.prod(node._saved_self_sym_sizes) == compact:
+            return True
+        node = node.next_functions[0][0]
+    return False
+
+
+def with_dense_grad_mask(problem: "AttentionProblem") -> "AttentionProblem":
+    """The problem, its float attn_mask copied dense when it is a broadcast (stride-0) view
+    whose gradient autograd would not sum over the copies: the backward's compact dmask
+    (mask_grad_shape) reaches the mask as a stride-0 view of equal shares
+    (ops.mask_grad_for_input), which only the expand() that made the copies turns into the right
+    gradient. A leaf (an expand()ed tensor detached and requiring grad), a mask that retains its
+    grad, or one made some other way needs every element of its gradient: it gets them from a
+    dense copy. (Under torch.compile the mask is taken as the public API makes it: expanded.)"""
+    mask = problem.attn_mask
+    if (mask is None or not mask.requires_grad or torch.compiler.is_compiling()
+            or mask_grad_shape(mask) == tuple(mask.shape)
+            or (not mask.retains_grad and _copies_summed_by_autograd(mask))):
+        return problem
+    return problem._replace(attn_mask=mask.contiguous())
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

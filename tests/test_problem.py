@@ -26,8 +26,8 @@ PROBLEM_SCHEMA_LITERAL = (
 def test_schema_is_derived_byte_for_byte():
     assert ops.PROBLEM_SCHEMA == PROBLEM_SCHEMA_LITERAL
     assert ops.BWD_SCHEMA == (
-        f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA_LITERAL}, bool[] needs_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+        f"(Tensor grad_out, Tensor out, Tensor lse, {PROBLEM_SCHEMA_LITERAL}, bool[] needs_grad, "
+        "SymInt[]? dmask_shape=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     assert ops.NUM_PROBLEM_ARGS == 21 == len(AttentionProblem._fields)
     assert AttentionProblem._fields == FIELD_NAMES
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..problem import mask_grad_shape
 from .configs import tuned
 from .launch import (common_args, head_dims, kernel_flags, meta, num_row_tiles, strides,
                      tune_len_of, use_tma)
@@ -64,6 +65,15 @@ def _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h, HAS_BIA
 # every config writes every slot any config writes: triton.autotune runs all candidates on the
 # same buffers, and nothing a config with smaller tiles left there may survive into the result.
 PART_ROWS = tl.constexpr(min(TILE_SIZES))
+
+# NEED_DMASK of the dQ kernel: how the float mask gradient dS reaches its buffer. A mask that is
+# broadcast (stride 0) along some dims gets a buffer of its own shape (problem.mask_grad_shape,
+# float32) that the programs add into with atomics, through strides that are 0 on those dims; a
+# query-broadcast mask (a key padding row) sums each tile's rows first, one add per column.
+# Under torch.use_deterministic_algorithms the buffer is dense and summed by torch afterwards.
+DMASK_STORE = tl.constexpr(1)      # one element per score: a plain store
+DMASK_ADD = tl.constexpr(2)        # broadcast over batch and/or heads (or keys): atomic adds
+DMASK_ADD_ROWS = tl.constexpr(3)   # broadcast over queries too: a column sum per tile, then adds
 
 
 def partial_slots(problem) -> int:
@@ -234,6 +244,7 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
     Tq, Tk, E, EV = sizes[4], sizes[5], sizes[6], sizes[7]
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
+    tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tile_n
@@ -268,9 +279,19 @@ def _dq_tiles(dq, dbias, q, do_gated, lse2, delta, k_desc, v_desc, k_ptrs, v_ptr
         if NEED_DBIAS:
             dbias += tl.sum(ds, 1)
         if NEED_DMASK:
-            tl.store(dmask_rows + (kv_start + n64) * stride_dmk + tile_n[None, :] * stride_dmk,
-                     to_io(ds, dmask_rows.dtype.element_ty, F.BF16_RTNE),
-                     mask=row_ok[:, None] & key_ok[None, :])
+            dmask_ptrs = dmask_rows + (kv_start + n64) * stride_dmk + tile_n[None, :] * stride_dmk
+            if NEED_DMASK == DMASK_STORE:
+                tl.store(dmask_ptrs, to_io(ds, dmask_rows.dtype.element_ty, F.BF16_RTNE),
+                         mask=row_ok[:, None] & key_ok[None, :])
+            else:  # a broadcast mask: added into its own-shape buffer (stride 0 where broadcast)
+                ds = tl.where(row_ok[:, None] & key_ok[None, :], ds, 0.0)
+                if NEED_DMASK == DMASK_ADD_ROWS:  # broadcast over queries: one add per column
+                    first = tile_m[:, None] == 0
+                    tl.atomic_add(dmask_ptrs, tl.where(first, tl.sum(ds, 0)[None, :], 0.0),
+                                  mask=first & key_ok[None, :], sem="relaxed")
+                else:
+                    tl.atomic_add(dmask_ptrs, ds, mask=row_ok[:, None] & key_ok[None, :],
+                                  sem="relaxed")
     return dq, dbias
 
 
@@ -395,11 +416,12 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
                 row_strides, rng, scales, sizes,
                 F: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     """dK/dV of one key tile over query tiles [m_lo, m_hi) of one (stream, query head), keys as
     rows: S^T = K Q^T, P^T feeds dV += P^T dO and dS^T feeds dK += dS^T Q directly. pair:
     (kv_start, kv_end, self_pair, off, left, right, alibi2); row_strides: (stride_qt,
-    stride_dot, stride_mq, stride_mk)."""
+    stride_dot, stride_mq, stride_mk). DO_DK / DO_DV: which of the two products this pass
+    accumulates (the dV pass needs neither dP^T nor Delta)."""
     kv_start, kv_end, self_pair, off, left, right, alibi2 = pair
     stride_qt, stride_dot, stride_mq, stride_mk = row_strides
     seed, rng_offset, dropout_p = rng
@@ -431,10 +453,12 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             do = to_io(do.to(tl.float32) * gate[None, :], do.dtype, F.BF16_RTNE)
         if MASKED:
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf"))
-            delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+            if DO_DK:
+                delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         else:  # a full tile: every row exists (no per-row predicates held in registers)
             lse = tl.load(lse_ptr + q_start + m_start + tile_m)
-            delta = tl.load(delta_ptr + q_start + m_start + tile_m)
+            if DO_DK:
+                delta = tl.load(delta_ptr + q_start + m_start + tile_m)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E) - lse_shift
         probs_t, dcap = probs_from_lse(
             mma(k, tl.trans(q), F.F32_DOT), offs_m[None, :], offs_n[:, None], lse2[None, :],
@@ -443,21 +467,35 @@ def _dkdv_tiles(dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, lse_ptr, d
             + col0.to(tl.int64) * stride_mk + tile_n[:, None] * stride_mk,
             row_ok[None, :] & key_ok[:, None], MASKED, F.BAND, F.HAS_ALIBI, F.MASK_KIND, F.SOFTCAP)
         kept_t = probs_t
-        if MASKED or F.HAS_DROPOUT:
-            dp_t = mma(v, tl.trans(do), F.F32_DOT)
-            if F.HAS_DROPOUT:
-                keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk,
-                                               dropout_p, BLOCK_M, BLOCK_N))
-                kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
-                dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
-            dp_t -= delta[None, :]
-        else:  # the full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
-            dp_t = mma(v, tl.trans(do), F.F32_DOT,
-                       tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
-        dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
-        ds_t = probs_t * dp_t * dcap
-        dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
+        if F.HAS_DROPOUT:
+            keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, rows, col0, Tq, Tk, dropout_p,
+                                           BLOCK_M, BLOCK_N))
+            kept_t = tl.where(keep_t, probs_t / (1.0 - dropout_p), 0.0)
+        if DO_DK:
+            if MASKED or F.HAS_DROPOUT:
+                dp_t = mma(v, tl.trans(do), F.F32_DOT)
+                if F.HAS_DROPOUT:
+                    dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+                dp_t -= delta[None, :]
+            else:  # full tiles accumulate dP^T - Delta from -Delta (Delta not held next to dP^T)
+                dp_t = mma(v, tl.trans(do), F.F32_DOT,
+                           tl.broadcast_to(-delta[None, :], [BLOCK_N, BLOCK_M]))
+        if DO_DV:
+            dv += mma(to_io(kept_t, do.dtype, F.BF16_RTNE), do, F.F32_DOT)
+        if DO_DK:
+            ds_t = probs_t * dp_t * dcap
+            dk += mma(to_io(ds_t, q.dtype, F.BF16_RTNE), q, F.F32_DOT)
     return dk, dv
+
+
+@triton.jit
+def _store_rows(Out, b, kvh, key0, tile_n, offs_e, out_strides, x, out_rows, e_ok,
+                BF16_RTNE: tl.constexpr):
+    """Store a key tile's gradient rows (dK or dV) in the output dtype."""
+    stride_b, stride_h, stride_t, stride_e = out_strides
+    tl.store(Out + b.to(tl.int64) * stride_b + kvh.to(tl.int64) * stride_h
+             + key0 * stride_t + tile_n[:, None] * stride_t + offs_e[None, :] * stride_e,
+             to_io(x, Out.dtype.element_ty, BF16_RTNE), mask=out_rows[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -467,8 +505,13 @@ def _bwd_dkdv(
     opt_strides, sizes, TUNE_LEN,
     F: tl.constexpr, USE_TMA: tl.constexpr,
     E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PHASES: tl.constexpr = 1,
 ):
-    """The arguments' bundles: see launch.py (F: launch.Flags)."""
+    """The arguments' bundles: see launch.py (F: launch.Flags). PHASES (a config's): 1 computes
+    dK and dV in one sweep over the query tiles; 2 sweeps twice, dV first (stored), then dK, so
+    that only one of the two fp32 accumulators is live at a time: S^T is computed twice, but
+    64-query tiles at head dim 128 fit wgmma's registers without spilling
+    (docs/triton_compile_report.md)."""
     QOff, KVOff, TileOff, SrcStart, SrcList = tables
     Gate, Bias, KVLen, Mask, Alibi, Sinks = optional
     stride_qb, stride_qh, stride_qt, stride_qe = q_strides
@@ -476,8 +519,6 @@ def _bwd_dkdv(
     stride_vb, stride_vh, stride_vt, stride_ve = v_strides
     stride_dob, stride_doh, stride_dot, stride_doe = do_strides
     stride_lb, stride_lh, stride_ls = lse_strides
-    stride_dkb, stride_dkh, stride_dkt, stride_dke = dk_strides
-    stride_dvb, stride_dvh, stride_dvt, stride_dve = dv_strides
     gate_strides, bias_strides, kvlen_strides, mask_strides, alibi_strides = opt_strides
     stride_gb, stride_gs, stride_gp, stride_gh, stride_ge = gate_strides
     stride_bb, stride_bs, stride_bp, stride_bh = bias_strides
@@ -511,74 +552,79 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
-    if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
-        if F.DIAGONAL:
-            src_lo = 0
-            src_hi = 1
-        else:
-            src_lo = tl.load(SrcStart + p)
-            src_hi = tl.load(SrcStart + p + 1)
-        for i in range(src_lo, src_hi):  # every stream that attends to p
-            if F.DIAGONAL:
-                s = p
-            else:
-                s = tl.load(SrcList + i)
-            q_start = tl.load(QOff + s)
-            q_len = tl.load(QOff + s + 1) - q_start
-            off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
-            self_pair = s == p
-            bounds = query_stages(n_start, kv_end, q_len, self_pair, off, left, right, F.BAND,
-                                  BLOCK_M, BLOCK_N)
-            for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
-                h = kvh * group_size + hh
-                bh = b * num_q_heads + h
-                stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-                if F.PEER_MODE:
-                    stats_off += p * stride_ls
-                bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
-                               F.HAS_BIAS)
-                alibi2 = 0.0
-                if F.HAS_ALIBI:
-                    alibi2 = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * LOG2E
-                gate = tl.full([EV_PAD], 1.0, tl.float32)
-                if F.HAS_GATE:
-                    gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
-                                   + h * stride_gh + offs_ev * stride_ge,
-                                   mask=ev_ok, other=0.0).to(tl.float32)
-                q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
-                    + offs_e[None, :] * stride_qe
-                do_head = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh \
-                    + offs_ev[None, :] * stride_doe
-                mask_head = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                q_desc = q_head
-                do_desc = do_head
-                if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
-                    q_desc = tl.make_tensor_descriptor(
-                        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                        + q_start.to(tl.int64) * stride_qt, shape=[q_len, E],
-                        strides=[stride_qt, 1],
-                        block_shape=[BLOCK_M, E_PAD])
-                    do_desc = tl.make_tensor_descriptor(
-                        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                        + q_start.to(tl.int64) * stride_dot, shape=[q_len, EV],
-                        strides=[stride_dot, 1],
-                        block_shape=[BLOCK_M, EV_PAD])
-                pair = (kv_start, kv_end, self_pair, off, left, right, alibi2)
-                for stage in tl.static_range(3):  # boundary, full (mask-free), boundary
-                    dk, dv = _dkdv_tiles(
-                        dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
-                        Delta + stats_off, bounds[stage], bounds[stage + 1], q_start, q_len,
-                        offs_n, keys0, key_ok, bh, pair, bias2, mask_head, row_strides, rng,
-                        scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N)
-
     out_rows = offs_n < kv_len
-    tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-             + key0 * stride_dkt + tile_n[:, None] * stride_dkt + offs_e[None, :] * stride_dke,
-             to_io(dk * scale, DK.dtype.element_ty, F.BF16_RTNE),
-             mask=out_rows[:, None] & (offs_e[None, :] < E))
-    tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-             + key0 * stride_dvt + tile_n[:, None] * stride_dvt + offs_ev[None, :] * stride_dve,
-             to_io(dv, DV.dtype.element_ty, F.BF16_RTNE), mask=out_rows[:, None] & ev_ok[None, :])
+    for phase in tl.static_range(PHASES):  # PHASES == 2: phase 0 dV only, phase 1 dK only
+        if n_start < kv_end:  # padding keys (kv_lengths) get zero gradients
+            if F.DIAGONAL:
+                src_lo = 0
+                src_hi = 1
+            else:
+                src_lo = tl.load(SrcStart + p)
+                src_hi = tl.load(SrcStart + p + 1)
+            for i in range(src_lo, src_hi):  # every stream that attends to p
+                if F.DIAGONAL:
+                    s = p
+                else:
+                    s = tl.load(SrcList + i)
+                q_start = tl.load(QOff + s)
+                q_len = tl.load(QOff + s + 1) - q_start
+                off = _pair_offset(q_len, kv_len, F.BOTTOM_RIGHT)
+                self_pair = s == p
+                bounds = query_stages(n_start, kv_end, q_len, self_pair, off, left, right, F.BAND,
+                                      BLOCK_M, BLOCK_N)
+                for hh in range(0, group_size):  # GQA: every query head sharing this K/V head
+                    h = kvh * group_size + hh
+                    bh = b * num_q_heads + h
+                    stats_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+                    if F.PEER_MODE:
+                        stats_off += p * stride_ls
+                    bias2 = _bias2(Bias, stride_bb, stride_bs, stride_bp, stride_bh, b, s, p, h,
+                                   F.HAS_BIAS)
+                    alibi2 = 0.0
+                    if F.HAS_ALIBI:
+                        alibi2 = tl.load(Alibi + b * stride_ab
+                                         + h * stride_ah).to(tl.float32) * LOG2E
+                    gate = tl.full([EV_PAD], 1.0, tl.float32)
+                    if F.HAS_GATE:
+                        gate = tl.load(Gate + b * stride_gb + s * stride_gs + p * stride_gp
+                                       + h * stride_gh + offs_ev * stride_ge,
+                                       mask=ev_ok, other=0.0).to(tl.float32)
+                    q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+                        + offs_e[None, :] * stride_qe
+                    do_head = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh \
+                        + offs_ev[None, :] * stride_doe
+                    mask_head = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                    q_desc = q_head
+                    do_desc = do_head
+                    if USE_TMA:  # per (batch, head, stream): rows past the stream's end read as 0
+                        q_desc = tl.make_tensor_descriptor(
+                            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                            + q_start.to(tl.int64) * stride_qt, shape=[q_len, E],
+                            strides=[stride_qt, 1],
+                            block_shape=[BLOCK_M, E_PAD])
+                        do_desc = tl.make_tensor_descriptor(
+                            DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                            + q_start.to(tl.int64) * stride_dot, shape=[q_len, EV],
+                            strides=[stride_dot, 1],
+                            block_shape=[BLOCK_M, EV_PAD])
+                    pair = (kv_start, kv_end, self_pair, off, left, right, alibi2)
+                    for stage in tl.static_range(3):  # boundary, full (mask-free), boundary
+                        dk, dv = _dkdv_tiles(
+                            dk, dv, k, v, gate, q_desc, do_desc, q_head, do_head, Lse + stats_off,
+                            Delta + stats_off, bounds[stage], bounds[stage + 1], q_start, q_len,
+                            offs_n, keys0, key_ok, bh, pair, bias2, mask_head, row_strides, rng,
+                            scales, sizes, F, stage != 1, USE_TMA, E_PAD, EV_PAD, BLOCK_M, BLOCK_N,
+                            PHASES == 1 or phase == 1, PHASES == 1 or phase == 0)
+
+        if PHASES == 2 and phase == 0:  # dV is done: its registers are free for dK's sweep
+            _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, out_rows, ev_ok,
+                        F.BF16_RTNE)
+
+    _store_rows(DK, b, kvh, key0, tile_n, offs_e, dk_strides, dk * scale, out_rows,
+                offs_e < E, F.BF16_RTNE)
+    if PHASES == 1:
+        _store_rows(DV, b, kvh, key0, tile_n, offs_ev, dv_strides, dv, out_rows, ev_ok,
+                    F.BF16_RTNE)
 
 
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
@@ -598,6 +644,28 @@ def _wanted(problem, needs_grad):
     return need
 
 
+def _dmask_buffer(mask, device):
+    """The float mask gradient's buffer: dense in the mask's dtype when the mask broadcasts
+    nowhere (or deterministic algorithms are asked for: summed afterwards), else float32 (float64
+    for float64) at the mask's own shape (problem.mask_grad_shape), for the kernel's atomic adds."""
+    compact = mask_grad_shape(mask)
+    if compact == tuple(mask.shape):
+        return torch.zeros(mask.shape, dtype=mask.dtype, device=device)
+    accumulate = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    if torch.are_deterministic_algorithms_enabled():
+        return torch.zeros(mask.shape, dtype=accumulate, device=device)
+    return torch.zeros(compact, dtype=accumulate, device=device)
+
+
+def _dmask_mode(mask, dmask):
+    """NEED_DMASK for the dQ kernel (DMASK_*), and the buffer as the kernel indexes it: expanded
+    to the mask's shape, stride 0 on the dims it is accumulated over."""
+    if dmask.shape == mask.shape:
+        return DMASK_STORE.value, dmask
+    rows_broadcast = dmask.shape[2] == 1 and mask.shape[2] > 1
+    return (DMASK_ADD_ROWS if rows_broadcast else DMASK_ADD).value, dmask.expand(mask.shape)
+
+
 def gradient_buffers(problem, needs_grad):
     """Zeroed outputs of the backward kernels: dq, dk, dv, dmask and the per-tile gate/bias
     partials."""
@@ -607,8 +675,7 @@ def gradient_buffers(problem, needs_grad):
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_q else empty
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if (need_k or need_v) else empty
-    mask = problem.attn_mask
-    dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=q.device) if need_mask else empty
+    dmask = _dmask_buffer(problem.attn_mask, q.device) if need_mask else empty
     tiles = partial_slots(problem)
     dgate_part = (torch.zeros((tiles,) + tuple(problem.gate.shape), dtype=torch.float32,
                               device=q.device) if need_gate else empty)
@@ -653,13 +720,16 @@ def backward_launches(problem, grad_out, out, lse, needs_grad, bufs):
         *rows[:4], *shared, tuple(out.stride()), do_strides, rows.lse_strides,
         strides(dgate_part, 5), rows.opt_strides, rows.sizes, tune),
         dict(flags, NEED_DGATE=need_gate, EXACT_DELTA=exact_delta), row_grid)]
+    dmask_mode = 0
+    if need_mask:
+        dmask_mode, dmask = _dmask_mode(problem.attn_mask, dmask)
     if need_q or need_bias or need_mask:
         launches.append(("dq", _bwd_dq, (
             q, problem.k, problem.v, grad_out, lse, delta, dq if need_q else q,
             dbias_part if need_bias else lse, dmask if need_mask else q, *rows[:4],
             problem.scale, *shared, do_strides, rows.lse_strides, strides(dq, 4),
             strides(dbias_part, 5), strides(dmask, 4), rows.opt_strides, rows.sizes, tune),
-            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=need_mask), row_grid))
+            dict(flags, NEED_DQ=need_q, NEED_DBIAS=need_bias, NEED_DMASK=dmask_mode), row_grid))
     if need_k or need_v:
         launches.append(("dkdv", _bwd_dkdv, (
             q, problem.k, problem.v, grad_out, lse, delta, dk, dv, *keys[:4], problem.scale,
@@ -698,5 +768,9 @@ def backward(problem, grad_out, out, lse, needs_grad):
     dgate = bufs["dgate_part"].sum(0).to(problem.gate.dtype) if need_gate else empty
     dbias = bufs["dbias_part"].sum(0).to(problem.bias.dtype) if need_bias else empty
     dsinks = sink_gradient(problem, lse, delta) if need_sinks else empty
+    dmask = bufs["dmask"]
+    if need_mask:  # (a dense accumulator of a broadcast mask: deterministic algorithms)
+        mask = problem.attn_mask
+        dmask = dmask.sum_to_size(mask_grad_shape(mask)).to(mask.dtype)
     return (bufs["dq"] if need_q else empty, bufs["dk"] if need_k else empty,
-            bufs["dv"] if need_v else empty, dgate, dbias, bufs["dmask"], dsinks)
+            bufs["dv"] if need_v else empty, dgate, dbias, dmask, dsinks)

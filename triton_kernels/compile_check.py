@@ -270,7 +270,9 @@ def sweep_tasks(arch, families=None, dtypes=None, dims=None, kernels=None):
 
 
 def _config_name(c):
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+    phases = c.kwargs.get("PHASES", 1)
+    return (f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+            + (f" p{phases}" if phases != 1 else ""))
 
 
 def check_task(task, autotune_off=False):
@@ -442,7 +444,8 @@ def _arch(text):
 # 64 x 64; the gated forward at head dim 128: sm_120's 32 x 128 with 8 warps after five tiles
 # that spill)
 HARDEST = (("plain", "fp32", 256, "bwd_dkdv"), ("float_mask", "bf16", 128, "bwd_dq"),
-           ("plain", "bf16", 128, "bwd_dkdv"), ("gate_bias", "bf16", 128, "fwd"))
+           ("plain", "bf16", 128, "bwd_dkdv"), ("gate_bias", "bf16", 128, "fwd"),
+           ("gate_bias", "bf16", 128, "bwd_dkdv"))  # (sm_90: the two-sweep dK/dV)
 
 
 def _sample(tasks, n, seed):

@@ -87,8 +87,15 @@ _HOPPER = {
     # ran before, then 64 x 64 (whose 64-key S^T both warpgroups compute) and 16 x 128 (causal,
     # variants); gated and peer mode 32 x 64 with 8 warps, a float mask 64 x 32 with 8 warps
     # (mma.sync) (docs/triton_compile_report.md, third pass). Causal 32 x 128 spills with two
-    # stages, not with one: for autotune to weigh against 16 x 128's pipelining
+    # stages, not with one: for autotune to weigh against 16 x 128's pipelining.
+    # A fifth entry 2: dV and dK in two sweeps over the query tiles (one fp32 accumulator live
+    # at a time, S^T and its exponentials computed twice). At head dim 128 gate/bias runs
+    # 64 x 128 (one stage) and peer mode 32 x 128 (one stage) without spilling, where 32 x 64
+    # ran; causal and the variants fit 32 x 128 too, but by the compiled loops not better than
+    # 16 x 128 (126 vs 114, 246 vs 177 instructions per 1k pairs: softcap's tanh twice), so the
+    # two-sweep tiles come after 16 x 128, for autotune to weigh (compile report, fourth pass)
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (16, 128, 8, 2),
+             (64, 128, 8, 2, 2), (64, 128, 8, 1, 2), (32, 128, 8, 2, 2), (32, 128, 8, 1, 2),
              (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)] + _SMALL,
 }
 CANDIDATES = {
@@ -157,13 +164,20 @@ def candidates(arch: int, kind: str, element_size: int = 2, head_dim_pad: int = 
     return listed
 
 
-def make_config(bm, bn, warps, stages):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
+def make_config(bm, bn, warps, stages, phases=1):
+    """A candidate tuple's config; a fifth entry (dK/dV only) is the kernel's PHASES: 2 sweeps
+    the query tiles twice, dV then dK (bwd._bwd_dkdv)."""
+    kwargs = dict(BLOCK_M=bm, BLOCK_N=bn)
+    if phases != 1:
+        kwargs["PHASES"] = phases
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 def blocks(config):
+    """The candidate tuple of a config (make_config's arguments)."""
+    phases = config.kwargs.get("PHASES", 1)
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
-            config.num_stages)
+            config.num_stages) + ((phases,) if phases != 1 else ())
 
 
 def autotune_configs(kind: str = "fwd"):
@@ -277,6 +291,13 @@ def make_pruner(kernel, kind: str):
     return prune
 
 
+def _zero_added_outputs(nargs, reset_only=False):
+    """The dQ kernel adds a broadcast mask's gradient into its buffer (bwd.py, NEED_DMASK >= 2):
+    zeroed before every config the autotuner runs and before the winner's run."""
+    if nargs.get("NEED_DMASK", 0) >= 2:
+        nargs["DMask"].zero_()
+
+
 def tuned(kernel, kind: str = "fwd"):
     """kernel wrapped in triton.autotune (GPU), or the bare kernel (interpreter: the launcher
     passes interpreter_meta())."""
@@ -286,6 +307,7 @@ def tuned(kernel, kind: str = "fwd"):
         configs=autotune_configs(kind),
         key=tune_key(kernel),
         prune_configs_by={"early_config_prune": make_pruner(kernel, kind)},
+        pre_hook=_zero_added_outputs if kind == "dq" else None,
     )(kernel)
 
 

@@ -178,6 +178,9 @@ class Backend:
         raise NotImplementedError
 
     def backward(self, problem: AttentionProblem, grad_out, out, lse, needs_grad):
+        """(dq, dk, dv, dgate, dbias, dmask, dsinks) (problem.py's note): dmask at any shape that
+        sums to problem.mask_grad_shape(attn_mask), e.g. accumulated at a broadcast mask's own
+        shape; the ops layer brings it to the shape the op and autograd want."""
         raise NotImplementedError
 
     def op_outputs(self, out: Tensor, lse: Tensor):

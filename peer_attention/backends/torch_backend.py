@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..lse_merge import safe_logsumexp
-from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape
+from ..problem import JOINT, AttentionProblem, lse_dtype, lse_shape, mask_grad_shape
 from ..reference import repeat_kv_heads
 from .base import ALL_FLOAT_DTYPES, JOINT_ONLY, Backend, Capabilities
 from .torch_decode import torch_decode
@@ -562,7 +562,8 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
                 alone = len(peers) == 1 and gate is None
                 o_t, l_t = (o_s, None) if alone else _kept_or_again(plan, kept, s, t, q_s)
                 lse_in = lses[s][:, :, t]
-                lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
+                if pair_mask is not None:  # only a mask empties a row (lse -inf: Plan.pair)
+                    lse_in = lse_in.masked_fill(lse_in == NEG_INF, float("inf"))
                 g_out = d_out if gate is None else d_out_c * gate
                 if g_out.dtype != p.q.dtype:
                     g_out = g_out.to(p.q.dtype)
@@ -602,7 +603,10 @@ def _mask_grad(p: AttentionProblem, mask: Tensor, causal: bool, grad_out, lse) -
     d_probs = torch.matmul(grad_out.to(compute), values.transpose(-1, -2))
     # D = sum_j P dP in the compute dtype: <dO, O> would carry O's rounding to 16 bits
     delta = (probs * d_probs).sum(-1, keepdim=True)
-    return (probs * (d_probs - delta)).to(p.attn_mask.dtype)
+    # summed over the dims the mask is broadcast along (problem.mask_grad_shape) in the compute
+    # dtype, rounded once
+    return (probs * (d_probs - delta)).sum_to_size(mask_grad_shape(p.attn_mask)).to(
+        p.attn_mask.dtype)
 
 
 class TorchBackend(Backend):

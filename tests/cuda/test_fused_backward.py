@@ -8,7 +8,10 @@ float32 atomics), checked without a GPU:
   expects; the dQ atomics of 4 warps cover every element of the 64 x D tile once, and the
   kernel's base-pointer-plus-constant form addresses the same element; the shared memory of
   every instantiation fits 101376 B (sm_86/89/120), the dS tile inside a Q stage where it is
-  not its own;
+  not its own (D >= 96; at D = 96 small enough for 2 blocks per SM on sm_80); the query slices
+  of the key-major step (key_major_choice) address the same elements as the whole tile, the dS
+  tile over Q's first slice stays inside it, and the KeyBlock in shared memory is aligned and
+  inside the launch's bytes;
 - the query-tile schedule of the key-major loop (masked tiles, unmasked tiles, then a partial
   last tile masked again when dQ rows are written), transcribed from the kernel: every tile once,
   in order, the partial one never unmasked.
@@ -109,8 +112,53 @@ template <int D, typename T> int check_smem() {
   return !ok;
 }
 
+// key_major_backward's query slices: S^T, dP^T and the dV / dK products of query rows c0.. read
+// the tile at q_tile + c0 * D as a tile of their own, which needs swizzle<D>(c0 + r, col) ==
+// c0 * D + swizzle<D>(r, col) for every slice start c0 (multiples of BM / slices); the dS tile
+// over Q's first slice (ds_in_slice0) must lie inside that slice's rows and leave the others
+template <int D> int check_slices() {
+  int bad = 0;
+  for (int slices = 1; slices <= 4; slices *= 2) {
+    const int sw = BM / slices;
+    for (int c0 = 0; c0 < BM; c0 += sw)
+      for (int r = 0; r < sw; ++r)
+        for (int col = 0; col < D; ++col) bad += swizzle<D>(c0 + r, col) != c0 * D + swizzle<D>(r, col);
+  }
+  if (D == 128) {  // ds_in_slice0 (2 slices): every dS store inside Q rows 0 .. BM / 2
+    for (int warp = 0; warp < kWarps; ++warp)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int kk = 0; kk < BM / 16; ++kk)
+          for (int r = 0; r < 4; ++r) {
+            const int at = Maps::ds_store_offset(warp, lane, kk, r);
+            bad += at < 0 || at + 1 >= (BM / 2) * D;
+          }
+  }
+  std::printf("slices %d %d\n", D, bad);
+  return bad != 0;
+}
+
+// the KeyBlock behind the key-major kernels' shared memory: 8-byte aligned, inside the launch's
+// bytes (dkdv_kernel's layout; the fused kernel's adds the dS tile before the floats)
+template <int D, typename T> int check_key_block() {
+  using Cfg = DkdvConfig<D>;
+  int bad = 0;
+  for (int own = 0; own <= 1; ++own) {
+    const int ds = own ? Cfg::kBlockN * Cfg::kBlockM : 0;
+    const int at = (2 * Cfg::kBlockN * D + 4 * Cfg::kBlockM * D + ds) * int(sizeof(T)) +
+                   (D + 4 * Cfg::kBlockM) * 4 + 2 * kMaxStreams * 4;
+    const int total = own ? FusedBwdConfig<D>::template smem_bytes<T>() : Cfg::template smem_bytes<T>();
+    if (own && !FusedBwdConfig<D>::template own_ds<T>()) continue;
+    bad += at % 8 != 0 || at + int(sizeof(KeyBlock)) > total;
+  }
+  std::printf("block %d %d %d\n", D, int(sizeof(T)), bad);
+  return bad != 0;
+}
+
 int main() {
   int failed = check_ds();
+  failed += check_slices<32>() + check_slices<64>() + check_slices<96>() + check_slices<128>();
+  failed += check_key_block<32, __half>() + check_key_block<64, __half>() +
+            check_key_block<96, __half>() + check_key_block<128, __nv_bfloat16>();
   failed += check_dq<32>() + check_dq<64>() + check_dq<96>() + check_dq<128>();
   failed += check_smem<32, __half>() + check_smem<64, __half>() + check_smem<96, __half>() +
             check_smem<128, __half>() + check_smem<128, __nv_bfloat16>();
@@ -130,6 +178,10 @@ def test_fused_backward_index_maps_on_the_host(tmp_path):
     assert len(smem) == 4  # fp16 and bf16 share (D, 2): both checked by the exit status
     # D = 128: the dS tile goes into a Q stage (its own would need 108160 B > 101376)
     assert smem[(128, 2)][1] == "0" and smem[(64, 2)][1] == "1", stdout
+    # D = 96: the dS tile in a Q stage too (spill-free there, and 2 blocks per SM on sm_80)
+    assert smem[(96, 2)][1] == "0" and int(smem[(96, 2)][0]) <= 167936 // 2 - 1024, stdout
+    assert all(f"slices {d} 0" in lines for d in (32, 64, 96, 128)), stdout
+    assert sum(line.startswith("block ") and line.endswith(" 0") for line in lines) == 4, stdout
 
 
 def query_tile_visits(first, end, unmasked_from, q_len, block=64, fused=True):

@@ -8,6 +8,8 @@ import torch
 
 import peer_attention
 from peer_attention.reference import peer_attention_reference, sdpa_reference
+from tests.dmask_cases import KV_LENGTHS, MASK_SHAPES, attention, deterministic, shape_id
+from tests.dmask_cases import inputs as dmask_inputs
 from tests.helpers import assert_matches_reference
 
 pytestmark = [
@@ -263,6 +265,26 @@ def test_sdpa_attn_mask(dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [96, 128])
+def test_key_major_query_slices_features_and_mask(dtype, E):
+    # the dK/dV kernel's features and mask instantiations at the head dims where key_major_choice
+    # forms S^T and dP^T in query slices and keeps the block's values in registers or shared
+    # memory per architecture: several key blocks and query tiles, partial ones, causal
+    check_peer(dtype, q_lens=[150, 70], kv_lens=[150, 90], E=E, Ev=E, is_causal=True,
+               gate_shape=(2, 2, 2, 2, E), bias_shape=(2, 2, 2, 2))
+    gen = torch.Generator().manual_seed(3)
+    q = _randn(2, 2, 150, E, gen=gen)
+    k, v = _randn(2, 2, 170, E, gen=gen), _randn(2, 2, 170, E, gen=gen)
+    mask = _randn(2, 2, 150, 170, gen=gen)
+
+    def kernel(q, k, v, mask):
+        return peer_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           backend="cuda")
+
+    assert_matches_reference(kernel, sdpa_reference, [q, k, v, mask], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sdpa_drop_in(dtype):
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 77, 64, generator=gen, dtype=torch.float64).to(DEVICE)
@@ -432,3 +454,65 @@ def test_fused_backward_is_the_plain_path_split_under_determinism():
         peer_attention.scaled_dot_product_attention(q, k.detach(), v.detach(), backend="cuda")
         .float().sum(), [q]))
     assert "bwd_fused_kernel" not in names and "dq_kernel" in names, names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("determinism", [False, True], ids=["atomic", "deterministic"])
+def test_broadcast_mask_gradient(dtype, shape, determinism):
+    """A float mask broadcast over batch, heads or queries: its gradient is added at the mask's
+    own shape by the dQ kernel (atomics; dense then summed under deterministic algorithms), with
+    GQA, causal and kv_lengths (issue 23)."""
+    with deterministic(determinism):
+        for causal in (False, True):
+            assert_matches_reference(attention("cuda", causal, KV_LENGTHS),
+                                     attention("reference", causal, KV_LENGTHS),
+                                     dmask_inputs(shape, device=DEVICE), dtype,
+                                     names=["q", "k", "v", "mask"])
+
+
+def test_cuda_bwd_returns_dmask_at_dmask_shape():
+    """The op returns dmask at its dmask_shape argument (what the fake kernel declares), whether
+    the mask it is handed is broadcast (stride 0) or materialised; the same gradient either way."""
+    from peer_attention import dispatch
+
+    B, H, L = 2, 4, 40
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, H, L, 64, generator=gen).to(DEVICE, torch.float16) for _ in range(3))
+    base = torch.randn(1, 1, L, L, generator=gen).to(DEVICE)
+    grad_out = torch.randn(B, H, L, 64, generator=gen).to(DEVICE, torch.float16)
+    needs = [False] * 5 + [True, False]
+    sums = []
+    for mask, dmask_shape, want in [
+            (base.expand(B, H, L, L), None, (1, 1, L, L)),
+            (base.expand(B, H, L, L), [1, 1, L, L], (1, 1, L, L)),
+            (base.expand(B, H, L, L).contiguous(), [1, 1, L, L], (1, 1, L, L)),
+            (base.expand(B, H, L, L).contiguous(), None, (B, H, L, L)),
+            (base.expand(B, H, L, L), [B, H, L, L], (B, H, L, L))]:  # shares of the sum
+        args = (q, k, v, (L,), (L,), (1,), None, None, None, mask, None, 0.0, False, 0.125,
+                "joint", -1, -1, False, 0.0, None, None)
+        out, lse = dispatch.forward_op("cuda")(*args)
+        dmask = torch.ops.peer_attention.cuda_bwd(grad_out, out, lse, *args, needs,
+                                                  dmask_shape)[5]
+        assert tuple(dmask.shape) == want and dmask.is_contiguous()
+        sums.append(dmask.sum_to_size(1, 1, L, L))
+    for s in sums[1:]:
+        torch.testing.assert_close(s, sums[0], atol=1e-4, rtol=1e-4)
+
+
+def test_broadcast_mask_gradient_needs_no_dense_buffer():
+    """Peak memory of the backward with a (1, 1, L, L) float mask stays far below the dense
+    float32 (B, H, L, L) buffer the dQ kernel used to fill (1 GiB here; the mask is 16 MiB)."""
+    B, H, L = 8, 8, 2048
+    q, k, v = (torch.randn(B, H, L, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    mask = torch.randn(1, 1, L, L, device=DEVICE, requires_grad=True)
+    out = peer_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out.sum().backward()
+    torch.cuda.synchronize()
+    dense = B * H * L * L * 4
+    assert torch.cuda.max_memory_allocated() - before < dense // 2
+    assert mask.grad.shape == mask.shape and torch.isfinite(mask.grad).all()

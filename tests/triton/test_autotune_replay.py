@@ -21,9 +21,10 @@ OUTPUTS = {"fwd": ("out", "lse"), "preprocess": ("delta", "dgate_part"),
            "dq": ("dq", "dbias_part", "dmask"), "dkdv": ("dk", "dv")}
 
 
-def _problem(normalize):
+def _problem(normalize, broadcast_mask=False):
     """Three streams with unequal lengths (partial tiles at every block size), gates, biases and
-    a float mask needing a gradient: every kernel and every per-tile output."""
+    a float mask needing a gradient: every kernel and every per-tile output. broadcast_mask: one
+    stream, the mask shared by the heads (its gradient added atomically into a compact buffer)."""
     torch.manual_seed(0)
     q_lens, kv_lens, n, heads, e, ev = (40, 24, 9), (33, 24, 17), 3, 2, 16, 16
     q = torch.randn(1, heads, sum(q_lens), e)
@@ -33,17 +34,21 @@ def _problem(normalize):
     bias = torch.randn(1, n, n, heads)
     mask = torch.randn(1, heads, sum(q_lens), sum(kv_lens))
     peers = (1, 1, 0, 0, 1, 1, 1, 0, 1)
+    if broadcast_mask:
+        q_lens, kv_lens, peers, gate, bias = (sum(q_lens),), (sum(kv_lens),), (1,), None, None
+        mask = mask[:, :1].expand(mask.shape)
     return AttentionProblem(q, k, v, q_lens, kv_lens, peers, gate, bias, None, mask, None, 0.0,
                             False, e ** -0.5, normalize)
 
 
 def _gpu_configs(kind, monkeypatch):
     """Every config the autotuner may try for `kind` on any architecture, one per tile shape
-    (warps and stages change nothing under the interpreter), in the order it tries them."""
+    and dK/dV sweep count (warps and stages change nothing under the interpreter), in the order
+    it tries them."""
     monkeypatch.setattr(configs, "INTERPRET", False)
     seen, kept = set(), []
     for c in configs.autotune_configs(kind):
-        blocks = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+        blocks = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("PHASES", 1))
         if blocks not in seen:
             seen.add(blocks)
             kept.append(c)
@@ -108,16 +113,17 @@ def _run(problem, grad_out, meta_for):
     return bufs
 
 
-@pytest.mark.parametrize("normalize", ["joint", "peer"])
+@pytest.mark.parametrize("normalize", ["joint", "peer", "broadcast-mask"])
 @pytest.mark.parametrize("pick", [min, max])
 def test_autotuning_replay_leaves_no_stale_state(normalize, pick, monkeypatch):
-    problem = _problem(normalize)
+    problem = (_problem("joint", broadcast_mask=True) if normalize == "broadcast-mask"
+               else _problem(normalize))
     grad_out = torch.randn(problem.q.shape[:3] + (problem.value_dim,))
     winners, tuners = {}, {}
     for name, kind in KINDS.items():
         candidates = _gpu_configs(kind, monkeypatch)
-        winners[name] = pick(candidates, key=lambda c: c.kwargs["BLOCK_M"] * 1000
-                             + c.kwargs["BLOCK_N"])
+        winners[name] = pick(candidates, key=lambda c: c.kwargs["BLOCK_M"] * 10000
+                             + c.kwargs["BLOCK_N"] * 10 + c.kwargs.get("PHASES", 1))
 
     def tuned(name, kernel):
         tuners[name] = _tuner(kernel, KINDS[name], winners[name], monkeypatch)
