@@ -55,6 +55,7 @@ struct alignas(16) PeerTerms {
   int exp;                // kGate: the current peer's exponent (0 before the first)
   int64_t pair0;     // pair_index(p, b, s, 0, h); peer p's pair: pair0 + p * q_heads
   int64_t lse_row0;  // ((b * q_heads + h) * S) * total_q + q_first: peer mode's lse row 0
+  int unmasked[kMaxStreams];  // kReread: the peer's unmasked_key_tiles, read per tile
 };
 
 // Values of the block that the main loop needs rarely (once per tile or after the loop), kept in
@@ -225,6 +226,17 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
+  // kReread: the tile count, the next peer and the unmasked tile count re-read from shared
+  // memory after each step's barriers rather than held in registers through it: at D = 128 the
+  // held ones spilled in these instantiations, the re-read ones in the others (ptxas at 255
+  // registers; chosen by the compile report)
+  constexpr bool kReread = D > 96 ? kPeer || (kBias && !kGate) : kPeer;
+  if constexpr (kReread) {
+    if (tid < S)  // thread tid planned peer tid
+      terms_s->unmasked[tid] = unmasked_key_tiles(ntiles_s[tid], limit_s[tid],
+                                                  p.causal && tid == s, q_row0,
+                                                  causal_offset(p, s), BN);
+  }
   if (tid == 0) {
     blk_s->k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
     blk_s->v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
@@ -394,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   while (peer < S) {
     if constexpr (kTerms) {  // this peer's gate and bias (see PeerTerms)
       __syncthreads();
-      const int64_t pair = terms_s->pair0 + static_cast<int64_t>(peer) * p.q_heads;
+      const int64_t pair = terms_s->pair0 + static_cast<int64_t>(static_cast<uint32_t>(peer)) * p.q_heads;
       if constexpr (kGate) {
         const int old_exp = terms_s->exp;
         const float gv = tid < p.value_dim ? p.gate[pair * p.value_dim + tid] : 0.f;  // D <= 128
@@ -430,19 +442,18 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
       if (kBias && tid == 0) terms_s->bias_log2 = p.bias[pair] * kLog2e;
     }
     const int ntiles = ntiles_s[peer];
-    const int bs = blk_s->s, row0 = blk_s->q_row0;
-    const int unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == bs,
-                                            row0, causal_offset(p, bs), BN);
+    [[maybe_unused]] int unmasked = 0;
+    if constexpr (!kReread) {
+      const int bs = blk_s->s, row0 = blk_s->q_row0;
+      unmasked = unmasked_key_tiles(ntiles, limit_s[peer], p.causal && peer == bs, row0,
+                                    causal_offset(p, bs), BN);
+    }
     int tile = 0;
-    // kReread: the tile count and the next peer re-read from shared memory after each step's
-    // barriers rather than held in registers through it: at D = 128 the held ones spilled in
-    // these instantiations on sm_80-90a, the re-read ones in the others (ptxas at 255 registers;
-    // chosen by the compile report)
-    constexpr bool kReread = D > 96 ? kPeer || (kBias && !kGate) : kPeer;
     [[maybe_unused]] const int following = kReread ? 0 : next_peer(peer + 1);
     auto after = [&] { return kReread ? next_peer(peer + 1) : following; };
     auto count = [&] { return kReread ? ntiles_s[peer] : ntiles; };
-    for (; tile < unmasked; ++tile) {  // the main loop: tiles inside the keys, below the diagonal
+    auto unmasked_count = [&] { return kReread ? terms_s->unmasked[peer] : unmasked; };
+    for (; tile < unmasked_count(); ++tile) {  // the main loop: tiles inside the keys, below the diagonal
       const bool last = tile + 1 == count();
       step(MaskedStep<false>{}, peer, tile, last ? after() : peer, last ? 0 : tile + 1);
     }
@@ -453,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     if constexpr (kPeer) {  // the peer's end: out_accum += gate * acc / l, lse_p; a fresh state
       const int e_row0 = blk_s->q_row0, e_len = blk_s->q_len;
       const int64_t e_out0 = blk_s->out_row0;
-      const int64_t e_lse0 = terms_s->lse_row0 + static_cast<int64_t>(peer) * p.total_q;
+      const int64_t e_lse0 = terms_s->lse_row0 + static_cast<int64_t>(static_cast<uint32_t>(peer)) * p.total_q;
       const int warp_row = warp * 32 + (lane >> 2), t2 = (lane & 3) * 2;
       if constexpr (Cfg::kRowStateInSmem) load_row_state(state_s, tid, row_max, row_sum);
 #pragma unroll
@@ -470,7 +481,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
             for (int dt = 0; dt < D / 8; ++dt) {
               const int col = dt * 8 + t2;
               if (col < p.value_dim) {
-                const float2 gj = *reinterpret_cast<const float2*>(terms_s->gate + col);
+                // indexed per float2 (the lane's pair of columns), not by col: the latter's
+                // address ptxas hoisted out of the tile loop and spilled (sm_90a)
+                const float2 gj = reinterpret_cast<const float2*>(terms_s->gate)[dt * 4 + (lane & 3)];
                 float2 v = *reinterpret_cast<float2*>(o + col);
                 v.x += acc[mt][dt][2 * r] * inv * gj.x;
                 v.y += acc[mt][dt][2 * r + 1] * inv * gj.y;
