@@ -112,6 +112,15 @@ __device__ __forceinline__ void qk_rows(float (&sc)[MT][BN / 8][4], const T* q_t
   }
 }
 
+// threadIdx.x read anew (a volatile asm, which neither nvcc nor ptxas moves out of a loop): the
+// values a peer's fold derives from it are then computed after the tile loop instead of hoisted
+// and held, or spilled, through it.
+__device__ __forceinline__ int thread_index_here() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+  return t;
+}
+
 __device__ __forceinline__ float warp_reduce_max(float x) {
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
@@ -142,27 +151,34 @@ __device__ __forceinline__ uint32_t mul_pair<__nv_bfloat16>(uint32_t x, uint32_t
 // and scaling the B fragments (four HMUL2 per ldmatrix) cost more and spilled on sm_90a.
 template <int ROWS, int D, typename T>
 __device__ __forceinline__ void scale_tile_columns(T* tile, const T* factor, int tid) {
-  using Copy = TileCopy<ROWS, D>;
-  auto scale_chunk = [&](int row, int col, const uint4& f) {
-    uint4* at = reinterpret_cast<uint4*>(tile + swizzle<D>(row, col));
-    uint4 x = *at;
+  // the chunk at element offset `at` (swizzled) times the factors f of its 8 columns
+  auto scale_chunk = [&](int at, const uint4& f) {
+    uint4* chunk = reinterpret_cast<uint4*>(tile + at);
+    uint4 x = *chunk;
     x.x = mul_pair<T>(x.x, f.x);
     x.y = mul_pair<T>(x.y, f.y);
     x.z = mul_pair<T>(x.z, f.z);
     x.w = mul_pair<T>(x.w, f.w);
-    *at = x;
+    *chunk = x;
   };
+  using Copy = TileCopy<ROWS, D>;
   if constexpr (Copy::kFixedColumn) {
     const int col = Copy::col(tid);
     const uint4 f = *reinterpret_cast<const uint4*>(factor + col);
 #pragma unroll
-    for (int i = 0; i < Copy::kCopies; ++i) scale_chunk(Copy::row(tid, i), col, f);
-  } else {  // D = 96: 12 chunks per row
-    constexpr int kChunks = D / 8;
+    for (int i = 0; i < Copy::kCopies; ++i) scale_chunk(swizzle<D>(Copy::row(tid, i), col), f);
+  } else {  // D = 96: TileCopyBlocks' chunks, one offset plus immediates (a per-chunk division
+            // and modulo held 12 addresses through the loop: spills on sm_120)
+    using Blocks = TileCopyBlocks<ROWS, D>;
+    static_assert(Blocks::kApplies, "D = 96's column blocks");
+    const int at0 = Blocks::offset(tid, 0, 0);
+    const T* f0 = factor + Blocks::col(tid, 0);
 #pragma unroll
-    for (int idx = tid; idx < ROWS * kChunks; idx += kThreads) {
-      const int row = idx / kChunks, col = (idx % kChunks) * 8;
-      scale_chunk(row, col, *reinterpret_cast<const uint4*>(factor + col));
+    for (int block = 0; block < Blocks::kBlocks; ++block) {
+      const uint4 f = *reinterpret_cast<const uint4*>(f0 + block * Blocks::kBlockChunks * 8);
+#pragma unroll
+      for (int round = 0; round < Blocks::kRounds; ++round)
+        scale_chunk(at0 + round * Blocks::kRowStep * D + block * Blocks::kBlockChunks * 8, f);
     }
   }
 }
@@ -289,11 +305,17 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
           limit_s[peer] - tile * BN, p.value_dim, static_cast<const T*>(p.v));
       cp_async_commit();
     }
+    // qk_rows on sm_90+; not on sm_80-89 (ptxas adds no base there; qk_rows made it spill, 12 B
+    // at D = 128) nor at D = 96 on sm_120 (the same loop, and its held Q addresses spilled)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    qk_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
-#else  // sm_80-89: ptxas adds no base there; qk_rows made it spill (12 B at D = 128)
-    gemm_nt_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
+    constexpr bool kQkRows = !(D == 96 && __CUDA_ARCH__ >= 1200);
+#else
+    constexpr bool kQkRows = false;
 #endif
+    if constexpr (kQkRows)
+      qk_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
+    else
+      gemm_nt_rows<MT, BN, D, T>(sc, q_tile, warp * 32, k_tile, lane);
     cp_async_wait<0>();
     __syncthreads();  // V(tile) landed; every warp is done with K(tile)
     if (next < S) {
@@ -338,9 +360,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // kBias: read where used (a volatile load per use at D = 128: no register held across the
     // rows; one load at D <= 96)
     [[maybe_unused]] float bias_once = 0.f;
-    if constexpr (kBias && D <= 96) bias_once = terms_s->bias_log2;
+    constexpr bool kBiasOnce = D <= 96;
+    if constexpr (kBias && kBiasOnce) bias_once = terms_s->bias_log2;
     auto bias2 = [&]() -> float {
-      if constexpr (D <= 96) return bias_once;
+      if constexpr (kBiasOnce) return bias_once;
       else return *reinterpret_cast<const volatile float*>(&terms_s->bias_log2);
     };
 #pragma unroll
@@ -465,7 +488,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
       const int e_row0 = blk_s->q_row0, e_len = blk_s->q_len;
       const int64_t e_out0 = blk_s->out_row0;
       const int64_t e_lse0 = terms_s->lse_row0 + static_cast<int64_t>(static_cast<uint32_t>(peer)) * p.total_q;
-      const int warp_row = warp * 32 + (lane >> 2), t2 = (lane & 3) * 2;
+      // D = 96: the row from the thread index read here (thread_index_here), not hoisted
+      const int f_tid = D == 96 ? thread_index_here() : tid;
+      const int warp_row = (f_tid >> 5) * 32 + ((f_tid & 31) >> 2), t2 = (lane & 3) * 2;
       if constexpr (Cfg::kRowStateInSmem) load_row_state(state_s, tid, row_max, row_sum);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
