@@ -31,8 +31,10 @@
 // 9-11 LDL+STL per tile). So the block's rarely used values (PlainBlock) and, at D = 128, the
 // running max and sum (load_row_state) live in shared memory; the tile copies step one pointer
 // after each cp.async (load_tile_async's kOrdered), D = 96 in 32-column blocks; on sm_90+ the Q
-// fragments are addressed without a per-ldmatrix base add (qk_rows). No spill at D <= 128 on
-// sm_80 to sm_120 (docs/cuda.md, compile report); ptxas's allocation at 255 is chaotic: rerun
+// fragments are addressed without a per-ldmatrix base add (qk_rows; not at D = 96 on sm_120).
+// No spill in any instantiation at D <= 128 on sm_80 to sm_120 (docs/cuda.md, compile report);
+// ptxas's allocation at 255 is chaotic (what spilled: values it hoisted out of the tile loop
+// for use after it, see widen, thread_index_here, kReread): rerun
 // `python -m peer_attention.cuda_compile_report` after any change here.
 #pragma once
 #include "kernel_common.cuh"
@@ -112,6 +114,12 @@ __device__ __forceinline__ void qk_rows(float (&sc)[MT][BN / 8][4], const T* q_t
   }
 }
 
+// A non-negative index as int64_t without a sign extension: the sign-extended peer index was
+// hoisted out of the tile loop and spilled (peer mode at D = 128 on sm_80-89).
+__device__ __forceinline__ int64_t widen(int index) {
+  return static_cast<int64_t>(static_cast<uint32_t>(index));
+}
+
 // threadIdx.x read anew (a volatile asm, which neither nvcc nor ptxas moves out of a loop): the
 // values a peer's fold derives from it are then computed after the tile loop instead of hoisted
 // and held, or spilled, through it.
@@ -145,7 +153,8 @@ __device__ __forceinline__ uint32_t mul_pair<__nv_bfloat16>(uint32_t x, uint32_t
 
 // The joint gate on a V tile in shared memory: column c of the ROWS x D (swizzled) tile times
 // factor[c] (16-bit), in place, each 16-byte chunk by one thread (TileCopy's assignment: at
-// D = 32, 64, 128 a thread keeps one column of chunks, so one factor load per tile). Then
+// D = 32, 64, 128 a thread keeps one column of chunks, so one factor load per tile; at D = 96
+// TileCopyBlocks', whose cover tests/cuda/test_tile_copy.py checks at 64 x 96). Then
 // (P V) * gate = P (V diag(gate)) is the ungated product: the per-element join of a separate
 // P V (one fma per accumulator) spilled at every D, ptxas sinking those fma to the loop's end,
 // and scaling the B fragments (four HMUL2 per ldmatrix) cost more and spilled on sm_90a.
@@ -247,6 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   // held ones spilled in these instantiations, the re-read ones in the others (ptxas at 255
   // registers; chosen by the compile report)
   constexpr bool kReread = D > 96 ? kPeer || (kBias && !kGate) : kPeer;
+  static_assert(!kReread || kTerms, "the unmasked tile counts live in PeerTerms");
   if constexpr (kReread) {
     if (tid < S)  // thread tid planned peer tid
       terms_s->unmasked[tid] = unmasked_key_tiles(ntiles_s[tid], limit_s[tid],
@@ -360,10 +370,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     // kBias: read where used (a volatile load per use at D = 128: no register held across the
     // rows; one load at D <= 96)
     [[maybe_unused]] float bias_once = 0.f;
-    constexpr bool kBiasOnce = D <= 96;
-    if constexpr (kBias && kBiasOnce) bias_once = terms_s->bias_log2;
+    if constexpr (kBias && D <= 96) bias_once = terms_s->bias_log2;
     auto bias2 = [&]() -> float {
-      if constexpr (kBiasOnce) return bias_once;
+      if constexpr (D <= 96) return bias_once;
       else return *reinterpret_cast<const volatile float*>(&terms_s->bias_log2);
     };
 #pragma unroll
@@ -429,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
   while (peer < S) {
     if constexpr (kTerms) {  // this peer's gate and bias (see PeerTerms)
       __syncthreads();
-      const int64_t pair = terms_s->pair0 + static_cast<int64_t>(static_cast<uint32_t>(peer)) * p.q_heads;
+      const int64_t pair = terms_s->pair0 + widen(peer) * p.q_heads;
       if constexpr (kGate) {
         const int old_exp = terms_s->exp;
         const float gv = tid < p.value_dim ? p.gate[pair * p.value_dim + tid] : 0.f;  // D <= 128
@@ -476,7 +485,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     auto after = [&] { return kReread ? next_peer(peer + 1) : following; };
     auto count = [&] { return kReread ? ntiles_s[peer] : ntiles; };
     auto unmasked_count = [&] { return kReread ? terms_s->unmasked[peer] : unmasked; };
-    for (; tile < unmasked_count(); ++tile) {  // the main loop: tiles inside the keys, below the diagonal
+    // the main loop: tiles inside the keys, below the diagonal
+    for (; tile < unmasked_count(); ++tile) {
       const bool last = tile + 1 == count();
       step(MaskedStep<false>{}, peer, tile, last ? after() : peer, last ? 0 : tile + 1);
     }
@@ -487,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
     if constexpr (kPeer) {  // the peer's end: out_accum += gate * acc / l, lse_p; a fresh state
       const int e_row0 = blk_s->q_row0, e_len = blk_s->q_len;
       const int64_t e_out0 = blk_s->out_row0;
-      const int64_t e_lse0 = terms_s->lse_row0 + static_cast<int64_t>(static_cast<uint32_t>(peer)) * p.total_q;
+      const int64_t e_lse0 = terms_s->lse_row0 + widen(peer) * p.total_q;
       // D = 96: the row from the thread index read here (thread_index_here), not hoisted
       const int f_tid = D == 96 ? thread_index_here() : tid;
       const int warp_row = (f_tid >> 5) * 32 + ((f_tid & 31) >> 2), t2 = (lane & 3) * 2;
@@ -508,7 +518,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_plain_kernel(const Attent
               if (col < p.value_dim) {
                 // indexed per float2 (the lane's pair of columns), not by col: the latter's
                 // address ptxas hoisted out of the tile loop and spilled (sm_90a)
-                const float2 gj = reinterpret_cast<const float2*>(terms_s->gate)[dt * 4 + (lane & 3)];
+                const float2 gj =
+                    reinterpret_cast<const float2*>(terms_s->gate)[dt * 4 + (lane & 3)];
                 float2 v = *reinterpret_cast<float2*>(o + col);
                 v.x += acc[mt][dt][2 * r] * inv * gj.x;
                 v.y += acc[mt][dt][2 * r + 1] * inv * gj.y;
