@@ -325,14 +325,12 @@ cudaError_t launch_forward_kernel(const AttentionParams& params, cudaStream_t st
 }
 
 
+// up to D = 128 launch.h's run_forward sends the plain path, gate, bias and peer mode to
+// forward_plain.cuh's kernel (run_forward_plain); this one serves the rest (attn_mask,
+// recompute, scale <= 0, D > 128)
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream) {
-  // the plain path up to D = 128: FlashAttention-2's tile shape (forward_plain.cuh)
-  if constexpr (!kFeatures && D <= 128) {
-    return run_forward_plain<D, T>(params, stream);
-  } else {
-    return launch_forward_kernel<D, T, kFeatures, kMask>(params, stream);
-  }
+  return launch_forward_kernel<D, T, kFeatures, kMask>(params, stream);
 }
 
 }  // namespace peer_attention

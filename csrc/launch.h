@@ -40,11 +40,21 @@ inline int kernel_head_dim(int dim) {
 //   dbias through warp-uniform runtime branches, the attn_mask code (per-score loads and the
 //   dmask stores) compiled out;
 // - features + mask (both true): everything, attn_mask and its gradient included.
+// The forward up to D = 128 is instead forward_plain.cuh's kernel with one switch per feature
+// (gate, bias, peer mode: run_forward_plain below); forward_kernel serves its attn_mask,
+// recompute and scale <= 0 calls there.
 // A variant is launched only for params it serves (the has_* flags of a kernel are the params'
 // own where its switch is on). Separate files (fwd_hdim*_{plain,features,mask}.cu,
 // bwd_hdim*_{plain,features,mask}.cu) that ninja builds in parallel. T: __half or __nv_bfloat16.
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_forward_variant(const AttentionParams& params, cudaStream_t stream);
+
+// The fast forward up to D = 128 (forward_plain.cuh) with its feature switches: gate (joint
+// mode), bias, peer mode (the gate applied at each peer's end); no attn_mask, no recompute.
+// Instantiated per head dim in fwd_hdim*_plain.cu (all false), fwd_hdim*_joint.cu (gate, bias,
+// gate + bias) and fwd_hdim*_peer.cu (peer mode, with or without bias).
+template <int D, typename T, bool kGate, bool kBias, bool kPeer>
+cudaError_t run_forward_plain(const AttentionParams& params, cudaStream_t stream);
 
 template <int D, typename T, bool kFeatures, bool kMask>
 cudaError_t run_backward_dq_variant(const AttentionParams& params, cudaStream_t stream);
@@ -64,8 +74,12 @@ constexpr int kFusedBackwardMaxDim = PEER_ATTENTION_FUSED_BACKWARD ? 128 : 0;
 template <int D, typename T>
 cudaError_t run_backward_fused(const AttentionParams& params, cudaStream_t stream);
 
-// the plain forward up to D = 128 (forward_plain.cuh) folds the scale into the exponent, which
-// needs 0 < scale * log2(e) < inf; any other scale takes the general kernel
+// the fast forward up to D = 128 (forward_plain.cuh) folds the scale into the exponent, which
+// needs 0 < scale * log2(e) < inf; any other scale, an attn_mask or recompute takes the general
+// kernel (forward_kernel)
+inline bool forward_fast_serves(const AttentionParams& p) {
+  return p.mask == nullptr && !p.recompute && p.scale_log2 > 0.f && p.scale_log2 <= 3.4e38f;
+}
 inline bool forward_needs_features(const AttentionParams& p) {
   return p.mask != nullptr || p.gate != nullptr || p.bias != nullptr || p.per_peer ||
          p.recompute || !(p.scale_log2 > 0.f && p.scale_log2 <= 3.4e38f);
@@ -89,7 +103,23 @@ inline bool fused_backward_serves(const AttentionParams& p, int kernel_head_dim)
 // the mask variants: attn_mask (forward, dK/dV), attn_mask or its gradient (dQ)
 template <int D, typename T>
 cudaError_t run_forward(const AttentionParams& params, cudaStream_t stream) {
-  if (!forward_needs_features(params)) return run_forward_variant<D, T, false, false>(params, stream);
+  if constexpr (D <= 128) {  // each feature a compile-time switch of the fast kernel
+    if (forward_fast_serves(params)) {
+      const bool bias = params.bias != nullptr;
+      if (params.per_peer) {
+        return BOOL_SWITCH(bias, kBias, [&] {
+          return run_forward_plain<D, T, false, kBias, true>(params, stream);
+        });
+      }
+      return BOOL_SWITCH(bias, kBias, [&] {
+        return BOOL_SWITCH(params.gate != nullptr, kGate, [&] {
+          return run_forward_plain<D, T, kGate, kBias, false>(params, stream);
+        });
+      });
+    }
+  } else if (!forward_needs_features(params)) {
+    return run_forward_variant<D, T, false, false>(params, stream);
+  }
   return BOOL_SWITCH(params.mask != nullptr, kMask,
                      [&] { return run_forward_variant<D, T, true, kMask>(params, stream); });
 }

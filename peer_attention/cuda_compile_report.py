@@ -238,6 +238,7 @@ using namespace peer_attention;
 template <int D, typename T> void print(const char* dtype) {
   if constexpr (D <= 128) {
     std::printf("forward_plain_kernel %d %s %d %d\n", D, dtype, ForwardPlainConfig<D>::template smem_bytes<T>(), kThreads);
+    std::printf("forward_plain_kernel:features %d %s %d %d\n", D, dtype, ForwardPlainConfig<D>::template smem_bytes<T, true>(), kThreads);
     std::printf("bwd_fused_kernel %d %s %d %d\n", D, dtype, FusedBwdConfig<D>::template smem_bytes<T>(), kThreads);
   }
   std::printf("forward_kernel %d %s %d %d\n", D, dtype, ForwardConfig<D>::template smem_bytes<T>(), kThreads);
@@ -310,19 +311,35 @@ def demangled(names: List[str]) -> Dict[str, str]:
     return dict(zip(names, lines))
 
 
+# the switches of forward_plain_kernel<D, T, kGate, kBias, kPeer>, by position
+PLAIN_FORWARD_SWITCHES = ("gate", "bias", "peer")
+
+
 def _describe(name: str) -> Tuple[str, int, str]:
     """(kernel, head dim, dtype) of a demangled instantiation name; the kernel name carries its
     feature switches ("forward_kernel plain" for kFeatures = false, "... features" for true,
-    "... features+mask" when kMask is true too)."""
-    found = re.search(r"(\w+)<(\d+), ([\w:]+)(?:, (true|false))?(?:, (true|false))?>", name)
+    "... features+mask" when kMask is true too; forward_plain_kernel's by name: "gate",
+    "gate+bias", "bias+peer", ..., and none for the plain path)."""
+    found = re.search(r"(\w+)<(\d+), ([\w:]+)((?:, (?:true|false))*)>", name)
     if found:
         kernel = found.group(1)
-        if found.group(4):
-            kernel += " plain" if found.group(4) == "false" else " features"
-            if found.group(5) == "true":
+        switches = [v == "true" for v in re.findall(r"true|false", found.group(4))]
+        if kernel == "forward_plain_kernel":
+            on = [n for n, v in zip(PLAIN_FORWARD_SWITCHES, switches) if v]
+            kernel += f" {'+'.join(on)}" if on else ""
+        elif switches:
+            kernel += " features" if switches[0] else " plain"
+            if len(switches) > 1 and switches[1]:
                 kernel += "+mask"
         return kernel, int(found.group(2)), DTYPE_NAMES.get(found.group(3), found.group(3))
     return re.sub(r"\(.*", "", name).split("::")[-1], 0, "-"
+
+
+def _launch_key(kernel: str) -> str:
+    """The host probe's name for a row's launch bytes: forward_plain_kernel with any switch on
+    asks for its PeerTerms too ("forward_plain_kernel:features")."""
+    base = kernel.split()[0]
+    return f"{base}:features" if base == "forward_plain_kernel" and " " in kernel else base
 
 
 def _loop_dict(stats: LoopStats) -> Dict[str, float]:
@@ -344,7 +361,7 @@ def rows_of_cubin(cubin: Path, log: str, arch: str,
     for mangled, body in sorted(functions.items(), key=lambda kv: names.get(kv[0], kv[0])):
         kernel, dim, dtype = _describe(names.get(mangled, mangled))
         info = ptxas.get(mangled, PtxasInfo())
-        dynamic, threads = launch.get((kernel.split()[0], dim, dtype), (0, 128))
+        dynamic, threads = launch.get((_launch_key(kernel), dim, dtype), (0, 128))
         smem = dynamic + info.static_smem
         rows.append(Row(arch, kernel, dim, dtype, threads, info.registers,
                         info.spill_stores + info.spill_loads, smem, limits.smem_per_block,

@@ -83,9 +83,12 @@ def _has_tools():
 @pytest.mark.skipif(not _has_tools(), reason="needs nvcc and cuobjdump")
 def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
-    # the plain forward up to D = 128 is its own kernel (forward_plain.cuh)
-    assert {r.kernel for r in rows} == {"forward_plain_kernel", "forward_kernel features",
-                                        "forward_kernel features+mask", "bwd_fused_kernel"} | {
+    # the forward up to D = 128 is its own kernel (forward_plain.cuh), one instantiation per
+    # feature switch combination; forward_kernel keeps attn_mask, recompute and scale <= 0
+    fast = {"forward_plain_kernel"} | {f"forward_plain_kernel {v}" for v in (
+        "gate", "bias", "gate+bias", "peer", "bias+peer")}
+    assert {r.kernel for r in rows} == fast | {"forward_kernel features",
+                                               "forward_kernel features+mask", "bwd_fused_kernel"} | {
         f"{k}_kernel {v}" for k in ("dq", "dkdv") for v in ("plain", "features", "features+mask")}
     for r in rows:
         assert r.head_dim == 32 and r.dtype == "fp16" and r.threads == 128
@@ -107,6 +110,15 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     fwd = next(r for r in rows if r.kernel == "forward_plain_kernel")
     assert fwd.loop["hmma"] == 2 * features["forward_kernel"].loop["hmma"]
     assert fwd.loop["per_hmma"] < features["forward_kernel"].loop["per_hmma"]
+    # the switches: the same tiles as the plain path; far fewer instructions than the runtime
+    # branches of forward_kernel features; the bias costs the loop almost nothing
+    for r in rows:
+        if r.kernel.startswith("forward_plain_kernel "):
+            assert r.loop["hmma"] == fwd.loop["hmma"] and r.loop["ldsm"] == fwd.loop["ldsm"], r
+            assert r.loop["per_hmma"] < features["forward_kernel"].loop["per_hmma"] / 2, r
+            assert r.smem > fwd.smem, r  # PeerTerms
+    bias = next(r for r in rows if r.kernel == "forward_plain_kernel bias")
+    assert bias.loop["instructions"] <= 1.05 * fwd.loop["instructions"]
     # the fused backward: dK/dV's four products and dQ's one per tile pair (5/4 of dK/dV's mma)
     fused = next(r for r in rows if r.kernel == "bwd_fused_kernel")
     assert 4 * fused.loop["hmma"] == 5 * plain["dkdv_kernel"].loop["hmma"]
@@ -114,6 +126,17 @@ def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
 
 def test_instantiation_names():
     describe = report._describe
+    assert describe("void peer_attention::forward_plain_kernel<128, __half, false, false, false>"
+                    "(peer_attention::AttentionParams)") == ("forward_plain_kernel", 128, "fp16")
+    assert describe("void peer_attention::forward_plain_kernel<64, __nv_bfloat16, true, true, "
+                    "false>(peer_attention::AttentionParams)") == (
+        "forward_plain_kernel gate+bias", 64, "bf16")
+    assert describe("void peer_attention::forward_plain_kernel<32, __half, false, true, true>"
+                    "(peer_attention::AttentionParams)") == ("forward_plain_kernel bias+peer", 32,
+                                                             "fp16")
+    assert report._launch_key("forward_plain_kernel gate") == "forward_plain_kernel:features"
+    assert report._launch_key("forward_plain_kernel") == "forward_plain_kernel"
+    assert report._launch_key("dq_kernel plain") == "dq_kernel"
     assert describe("void peer_attention::forward_kernel<128, __half, false>"
                     "(peer_attention::AttentionParams)") == ("forward_kernel plain", 128, "fp16")
     assert describe("void peer_attention::dkdv_kernel<96, __nv_bfloat16, true>"
@@ -140,6 +163,7 @@ def test_backend_shared_memory_constant_matches_the_kernels(tmp_path):
     # every kernel up to D = 192 (and every forward) fits sm_86/89/120's 101376 bytes per block
     assert max(v for (k, d, t), v in smem.items() if d <= 192 or k == "forward_kernel") <= 101376
     assert {d for (k, d, t) in smem if k == "forward_plain_kernel"} == {32, 64, 96, 128}
+    assert {d for (k, d, t) in smem if k == "forward_plain_kernel:features"} == {32, 64, 96, 128}
     from peer_attention.backends.cuda import KERNEL_HEAD_DIMS  # mirrors kHeadDims
 
     assert sorted({d for (k, d, t) in smem}) == list(KERNEL_HEAD_DIMS)

@@ -302,3 +302,113 @@ def test_tile_schedule_matches_dense_softmax(q_len, kv_len, cut, causal, bottom_
         rows = slice(q_row0, q_row0 + out.shape[0])
         np.testing.assert_allclose(out, want[rows], atol=1e-9)
         np.testing.assert_allclose(lse, want_lse[rows], atol=1e-9)
+
+
+# --- the feature switches (gate, bias, peer mode) --------------------------------------------
+
+def emulate_featured(q, peers, scale, gate, bias, per_peer, BN=64):
+    """forward_plain_kernel's arithmetic with the switches on, for one block's rows (float64):
+    peers: [(k, v, visible (rows x keys) bool)] in visit order; gate: per peer a (Ev,) vector or
+    None; bias: per peer a scalar or None. Joint gate: V scaled by m = gate / 2^exp (exp per
+    peer from frexp of max |gate|), acc rescaled by 2^(old - new) at each peer's start and by
+    2^exp at the end; bias: the running max on z = c S + b (log2 domain); peer mode: a fresh
+    state per peer, folded into out at its end (out += gate * acc / l, lse_p)."""
+    c = scale * math.log2(math.e)
+    rows, ev = q.shape[0], peers[0][1].shape[1]
+    acc = np.zeros((rows, ev))
+    out = np.zeros((rows, ev))
+    row_max, row_sum = np.full(rows, -np.inf), np.zeros(rows)
+    exp, lses = 0, []
+    for p, (k, v, visible) in enumerate(peers):
+        g = gate[p] if gate is not None else np.ones(ev)
+        b2 = bias[p] * math.log2(math.e) if bias is not None else 0.0
+        if gate is not None and not per_peer:
+            gmax = np.abs(g).max()
+            new_exp = math.frexp(gmax)[1] if 0 < gmax < np.inf else 0
+            acc = acc * 2.0 ** (exp - new_exp)
+            exp, m = new_exp, np.ldexp(g, -new_exp)
+            assert np.abs(m).max() < 1
+        else:
+            m = np.ones(ev)
+        for t in range(0, k.shape[0], BN):
+            sc = q @ k[t:t + BN].T
+            sc = np.where(visible[:, t:t + BN], sc, -np.inf)
+            with np.errstate(invalid="ignore"):
+                if bias is not None:
+                    new_max = np.maximum(row_max, sc.max(axis=1) * c + b2)
+                    base = np.where(new_max == -np.inf, 0.0, new_max)
+                    alpha = np.exp2(row_max - base)
+                    pr = np.exp2(sc * c + (b2 - base)[:, None])
+                else:
+                    new_max = np.maximum(row_max, sc.max(axis=1))
+                    base = np.where(new_max == -np.inf, 0.0, new_max * c)
+                    alpha = np.exp2(row_max * c - base)
+                    pr = np.exp2(sc * c - base[:, None])
+            acc = acc * alpha[:, None] + pr @ (v[t:t + BN] * m[None, :])
+            row_sum = row_sum * alpha + pr.sum(axis=1)
+            row_max = new_max
+        if per_peer:
+            m2 = row_max if bias is not None else row_max * c
+            inv = np.where(row_sum > 0, 1 / np.where(row_sum > 0, row_sum, 1), 0)
+            out += acc * inv[:, None] * g[None, :]
+            lses.append(np.where(row_sum > 0, (m2 + np.log2(np.where(row_sum > 0, row_sum, 1)))
+                                 * math.log(2), -np.inf))
+            acc[:], row_max[:], row_sum[:] = 0, -np.inf, 0
+    if per_peer:
+        return out, np.stack(lses)
+    m2 = row_max if bias is not None else row_max * c
+    inv = np.where(row_sum > 0, 2.0 ** exp / np.where(row_sum > 0, row_sum, 1), 0)
+    lse = np.where(row_sum > 0, (m2 + np.log2(np.where(row_sum > 0, row_sum, 1))) * math.log(2),
+                   -np.inf)
+    return acc * inv[:, None], lse
+
+
+def dense_peer_attention(q, peers, scale, gate, bias, per_peer):
+    """MATH.md: z_pj = scale q.k + bias_p; joint: one softmax over every peer's keys, O = sum_p
+    gate_p * (P_p V_p); peer: a softmax per peer, O = sum_p gate_p * softmax_p V_p."""
+    ev = peers[0][1].shape[1]
+    zs = [np.where(vis, scale * (q @ k.T) + (bias[p] if bias is not None else 0.0), -np.inf)
+          for p, (k, v, vis) in enumerate(peers)]
+    gates = [gate[p] if gate is not None else np.ones(ev) for p in range(len(peers))]
+
+    def softmax_parts(parts):
+        m = np.max([z.max(axis=1) for z in parts], axis=0)
+        seen = np.isfinite(m)
+        ms = np.where(seen, m, 0)[:, None]
+        ex = [np.where(np.isfinite(z), np.exp(z - ms), 0) for z in parts]
+        total = sum(e.sum(axis=1) for e in ex)
+        lse = np.where(seen, np.log(np.where(seen, total, 1)) + ms[:, 0], -np.inf)
+        return [e / np.where(seen, total, 1)[:, None] for e in ex], lse
+
+    if per_peer:
+        out, lses = 0, []
+        for z, (k, v, vis), g in zip(zs, peers, gates):
+            (pr,), lse = softmax_parts([z])
+            out = out + (pr @ v) * g[None, :]
+            lses.append(lse)
+        return out, np.stack(lses)
+    prs, lse = softmax_parts(zs)
+    return sum((pr @ v) * g[None, :] for pr, (k, v, vis), g in zip(prs, peers, gates)), lse
+
+
+@pytest.mark.parametrize("per_peer", [False, True])
+@pytest.mark.parametrize("with_gate,with_bias", [(True, False), (False, True), (True, True)])
+def test_feature_switches_match_the_dense_formulas(per_peer, with_gate, with_bias):
+    rng = np.random.default_rng(3 + 2 * per_peer + with_gate + 4 * with_bias)
+    rows, d, ev, scale = 128, 32, 24, 0.2
+    q = rng.standard_normal((rows, d)) * 2
+    peers = []
+    for n, limit, causal in ((150, 150, True), (70, 33, False), (64, 64, False), (200, 0, False)):
+        k = rng.standard_normal((n, d)) * 2
+        v = rng.standard_normal((n, ev))
+        i, j = np.arange(rows)[:, None], np.arange(n)[None, :]
+        peers.append((k, v, (j < limit) & (~causal | (j <= i + 10))))
+    # gates whose max |gate| spans exponents (the joint rescale at each peer's start), a zero
+    # gate, a peer whose bias hides it (-inf), a peer with no visible key
+    gate = [rng.uniform(0.5, 1.5, ev) * 1e3, rng.uniform(-2, 2, ev) * 1e-3, np.zeros(ev),
+            rng.uniform(0.5, 1.5, ev)] if with_gate else None
+    bias = [0.7, -3.0, -np.inf, 1.0] if with_bias else None
+    got, got_lse = emulate_featured(q, peers, scale, gate, bias, per_peer)
+    want, want_lse = dense_peer_attention(q, peers, scale, gate, bias, per_peer)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    np.testing.assert_allclose(got_lse, want_lse, atol=1e-9)

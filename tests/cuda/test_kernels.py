@@ -30,8 +30,9 @@ def _randn(*shape, gen, requires_grad=True):
 
 def check_peer(dtype, *, q_lens, kv_lens, B=2, Hq=2, H=2, E=64, Ev=64, peers=None,
                gate_shape=None, bias_shape=None, normalize="joint", is_causal=False,
-               kv_lengths=None, scale=None, grad=True, seed=0):
-    """Compare peer_attention(backend="cuda") with the reference on random streams."""
+               kv_lengths=None, scale=None, grad=True, seed=0, gate_peer_scale=None):
+    """Compare peer_attention(backend="cuda") with the reference on random streams.
+    gate_peer_scale: a factor per peer (the gate's dim 2) multiplying the random gate."""
     gen = torch.Generator().manual_seed(seed)
     S = len(q_lens)
     qs = [_randn(B, Hq, n, E, gen=gen) for n in q_lens]
@@ -40,7 +41,10 @@ def check_peer(dtype, *, q_lens, kv_lens, B=2, Hq=2, H=2, E=64, Ev=64, peers=Non
     inputs = qs + ks + vs
     gate = bias = None
     if gate_shape is not None:
-        gate = (torch.rand(*gate_shape, dtype=torch.float64, generator=gen) + 0.5).to(DEVICE)
+        gate = torch.rand(*gate_shape, dtype=torch.float64, generator=gen) + 0.5
+        if gate_peer_scale is not None:
+            gate = gate * torch.tensor(gate_peer_scale, dtype=torch.float64)[:, None, None]
+        gate = gate.to(DEVICE)
         inputs.append(gate.requires_grad_(grad))
     if bias_shape is not None:
         bias = torch.randn(*bias_shape, dtype=torch.float64, generator=gen).to(DEVICE)
@@ -162,6 +166,22 @@ def test_plain_forward_streams_gqa(dtype, E, Ev):
     for is_causal in (False, True):
         check_peer(dtype, q_lens=[300, 129, 1], kv_lens=[200, 333, 64], Hq=4, H=2, E=E, Ev=Ev,
                    peers=PEERS3, is_causal=is_causal, kv_lengths=[[200, 333, 64], [77, 0, 40]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+@pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (80, 72), (128, 128)])
+def test_forward_feature_switches(dtype, normalize, E, Ev):
+    # forward_plain_kernel's gate, bias, gate + bias and peer-mode instantiations (D <= 128:
+    # launch.h's run_forward) over full and partial key tiles of 3 peers, causal self pairs, GQA,
+    # kv_lengths (an empty peer); the gate's magnitude differs by 1e6 between peers and one
+    # peer's is 0 (the joint gate's per-peer exponent and its exact rescale of the accumulator)
+    for gate_on, bias_on in ((True, False), (False, True), (True, True)):
+        check_peer(dtype, q_lens=[300, 129, 1], kv_lens=[200, 333, 64], Hq=4, H=2, E=E, Ev=Ev,
+                   peers=PEERS3, is_causal=True, kv_lengths=[[200, 333, 64], [77, 0, 40]],
+                   gate_shape=(2, 3, 3, 4, Ev) if gate_on else None,
+                   gate_peer_scale=[1e3, 0.0, 1e-3] if gate_on else None,
+                   bias_shape=(2, 3, 3, 4) if bias_on else None, normalize=normalize)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
