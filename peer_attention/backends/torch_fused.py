@@ -304,14 +304,22 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         if grads.dq is not None:
             grads.dq.add(s, dq)
         kv_lens = [p.kv_lens[t] for t in attended]
-        for t, dk_t, dv_t in zip(attended, dk.split_with_sizes(kv_lens, 2),
-                                 dv.split_with_sizes(kv_lens, 2)):
+        every_key = attended == streams.nonempty  # its dK, dV cover the packed keys
+        dv_rows = dv.split_with_sizes(kv_lens, 2)
+        if gates is not None:  # values g * v: dgate = sum_j dV * v, then dv = g * dV in place
+            for t, dv_t in zip(attended, dv_rows):  # (dV is this backward's own: fused_serves
+                if grads.dgate is not None:         # has q, hence dV, in the compute dtype)
+                    grads.dgate.set(s, t, (dv_t * values[t]).sum(2))
+                if grads.dv is not None:
+                    dv_t.mul_(gates[s][t])
+        if every_key:  # dK, dV over the packed keys: summed in place over the query streams
+            for sums, grad in ((grads.dk, dk), (grads.dv, dv)):
+                if sums is not None:
+                    sums.add_packed(grad)
+            continue
+        for t, dk_t, dv_t in zip(attended, dk.split_with_sizes(kv_lens, 2), dv_rows):
             if grads.dk is not None:
                 grads.dk.add(t, dk_t)
-            if gates is not None:  # values g * v: dgate = sum_j dV * v, dv = g * dV
-                if grads.dgate is not None:
-                    grads.dgate.set(s, t, (dv_t * values[t]).sum(2))
-                dv_t = dv_t * gates[s][t]
             if grads.dv is not None:
                 grads.dv.add(t, dv_t)
     return grads.result(p, None)

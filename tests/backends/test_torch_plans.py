@@ -173,8 +173,10 @@ def test_fused_plan_marks_rows_that_a_minus_inf_bias_empties(causal):
 
 def test_a_lone_filled_stream_is_packed_without_a_copy():
     """Wan's layout (video queries beside empty text/image query streams): the problem's q is the
-    caller's video tensor itself (issue 20: no copy the composition does not make); an empty
-    stream that requires grad still goes through the cat and gets its empty gradient."""
+    caller's video tensor itself, or an alias of it when an empty stream requires grad (which
+    still gets its empty gradient); the video's output is the op's output itself, not a split
+    whose backward would concatenate its gradient with empty ones (issue 20: no copy the
+    composition does not make)."""
     video = torch.randn(1, 2, 6, 8, requires_grad=True)
     empty = torch.zeros(1, 2, 0, 8)
     keys = [torch.randn(1, 2, n, 8) for n in (0, 3, 4)]
@@ -192,8 +194,44 @@ def test_a_lone_filled_stream_is_packed_without_a_copy():
     torch.testing.assert_close(dvideo, want_dvideo, atol=1e-5, rtol=1e-5)
     empty_leaf = torch.zeros(1, 2, 0, 8, requires_grad=True)
     problem = peer_problem([video, empty_leaf, empty], keys, values, peers=peers, normalize="peer")
-    assert problem.q is not video
+    assert problem.q is not video and problem.q.data_ptr() == video.data_ptr()  # an alias
     out = pa.peer_attention([video, empty_leaf, empty], keys, values, peers=peers,
                             normalize="peer")[0]
     grads = torch.autograd.grad(out.sum(), (video, empty_leaf))
     assert grads[1].shape == (1, 2, 0, 8)
+    torch.testing.assert_close(grads[0], want_dvideo, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lone", [0, 2])
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_lone_stream_outputs_and_gradients(lone, normalize):
+    """Every stream requires grad, one holds every query and two key streams hold the keys: the
+    outputs (the lone one is the op's output itself, the others empty), every gradient (the empty
+    streams' empty ones included) and the gradients of the gradients (create_graph) equal the
+    reference's, float64."""
+    def streams(lens, heads=2, dim=8):
+        return [torch.randn(1, heads, n, dim, dtype=torch.float64, requires_grad=True)
+                for n in lens]
+    q_lens = [0, 0, 0]
+    q_lens[lone] = 5
+    queries, keys, values = streams(q_lens), streams((0, 3, 4)), streams((0, 3, 4))
+    gate = torch.rand(1, 3, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    peers = [[0, 1, 1]] * 3
+    inputs = queries + keys + values + [gate]
+    grad_outs = [torch.randn(1, 2, n, 8, dtype=torch.float64) for n in q_lens]
+
+    def run(backend):
+        outs = pa.peer_attention(queries, keys, values, peers=peers, gate=gate,
+                                 normalize=normalize, backend=backend)
+        grads = torch.autograd.grad(outs, inputs, grad_outs, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), inputs,
+                                     allow_unused=True, materialize_grads=True)
+        return outs, grads, second
+
+    outs, grads, second = run("torch")
+    want_outs, want_grads, want_second = run("reference")
+    assert type(outs[lone].grad_fn).__name__ == "_LoneOutputBackward"
+    for got, want in zip(outs + list(grads) + list(second),
+                         want_outs + list(want_grads) + list(want_second)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
