@@ -25,9 +25,9 @@ from .dispatch import transforms_active
 
 def _lone(lens: Sequence[int]) -> int:
     """The index of the stream that holds every token, or -1 (several filled, or none)."""
-    total = sum(lens)
-    if total == 0 or len(lens) < 2:
+    if len(lens) < 2 or 0 not in lens:
         return -1
+    total = sum(lens)
     for i, n in enumerate(lens):
         if n == total:
             return i
