@@ -32,8 +32,15 @@ def test_plan_rule():
     assert torch_backend._is_one_call(_problem((5, 0, 3)))
     assert not torch_backend._is_one_call(_problem(gate=True))
     assert torch_fused.plan(_problem(gate=True, bias=True)) == FUSED
-    grad_bias = _problem(bias=True)
-    assert torch_fused.plan(grad_bias._replace(bias=grad_bias.bias.requires_grad_())) == PAIRS
+    def grad_bias(lens=(5, 9), **kw):
+        p = _problem(lens, bias=True, **kw)
+        return p._replace(bias=p.bias.requires_grad_())
+    # a bias that requires grad: fused (dbias through a key column) for short float32/64 query
+    # streams with a finite bias and no GQA; pairs otherwise
+    assert torch_fused.plan(grad_bias()) == FUSED
+    assert torch_fused.plan(grad_bias((torch_fused.BIAS_GRAD_FUSED_MAX_QUERIES + 1, 4))) == PAIRS
+    assert torch_fused.plan(grad_bias(dtype=torch.bfloat16)) == PAIRS
+    assert torch_fused.plan(grad_bias(heads=4, kv_heads=2)) == PAIRS
     assert torch_fused.plan(_problem(kv_lengths=torch.tensor([[3, 4]]))) == FUSED
     assert torch_fused.plan(_problem(peers=[[1, 1], [0, 1]])) == FUSED
     assert torch_fused.plan(_problem(is_causal=True, gate=True)) == FUSED
@@ -86,17 +93,18 @@ def test_both_plans_float32_dense(plan):
 
 @pytest.mark.parametrize("normalize,bias", [("peer", None), ("joint", (1, 2, 2, 2))])
 def test_backward_reuses_the_forwards_pair_outputs(monkeypatch, normalize, bias):
-    """Per-peer softmax (and joint with a bias gradient, served by pairs): the eager backward uses
+    """Per-peer softmax (and joint with a bias gradient, pairs forced): the eager backward uses
     the pair outputs its forward kept, as the composition's autograd does, with the same numbers."""
     kernel_fn, reference_fn, inputs, names = peer_case(
         "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12), bias_shape=bias,
         normalize=normalize)
-    outs = kernel_fn(*inputs)
-    calls = []
-    original = torch_backend._Plan.pair
-    monkeypatch.setattr(torch_backend._Plan, "pair",
-                        lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
-    grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+    with forced_plan(PAIRS):  # a short joint call with a bias gradient is fused otherwise
+        outs = kernel_fn(*inputs)
+        calls = []
+        original = torch_backend._Plan.pair
+        monkeypatch.setattr(torch_backend._Plan, "pair",
+                            lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
+        grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
     assert calls == []
     want = torch.autograd.grad(reference_fn(*inputs), inputs, [torch.ones_like(o) for o in outs])
     for name, g, w in zip(names, grads, want):
@@ -235,3 +243,32 @@ def test_lone_stream_outputs_and_gradients(lone, normalize):
                          want_outs + list(want_grads) + list(want_second)):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("minus_inf", [False, True], ids=["finite", "minus-inf"])
+def test_fused_bias_gradient_through_a_key_column(monkeypatch, dtype, is_causal, minus_inf):
+    """A bias that requires grad on short streams takes the fused plan: its backward passes the
+    bias as one more key feature and reads dbias from dK's last column (issue 20). Gates,
+    kv_lengths padding, a sparse table and an empty stream, a -inf bias on one pair (that pair
+    hidden) and on every pair of stream 0 (its rows empty): every gradient as the reference's;
+    the pair plan's forward never runs."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9, 0], kv_lens=[7, 4, 3], peers=[[1, 1, 0], [1, 1, 1], [0, 1, 1]],
+        gate_shape=(1, 3, 3, 2, 12), bias_shape=(1, 3, 3, 2), is_causal=is_causal,
+        kv_lengths=torch.tensor([[3, 4, 0]]))
+    if minus_inf:
+        with torch.no_grad():
+            inputs[-1][0, 1, 2] = float("-inf")
+            inputs[-1][0, 0] = float("-inf")
+    columns, pairs = [], []
+    original = torch_fused._Streams.with_bias_column
+    monkeypatch.setattr(torch_fused._Streams, "with_bias_column",
+                        lambda self, *a: columns.append(a[0]) or original(self, *a))
+    pair = torch_backend._Plan.pair
+    monkeypatch.setattr(torch_backend._Plan, "pair",
+                        lambda self, *a, **k: pairs.append(a[:2]) or pair(self, *a, **k))
+    extra = dict(float32_atol=1e-12) if dtype == torch.float64 else {}
+    assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names, **extra)
+    assert columns and not pairs
