@@ -247,6 +247,18 @@ def _key_index(attended, kv_off, device):
     return torch.cat([torch.arange(kv_off[t], kv_off[t + 1], device=device) for t in attended])
 
 
+@_kept
+def _segments(kv_lens, dtype, device):
+    """(M, n) one-hot: each key of n concatenated streams -> its stream (sums per stream as one
+    matmul)."""
+    one_hot = torch.zeros(sum(kv_lens), len(kv_lens), dtype=dtype, device=device)
+    start = 0
+    for i, n in enumerate(kv_lens):
+        one_hot[start:start + n, i] = 1
+        start += n
+    return one_hot
+
+
 _CACHED_MASK_ELEMENTS = 1 << 20  # larger causal tables are built per call, not kept
 
 
@@ -348,19 +360,27 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         dq, dk, dv = pair_backward(d_out, q_s, keys, scaled,
                                    o_s, _lse_in(l_s, mask if can_empty else None), mask, False,
                                    p.scale)
-        if streams.bias_in_keys:  # dK's last column: scale * sum_i dS_ij
-            for t, column in zip(attended, dk[..., width].split_with_sizes(kv_lens, -1)):
-                grads.dbias.set(s, t, column.sum(-1) / p.scale)
-            dq, dk = dq[..., :width], dk[..., :width]
+        segments = _segments(tuple(kv_lens), dk.dtype, dk.device)  # (M, n) one-hot
+        if streams.bias_in_keys:  # dK's last column: scale * sum_i dS_ij, summed per stream
+            per_pair = torch.matmul(dk.select(-1, width), segments).mul_(1 / p.scale)
+            for i, t in enumerate(attended):
+                grads.dbias.set(s, t, per_pair.select(-1, i))
+            dq, dk = dq.narrow(-1, 0, width), dk.narrow(-1, 0, width)
         if grads.dq is not None:
             grads.dq.add(s, dq)
         every_key = attended == streams.nonempty  # its dK, dV cover the packed keys
         dv_rows = dv.split_with_sizes(kv_lens, 2)
         if gates is not None:  # values g * v: dgate = sum_j dV * v, then dv = g * dV in place
-            for t, dv_t in zip(attended, dv_rows):  # (dV is this backward's own: fused_serves
-                if grads.dgate is not None:         # has q, hence dV, in the compute dtype)
+            # (dV is this backward's own: fused_serves has q, hence dV, in the compute dtype)
+            if grads.dgate is not None and every_key:  # per stream: one product, one matmul
+                per_pair = torch.matmul(segments.t(), dv * p.v)
+                for i, t in enumerate(attended):
+                    grads.dgate.set(s, t, per_pair.select(2, i))
+            elif grads.dgate is not None:
+                for t, dv_t in zip(attended, dv_rows):
                     grads.dgate.set(s, t, (dv_t * values[t]).sum(2))
-                if grads.dv is not None:
+            if grads.dv is not None:
+                for t, dv_t in zip(attended, dv_rows):
                     dv_t.mul_(gates[s][t])
         if every_key:  # dK, dV over the packed keys: summed in place over the query streams
             for sums, grad in ((grads.dk, dk), (grads.dv, dv)):
