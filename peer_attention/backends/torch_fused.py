@@ -11,8 +11,10 @@ pair), the packed q is one call: what `torch.cat` of the streams + one SDPA + a 
 The kernel's lse is then the joint lse, the same numbers the pair plan saves, so either plan's
 backward serves either plan's forward. Backward: the same call's backward gives dq_s, dK_s, dV_s;
 dv_p = g[s,p] * dV_s[p] and dgate[s,p] = sum_j dV_s[p] * V_p, with no forward run again. dbias
-needs each pair's share of the softmax mass: the pair plan serves a bias that requires grad (its
-forward keeps the pair outputs for its backward).
+(= sum of dS over a pair's block) on short float32/64 streams: the backward passes the bias as one
+more feature, q_s | 1 and K_s | bias[s,p] / scale (the same scores), so that dK's last column is
+scale * sum_i dS_ij; elsewhere the pair plan serves a bias that requires grad (its forward keeps
+the pair outputs for its backward).
 
 `plan(problem)` says which plan a call takes (the rule is measured: see docs/torch_backend.md).
 """
