@@ -272,3 +272,17 @@ def test_fused_bias_gradient_through_a_key_column(monkeypatch, dtype, is_causal,
     extra = dict(float32_atol=1e-12) if dtype == torch.float64 else {}
     assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names, **extra)
     assert columns and not pairs
+
+
+@pytest.mark.parametrize("peers", [[[1, 1, 1], [1, 1, 0], [0, 1, 1]],
+                                   [[1, 1, 0], [1, 1, 1], [1, 1, 1]]], ids=["dense-first", "dense-last"])
+def test_fused_gradient_sums_in_any_order(peers):
+    """The fused backward sums dK/dV of a query stream that attends every key stream in place
+    into packed tensors and those of the others per stream: both orders (the packed sum first,
+    or per-stream terms first), with gates and a bias gradient, float64 to 1e-12."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9, 4], kv_lens=[7, 4, 3], peers=peers,
+        gate_shape=(1, 3, 3, 2, 12), bias_shape=(1, 3, 3, 2))
+    with forced_plan(FUSED):
+        assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float64, names=names,
+                                 float32_atol=1e-12)
