@@ -13,6 +13,7 @@ from .dispatch import functorch_active, jit_tracing, transforms_active
 from .double_backward import recompute_output
 from .problem import JOINT, AttentionProblem, causal_band, problem_builder
 from .reference import LOW_PRECISION
+from .stream_packing import packed, unpacked
 from .validation import check_peer, check_peer_variants, check_sdpa
 
 
@@ -212,18 +213,6 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
                          kv_lengths, scale, enable_gqa, softcap, window, sinks)
 
 
-def _packed(streams, lens) -> Tensor:
-    """The streams concatenated along their tokens; when only one of them has tokens (Wan's video
-    queries beside empty text and image streams), that stream itself: the same values and shape,
-    without a copy (a single stream is served as it is too). Not when an empty stream requires
-    grad: through the cat it gets its (empty) gradient, as the caller may ask for it."""
-    if 0 in lens:
-        filled = [t for t, n in zip(streams, lens) if n]
-        if len(filled) == 1 and not any(t.requires_grad for t, n in zip(streams, lens) if not n):
-            return filled[0]
-    return torch.cat(streams, 2)
-
-
 def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths,
                   scale, enable_gqa, softcap, window, sinks) -> AttentionProblem:
     queries, keys, values, peers_flat, scale, shapes = check_peer(
@@ -242,8 +231,8 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
     if num_streams == 1:
         q, k, v = q0, keys[0], values[0]
     else:  # one packed buffer per role; the caller's tensors are only read
-        q = _packed(queries, q_lens)
-        k, v = _packed(keys, kv_lens), _packed(values, kv_lens)
+        q = packed(queries, q_lens)
+        k, v = packed(keys, kv_lens), packed(values, kv_lens)
     if gate is not None:
         gate = broadcast_in_fp32(gate, (batch, num_streams, num_streams, num_q_heads, value_dim))
     if bias is not None:
@@ -272,6 +261,4 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
         out = run_under_transform(problem, backend, "peer_attention")  # transforms_active()
     else:
         out, _ = dispatch.output_and_backend(problem, backend)
-    if len(problem.q_lens) == 1:
-        return [out]
-    return list(out.split_with_sizes(problem.q_lens, 2))
+    return unpacked(out, problem.q_lens)

@@ -277,19 +277,25 @@ def _kept_or_again(plan, kept, s: int, t: int, q_s):
 
 
 def _peer_lse(p, plan, lses):
-    """The peer normalisation's lse (B, H, S, L): when every query stream attended every key
-    stream (the common table), one stack per stream and one cat; else -inf where a pair was not
-    attended and each pair's lse written into its block."""
+    """The peer normalisation's lse (B, H, S, L): per query stream one stack of its pairs' lse
+    (-inf, expanded, for a key stream it does not attend), and one cat of the streams (none when
+    a single stream holds every row: Wan's video queries)."""
     num_streams = p.num_streams
-    if all(len(pairs) == num_streams for pairs in lses):
-        blocks = [torch.stack([l for _t, l in pairs], 2) for pairs in lses]
-        return torch.cat(blocks, 3) if num_streams > 1 else blocks[0].contiguous()
-    lse = p.q.new_full(lse_shape(p.q, num_streams, p.normalize), NEG_INF, dtype=plan.compute)
+    blocks = []
     for s, pairs in enumerate(lses):
-        rows = plan.rows(s)
-        for t, l in pairs:
-            lse[:, :, t, rows] = l
-    return lse
+        q_len = p.q_lens[s]
+        if q_len == 0:
+            continue
+        if len(pairs) == num_streams:
+            blocks.append(torch.stack([l for _t, l in pairs], 2))
+            continue
+        batch, heads = p.q.shape[:2]
+        unseen = p.q.new_full((1, 1, 1), NEG_INF, dtype=plan.compute).expand(batch, heads, q_len)
+        by_peer = dict(pairs)
+        blocks.append(torch.stack([by_peer.get(t, unseen) for t in range(num_streams)], 2))
+    if not blocks:
+        return p.q.new_full(lse_shape(p.q, num_streams, p.normalize), NEG_INF, dtype=plan.compute)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 3)
 
 
 def _merge_joint(p, plan, s, results, sink, q_shape, value_dim, dest=None):
@@ -353,7 +359,9 @@ class _StreamSums:
     stream's first term is kept as it comes; its second is added straight into the stream's rows
     of one packed buffer (`torch.add(a, b, out=rows)`) and the rest in place there, so that a
     stream with several terms costs no copy of its own at the end; the streams of one term are
-    copied in once (as a cat would), and a lone stream holding every row is returned as is."""
+    copied in once (as a cat would), and a lone stream holding every row is summed in place and
+    returned as is. Terms for every stream at once (add_packed) are summed in place, with no
+    buffer."""
 
     def __init__(self, like: Tensor, lens, compute):
         self.like, self.lens, self.compute = like, lens, compute
@@ -365,6 +373,18 @@ class _StreamSums:
         """The gradient of every stream at once (one kernel call covered them all), as it comes."""
         self.packed = grad
 
+    def add_packed(self, grad: Tensor):
+        """A term for every stream at once (a fused call over all keys): the first kept as it comes
+        (the backward owns it), the next added into it in place, as autograd sums the gradients of
+        the composition's calls; no packed buffer of our own."""
+        if self.packed is not None:
+            self.packed.add_(grad)
+        elif self.buffer is None and all(part is None for part in self.parts):
+            self.packed = grad if grad.dtype == self.compute else grad.to(self.compute)
+        else:
+            for i, part in enumerate(_split(grad, self.lens, 2)):
+                self.add(i, part)
+
     def _rows(self, i: int) -> Tensor:
         if self.buffer is None:
             like = self.like
@@ -374,10 +394,15 @@ class _StreamSums:
         return self.rows[i]
 
     def add(self, i: int, grad: Tensor):
+        if self.packed is not None:
+            _split(self.packed, self.lens, 2)[i].add_(grad)
+            return
         part = self.parts[i]
         if part is None:
             self.parts[i] = grad if grad.dtype == self.compute else grad.to(self.compute)
-        elif self.in_buffer[i]:
+        elif self.in_buffer[i] or self.lens[i] == self.like.shape[2]:
+            # in its buffer rows, or a lone stream holding every row (Wan's video queries): its
+            # first term is the backward's own (a kernel's gradient or a product): summed in place
             part.add_(grad)
         else:
             self.parts[i] = torch.add(part, grad, out=self._rows(i))

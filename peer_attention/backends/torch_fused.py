@@ -11,8 +11,10 @@ pair), the packed q is one call: what `torch.cat` of the streams + one SDPA + a 
 The kernel's lse is then the joint lse, the same numbers the pair plan saves, so either plan's
 backward serves either plan's forward. Backward: the same call's backward gives dq_s, dK_s, dV_s;
 dv_p = g[s,p] * dV_s[p] and dgate[s,p] = sum_j dV_s[p] * V_p, with no forward run again. dbias
-needs each pair's share of the softmax mass: the pair plan serves a bias that requires grad (its
-forward keeps the pair outputs for its backward).
+(= sum of dS over a pair's block) on short float32/64 streams: the backward passes the bias as one
+more feature, q_s | 1 and K_s | bias[s,p] / scale (the same scores), so that dK's last column is
+scale * sum_i dS_ij; elsewhere the pair plan serves a bias that requires grad (its forward keeps
+the pair outputs for its backward).
 
 `plan(problem)` says which plan a call takes (the rule is measured: see docs/torch_backend.md).
 """
@@ -49,6 +51,10 @@ def fused_serves(p: AttentionProblem) -> bool:
 # streams of <= 128 tokens, even at 256 (0.96x), and 0.45x at 256 without gate or bias (the pairs
 # then need no merge weights). The rule: fused while the longest query stream is <= 128 tokens.
 CAUSAL_FUSED_MAX_QUERIES = 128
+# A bias that requires grad: the fused backward takes it as a key column (with_bias_column) while
+# the longest query stream is this short; the pair plan otherwise (measured on the 2-core CPU at
+# tiny shapes only, see docs/torch_backend.md, fifth pass).
+BIAS_GRAD_FUSED_MAX_QUERIES = 128
 
 
 _forced: list = []  # innermost forced_plan() last
@@ -76,7 +82,7 @@ def plan(p: AttentionProblem) -> str:
         return PAIRS
     if _forced:
         return _forced[-1]
-    if p.bias is not None and p.bias.requires_grad:
+    if p.bias is not None and p.bias.requires_grad and not bias_column_serves(p):
         return PAIRS  # dbias needs each pair's output: the pair plan's forward keeps them
     if p.q.device.type != "cpu" and (p.bias is not None or p.kv_lengths is not None or p.is_causal):
         return PAIRS  # the CUDA kernel takes its bias at the full (B, H, L, M) shape: no key rows
@@ -86,7 +92,8 @@ def plan(p: AttentionProblem) -> str:
 
 
 def fused_backward_serves(p: AttentionProblem, needs_grad) -> bool:
-    return plan(p) == FUSED and not (needs_grad[4] and p.bias is not None)
+    return plan(p) == FUSED and not (needs_grad[4] and p.bias is not None
+                                     and not bias_column_serves(p))
 
 
 class _Streams:
@@ -99,6 +106,8 @@ class _Streams:
         self.nonempty = [t for t in range(p.num_streams) if p.kv_lens[t] > 0]
         self.kv_off = p.stream_offsets(p.kv_lens)
         self._rows = False  # not built yet (None: no row terms)
+        self.bias_in_keys = False  # the backward's dbias: see with_bias_column
+        self._bias_rows = None
 
     def attended(self, s: int) -> List[int]:
         return [t for t in self.pp.peers[s] if self.p.kv_lens[t] > 0]
@@ -128,17 +137,26 @@ class _Streams:
             torch.mul(values[t], gates[s][t], out=rows)
         return scaled
 
+    def bias_rows(self) -> Tensor:
+        """(B, H, S, Tk): bias[s, p] on each of p's packed keys (built once per call)."""
+        if self._bias_rows is None:
+            p = self.p
+            repeats, _, _ = _key_layout(tuple(p.kv_lens), p.q.device)
+            # (B, S, S, H) -> (B, H, S, S) -> each peer's value on its keys
+            self._bias_rows = self.pp.bias.permute(0, 3, 1, 2).repeat_interleave(
+                repeats, dim=3, output_size=p.k.shape[2])
+        return self._bias_rows
+
     def rows(self) -> Optional[Tensor]:
         """(B|1, H|1, S, Tk) additive terms of every query stream on every packed key: bias[s, p]
-        on p's keys, -inf on kv_lengths padding; None without either. A few ops for all streams."""
+        on p's keys (unless the bias is a key column: key_column), -inf on kv_lengths padding;
+        None without either. A few ops for all streams."""
         if self._rows is not False:
             return self._rows
         p = self.p
         rows = None
-        if p.bias is not None:  # (B, S, S, H) -> (B, H, S, S) -> each peer's value on its keys
-            repeats, _, _ = _key_layout(tuple(p.kv_lens), p.q.device)
-            rows = self.pp.bias.permute(0, 3, 1, 2).repeat_interleave(
-                repeats, dim=3, output_size=p.k.shape[2])
+        if p.bias is not None and not self.bias_in_keys:
+            rows = self.bias_rows()
         if p.kv_lengths is not None:
             _, stream_of_key, position = _key_layout(tuple(p.kv_lens), p.kv_lengths.device)
             padding = position >= p.kv_lengths[:, stream_of_key]  # (B, Tk)
@@ -182,6 +200,30 @@ class _Streams:
                 and all(self.attended(s) == self.nonempty for s in range(p.num_streams)))
 
 
+    def with_bias_column(self, s: int, attended: List[int], q_s: Tensor, keys: Tensor):
+        """(q_s | 1, K_s | bias[s, p] / scale): the bias as one more feature, so that the
+        kernel's dK carries dbias in its last column (scale * sum_i dS_ij per key j); the
+        scores are those of the bias row. Set bias_in_keys before the masks are built."""
+        p = self.p
+        column = self.bias_rows()[:, :, s]
+        if attended != self.nonempty:
+            column = column.index_select(2, _key_index(tuple(attended), tuple(self.kv_off),
+                                                       column.device))
+        ones = q_s.new_ones((*q_s.shape[:3], 1))
+        column = (column / p.scale).to(keys.dtype)[..., None].expand(*keys.shape[:3], 1)
+        return torch.cat([q_s, ones], -1), torch.cat([keys, column], -1)
+
+
+def bias_column_serves(p: AttentionProblem) -> bool:
+    """The fused backward computes dbias through a key column (with_bias_column): q in
+    float32/float64 (a 16-bit column would round the bias differently from the forward's mask
+    row), one key head per query head, and short query streams (measured where it pays: see
+    docs/torch_backend.md). A -inf bias is a -inf score as in the mask row; the NaN that
+    0 * -inf leaves in dq's extra column is dropped with that column."""
+    return (p.bias is not None and p.q.dtype in _FULL_PRECISION
+            and p.k.shape[1] == p.q.shape[1] and max(p.q_lens) <= BIAS_GRAD_FUSED_MAX_QUERIES)
+
+
 def _kept(builder):
     """A per-shape table kept across calls (a training loop repeats its shapes); built as a normal
     tensor even inside inference_mode, so that later calls outside it may use it."""
@@ -205,6 +247,18 @@ def _key_layout(kv_lens, device):
 def _key_index(attended, kv_off, device):
     """The packed positions of the attended streams' keys, in order."""
     return torch.cat([torch.arange(kv_off[t], kv_off[t + 1], device=device) for t in attended])
+
+
+@_kept
+def _segments(kv_lens, dtype, device):
+    """(M, n) one-hot: each key of n concatenated streams -> its stream (sums per stream as one
+    matmul)."""
+    one_hot = torch.zeros(sum(kv_lens), len(kv_lens), dtype=dtype, device=device)
+    start = 0
+    for i, n in enumerate(kv_lens):
+        one_hot[start:start + n, i] = 1
+        start += n
+    return one_hot
 
 
 _CACHED_MASK_ELEMENTS = 1 << 20  # larger causal tables are built per call, not kept
@@ -289,6 +343,9 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
     _, values = pair_plan.key_streams()
     kept = getattr(lse, KEPT_VALUES, None) or {}
     can_empty = streams.rows_can_empty()
+    # dbias: the bias as a key column (bias_column_serves, checked by fused_backward_serves)
+    streams.bias_in_keys = grads.dbias is not None
+    width = p.q.shape[-1]
     lens = p.q_lens
     for s, (q_s, d_out, o_s, l_s) in enumerate(zip(
             p.q.split_with_sizes(lens, 2), grad_out.split_with_sizes(lens, 2),
@@ -298,20 +355,43 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
             continue
         mask = streams.mask(s, attended)
         scaled = kept[s] if s in kept else streams.values(s, attended)
-        dq, dk, dv = pair_backward(d_out, q_s, streams.keys(attended), scaled,
+        keys = streams.keys(attended)
+        kv_lens = [p.kv_lens[t] for t in attended]
+        if streams.bias_in_keys:
+            q_s, keys = streams.with_bias_column(s, attended, q_s, keys)
+        dq, dk, dv = pair_backward(d_out, q_s, keys, scaled,
                                    o_s, _lse_in(l_s, mask if can_empty else None), mask, False,
                                    p.scale)
+        segments = _segments(tuple(kv_lens), dk.dtype, dk.device)  # (M, n) one-hot
+        if streams.bias_in_keys:  # dK's last column: scale * sum_i dS_ij, summed per stream
+            per_pair = torch.matmul(dk.select(-1, width), segments).mul_(1 / p.scale)
+            for i, t in enumerate(attended):
+                grads.dbias.set(s, t, per_pair.select(-1, i))
+            dq, dk = dq.narrow(-1, 0, width), dk.narrow(-1, 0, width)
         if grads.dq is not None:
             grads.dq.add(s, dq)
-        kv_lens = [p.kv_lens[t] for t in attended]
-        for t, dk_t, dv_t in zip(attended, dk.split_with_sizes(kv_lens, 2),
-                                 dv.split_with_sizes(kv_lens, 2)):
+        every_key = attended == streams.nonempty  # its dK, dV cover the packed keys
+        dv_rows = dv.split_with_sizes(kv_lens, 2)
+        if gates is not None:  # values g * v: dgate = sum_j dV * v, then dv = g * dV in place
+            # (dV is this backward's own: fused_serves has q, hence dV, in the compute dtype)
+            if grads.dgate is not None and every_key:  # per stream: one product, one matmul
+                per_pair = torch.matmul(segments.t(), dv * p.v)
+                for i, t in enumerate(attended):
+                    grads.dgate.set(s, t, per_pair.select(2, i))
+            elif grads.dgate is not None:
+                for t, dv_t in zip(attended, dv_rows):
+                    grads.dgate.set(s, t, (dv_t * values[t]).sum(2))
+            if grads.dv is not None:
+                for t, dv_t in zip(attended, dv_rows):
+                    dv_t.mul_(gates[s][t])
+        if every_key:  # dK, dV over the packed keys: summed in place over the query streams
+            for sums, grad in ((grads.dk, dk), (grads.dv, dv)):
+                if sums is not None:
+                    sums.add_packed(grad)
+            continue
+        for t, dk_t, dv_t in zip(attended, dk.split_with_sizes(kv_lens, 2), dv_rows):
             if grads.dk is not None:
                 grads.dk.add(t, dk_t)
-            if gates is not None:  # values g * v: dgate = sum_j dV * v, dv = g * dV
-                if grads.dgate is not None:
-                    grads.dgate.set(s, t, (dv_t * values[t]).sum(2))
-                dv_t = dv_t * gates[s][t]
             if grads.dv is not None:
                 grads.dv.add(t, dv_t)
     return grads.result(p, None)

@@ -32,8 +32,15 @@ def test_plan_rule():
     assert torch_backend._is_one_call(_problem((5, 0, 3)))
     assert not torch_backend._is_one_call(_problem(gate=True))
     assert torch_fused.plan(_problem(gate=True, bias=True)) == FUSED
-    grad_bias = _problem(bias=True)
-    assert torch_fused.plan(grad_bias._replace(bias=grad_bias.bias.requires_grad_())) == PAIRS
+    def grad_bias(lens=(5, 9), **kw):
+        p = _problem(lens, bias=True, **kw)
+        return p._replace(bias=p.bias.requires_grad_())
+    # a bias that requires grad: fused (dbias through a key column) for short float32/64 query
+    # streams with a finite bias and no GQA; pairs otherwise
+    assert torch_fused.plan(grad_bias()) == FUSED
+    assert torch_fused.plan(grad_bias((torch_fused.BIAS_GRAD_FUSED_MAX_QUERIES + 1, 4))) == PAIRS
+    assert torch_fused.plan(grad_bias(dtype=torch.bfloat16)) == PAIRS
+    assert torch_fused.plan(grad_bias(heads=4, kv_heads=2)) == PAIRS
     assert torch_fused.plan(_problem(kv_lengths=torch.tensor([[3, 4]]))) == FUSED
     assert torch_fused.plan(_problem(peers=[[1, 1], [0, 1]])) == FUSED
     assert torch_fused.plan(_problem(is_causal=True, gate=True)) == FUSED
@@ -86,17 +93,18 @@ def test_both_plans_float32_dense(plan):
 
 @pytest.mark.parametrize("normalize,bias", [("peer", None), ("joint", (1, 2, 2, 2))])
 def test_backward_reuses_the_forwards_pair_outputs(monkeypatch, normalize, bias):
-    """Per-peer softmax (and joint with a bias gradient, served by pairs): the eager backward uses
+    """Per-peer softmax (and joint with a bias gradient, pairs forced): the eager backward uses
     the pair outputs its forward kept, as the composition's autograd does, with the same numbers."""
     kernel_fn, reference_fn, inputs, names = peer_case(
         "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12), bias_shape=bias,
         normalize=normalize)
-    outs = kernel_fn(*inputs)
-    calls = []
-    original = torch_backend._Plan.pair
-    monkeypatch.setattr(torch_backend._Plan, "pair",
-                        lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
-    grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+    with forced_plan(PAIRS):  # a short joint call with a bias gradient is fused otherwise
+        outs = kernel_fn(*inputs)
+        calls = []
+        original = torch_backend._Plan.pair
+        monkeypatch.setattr(torch_backend._Plan, "pair",
+                            lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
+        grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
     assert calls == []
     want = torch.autograd.grad(reference_fn(*inputs), inputs, [torch.ones_like(o) for o in outs])
     for name, g, w in zip(names, grads, want):
@@ -173,8 +181,10 @@ def test_fused_plan_marks_rows_that_a_minus_inf_bias_empties(causal):
 
 def test_a_lone_filled_stream_is_packed_without_a_copy():
     """Wan's layout (video queries beside empty text/image query streams): the problem's q is the
-    caller's video tensor itself (issue 20: no copy the composition does not make); an empty
-    stream that requires grad still goes through the cat and gets its empty gradient."""
+    caller's video tensor itself, or an alias of it when an empty stream requires grad (which
+    still gets its empty gradient); the video's output is the op's output itself, not a split
+    whose backward would concatenate its gradient with empty ones (issue 20: no copy the
+    composition does not make)."""
     video = torch.randn(1, 2, 6, 8, requires_grad=True)
     empty = torch.zeros(1, 2, 0, 8)
     keys = [torch.randn(1, 2, n, 8) for n in (0, 3, 4)]
@@ -192,8 +202,87 @@ def test_a_lone_filled_stream_is_packed_without_a_copy():
     torch.testing.assert_close(dvideo, want_dvideo, atol=1e-5, rtol=1e-5)
     empty_leaf = torch.zeros(1, 2, 0, 8, requires_grad=True)
     problem = peer_problem([video, empty_leaf, empty], keys, values, peers=peers, normalize="peer")
-    assert problem.q is not video
+    assert problem.q is not video and problem.q.data_ptr() == video.data_ptr()  # an alias
     out = pa.peer_attention([video, empty_leaf, empty], keys, values, peers=peers,
                             normalize="peer")[0]
     grads = torch.autograd.grad(out.sum(), (video, empty_leaf))
     assert grads[1].shape == (1, 2, 0, 8)
+    torch.testing.assert_close(grads[0], want_dvideo, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lone", [0, 2])
+@pytest.mark.parametrize("normalize", ["joint", "peer"])
+def test_lone_stream_outputs_and_gradients(lone, normalize):
+    """Every stream requires grad, one holds every query and two key streams hold the keys: the
+    outputs (the lone one is the op's output itself, the others empty), every gradient (the empty
+    streams' empty ones included) and the gradients of the gradients (create_graph) equal the
+    reference's, float64."""
+    def streams(lens, heads=2, dim=8):
+        return [torch.randn(1, heads, n, dim, dtype=torch.float64, requires_grad=True)
+                for n in lens]
+    q_lens = [0, 0, 0]
+    q_lens[lone] = 5
+    queries, keys, values = streams(q_lens), streams((0, 3, 4)), streams((0, 3, 4))
+    gate = torch.rand(1, 3, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    peers = [[0, 1, 1]] * 3
+    inputs = queries + keys + values + [gate]
+    grad_outs = [torch.randn(1, 2, n, 8, dtype=torch.float64) for n in q_lens]
+
+    def run(backend):
+        outs = pa.peer_attention(queries, keys, values, peers=peers, gate=gate,
+                                 normalize=normalize, backend=backend)
+        grads = torch.autograd.grad(outs, inputs, grad_outs, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), inputs,
+                                     allow_unused=True, materialize_grads=True)
+        return outs, grads, second
+
+    outs, grads, second = run("torch")
+    want_outs, want_grads, want_second = run("reference")
+    assert type(outs[lone].grad_fn).__name__ == "_LoneOutputBackward"
+    for got, want in zip(outs + list(grads) + list(second),
+                         want_outs + list(want_grads) + list(want_second)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("minus_inf", [False, True], ids=["finite", "minus-inf"])
+def test_fused_bias_gradient_through_a_key_column(monkeypatch, dtype, is_causal, minus_inf):
+    """A bias that requires grad on short streams takes the fused plan: its backward passes the
+    bias as one more key feature and reads dbias from dK's last column (issue 20). Gates,
+    kv_lengths padding, a sparse table and an empty stream, a -inf bias on one pair (that pair
+    hidden) and on every pair of stream 0 (its rows empty): every gradient as the reference's;
+    the pair plan's forward never runs."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9, 0], kv_lens=[7, 4, 3], peers=[[1, 1, 0], [1, 1, 1], [0, 1, 1]],
+        gate_shape=(1, 3, 3, 2, 12), bias_shape=(1, 3, 3, 2), is_causal=is_causal,
+        kv_lengths=torch.tensor([[3, 4, 0]]))
+    if minus_inf:
+        with torch.no_grad():
+            inputs[-1][0, 1, 2] = float("-inf")
+            inputs[-1][0, 0] = float("-inf")
+    columns, pairs = [], []
+    original = torch_fused._Streams.with_bias_column
+    monkeypatch.setattr(torch_fused._Streams, "with_bias_column",
+                        lambda self, *a: columns.append(a[0]) or original(self, *a))
+    pair = torch_backend._Plan.pair
+    monkeypatch.setattr(torch_backend._Plan, "pair",
+                        lambda self, *a, **k: pairs.append(a[:2]) or pair(self, *a, **k))
+    extra = dict(float32_atol=1e-12) if dtype == torch.float64 else {}
+    assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names, **extra)
+    assert columns and not pairs
+
+
+@pytest.mark.parametrize("peers", [[[1, 1, 1], [1, 1, 0], [0, 1, 1]],
+                                   [[1, 1, 0], [1, 1, 1], [1, 1, 1]]], ids=["dense-first", "dense-last"])
+def test_fused_gradient_sums_in_any_order(peers):
+    """The fused backward sums dK/dV of a query stream that attends every key stream in place
+    into packed tensors and those of the others per stream: both orders (the packed sum first,
+    or per-stream terms first), with gates and a bias gradient, float64 to 1e-12."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9, 4], kv_lens=[7, 4, 3], peers=peers,
+        gate_shape=(1, 3, 3, 2, 12), bias_shape=(1, 3, 3, 2))
+    with forced_plan(FUSED):
+        assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float64, names=names,
+                                 float32_atol=1e-12)
