@@ -13,7 +13,7 @@
 //                FlashAttention-2's fused loop, dkdv_kernel's key-major walk plus dQ: dS goes
 //                to shared memory and each warp adds dS K for 16 query rows into a float32
 //                (B, Hq, Tq, D) buffer with atomics, 5 products per tile pair instead of 7.
-// Registers of the key-major walk (no spill at D <= 128 but the fused hd128 on sm_120, 60 B):
+// Registers of the key-major walk (no spill at D <= 128 on sm_80 to sm_120):
 // the block's values in shared memory (KeyBlock), dP^T accumulated onto -delta, S^T / dP^T in
 // query slices and dS over Q's first slice where that compiled spill-free (key_major_choice,
 // per head dim and architecture), the Q/dO copies pointer-stepped (kOrdered).
@@ -135,6 +135,78 @@ struct FusedBwdMaps {
   __host__ __device__ static constexpr int dq_at(int c0, int nt, int e) { return c0 + nt * 8 + (e & 1); }
 };
 
+// d mask of a mask broadcast over queries (dmask_strides[2] == 0; not under deterministic
+// algorithms, whose buffer is dense): all query rows of a warp add into one element per key
+// column, so the warp sums its 16 rows first (as the Triton backend sums rows before its
+// atomics) and each column gets one atomic per warp instead of 16. In the C fragments (lane = 4
+// g + t) element e of fragment nt is row g + 8 (e >> 1), column 8 nt + 2t + (e & 1): a lane
+// first adds its two rows, value i = 2 nt + c of column 8 nt + 2t + c (n = BN / 4 values); the
+// 8 lanes of one t (lane bits 2..4) then reduce-scatter them: at step s the lanes differing in
+// bit 2 + s swap halves (the upper lane keeps the upper half, adds the partner's) over shuffle
+// xor 4 << s, so after 3 steps each lane holds n / 8 complete column sums (BN = 64: 2 per lane,
+// every lane adds 2 columns; 14 shuffles per warp). Host-callable: tests/cuda/
+// test_dmask_columns.py runs these steps for 32 emulated lanes.
+struct DmaskColumnSum {
+  static constexpr int kSteps = 3;
+  __host__ __device__ static constexpr int shuffle_mask(int step) { return 4 << step; }
+  __host__ __device__ static constexpr bool upper(int lane, int step) {
+    return (lane >> (2 + step)) & 1;
+  }
+  // of the n values still held at a step, pair k < n / 2 is (lo, hi) = (v[k], v[k + n / 2]):
+  // the value a lane keeps and the one it sends (values, not addresses: a selected address into
+  // the array would put it in local memory)
+  __host__ __device__ static constexpr float kept(float lo, float hi, bool up) { return up ? hi : lo; }
+  __host__ __device__ static constexpr float sent(float lo, float hi, bool up) { return up ? lo : hi; }
+  // the key column of value i (2 nt + c) of the lane's row sums
+  __host__ __device__ static constexpr int column_of(int lane, int i) {
+    return 8 * (i >> 1) + 2 * (lane & 3) + (i & 1);
+  }
+  // the key column of the lane's k-th value after the steps (of n at the start)
+  __host__ __device__ static constexpr int column(int lane, int n, int k) {
+    return column_of(lane, k + n / 8 * (4 * upper(lane, 0) + 2 * upper(lane, 1) + upper(lane, 2)));
+  }
+};
+
+// the reduce-scatter's step kStep and those after it, on the N values of v (a template per step:
+// constant trip counts, so that v stays in registers)
+template <int N, int kStep>
+__device__ __forceinline__ void dmask_column_steps(float (&v)[N], int lane) {
+  using Sum = DmaskColumnSum;
+  if constexpr (kStep < Sum::kSteps) {
+    constexpr int n = N >> kStep;
+    const bool up = Sum::upper(lane, kStep);
+#pragma unroll
+    for (int k = 0; k < n / 2; ++k) {
+      const float lo = v[k], hi = v[k + n / 2];
+      v[k] = Sum::kept(lo, hi, up) +
+             __shfl_xor_sync(0xffffffffu, Sum::sent(lo, hi, up), Sum::shuffle_mask(kStep));
+    }
+    dmask_column_steps<N, kStep + 1>(v, lane);
+  }
+}
+
+// dS (C fragments of the warp's 16 rows x BN keys) summed over the rows into column j of
+// `column0[j * column_stride]`, for the columns below `columns`; every lane of the warp calls it.
+// Masked scores and rows past the stream hold dS = 0 exactly (P = 0, dP finite: the Q/dO and
+// K/V rows past the data are zero-filled), as the dQ product relies on too.
+template <int BN>
+__device__ __forceinline__ void add_dmask_columns(float* column0, int64_t column_stride,
+                                                  const float (&ds)[BN / 8][4], int columns,
+                                                  int lane) {
+  using Sum = DmaskColumnSum;
+  constexpr int N = BN / 4;
+  static_assert(N % 8 == 0, "whole columns after the reduce-scatter");
+  float v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = ds[i >> 1][i & 1] + ds[i >> 1][(i & 1) + 2];  // rows g, g + 8
+  dmask_column_steps<N, 0>(v, lane);
+#pragma unroll
+  for (int k = 0; k < N / 8; ++k) {
+    const int j = Sum::column(lane, N, k);
+    if (j < columns) atomicAdd(column0 + j * column_stride, v[k]);
+  }
+}
+
 __device__ __forceinline__ int64_t lse_row_index(const AttentionParams& p, bool per_peer, int b,
                                                  int h, int peer, int packed_row) {
   const int64_t bh = static_cast<int64_t>(b) * p.q_heads + h;
@@ -172,6 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
   const bool per_peer = kFeatures && p.per_peer;
   float* const dmask = kMask ? p.dmask : nullptr;
   float* const dbias = kFeatures ? p.dbias : nullptr;
+  const bool dmask_by_column = kMask && p.dmask_strides[2] == 0;  // add_dmask_columns
 
   plan_peer_tiles(p, b, s, q_row0, BM, BN, tid, limit_s, ntiles_s);
   __syncthreads();
@@ -248,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         dbias_part += ds;
         // d mask = dS, added at the mask's shape: a broadcast mask's (b, h, row) add into one
         // element; into a dense buffer (zeroed, one add per element) the add is a store
-        if (dmask != nullptr && !masked && row_ok[r])
+        if (dmask != nullptr && !dmask_by_column && !masked && row_ok[r])
           atomicAdd(dmask + b * p.dmask_strides[0] + h * p.dmask_strides[1] +
                         (q_first + local_row[r]) * p.dmask_strides[2] +
                         (p.kv_offsets[peer] + j) * p.dmask_strides[3],
@@ -256,6 +329,12 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const AttentionParams p
         sc[nt][e] = ds;
       }
     }
+    // a mask broadcast over queries: one add per key column per warp (warps with no row in
+    // the stream skip it)
+    if (dmask != nullptr && dmask_by_column && q_row0 + warp * 16 < q_len)
+      add_dmask_columns<BN>(dmask + b * p.dmask_strides[0] + h * p.dmask_strides[1] +
+                                (p.kv_offsets[peer] + key0) * p.dmask_strides[3],
+                            p.dmask_strides[3], sc, limit - key0, lane);
     uint32_t dsf[BN / 16][4];
     pack_a<BN, T>(dsf, sc);
     gemm_rs<BN, D, D, T>(dq, dsf, k_tile, 0, nullptr, lane);
@@ -339,6 +418,11 @@ struct KeyMajorChoice {
   int slices;          // S^T and dP^T formed BM / slices query columns at a time
   bool ds_in_slice0;   // fused, dS not its own tile: dS over Q's first slice (slices == 2,
                        // BN x BM <= the slice), not held in registers until every slice is done
+  // with ds_in_slice0, the order of the slices' products and dS stores (what ptxas allocates
+  // without spills differs per architecture: docs/cuda.md):
+  bool dk_first;  // slice 0 forms dK, then (after the barrier) stores dS, then forms dV: its dS
+                  // fragments die before the dV product instead of after it
+  bool ds_early;  // the second slice stores its dS before its dK and dV products
 };
 template <int D, bool kFeatures, bool kMask, bool kDq>
 __device__ constexpr KeyMajorChoice key_major_choice() {
@@ -347,12 +431,15 @@ __device__ constexpr KeyMajorChoice key_major_choice() {
 #else
   constexpr int arch = 800;
 #endif
-  KeyMajorChoice c{D <= 128, 1, false};
+  KeyMajorChoice c{D <= 128, 1, false, false, false};
   if (kDq && D == 96) c.slices = 2;
-  if (kDq && D == 128) {  // sm_120 still spills 60 B (2 LDL+STL per tile), the least found
+  if (kDq && D == 128) {
     c.slices = arch == 900 ? 1 : 2;
     c.block_in_smem = arch != 900;
     c.ds_in_slice0 = arch != 900;
+    // the orders: sm_120 spills 60 B (2 LDL+STL per tile) without dk_first, sm_86/89 20 B
+    // with it; with both, sm_80/100/120 are spill-free with the fewest loop instructions
+    c.dk_first = c.ds_early = c.ds_in_slice0 && arch != 860 && arch != 890;
   }
   if (!kDq && D == 128) {  // dkdv_kernel
     c.block_in_smem = kMask;
@@ -368,6 +455,12 @@ __device__ constexpr KeyMajorChoice key_major_choice() {
 #endif
 #ifdef PEER_ATTENTION_KM_DS_IN_SLICE0
   c.ds_in_slice0 = PEER_ATTENTION_KM_DS_IN_SLICE0;
+#endif
+#ifdef PEER_ATTENTION_KM_DK_FIRST
+  c.dk_first = PEER_ATTENTION_KM_DK_FIRST;
+#endif
+#ifdef PEER_ATTENTION_KM_DS_EARLY
+  c.ds_early = PEER_ATTENTION_KM_DS_EARLY;
 #endif
   return c;
 }
@@ -534,6 +627,8 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
     [[maybe_unused]] T* ds_tile = kOwnDs ? ds_own : q_tiles + stage * BM * D;
     constexpr bool kDsInSlice0 = kDq && !kOwnDs && kChoice.ds_in_slice0;
     static_assert(!kDsInSlice0 || (kSlices == 2 && SW * D >= BN * BM), "dS fits Q's first slice");
+    constexpr bool kDkFirst = kDsInSlice0 && kChoice.dk_first;  // see KeyMajorChoice
+    constexpr bool kDsEarly = kDsInSlice0 && kChoice.ds_early;
     [[maybe_unused]] uint32_t ds_keep[kDq && !kOwnDs && !kDsInSlice0 ? BM / 16 : 1][4];
 #pragma unroll
     for (int sl = 0; sl < kSlices; ++sl) {
@@ -571,23 +666,37 @@ __device__ __forceinline__ void key_major_backward(const AttentionParams& p) {
       pack_a<SW, T>(pf, st);
       uint32_t dsf[SW / 16][4];
       pack_a<SW, T>(dsf, dpt);
-      gemm_rs<SW, D, NACC, T>(dv, pf, do_tile + c0 * D, channel0, gate, lane);
-      gemm_rs<SW, D, NACC, T>(dk, dsf, q_tile + c0 * D, channel0, nullptr, lane);
-      if constexpr (kDq) {
-        // kDsInSlice0: the dS tile goes over Q's first slice once every warp is done with it
-        if (kDsInSlice0 && sl == 0) __syncthreads();
-        const int ds_lane = Maps::ds_store_lane(warp, lane);
+      // dS of the slice to shared memory (fused): kOwnDs and kDsInSlice0 store it now, else it
+      // waits in registers for the last slice
+      auto store_ds = [&]() {
+        if constexpr (kDq) {
+          const int ds_lane = Maps::ds_store_lane(warp, lane);
 #pragma unroll
-        for (int kk = 0; kk < SW / 16; ++kk) {
+          for (int kk = 0; kk < SW / 16; ++kk) {
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            if constexpr (kOwnDs || kDsInSlice0)
-              *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, c0 / 16 + kk, r)) =
-                  dsf[kk][r];
-            else
-              ds_keep[c0 / 16 + kk][r] = dsf[kk][r];
+            for (int r = 0; r < 4; ++r) {
+              if constexpr (kOwnDs || kDsInSlice0)
+                *reinterpret_cast<uint32_t*>(ds_tile + Maps::ds_store_at(ds_lane, c0 / 16 + kk, r)) =
+                    dsf[kk][r];
+              else
+                ds_keep[c0 / 16 + kk][r] = dsf[kk][r];
+            }
           }
         }
+      };
+      // kDsInSlice0: the dS tile goes over Q's first slice once every warp is done with it (S^T
+      // and dK of slice 0 read it), so slice 0 stores after a barrier and slice 1 at any point
+      if (kDsEarly && sl > 0) store_ds();
+      if (kDkFirst && sl == 0) {
+        gemm_rs<SW, D, NACC, T>(dk, dsf, q_tile + c0 * D, channel0, nullptr, lane);
+        __syncthreads();
+        store_ds();
+        gemm_rs<SW, D, NACC, T>(dv, pf, do_tile + c0 * D, channel0, gate, lane);
+      } else {
+        gemm_rs<SW, D, NACC, T>(dv, pf, do_tile + c0 * D, channel0, gate, lane);
+        gemm_rs<SW, D, NACC, T>(dk, dsf, q_tile + c0 * D, channel0, nullptr, lane);
+        if (kDsInSlice0 && sl == 0) __syncthreads();
+        if (!(kDsEarly && sl > 0)) store_ds();
       }
     }
     if constexpr (kDq) {

@@ -471,6 +471,21 @@ def test_broadcast_mask_gradient(dtype, shape, determinism):
                                      names=["q", "k", "v", "mask"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 90), (1, 1, 1, 90), (1, 4, 1, 90)], ids=shape_id)
+def test_query_broadcast_mask_gradient_over_tiles(dtype, shape):
+    """A mask broadcast over queries: the dQ kernel sums each warp's 16 query rows before one
+    atomic per key column (add_dmask_columns). Several query tiles and warps, partial tiles,
+    causal and kv_lengths, D = 64."""
+    B, Hq, H, Tq, Tk, E = 2, 4, 2, 150, 90, 64
+    kv_lengths = torch.tensor([[Tk], [70]], dtype=torch.int32)
+    for causal in (False, True):
+        assert_matches_reference(attention("cuda", causal, kv_lengths, sizes=(B, Hq, Tq, Tk)),
+                                 attention("reference", causal, kv_lengths, sizes=(B, Hq, Tq, Tk)),
+                                 dmask_inputs(shape, device=DEVICE, sizes=(B, Hq, H, Tq, Tk, E)),
+                                 dtype, names=["q", "k", "v", "mask"])
+
+
 def test_cuda_bwd_returns_dmask_at_dmask_shape():
     """The op returns dmask at its dmask_shape argument (what the fake kernel declares), whether
     the mask it is handed is broadcast (stride 0) or materialised; the same gradient either way."""
