@@ -358,3 +358,14 @@ def test_sanitize_workload_decode_calls(monkeypatch):
     calls = dict(workload.feature_calls("triton"))
     for name in ("kvcache-paged-append-splits", "kvcache-contiguous-auto"):
         assert calls[name](torch.float32, 16) < 1e-4, name
+
+
+def test_host_only_cuda_tests_left_out_of_the_gpu_step_need_no_gpu():
+    """The GPU step skips the tests/cuda files that only compile or emulate on the host (CI runs
+    them): each exists and none of them touches a CUDA device."""
+    text = SCRIPT.read_text()
+    names = re.search(r"HOST_ONLY_CUDA_TESTS=\(([^)]*)\)", text).group(1).split()
+    assert names
+    for name in names:
+        source = (ROOT / "tests" / "cuda" / f"{name}.py").read_text()
+        assert not re.search(r"cuda\.is_available|device=\"cuda\"|\bDEVICE\b", source), name
