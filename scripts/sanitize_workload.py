@@ -68,28 +68,30 @@ def feature_calls(backend: str):
             return compare(ours, call(torch.nn.functional.scaled_dot_product_attention), inputs)
         return run
 
-    def peer(normalize, lens=(70, 33, 129), **opts):
+    def peer(normalize, lens=(70, 33, 129), with_gate=True, with_bias=None, **opts):
         def run(dtype, E):
             S = len(lens)
             qs = [rand(2, 2, n, E, dtype=dtype) for n in lens]
             ks = [rand(2, 2, n, E, dtype=dtype) for n in lens]
             vs = [rand(2, 2, n, E, dtype=dtype) for n in lens]
-            gate = (torch.rand(2, S, S, 2, E, device=DEVICE) + 0.5).requires_grad_()
+            gate = (torch.rand(2, S, S, 2, E, device=DEVICE) + 0.5).requires_grad_() \
+                if with_gate else None
             # a bias cancels in a per-peer softmax: the API takes it in joint mode only
-            with_bias = normalize == "joint"
-            bias = torch.randn(1, S, S, 2, device=DEVICE).requires_grad_() if with_bias else None
+            bias_on = normalize == "joint" if with_bias is None else with_bias
+            bias = torch.randn(1, S, S, 2, device=DEVICE).requires_grad_() if bias_on else None
             # batch 0: a full, a half and an empty key stream; batch 1: a third, then full
             kv_lengths = torch.tensor([[lens[0], lens[1] // 2, 0], [lens[0] // 3, lens[1], lens[2]]],
                                       device=DEVICE)[:, :S]
 
             def call(b):
                 def f(*args):
-                    q, k, v, g = args[:S], args[S:2 * S], args[2 * S:3 * S], args[3 * S]
-                    bi = args[3 * S + 1] if with_bias else None
+                    q, k, v, rest = args[:S], args[S:2 * S], args[2 * S:3 * S], args[3 * S:]
+                    g = rest[0] if with_gate else None
+                    bi = rest[-1] if bias_on else None
                     return pa.peer_attention(q, k, v, gate=g, bias=bi, normalize=normalize,
                                              kv_lengths=kv_lengths, backend=b, **opts)
                 return f
-            extra = [gate, bias] if with_bias else [gate]
+            extra = [t for t in (gate, bias) if t is not None]
             return compare(call(backend), call("reference"), qs + ks + vs + extra)
         return run
 
@@ -145,6 +147,10 @@ def feature_calls(backend: str):
     ]
     if backend == "cuda":
         calls.append(("bottom-right-causal", bottom_right(50, 130)))
+        # the forward's switch instantiations beside gate + bias: the gate alone (V scaled in
+        # shared memory behind its own barrier), the bias alone
+        calls.append(("peer-joint-gate-kvlen", peer("joint", with_bias=False)))
+        calls.append(("peer-joint-bias-kvlen", peer("joint", with_gate=False)))
     if backend == "triton":  # the split-KV decode kernels: the drop-in's route and the KV cache
         calls.append(("sdpa-decode-route", sdpa(4, 300, gqa=True)))
         calls.append(("kvcache-paged-append-splits", kvcache(page_size=16, splits=3)))

@@ -342,6 +342,16 @@ def test_sanitize_workload_calls_run_and_compare(monkeypatch):
                  "peer-joint-causal-sparse"):
         assert calls[name](torch.float32, 16) < 1e-4, name
     import peer_attention as pa
+    # the CUDA-only calls (the forward's gate-alone and bias-alone switches), served by the torch
+    # backend here: their inputs and argument order are right
+    real_peer = pa.peer_attention
+    with monkeypatch.context() as patch:
+        patch.setattr(pa, "peer_attention", lambda *a, backend=None, **kw: real_peer(
+            *a, backend="torch" if backend == "cuda" else backend, **kw))
+        cuda_calls = dict(workload.feature_calls("cuda"))
+        for name in ("peer-joint-gate-kvlen", "peer-joint-bias-kvlen"):
+            assert name not in calls
+            assert cuda_calls[name](torch.float32, 16) < 1e-4, name
     real = pa.scaled_dot_product_attention
     monkeypatch.setattr(pa, "scaled_dot_product_attention", lambda *a, **kw: real(*a, **kw) * 1.5)
     assert calls["sdpa-gqa"](torch.float32, 16) > 0.1
