@@ -1,10 +1,10 @@
 """peer_attention.cuda_compile_report: its SASS / ptxas parsing and occupancy arithmetic (CPU),
 and one real compile of the head-dim-32 kernels for sm_80 (needs nvcc and cuobjdump)."""
-import shutil
 
 import pytest
 
 from peer_attention import cuda_compile_report as report
+from tests.cuda.host_program import has_report_tools
 
 SASS = """
         Function : _ZN14peer_attention14forward_kernelILi32E6__halfEEvNS_15AttentionParamsE
@@ -72,15 +72,7 @@ def test_arch_names():
         report._arch("sm70")
 
 
-def _has_tools():
-    try:
-        report.tool("nvcc"), report.tool("cuobjdump")
-    except SystemExit:
-        return False
-    return shutil.which("nvcc") is not None
-
-
-@pytest.mark.skipif(not _has_tools(), reason="needs nvcc and cuobjdump")
+@pytest.mark.skipif(not has_report_tools(), reason="needs nvcc and cuobjdump")
 def test_real_compile_of_the_head_dim_32_kernels(tmp_path):
     rows = report.report_ours(["sm80"], [32], ["fp16"], tmp_path, jobs=2)
     # the forward up to D = 128 is its own kernel (forward_plain.cuh), one instantiation per
@@ -149,7 +141,7 @@ def test_instantiation_names():
                     "(peer_attention::AttentionParams)") == ("dq_kernel features", 64, "fp16")
 
 
-@pytest.mark.skipif(not _has_tools(), reason="needs nvcc")
+@pytest.mark.skipif(not has_report_tools(), reason="needs nvcc")
 def test_backend_shared_memory_constant_matches_the_kernels(tmp_path):
     """backends/cuda.py declines the hd > 128 backward below BACKWARD_256_SMEM_BYTES: the bytes
     the launchers ask for (read from csrc/ by the report's host probe)."""

@@ -4,11 +4,11 @@ the extension's nvcc flags for the architectures and head dims where they did sp
 D = 128 on sm_90a, the bias at D = 128 on sm_100, peer mode and the joint gate + bias at D = 96
 on sm_120. fp16 only (bf16 compiles to the same registers and spills: docs/cuda.md); about 20 s
 of nvcc. The whole table: `python -m peer_attention.cuda_compile_report`."""
-import shutil
 
 import pytest
 
 from peer_attention import cuda_compile_report as report
+from tests.cuda.host_program import has_report_tools
 
 # (architecture, head dim, (gate, bias, peer) switch combinations)
 CASES = [
@@ -16,14 +16,6 @@ CASES = [
     ("sm100", 128, [(False, True, False)]),
     ("sm120", 96, [(False, False, True), (False, True, True), (True, True, False)]),
 ]
-
-
-def _has_tools():
-    try:
-        report.tool("nvcc"), report.tool("cuobjdump")
-    except SystemExit:
-        return False
-    return shutil.which("nvcc") is not None
 
 
 def _source(head_dim, switches):
@@ -34,7 +26,7 @@ def _source(head_dim, switches):
     return "\n".join(lines + ["}  // namespace peer_attention", ""])
 
 
-@pytest.mark.skipif(not _has_tools(), reason="needs nvcc and cuobjdump")
+@pytest.mark.skipif(not has_report_tools(), reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("arch, head_dim, switches", CASES, ids=[f"{a}-hd{d}" for a, d, _ in CASES])
 def test_forward_switches_do_not_spill(tmp_path, arch, head_dim, switches):
     source = tmp_path / f"fwd_switches_{arch}_{head_dim}.cu"
