@@ -219,8 +219,9 @@ def bias_column_serves(p: AttentionProblem) -> bool:
     float32/float64 (a 16-bit column would round the bias differently from the forward's mask
     row), one key head per query head, and short query streams (measured where it pays: see
     docs/torch_backend.md). A -inf bias is a -inf score as in the mask row; the NaN that
-    0 * -inf leaves in dq's extra column is dropped with that column."""
-    return (p.bias is not None and p.q.dtype in _FULL_PRECISION
+    0 * -inf leaves in dq's extra column is dropped with that column. The column holds
+    bias / scale: not for a scale of 0 (or one so small that the quotient could overflow)."""
+    return (p.bias is not None and p.q.dtype in _FULL_PRECISION and abs(p.scale) >= 2.0 ** -20
             and p.k.shape[1] == p.q.shape[1] and max(p.q_lens) <= BIAS_GRAD_FUSED_MAX_QUERIES)
 
 

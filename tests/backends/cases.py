@@ -41,7 +41,7 @@ def sdpa_case(backend, *, q_len, kv_len, lead=(1, 2), kv_heads=None, head_dim=16
 
 def peer_case(backend, *, q_lens, kv_lens, batch=1, q_heads=2, kv_heads=2, head_dim=16,
               value_dim=12, peers=None, gate_shape=None, bias_shape=None, kv_lengths=None,
-              normalize="joint", is_causal=False, seed=0, reference_peers=None):
+              normalize="joint", is_causal=False, seed=0, reference_peers=None, scale=None):
     gen = torch.Generator().manual_seed(seed)
     n = len(q_lens)
     inputs = ([randn(gen, batch, q_heads, L, head_dim) for L in q_lens]
@@ -54,7 +54,8 @@ def peer_case(backend, *, q_lens, kv_lens, batch=1, q_heads=2, kv_heads=2, head_
     if bias_shape is not None:
         inputs.append(randn(gen, *bias_shape))
         names.append("bias")
-    kw = dict(peers=peers, normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths)
+    kw = dict(peers=peers, normalize=normalize, is_causal=is_causal, kv_lengths=kv_lengths,
+              scale=scale)
 
     def split(args):
         rest = list(args[3 * n:])

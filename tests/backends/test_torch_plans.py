@@ -274,6 +274,22 @@ def test_fused_bias_gradient_through_a_key_column(monkeypatch, dtype, is_causal,
     assert columns and not pairs
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3, 1e-9])
+def test_bias_gradient_at_a_zero_negative_or_tiny_scale(monkeypatch, scale):
+    """The key column holds bias / scale: a negative scale takes it (the same scores), a zero or
+    vanishing one does not (a 0 * inf score); every gradient as the reference's."""
+    kernel_fn, reference_fn, inputs, names = peer_case(
+        "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12),
+        bias_shape=(1, 2, 2, 2), scale=scale)
+    columns = []
+    original = torch_fused._Streams.with_bias_column
+    monkeypatch.setattr(torch_fused._Streams, "with_bias_column",
+                        lambda self, *a: columns.append(a[0]) or original(self, *a))
+    assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float64, names=names,
+                             float32_atol=1e-12)
+    assert bool(columns) == (scale < 0)
+
+
 @pytest.mark.parametrize("peers", [[[1, 1, 1], [1, 1, 0], [0, 1, 1]],
                                    [[1, 1, 0], [1, 1, 1], [1, 1, 1]]], ids=["dense-first", "dense-last"])
 def test_fused_gradient_sums_in_any_order(peers):
