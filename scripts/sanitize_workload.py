@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # the headline head dim first: a run cut short by its time box has checked it
 HEAD_DIMS = {"cuda": (128, 64, 256, 32, 96, 160, 192), "triton": (128, 64)}
 DEVICE = "cuda"  # the tests run the workload's logic on the CPU with the reference backend
+DTYPES = (torch.float16, torch.bfloat16)
 # calls that exist for the kernels of some head dims only: the CUDA forward's gate-alone and
 # bias-alone switches (forward_plain.cuh) up to 128; above it the general kernel that the gate +
 # bias call already covers
@@ -32,7 +33,6 @@ MAX_HEAD_DIM = {"peer-joint-gate-kvlen": 128, "peer-joint-bias-kvlen": 128}
 
 def head_dims(backend: str, name: str):
     return [d for d in HEAD_DIMS[backend] if d <= MAX_HEAD_DIM.get(name, d)]
-DTYPES = (torch.float16, torch.bfloat16)
 
 
 def feature_calls(backend: str):

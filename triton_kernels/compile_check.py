@@ -306,12 +306,12 @@ def check_task(task, autotune_off=False):
         result["rows"].append(row)
         return dict(row, spills=max(row.get("spill_bytes", 0), 0))
 
-    configs = [make_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
-                                               max(kwargs["E_PAD"], kwargs["EV_PAD"]))]
-    # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     dim_pad = max(kwargs["E_PAD"], kwargs["EV_PAD"])
+    configs = [make_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
+                                               dim_pad)]
+    # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
-                            shortcut=autotune_off, spill_ok=spill_allowance(arch, kind, dim_pad))
+                            shortcut=autotune_off, spill_ok=spill_allowance(arch, dim_pad))
     result["kept"] = [_config_name(c) for c in kept]
     smallest = result["rows"][-1] if not autotune_off and result["rows"] else None
     if smallest and not smallest["fits"] and kept:
@@ -377,7 +377,7 @@ def autotune_off_config(fn, args, kwargs, kind, arch, sixteen_bit):
     dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
     kept, rejected = select([make_config(*c) for c in candidates(arch, kind, element_size, dim)],
                             measure, SMEM_OPTIN[arch], sixteen_bit, first_only=True,
-                            spill_ok=spill_allowance(arch, kind, dim))
+                            spill_ok=spill_allowance(arch, dim))
     if not kept:
         return None, rejected
     return kept[0], compiled[_config_name(kept[0])]

@@ -160,8 +160,9 @@ WIDE_TILES = {100: {"dkdv": [(64, 64, 8, 1, 2), (32, 64, 8, 1, 2)],
 WIDE_SPILL_ALLOWANCE = 256
 
 
-def spill_allowance(arch: int, kind: str, head_dim_pad: int) -> int:
-    """Bytes of spill that select() counts as none for this kernel (16-bit inputs)."""
+def spill_allowance(arch: int, head_dim_pad: int) -> int:
+    """Bytes of spill that select() counts as none for a kernel of this (padded) head dim on
+    `arch` (16-bit inputs; every kernel kind alike)."""
     return WIDE_SPILL_ALLOWANCE if head_dim_pad > 128 and table_arch(arch) in WIDE_TILES else 0
 
 
@@ -214,13 +215,9 @@ def autotune_configs(kind: str = "fwd"):
         return [triton.Config(interpreter_meta(), num_warps=1, num_stages=1)]
     kinds = ("fwd", "fwd_two_acc") if kind == "fwd" else (kind,)
     seen = {}
-    for arch_lists in CANDIDATES.values():
+    for arch_lists in (*CANDIDATES.values(), *WIDE_TILES.values()):
         for k in kinds:
-            for c in arch_lists[k]:
-                seen.setdefault(c, make_config(*c))
-    for tables in WIDE_TILES.values():
-        for k in kinds:
-            for c in tables.get(k, ()):
+            for c in arch_lists.get(k, ()):
                 seen.setdefault(c, make_config(*c))
     for c in FP32_WIDE_DKDV if kind == "dkdv" else ():
         seen.setdefault(c, make_config(*c))
@@ -315,7 +312,7 @@ def make_pruner(kernel, kind: str):
         dim = max(kwargs["E_PAD"], kwargs["EV_PAD"])
         kept, rejected = select(ordered_configs(configs, arch, this_kind, q.element_size(), dim),
                                 measure, smem, q.element_size() == 2, first_only,
-                                spill_ok=spill_allowance(arch, this_kind, dim))
+                                spill_ok=spill_allowance(arch, dim))
         if not kept:  # the backend declines such problems (NO_FIT): this is a stale table
             raise RuntimeError(
                 f"peer_attention: no {this_kind} Triton config fits sm_{arch} ({smem} B shared "

@@ -363,9 +363,11 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         dq, dk, dv = pair_backward(d_out, q_s, keys, scaled,
                                    o_s, _lse_in(l_s, mask if can_empty else None), mask, False,
                                    p.scale)
-        segments = _segments(tuple(kv_lens), dk.dtype, dk.device)  # (M, n) one-hot
+        def segments():  # (M, n) one-hot: per-stream sums over the keys as one matmul
+            return _segments(tuple(kv_lens), dk.dtype, dk.device)
+
         if streams.bias_in_keys:  # dK's last column: scale * sum_i dS_ij, summed per stream
-            per_pair = torch.matmul(dk.select(-1, width), segments).mul_(1 / p.scale)
+            per_pair = torch.matmul(dk.select(-1, width), segments()).mul_(1 / p.scale)
             for i, t in enumerate(attended):
                 grads.dbias.set(s, t, per_pair.select(-1, i))
             dq, dk = dq.narrow(-1, 0, width), dk.narrow(-1, 0, width)
@@ -376,7 +378,7 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         if gates is not None:  # values g * v: dgate = sum_j dV * v, then dv = g * dV in place
             # (dV is this backward's own: fused_serves has q, hence dV, in the compute dtype)
             if grads.dgate is not None and every_key:  # per stream: one product, one matmul
-                per_pair = torch.matmul(segments.t(), dv * p.v)
+                per_pair = torch.matmul(segments().t(), dv * p.v)
                 for i, t in enumerate(attended):
                     grads.dgate.set(s, t, per_pair.select(2, i))
             elif grads.dgate is not None:

@@ -40,10 +40,10 @@ def test_select_never_keeps_what_does_not_fit_and_prefers_no_spills():
     # an allowance (sm_100's two-sweep dK/dV above head dim 128) counts small spills as none
     assert configs.select(order, usage.get, 101376, True, True, spill_ok=96)[0] == ["spills"]
     assert configs.select(order, usage.get, 101376, True, True, spill_ok=95)[0] == ["ok"]
-    assert configs.spill_allowance(100, "dq", 256) == configs.WIDE_SPILL_ALLOWANCE > 0
-    assert configs.spill_allowance(103, "dkdv", 256) > 0  # sm_103/110: sm_100's tables
-    assert configs.spill_allowance(100, "dkdv", 128) == configs.spill_allowance(
-        90, "dkdv", 256) == configs.spill_allowance(120, "fwd", 256) == 0
+    assert configs.spill_allowance(100, 256) == configs.WIDE_SPILL_ALLOWANCE > 0
+    assert configs.spill_allowance(103, 256) > 0  # sm_103/110: sm_100's tables
+    assert configs.spill_allowance(100, 128) == configs.spill_allowance(
+        90, 256) == configs.spill_allowance(120, 256) == 0
 
 
 def test_every_architecture_has_candidates_and_limits(monkeypatch):
