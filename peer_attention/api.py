@@ -210,11 +210,29 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
                  window=None, sinks=None) -> AttentionProblem:
     """Validate a peer_attention call and pack its streams into the normalised problem."""
     return _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal,
-                         kv_lengths, scale, enable_gqa, softcap, window, sinks)
+                         kv_lengths, scale, enable_gqa, softcap, window, sinks)[0]
+
+
+_ONE_ELEMENT: dict = {}  # (dtype, device) -> a 0-dim tensor that _shape_only expands
+
+
+def _shape_only(like: Tensor, shape) -> Tensor:
+    """A tensor of `shape` with like's dtype and device and no storage of its own (a stride-0
+    view of one kept element): the packed q, k or v as backend selection sees them."""
+    key = (like.dtype, like.device)
+    element = _ONE_ELEMENT.get(key)
+    if element is None:
+        with torch.inference_mode(False):  # a normal tensor, usable outside inference_mode too
+            element = _ONE_ELEMENT[key] = like.new_zeros(())
+    return element.expand(shape)
 
 
 def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths,
-                  scale, enable_gqa, softcap, window, sinks) -> AttentionProblem:
+                  scale, enable_gqa, softcap, window, sinks, backend=None, unpacked_ok=False):
+    """(problem, streams): streams is None and the problem's q, k, v are the packed streams; or,
+    with unpacked_ok where dispatch.streams_may_serve, the caller's (queries, keys, values) and
+    the problem's q, k, v shape placeholders (_shape_only), to be packed by _packed if the
+    `torch` backend's stream plan does not take the call."""
     queries, keys, values, peers_flat, scale, shapes = check_peer(
         queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths, scale,
         enable_gqa,
@@ -228,8 +246,15 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
                                                      num_q_heads, q0)
         is_causal, window_left, window_right = causal_band(is_causal, window)
     num_streams = len(queries)
+    streams = None
     if num_streams == 1:
         q, k, v = q0, keys[0], values[0]
+    elif unpacked_ok and dispatch.streams_may_serve(q0.device, backend):
+        streams = (queries, keys, values)
+        q_total, kv_total = sum(q_lens), sum(kv_lens)
+        q = _shape_only(q0, (batch, num_q_heads, q_total, q0.shape[3]))
+        k = _shape_only(keys[0], (batch, keys[0].shape[1], kv_total, q0.shape[3]))
+        v = _shape_only(values[0], (batch, keys[0].shape[1], kv_total, value_dim))
     else:  # one packed buffer per role; the caller's tensors are only read
         q = packed(queries, q_lens)
         k, v = packed(keys, kv_lens), packed(values, kv_lens)
@@ -239,8 +264,17 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
         bias = broadcast_in_fp32(bias, (batch, num_streams, num_streams, num_q_heads))
     if kv_lengths is not None and kv_lengths.device != q.device:
         kv_lengths = kv_lengths.to(q.device)
-    return _peer_problem_of(q, k, v, q_lens, kv_lens, peers_flat, gate, bias, kv_lengths,
-                            is_causal, scale, normalize, window_left, window_right, softcap, sinks)
+    problem = _peer_problem_of(q, k, v, q_lens, kv_lens, peers_flat, gate, bias, kv_lengths,
+                               is_causal, scale, normalize, window_left, window_right, softcap,
+                               sinks)
+    return problem, streams
+
+
+def _packed(problem: AttentionProblem, streams) -> AttentionProblem:
+    """The problem with its shape placeholders replaced by the packed streams."""
+    queries, keys, values = streams
+    return problem._replace(q=packed(queries, problem.q_lens), k=packed(keys, problem.kv_lens),
+                            v=packed(values, problem.kv_lens))
 
 
 def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Sequence[Tensor], *,
@@ -255,8 +289,14 @@ def peer_attention(queries: Sequence[Tensor], keys: Sequence[Tensor], values: Se
     tanh(scale * q.k / softcap); `window=(left, right)` bands the self pairs, top-left aligned
     like is_causal (query i sees key j iff i - left <= j <= i + right, -1 = unbounded);
     `sinks` (Hq,), normalize="joint" only: a per-head logit in every row's softmax, no value."""
-    problem = _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal,
-                            kv_lengths, scale, enable_gqa, softcap, window, sinks)
+    problem, streams = _peer_problem(queries, keys, values, peers, gate, bias, normalize,
+                                     is_causal, kv_lengths, scale, enable_gqa, softcap, window,
+                                     sinks, backend, unpacked_ok=True)
+    if streams is not None:  # plain eager mode, where the `torch` backend may take the streams
+        if dispatch.caller_streams_serve(problem, backend, (*streams[0], *streams[1], *streams[2],
+                                                            gate, bias, kv_lengths)):
+            return dispatch.caller_streams_outputs(problem, *streams)
+        problem = _packed(problem, streams)
     if not torch.compiler.is_compiling() and (functorch_active() or jit_tracing()):
         out = run_under_transform(problem, backend, "peer_attention")  # transforms_active()
     else:

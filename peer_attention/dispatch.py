@@ -264,3 +264,35 @@ def forward_kernel_replaced(name: str, forward):
             yield
     finally:
         _ops[name] = real
+
+
+# ---- the `torch` backend on the caller's unpacked streams (backends/torch_streams.py) ----------
+
+from .backends import torch_streams  # noqa: E402  (it imports stream_packing, which imports this)
+
+_STREAMS_BACKEND = "torch"
+
+
+def streams_may_serve(device: torch.device, explicit: Optional[str]) -> bool:
+    """Whether a multi-stream call on `device` may be computed on the caller's unpacked streams:
+    plain eager mode (checked again on the tensors by caller_streams_serve), and auto on the CPU
+    (where auto's choice looks at no tensor's strides) or the `torch` backend asked for."""
+    if torch.compiler.is_compiling() or _autocast_enabled() or _function_modes() \
+            or _dispatch_modes() or functorch_active() or jit_tracing():
+        return False
+    name = requested_backend(explicit)
+    return name == _STREAMS_BACKEND or (name is None and device.type == "cpu")
+
+
+def caller_streams_serve(problem: AttentionProblem, explicit: Optional[str], tensors) -> bool:
+    """Whether the `torch` backend computes `problem` on the caller's streams (torch_streams.py).
+    `problem`'s q, k, v are shape placeholders (api.peer_attention); `tensors` are the caller's
+    (plain tensors only: a subclass sees the registered op). Raises as select() does when the
+    backend asked for cannot serve."""
+    if any(type(t) is not torch.Tensor for t in tensors if t is not None):
+        return False
+    return select(problem, explicit).name == _STREAMS_BACKEND and torch_streams.serves(problem)
+
+
+def caller_streams_outputs(problem: AttentionProblem, queries, keys, values):
+    return torch_streams.stream_outputs(problem, queries, keys, values)

@@ -20,7 +20,6 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from .dispatch import transforms_active
 
 
 def _lone(lens: Sequence[int]) -> int:
@@ -35,10 +34,12 @@ def _lone(lens: Sequence[int]) -> int:
 
 
 def _plain_autograd() -> bool:
-    return not torch.compiler.is_compiling() and not transforms_active()
+    # dispatch.transforms_active(), read here directly: this module sits below dispatch
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch._C._is_tracing())
 
 
-class _JoinEmpty(torch.autograd.Function):
+class JoinEmpty(torch.autograd.Function):
     """The filled stream itself (an alias); the empty streams get empty gradients."""
 
     @staticmethod
@@ -51,7 +52,7 @@ class _JoinEmpty(torch.autograd.Function):
         return (grad, *[grad.new_zeros(shape) for shape in ctx.empty_shapes])
 
 
-class _LoneOutput(torch.autograd.Function):
+class LoneOutput(torch.autograd.Function):
     """`out` for the stream that holds every row and empty outputs for the others; the gradient
     of `out` is the lone stream's, as it comes (the empty ones add nothing)."""
 
@@ -78,7 +79,7 @@ def packed(streams: Sequence[Tensor], lens: Sequence[int]) -> Tensor:
         return filled
     if not _plain_autograd():
         return torch.cat(streams, 2)
-    return _JoinEmpty.apply(filled, *empties)
+    return JoinEmpty.apply(filled, *empties)
 
 
 def unpacked(out: Tensor, lens: Sequence[int]) -> List[Tensor]:
@@ -87,4 +88,18 @@ def unpacked(out: Tensor, lens: Sequence[int]) -> List[Tensor]:
     lone = _lone(lens)
     if lone < 0 or not (out.requires_grad and _plain_autograd()):
         return list(out.split_with_sizes(lens, 2))
-    return list(_LoneOutput.apply(out, lone, len(lens)))
+    return list(LoneOutput.apply(out, lone, len(lens)))
+
+
+def with_empty_outputs(outs: List[Tensor], lens: Sequence[int]) -> List[Tensor]:
+    """The outputs of per-stream calls, those of the empty streams (whatever stands there) made
+    empty tensors of the graph, on the first filled stream's output (LoneOutput: the gradient of
+    that output passes as it comes), as the packed path's outputs are: a gradient may be given
+    for every output."""
+    if 0 not in lens or not (torch.is_grad_enabled() and _plain_autograd()):
+        return outs
+    first = next((i for i, n in enumerate(lens) if n > 0), -1)
+    if first < 0 or not outs[first].requires_grad:
+        return outs
+    joined = LoneOutput.apply(outs[first], first, len(lens))
+    return [joined[i] if i == first or n == 0 else out for i, (n, out) in enumerate(zip(lens, outs))]

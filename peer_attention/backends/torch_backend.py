@@ -49,7 +49,7 @@ def _squeeze_broadcast(t: Tensor) -> Tensor:
     return t[index]
 
 
-class _Plan:
+class PairPlan:
     """Per-call views and masks shared by the forward and the backward."""
 
     def __init__(self, problem: AttentionProblem):
@@ -81,6 +81,10 @@ class _Plan:
 
     def rows(self, s: int):
         return slice(self.q_off[s], self.q_off[s + 1])
+
+    def use_key_streams(self, keys, values):
+        """Take the caller's own key and value streams (torch_streams.py: no packed k, v)."""
+        self._k, self._v = keys, values
 
     def key_streams(self):
         """(k, v) of every key stream: one split per role per call, not a narrow per pair."""
@@ -203,7 +207,7 @@ def _forward(problem: AttentionProblem):
     p = problem
     if _is_one_call(p):
         return _one_call_forward(p)
-    plan = _Plan(p)
+    plan = PairPlan(p)
     if fused_plan(p) == FUSED:
         return fused_forward(plan)
     q, compute = p.q, plan.compute
@@ -519,7 +523,7 @@ def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     p = problem
     if _is_one_call(p):
         return _one_call_backward(p, _user_mask(p), p.is_causal, grad_out, out, lse, needs_grad)
-    plan = _Plan(p)
+    plan = PairPlan(p)
     if (p.num_streams == 1 and plan.peers[0] == [0] and p.q_lens[0] > 0 and p.kv_lens[0] > 0
             and p.gate is None and p.bias is None and p.sinks is None):
         return _one_call_backward(p, plan.mask(0, 0), plan.causal(0, 0), grad_out, out, lse,

@@ -96,13 +96,18 @@ def fused_backward_serves(p: AttentionProblem, needs_grad) -> bool:
                                      and not bias_column_serves(p))
 
 
-class _Streams:
+class QueryStreams:
     """Per query stream: its attended key streams, the concatenated K and gated V, the mask."""
 
-    def __init__(self, pair_plan):
+    def __init__(self, pair_plan, packed: bool = True):
         self.pp = pair_plan
         p = pair_plan.p
         self.p = p
+        # packed: p.k / p.v hold every key stream (the op's problem); else the pair plan's key
+        # streams are the caller's own tensors (torch_streams.py) and values are built with
+        # differentiable ops
+        self.packed = packed
+        self._all_keys = None
         self.nonempty = [t for t in range(p.num_streams) if p.kv_lens[t] > 0]
         self.kv_off = p.stream_offsets(p.kv_lens)
         self._rows = False  # not built yet (None: no row terms)
@@ -113,21 +118,30 @@ class _Streams:
         return [t for t in self.pp.peers[s] if self.p.kv_lens[t] > 0]
 
     def keys(self, attended: List[int]) -> Tensor:
-        if attended == self.nonempty:
+        if attended == self.nonempty and self.packed:
             return self.p.k
         keys, _ = self.pp.key_streams()
-        return torch.cat([keys[t] for t in attended], 2)
+        if len(attended) == 1:
+            return keys[attended[0]]
+        if attended != self.nonempty:
+            return torch.cat([keys[t] for t in attended], 2)
+        if self._all_keys is None:  # every key: one cat per call, shared by the query streams
+            self._all_keys = torch.cat([keys[t] for t in attended], 2)
+        return self._all_keys
 
     def values(self, s: int, attended: List[int]) -> Tensor:
         p = self.p
         gates = self.pp.pair_gates()
         if gates is None:
-            if attended == self.nonempty:
+            if attended == self.nonempty and self.packed:
                 return p.v
             _, values = self.pp.key_streams()
+            if len(attended) == 1:
+                return values[attended[0]]
             return torch.cat([values[t] for t in attended], 2)
         _, values = self.pp.key_streams()
-        if gates[s][attended[0]].dtype != p.q.dtype:  # fused_serves: float32/64 q, gate promotes
+        if gates[s][attended[0]].dtype != p.q.dtype or not self.packed:
+            # fused_serves: float32/64 q, the gate promotes; or products autograd differentiates
             scaled = torch.cat([values[t] * gates[s][t] for t in attended], 2)
             return scaled.to(p.q.dtype)
         # each g * v_p written straight into its rows of one buffer: one pass, no cat
@@ -286,7 +300,7 @@ _cached_causal_rows = _kept(_build_causal_rows)
 def fused_forward(pair_plan):
     """(out, lse) of the joint problem, one kernel call per query stream (or one in all)."""
     p = pair_plan.p
-    streams = _Streams(pair_plan)
+    streams = QueryStreams(pair_plan)
     if streams.one_call():
         mask = streams.mask(0, streams.nonempty)
         return _call(p.q, p.k, p.v, mask, p.scale)  # the kernel's layouts (op_outputs: the op's)
@@ -331,10 +345,10 @@ def _call(q, k, v, mask, scale, can_empty: bool = True):
 def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
     """The seven gradients of the fused plan (grads: torch_backend._Grads of this problem)."""
     p = pair_plan.p
-    streams = _Streams(pair_plan)
+    streams = QueryStreams(pair_plan)
     if streams.one_call():
         mask = streams.mask(0, streams.nonempty)
-        dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, _lse_in(lse, mask), mask, False,
+        dq, dk, dv = pair_backward(grad_out, p.q, p.k, p.v, out, lse_in(lse, mask), mask, False,
                                    p.scale)
         for sums, grad in ((grads.dq, dq), (grads.dk, dk), (grads.dv, dv)):
             if sums is not None:
@@ -361,7 +375,7 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
         if streams.bias_in_keys:
             q_s, keys = streams.with_bias_column(s, attended, q_s, keys)
         dq, dk, dv = pair_backward(d_out, q_s, keys, scaled,
-                                   o_s, _lse_in(l_s, mask if can_empty else None), mask, False,
+                                   o_s, lse_in(l_s, mask if can_empty else None), mask, False,
                                    p.scale)
         def segments():  # (M, n) one-hot: per-stream sums over the keys as one matmul
             return _segments(tuple(kv_lens), dk.dtype, dk.device)
@@ -400,6 +414,6 @@ def fused_backward(pair_plan, grads, grad_out, out, lse, needs_grad):
     return grads.result(p, None)
 
 
-def _lse_in(lse: Tensor, mask) -> Tensor:
+def lse_in(lse: Tensor, mask) -> Tensor:
     """The lse the kernel's backward recomputes P from: +inf on rows that saw no key (P = 0)."""
     return lse if mask is None else lse.masked_fill(lse == NEG_INF, float("inf"))

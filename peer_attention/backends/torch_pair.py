@@ -91,7 +91,9 @@ def _cpu_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale):
     if head_dim != value_dim:  # zero columns: no score changes, and <grad_out, out> neither
         q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)
         grad_out, out = _pad_last(grad_out, width), _pad_last(out, width)
-    dq, dk, dv = _CPU_BWD(grad_out.contiguous(), q, k, v, out, lse, 0.0, is_causal,
+    # any grad_out layout (an expanded one too): the kernel reads its strides, as for torch's own
+    # autograd formula, which passes the gradient as it comes
+    dq, dk, dv = _CPU_BWD(grad_out, q, k, v, out, lse, 0.0, is_causal,
                           attn_mask=mask, scale=scale)
     if head_dim != value_dim:
         dq, dk, dv = dq[..., :head_dim], dk[..., :head_dim], dv[..., :value_dim]

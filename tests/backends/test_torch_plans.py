@@ -101,8 +101,8 @@ def test_backward_reuses_the_forwards_pair_outputs(monkeypatch, normalize, bias)
     with forced_plan(PAIRS):  # a short joint call with a bias gradient is fused otherwise
         outs = kernel_fn(*inputs)
         calls = []
-        original = torch_backend._Plan.pair
-        monkeypatch.setattr(torch_backend._Plan, "pair",
+        original = torch_backend.PairPlan.pair
+        monkeypatch.setattr(torch_backend.PairPlan, "pair",
                             lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k))
         grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
     assert calls == []
@@ -151,8 +151,8 @@ def test_fused_backward_reuses_the_forwards_gated_values(monkeypatch):
     with forced_plan(FUSED):
         outs = kernel_fn(*inputs)
         calls = []
-        original = torch_fused._Streams.values
-        monkeypatch.setattr(torch_fused._Streams, "values",
+        original = torch_fused.QueryStreams.values
+        monkeypatch.setattr(torch_fused.QueryStreams, "values",
                             lambda self, *a: calls.append(a[0]) or original(self, *a))
         wanted = inputs[:-1]
         grads = torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs])
@@ -238,7 +238,7 @@ def test_lone_stream_outputs_and_gradients(lone, normalize):
 
     outs, grads, second = run("torch")
     want_outs, want_grads, want_second = run("reference")
-    assert type(outs[lone].grad_fn).__name__ == "_LoneOutputBackward"
+    assert type(outs[lone].grad_fn).__name__ == "LoneOutputBackward"
     for got, want in zip(outs + list(grads) + list(second),
                          want_outs + list(want_grads) + list(want_second)):
         assert got.shape == want.shape
@@ -263,11 +263,11 @@ def test_fused_bias_gradient_through_a_key_column(monkeypatch, dtype, is_causal,
             inputs[-1][0, 1, 2] = float("-inf")
             inputs[-1][0, 0] = float("-inf")
     columns, pairs = [], []
-    original = torch_fused._Streams.with_bias_column
-    monkeypatch.setattr(torch_fused._Streams, "with_bias_column",
+    original = torch_fused.QueryStreams.with_bias_column
+    monkeypatch.setattr(torch_fused.QueryStreams, "with_bias_column",
                         lambda self, *a: columns.append(a[0]) or original(self, *a))
-    pair = torch_backend._Plan.pair
-    monkeypatch.setattr(torch_backend._Plan, "pair",
+    pair = torch_backend.PairPlan.pair
+    monkeypatch.setattr(torch_backend.PairPlan, "pair",
                         lambda self, *a, **k: pairs.append(a[:2]) or pair(self, *a, **k))
     extra = dict(float32_atol=1e-12) if dtype == torch.float64 else {}
     assert_matches_reference(kernel_fn, reference_fn, inputs, dtype, names=names, **extra)
@@ -282,8 +282,8 @@ def test_bias_gradient_at_a_zero_negative_or_tiny_scale(monkeypatch, scale):
         "torch", q_lens=[5, 9], kv_lens=[7, 4], gate_shape=(1, 2, 2, 2, 12),
         bias_shape=(1, 2, 2, 2), scale=scale)
     columns = []
-    original = torch_fused._Streams.with_bias_column
-    monkeypatch.setattr(torch_fused._Streams, "with_bias_column",
+    original = torch_fused.QueryStreams.with_bias_column
+    monkeypatch.setattr(torch_fused.QueryStreams, "with_bias_column",
                         lambda self, *a: columns.append(a[0]) or original(self, *a))
     assert_matches_reference(kernel_fn, reference_fn, inputs, torch.float64, names=names,
                              float32_atol=1e-12)
