@@ -213,18 +213,24 @@ def peer_problem(queries, keys, values, *, peers=None, gate=None, bias=None, nor
                          kv_lengths, scale, enable_gqa, softcap, window, sinks)[0]
 
 
-_ONE_ELEMENT: dict = {}  # (dtype, device) -> a 0-dim tensor that _shape_only expands
+_SHAPES_KEPT = 64
+_shape_placeholders: dict = {}  # (dtype, device, q, k, v shapes) -> placeholders, as _shape_only
 
 
-def _shape_only(like: Tensor, shape) -> Tensor:
-    """A tensor of `shape` with like's dtype and device and no storage of its own (a stride-0
-    view of one kept element): the packed q, k or v as backend selection sees them."""
-    key = (like.dtype, like.device)
-    element = _ONE_ELEMENT.get(key)
-    if element is None:
-        with torch.inference_mode(False):  # a normal tensor, usable outside inference_mode too
-            element = _ONE_ELEMENT[key] = like.new_zeros(())
-    return element.expand(shape)
+def _shape_only(like: Tensor, q_shape, k_shape, v_shape):
+    """Tensors of the packed q, k and v shapes with like's dtype and device and no storage of
+    their own (stride-0 views of one element): the packed q, k, v as backend selection sees them.
+    Kept per shape (a training loop repeats its shapes; an expand costs about 1.5 us)."""
+    key = (like.dtype, like.device, q_shape, k_shape, v_shape)
+    kept = _shape_placeholders.get(key)
+    if kept is None:
+        if len(_shape_placeholders) >= _SHAPES_KEPT:
+            _shape_placeholders.clear()
+        with torch.inference_mode(False):  # normal tensors, usable outside inference_mode too
+            element = like.new_zeros(())
+        kept = _shape_placeholders[key] = tuple(element.expand(shape)
+                                                for shape in (q_shape, k_shape, v_shape))
+    return kept
 
 
 def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal, kv_lengths,
@@ -251,10 +257,10 @@ def _peer_problem(queries, keys, values, peers, gate, bias, normalize, is_causal
         q, k, v = q0, keys[0], values[0]
     elif unpacked_ok and dispatch.streams_may_serve(q0.device, backend):
         streams = (queries, keys, values)
-        q_total, kv_total = sum(q_lens), sum(kv_lens)
-        q = _shape_only(q0, (batch, num_q_heads, q_total, q0.shape[3]))
-        k = _shape_only(keys[0], (batch, keys[0].shape[1], kv_total, q0.shape[3]))
-        v = _shape_only(values[0], (batch, keys[0].shape[1], kv_total, value_dim))
+        q_total, kv_total, kv_heads = sum(q_lens), sum(kv_lens), keys[0].shape[1]
+        q, k, v = _shape_only(q0, (batch, num_q_heads, q_total, q0.shape[3]),
+                              (batch, kv_heads, kv_total, q0.shape[3]),
+                              (batch, kv_heads, kv_total, value_dim))
     else:  # one packed buffer per role; the caller's tensors are only read
         q = packed(queries, q_lens)
         k, v = packed(keys, kv_lens), packed(values, kv_lens)

@@ -259,11 +259,13 @@ def forward_kernel_replaced(name: str, forward):
     Python side of a call with the kernel stubbed out."""
     real = _ops[name]
     _ops[name] = (forward, real[1])
+    _streams_off.append(name)  # the stream plan calls its kernels itself: the op path serves
     try:
         with ops.eager_forward_replaced(name, forward):
             yield
     finally:
         _ops[name] = real
+        _streams_off.pop()
 
 
 # ---- the `torch` backend on the caller's unpacked streams (backends/torch_streams.py) ----------
@@ -271,6 +273,18 @@ def forward_kernel_replaced(name: str, forward):
 from .backends import torch_streams  # noqa: E402  (it imports stream_packing, which imports this)
 
 _STREAMS_BACKEND = "torch"
+_streams_off: list = []  # inside forward_kernel_replaced(): the op path serves every call
+
+
+@contextlib.contextmanager
+def packed_streams():
+    """Within the block, every multi-stream call is packed and served through the backend's op
+    path, never on the caller's streams (the tests compare both routes; the bench times both)."""
+    _streams_off.append(True)
+    try:
+        yield
+    finally:
+        _streams_off.pop()
 
 
 def streams_may_serve(device: torch.device, explicit: Optional[str]) -> bool:
@@ -278,7 +292,7 @@ def streams_may_serve(device: torch.device, explicit: Optional[str]) -> bool:
     plain eager mode (checked again on the tensors by caller_streams_serve), and auto on the CPU
     (where auto's choice looks at no tensor's strides) or the `torch` backend asked for."""
     if torch.compiler.is_compiling() or _autocast_enabled() or _function_modes() \
-            or _dispatch_modes() or functorch_active() or jit_tracing():
+            or _dispatch_modes() or functorch_active() or jit_tracing() or _streams_off:
         return False
     name = requested_backend(explicit)
     return name == _STREAMS_BACKEND or (name is None and device.type == "cpu")

@@ -183,7 +183,9 @@ step_cuda_tests() {
   have_extension || skip "no peer_attention._C (see the build step)"
   local ignore=() name
   for name in "${HOST_ONLY_CUDA_TESTS[@]}"; do ignore+=("--ignore=tests/cuda/$name.py"); done
-  pytest_step 4 -k cuda "${ignore[@]}" tests/cuda tests/gpu
+  # with the `torch` backend's CUDA tests (torch's efficient-attention kernel under our plans)
+  pytest_step 4 -k cuda "${ignore[@]}" tests/cuda tests/gpu tests/backends/test_torch_backend.py \
+    tests/backends/test_torch_streams.py
 }
 
 step_bench() {
