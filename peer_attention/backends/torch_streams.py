@@ -36,7 +36,7 @@ from ..stream_packing import JoinEmpty, packed, unpacked, with_empty_outputs
 from .torch_backend import PairPlan
 from .torch_fused import FUSED, lse_in, QueryStreams
 from .torch_fused import plan as fused_plan
-from .torch_pair import mark_empty_rows, pair_backward, pair_forward
+from .torch_pair import CPU_BACKWARD, CPU_FORWARD, mark_empty_rows, pair_backward, pair_forward
 
 # one kernel call as a one-stream problem, for the create_graph=True formulas
 _call_problem = problem_builder(
@@ -49,11 +49,19 @@ class KernelCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal: bool, scale: float, can_empty: bool):
-        out, lse = pair_forward(q, k, v, mask, is_causal, scale)
-        if mask is not None and can_empty:  # rows that see no key: lse -inf (the CPU kernel says 0)
+        # the CPU kernel straight when it takes the widths as they are (a call of a few tens of
+        # microseconds at small shapes: each Python layer counts)
+        direct = q.is_cpu and q.shape[-1] == v.shape[-1]
+        if direct:
+            out, lse = CPU_FORWARD(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        else:
+            out, lse = pair_forward(q, k, v, mask, is_causal, scale)
+        can_empty = can_empty and mask is not None
+        if can_empty:  # rows that see no key: lse -inf (the CPU kernel says 0)
             out, lse = mark_empty_rows(out, lse, mask)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.is_causal, ctx.scale, ctx.can_empty = mask, is_causal, scale, can_empty
+        ctx.direct = direct
         return out
 
     @staticmethod
@@ -62,9 +70,13 @@ class KernelCall(torch.autograd.Function):
         mask = ctx.mask
         if torch.is_grad_enabled():  # create_graph=True: gradients with autograd history
             return (*_differentiable_grads(ctx, grad_out, q, k, v, mask), None, None, None, None)
-        dq, dk, dv = pair_backward(grad_out, q, k, v, out,
-                                   lse_in(lse, mask if ctx.can_empty else None), mask,
-                                   ctx.is_causal, ctx.scale)
+        if ctx.can_empty:
+            lse = lse_in(lse, mask)
+        if ctx.direct:
+            dq, dk, dv = CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, ctx.is_causal,
+                                      attn_mask=mask, scale=ctx.scale)
+        else:
+            dq, dk, dv = pair_backward(grad_out, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 
