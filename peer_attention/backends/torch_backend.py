@@ -178,7 +178,7 @@ def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
 _DENSE_TABLES = {n: (1,) * (n * n) for n in range(1, 17)}
 
 
-def _is_one_call(p: AttentionProblem) -> bool:
+def is_one_call(p: AttentionProblem) -> bool:
     """One kernel call on the packed q, k, v with the kernel's own flags, nothing to merge: SDPA as
     the drop-in sees it, or joint attention where every stream attends every stream with no
     per-pair term (then the packed tensors are what a user's torch.cat + one SDPA call sees)."""
@@ -205,7 +205,7 @@ def _one_call_forward(p: AttentionProblem):
 
 def _forward(problem: AttentionProblem):
     p = problem
-    if _is_one_call(p):
+    if is_one_call(p):
         return _one_call_forward(p)
     plan = PairPlan(p)
     if fused_plan(p) == FUSED:
@@ -521,7 +521,7 @@ def _split(t: Optional[Tensor], lens, dim: int):
 
 def _backward(problem: AttentionProblem, grad_out, out, lse, needs_grad):
     p = problem
-    if _is_one_call(p):
+    if is_one_call(p):
         return _one_call_backward(p, _user_mask(p), p.is_causal, grad_out, out, lse, needs_grad)
     plan = PairPlan(p)
     if (p.num_streams == 1 and plan.peers[0] == [0] and p.q_lens[0] > 0 and p.kv_lens[0] > 0

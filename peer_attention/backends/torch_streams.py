@@ -14,7 +14,7 @@ without this package, on the q/k/v streams as the caller passed them:
 Nothing is packed that the composition does not pack: the queries of a per-stream call are the
 caller's tensor, the outputs are the kernels' own. Autograd is torch's for every op but the kernel
 calls (cat, the gate's product, the sums: C++ nodes, no Python in the backward); each kernel call is
-one KernelCall, whose backward is the kernel's backward and, under create_graph=True, the
+one node for all of them (KernelCalls), whose backward is the kernel's backward and, under create_graph=True, the
 reference formulas (second-order gradients stay exact; torch's own CPU kernel has none).
 
 Served where `serves` says: plain eager mode (dispatch decides), no variant, joint mode only when
@@ -26,14 +26,14 @@ their gradients are empty tensors, as through the op.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..problem import JOINT, AttentionProblem, problem_builder
 from ..stream_packing import JoinEmpty, packed, unpacked, with_empty_outputs
-from .torch_backend import PairPlan
+from .torch_backend import PairPlan, is_one_call
 from .torch_fused import FUSED, lse_in, QueryStreams
 from .torch_fused import plan as fused_plan
 from .torch_pair import CPU_BACKWARD, CPU_FORWARD, mark_empty_rows, pair_backward, pair_forward
@@ -44,56 +44,96 @@ _call_problem = problem_builder(
     bias=None, kv_lengths=None, dropout_seed=None, dropout_p=0.0, normalize=JOINT)
 
 
-class KernelCall(torch.autograd.Function):
-    """out = softmax(scale * q k^T + mask, causal) v through the backend's kernel (torch_pair)."""
+class Call(NamedTuple):
+    """One kernel call: out = softmax(scale * q k^T + mask, causal) v (torch_pair's kernels)."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Optional[Tensor]
+    is_causal: bool
+    can_empty: bool  # the mask may hide every key of a row
+
+
+def _forward(q, k, v, mask, is_causal: bool, scale: float, can_empty: bool):
+    # the CPU kernel straight when it takes the widths as they are (a call of a few tens of
+    # microseconds at small shapes: each Python layer counts)
+    if q.is_cpu and q.shape[-1] == v.shape[-1]:
+        out, lse = CPU_FORWARD(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    else:
+        out, lse = pair_forward(q, k, v, mask, is_causal, scale)
+    if can_empty:  # rows that see no key: lse -inf (the CPU kernel says 0)
+        out, lse = mark_empty_rows(out, lse, mask)
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, mask, is_causal: bool, scale: float, can_empty: bool):
+    if can_empty:
+        lse = lse_in(lse, mask)
+    if q.is_cpu and q.shape[-1] == v.shape[-1]:
+        return CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask,
+                            scale=scale)
+    return pair_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale)
+
+
+class KernelCalls(torch.autograd.Function):
+    """The kernel calls of one peer_attention call, as one autograd node: their outputs, in
+    order. One Python node for all of them (not one per call): a Python node costs ~7 us forward
+    and ~15-30 us backward, as much as a small kernel call."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal: bool, scale: float, can_empty: bool):
-        # the CPU kernel straight when it takes the widths as they are (a call of a few tens of
-        # microseconds at small shapes: each Python layer counts)
-        direct = q.is_cpu and q.shape[-1] == v.shape[-1]
-        if direct:
-            out, lse = CPU_FORWARD(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-        else:
-            out, lse = pair_forward(q, k, v, mask, is_causal, scale)
-        can_empty = can_empty and mask is not None
-        if can_empty:  # rows that see no key: lse -inf (the CPU kernel says 0)
-            out, lse = mark_empty_rows(out, lse, mask)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.is_causal, ctx.scale, ctx.can_empty = mask, is_causal, scale, can_empty
-        ctx.direct = direct
-        return out
+    def forward(ctx, options, scale: float, *tensors):
+        # options: (mask, is_causal, can_empty) per call; tensors: q, k, v of each call in turn
+        outs, stats = [], []
+        for i, (mask, is_causal, can_empty) in enumerate(options):
+            out, lse = _forward(*tensors[3 * i:3 * i + 3], mask, is_causal, scale, can_empty)
+            outs.append(out)
+            stats += (out, lse)
+        ctx.save_for_backward(*tensors, *stats)
+        ctx.options, ctx.scale = options, scale
+        ctx.set_materialize_grads(False)  # None for an output that took no part
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        mask = ctx.mask
-        if torch.is_grad_enabled():  # create_graph=True: gradients with autograd history
-            return (*_differentiable_grads(ctx, grad_out, q, k, v, mask), None, None, None, None)
-        if ctx.can_empty:
-            lse = lse_in(lse, mask)
-        if ctx.direct:
-            dq, dk, dv = CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, ctx.is_causal,
-                                      attn_mask=mask, scale=ctx.scale)
-        else:
-            dq, dk, dv = pair_backward(grad_out, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+    def backward(ctx, *grad_outs):
+        saved = ctx.saved_tensors
+        options, scale = ctx.options, ctx.scale
+        tensors, stats = saved[:3 * len(options)], saved[3 * len(options):]
+        create_graph = torch.is_grad_enabled()
+        grads = [None] * len(tensors)
+        for i, ((mask, is_causal, can_empty), grad_out) in enumerate(zip(options, grad_outs)):
+            if grad_out is None:
+                continue
+            q, k, v = tensors[3 * i:3 * i + 3]
+            if create_graph:  # create_graph=True: gradients with autograd history
+                needs = ctx.needs_input_grad[2 + 3 * i:5 + 3 * i]
+                grads[3 * i:3 * i + 3] = _differentiable_grads(grad_out, q, k, v, mask, is_causal,
+                                                               scale, needs)
+            else:
+                grads[3 * i:3 * i + 3] = _backward(grad_out, q, k, v, stats[2 * i],
+                                                   stats[2 * i + 1], mask, is_causal, scale,
+                                                   can_empty)
+        return (None, None, *grads)
 
 
-def _differentiable_grads(ctx, grad_out, q, k, v, mask):
+def _differentiable_grads(grad_out, q, k, v, mask, is_causal: bool, scale: float, needs):
     from ..double_backward import differentiable_grads  # it imports the backend registry
 
     batch, heads, q_len = q.shape[:3]
     kv_len = k.shape[2]
     full_mask = None if mask is None else mask.expand(batch, heads, q_len, kv_len)
-    problem = _call_problem(q, k, v, (q_len,), (kv_len,), full_mask, ctx.is_causal, ctx.scale)
-    needs = ctx.needs_input_grad[:3] + (False,) * 4
+    problem = _call_problem(q, k, v, (q_len,), (kv_len,), full_mask, is_causal, scale)
     grads = differentiable_grads("torch", problem, grad_out, (q, k, v, None, None, None, None),
-                                 needs)
+                                 tuple(needs) + (False,) * 4)
     return grads[:3]
 
 
-_kernel_call = torch._C._FunctionBase.__dict__["apply"].__get__(None, KernelCall)
+_apply_calls = torch._C._FunctionBase.__dict__["apply"].__get__(None, KernelCalls)
+
+
+def kernel_calls(calls: Sequence[Call], scale: float) -> Tuple[Tensor, ...]:
+    """The outputs of `calls`, differentiable (KernelCalls)."""
+    options = tuple((c.mask, c.is_causal, c.can_empty and c.mask is not None) for c in calls)
+    return _apply_calls(options, scale, *[t for c in calls for t in (c.q, c.k, c.v)])
 
 
 def _every_stream_takes_part(p: AttentionProblem) -> bool:
@@ -145,31 +185,36 @@ def _joined(queries: Sequence[Tensor], keys, values, first: int):
 def stream_outputs(p: AttentionProblem, queries: Sequence[Tensor], keys: Sequence[Tensor],
                    values: Sequence[Tensor]) -> List[Tensor]:
     """The S outputs (B, Hq, L_s, Ev) of a problem `serves` accepts."""
+    if is_one_call(p):  # nothing per pair, no mask: torch.cat + one call + split, no plan
+        q = packed(queries, p.q_lens)
+        k, v = packed(keys, p.kv_lens), packed(values, p.kv_lens)
+        out, = kernel_calls([Call(q, k, v, None, False, False)], p.scale)
+        return unpacked(out, p.q_lens)
     plan = PairPlan(p)
     plan.use_key_streams(keys, values)
     streams = QueryStreams(plan, packed=False)
     if p.normalize == JOINT and streams.one_call():
         q = packed(queries, p.q_lens)
         k, v = packed(keys, p.kv_lens), packed(values, p.kv_lens)
-        out = _kernel_call(q, k, v, streams.mask(0, streams.nonempty), False, p.scale,
-                           streams.rows_can_empty())
+        out, = kernel_calls([Call(q, k, v, streams.mask(0, streams.nonempty), False,
+                                  streams.rows_can_empty())], p.scale)
         return unpacked(out, p.q_lens)
     has_empty = 0 in p.q_lens or 0 in p.kv_lens
     if has_empty and torch.is_grad_enabled():
         queries = _joined(queries, keys, values, next(s for s, n in enumerate(p.q_lens) if n))
+    filled = [s for s in range(p.num_streams) if p.q_lens[s]]
     outs: List = [None] * p.num_streams
     if p.normalize == JOINT:
         can_empty = streams.rows_can_empty()
-        for s, q_s in enumerate(queries):
-            if p.q_lens[s]:
-                attended = streams.attended(s)
-                outs[s] = _kernel_call(q_s, streams.keys(attended), streams.values(s, attended),
-                                       streams.mask(s, attended), False, p.scale, can_empty)
+        calls = []
+        for s in filled:
+            attended = streams.attended(s)
+            calls.append(Call(queries[s], streams.keys(attended), streams.values(s, attended),
+                              streams.mask(s, attended), False, can_empty))
+        for s, out in zip(filled, kernel_calls(calls, p.scale)):
+            outs[s] = out
     else:
-        gates = plan.pair_gates()
-        for s, q_s in enumerate(queries):
-            if p.q_lens[s]:
-                outs[s] = _gated_sum(p, plan, gates, s, q_s, keys, values)
+        _gated_sums(p, plan, queries, keys, values, filled, outs)
     if has_empty:
         empty = (*p.q.shape[:2], 0, p.v.shape[-1])
         outs = [queries[s].new_zeros(empty) if o is None else o for s, o in enumerate(outs)]
@@ -177,19 +222,24 @@ def stream_outputs(p: AttentionProblem, queries: Sequence[Tensor], keys: Sequenc
     return outs
 
 
-def _gated_sum(p: AttentionProblem, plan, gates, s: int, q_s: Tensor, keys, values) -> Tensor:
-    """O_s = sum_p g[s,p] * o_sp over the attended key streams (per-peer softmax), accumulated in
-    the compute dtype (float32 for 16-bit inputs) and rounded once."""
-    acc = None
-    for t in plan.peers[s]:
-        if p.kv_lens[t] == 0:
-            continue
-        mask = plan.mask(s, t)
-        o = _kernel_call(q_s, keys[t], values[t], mask, plan.causal(s, t), p.scale,
-                         mask is not None)
+def _gated_sums(p: AttentionProblem, plan, queries, keys, values, filled, outs) -> None:
+    """outs[s] = sum_p g[s,p] * o_sp over the attended key streams (per-peer softmax), accumulated
+    in the compute dtype (float32 for 16-bit inputs) and rounded once."""
+    pairs, calls = [], []
+    for s in filled:
+        for t in plan.peers[s]:
+            if p.kv_lens[t]:
+                mask = plan.mask(s, t)
+                pairs.append((s, t))
+                calls.append(Call(queries[s], keys[t], values[t], mask, plan.causal(s, t),
+                                  mask is not None))
+    gates = plan.pair_gates()
+    acc = {}
+    for (s, t), o in zip(pairs, kernel_calls(calls, p.scale)):
         term = o if gates is None else o * gates[s][t]
-        if acc is None:
-            acc = term if term.dtype == plan.compute else term.to(plan.compute)
+        if s not in acc:
+            acc[s] = term if term.dtype == plan.compute else term.to(plan.compute)
         else:
-            acc = acc + term
-    return acc if acc.dtype == q_s.dtype else acc.to(q_s.dtype)
+            acc[s] = acc[s] + term
+    for s, total in acc.items():
+        outs[s] = total if total.dtype == queries[s].dtype else total.to(queries[s].dtype)

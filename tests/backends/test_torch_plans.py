@@ -28,9 +28,9 @@ def test_plan_rule():
     """One call on the packed streams when nothing differs per pair; fused per query stream for
     gates, biases, kv_lengths, sparse tables and short causal streams; pairs for the per-peer
     softmax, 16-bit gates, gates with GQA and long causal streams."""
-    assert torch_backend._is_one_call(_problem())
-    assert torch_backend._is_one_call(_problem((5, 0, 3)))
-    assert not torch_backend._is_one_call(_problem(gate=True))
+    assert torch_backend.is_one_call(_problem())
+    assert torch_backend.is_one_call(_problem((5, 0, 3)))
+    assert not torch_backend.is_one_call(_problem(gate=True))
     assert torch_fused.plan(_problem(gate=True, bias=True)) == FUSED
     def grad_bias(lens=(5, 9), **kw):
         p = _problem(lens, bias=True, **kw)
@@ -52,7 +52,7 @@ def test_plan_rule():
     assert torch_fused.plan(_problem(heads=4, kv_heads=2, bias=True)) == FUSED
     with forced_plan(PAIRS):
         assert torch_fused.plan(_problem(gate=True)) == PAIRS
-        assert not torch_backend._is_one_call(_problem())
+        assert not torch_backend.is_one_call(_problem())
     with forced_plan(FUSED):
         assert torch_fused.plan(_problem((long, 4), is_causal=True)) == FUSED
         assert torch_fused.plan(_problem(normalize="peer")) == PAIRS  # fused cannot serve it

@@ -177,7 +177,7 @@ def test_outputs_are_the_kernels_own(served):
     gate = torch.rand(1, 2, 2, 2, 8, requires_grad=True)
     outs = _call(gate=gate)
     assert served == ["joint"]
-    assert all(type(o.grad_fn).__name__ == "KernelCallBackward" for o in outs)
+    assert all(type(o.grad_fn).__name__ == "KernelCallsBackward" for o in outs)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
