@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import ops
+from .backends import torch_streams
 from .backends.base import UNAVAILABLE, Backend
 from .backends.registry import BACKENDS, ORACLE, SPEED_ORDER
 from .backends.torch_dropout import STATE_ATTR
@@ -269,8 +270,6 @@ def forward_kernel_replaced(name: str, forward):
 
 
 # ---- the `torch` backend on the caller's unpacked streams (backends/torch_streams.py) ----------
-
-from .backends import torch_streams  # noqa: E402  (it imports stream_packing, which imports this)
 
 _STREAMS_BACKEND = "torch"
 _streams_off: list = []  # inside forward_kernel_replaced(): the op path serves every call

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 
-
 def _lone(lens: Sequence[int]) -> int:
     """The index of the stream that holds every token, or -1 (several filled, or none)."""
     if len(lens) < 2 or 0 not in lens:
@@ -102,4 +101,5 @@ def with_empty_outputs(outs: List[Tensor], lens: Sequence[int]) -> List[Tensor]:
     if first < 0 or not outs[first].requires_grad:
         return outs
     joined = LoneOutput.apply(outs[first], first, len(lens))
-    return [joined[i] if i == first or n == 0 else out for i, (n, out) in enumerate(zip(lens, outs))]
+    return [joined[i] if i == first or n == 0 else out
+            for i, (n, out) in enumerate(zip(lens, outs))]

@@ -13,9 +13,10 @@ without this package, on the q/k/v streams as the caller passed them:
 
 Nothing is packed that the composition does not pack: the queries of a per-stream call are the
 caller's tensor, the outputs are the kernels' own. Autograd is torch's for every op but the kernel
-calls (cat, the gate's product, the sums: C++ nodes, no Python in the backward); each kernel call is
-one node for all of them (KernelCalls), whose backward is the kernel's backward and, under create_graph=True, the
-reference formulas (second-order gradients stay exact; torch's own CPU kernel has none).
+calls (cat, the gate's product, the sums: C++ nodes, no Python in the backward); the kernel calls
+of one call are one autograd node (KernelCalls), whose backward is the kernels' backward and,
+under create_graph=True, the reference formulas (second-order gradients stay exact; torch's own
+CPU kernel has none).
 
 Served where `serves` says: plain eager mode (dispatch decides), no variant, joint mode only when
 torch_fused.plan picks the fused plan and no bias gradient is asked for (dbias needs the pair plan's
