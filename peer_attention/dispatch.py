@@ -272,6 +272,8 @@ def forward_kernel_replaced(name: str, forward):
 # ---- the `torch` backend on the caller's unpacked streams (backends/torch_streams.py) ----------
 
 _STREAMS_BACKEND = "torch"
+# nn.Parameter has torch_function disabled: a gate or bias that is a module's parameter is plain
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _streams_off: list = []  # inside forward_kernel_replaced(): the op path serves every call
 
 
@@ -302,7 +304,7 @@ def caller_streams_serve(problem: AttentionProblem, explicit: Optional[str], ten
     `problem`'s q, k, v are shape placeholders (api.peer_attention); `tensors` are the caller's
     (plain tensors only: a subclass sees the registered op). Raises as select() does when the
     backend asked for cannot serve."""
-    if any(type(t) is not torch.Tensor for t in tensors if t is not None):
+    if any(type(t) not in _PLAIN_TENSORS for t in tensors if t is not None):
         return False
     return select(problem, explicit).name == _STREAMS_BACKEND and torch_streams.serves(problem)
 

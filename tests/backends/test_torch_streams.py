@@ -54,6 +54,9 @@ def test_which_calls_take_the_stream_route(served):
     served.clear()
     _call(backend="torch")
     assert served
+    served.clear()  # a module's parameters as gate and bias are plain tensors
+    _call(gate=torch.nn.Parameter(gate.detach()), bias=torch.nn.Parameter(bias, requires_grad=False))
+    assert served
     # left to the op path: a bias gradient, forced pairs, long causal streams, 16-bit gates,
     # variants, an explicit other backend, one stream, a stream that takes part in nothing
     cases = [dict(bias=bias.clone().requires_grad_()), dict(backend="reference"),
