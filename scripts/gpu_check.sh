@@ -41,7 +41,7 @@ PLAN=(
   "bench-warm|prepare|200|the bench's pa.triton and flex cases in parallel processes, autotune on, checked against float64 (fills the compile caches)"
   "memcheck-triton|prepare|90|compute-sanitizer memcheck, sanitize_workload.py --backend triton"
   "racecheck-triton|memcheck-triton|120|compute-sanitizer racecheck, sanitize_workload.py --backend triton"
-  "cuda-tests|build|90|tests/cuda + tests/gpu on the CUDA kernels"
+  "cuda-tests|build|90|tests/cuda + tests/gpu on the CUDA kernels, the torch backend's CUDA tests"
   "memcheck-cuda|build|40|compute-sanitizer memcheck, sanitize_workload.py --backend cuda (every instantiation)"
   "racecheck-cuda|memcheck-cuda|60|compute-sanitizer racecheck, sanitize_workload.py --backend cuda"
   "bench|build,triton-suite,triton-autotune,bench-warm,racecheck-triton,cuda-tests,racecheck-cuda|180|python -m bench --preset gpucheck (alone on the GPU, autotune on)"
