@@ -187,13 +187,18 @@ _function_modes = torch._C._len_torch_function_stack
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
-def _plain_eager(problem: AttentionProblem) -> bool:
-    """A call the eager path serves exactly as the op would: plain tensors, no torch.compile,
-    torch.func transform, tracer, autocast, or torch-function/dispatch mode (those see the op)."""
+def _eager_mode() -> bool:
+    """No torch.compile, torch.func transform, tracer, autocast, or torch-function/dispatch mode
+    (those see the registered op)."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
         return False
-    return (type(problem.q) is torch.Tensor and not _autocast_enabled() and not _function_modes()
-            and not _dispatch_modes() and not functorch_active() and not jit_tracing())
+    return (not _autocast_enabled() and not _function_modes() and not _dispatch_modes()
+            and not functorch_active() and not jit_tracing())
+
+
+def _plain_eager(problem: AttentionProblem) -> bool:
+    """A call the eager path serves exactly as the op would: plain tensors, in _eager_mode()."""
+    return _eager_mode() and type(problem.q) is torch.Tensor
 
 
 def transforms_active() -> bool:
@@ -292,8 +297,7 @@ def streams_may_serve(device: torch.device, explicit: Optional[str]) -> bool:
     """Whether a multi-stream call on `device` may be computed on the caller's unpacked streams:
     plain eager mode (checked again on the tensors by caller_streams_serve), and auto on the CPU
     (where auto's choice looks at no tensor's strides) or the `torch` backend asked for."""
-    if torch.compiler.is_compiling() or _autocast_enabled() or _function_modes() \
-            or _dispatch_modes() or functorch_active() or jit_tracing() or _streams_off:
+    if _streams_off or not _eager_mode():
         return False
     name = requested_backend(explicit)
     return name == _STREAMS_BACKEND or (name is None and device.type == "cpu")

@@ -175,7 +175,7 @@ def _sink(problem: AttentionProblem, compute) -> Optional[Tensor]:
     return None if problem.sinks is None else problem.sinks.to(compute)[None, :, None]
 
 
-_DENSE_TABLES = {n: (1,) * (n * n) for n in range(1, 17)}
+DENSE_TABLES = {n: (1,) * (n * n) for n in range(1, 17)}  # the all-ones peer table of n streams
 
 
 def is_one_call(p: AttentionProblem) -> bool:
@@ -189,7 +189,7 @@ def is_one_call(p: AttentionProblem) -> bool:
     streams = len(p.q_lens)
     if streams == 1:
         return p.peers == (1,) and p.q_lens[0] > 0 and p.kv_lens[0] > 0
-    return (not p.is_causal and p.attn_mask is None and p.peers == _DENSE_TABLES.get(streams)
+    return (not p.is_causal and p.attn_mask is None and p.peers == DENSE_TABLES.get(streams)
             and p.q.shape[2] > 0 and p.k.shape[2] > 0 and not pairs_forced())
 
 

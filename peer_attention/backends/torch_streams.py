@@ -34,10 +34,10 @@ from torch import Tensor
 
 from ..problem import JOINT, AttentionProblem, problem_builder
 from ..stream_packing import JoinEmpty, packed, unpacked, with_empty_outputs
-from .torch_backend import PairPlan, is_one_call
+from .torch_backend import DENSE_TABLES, PairPlan, is_one_call
 from .torch_fused import FUSED, lse_in, QueryStreams
 from .torch_fused import plan as fused_plan
-from .torch_pair import CPU_BACKWARD, CPU_FORWARD, mark_empty_rows, pair_backward, pair_forward
+from .torch_pair import mark_empty_rows, pair_backward, pair_forward
 
 # one kernel call as a one-stream problem, for the create_graph=True formulas
 _call_problem = problem_builder(
@@ -56,12 +56,7 @@ class Call(NamedTuple):
 
 
 def _forward(q, k, v, mask, is_causal: bool, scale: float, can_empty: bool):
-    # the CPU kernel straight when it takes the widths as they are (a call of a few tens of
-    # microseconds at small shapes: each Python layer counts)
-    if q.is_cpu and q.shape[-1] == v.shape[-1]:
-        out, lse = CPU_FORWARD(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-    else:
-        out, lse = pair_forward(q, k, v, mask, is_causal, scale)
+    out, lse = pair_forward(q, k, v, mask, is_causal, scale)
     if can_empty:  # rows that see no key: lse -inf (the CPU kernel says 0)
         out, lse = mark_empty_rows(out, lse, mask)
     return out, lse
@@ -70,9 +65,6 @@ def _forward(q, k, v, mask, is_causal: bool, scale: float, can_empty: bool):
 def _backward(grad_out, q, k, v, out, lse, mask, is_causal: bool, scale: float, can_empty: bool):
     if can_empty:
         lse = lse_in(lse, mask)
-    if q.is_cpu and q.shape[-1] == v.shape[-1]:
-        return CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask,
-                            scale=scale)
     return pair_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale)
 
 
@@ -141,7 +133,7 @@ def _every_stream_takes_part(p: AttentionProblem) -> bool:
     """Every query stream with tokens attends a key stream with keys, and every key stream with
     keys is attended by such a query stream."""
     n = p.num_streams
-    if p.peers == _DENSE.get(n) and 0 not in p.q_lens and 0 not in p.kv_lens:
+    if p.peers == DENSE_TABLES.get(n) and 0 not in p.q_lens and 0 not in p.kv_lens:
         return True  # the common call: no loop
     queries, keys = set(), set()
     for s in range(n):
@@ -153,9 +145,6 @@ def _every_stream_takes_part(p: AttentionProblem) -> bool:
                 keys.add(t)
     return (len(queries) == sum(1 for n in p.q_lens if n > 0)
             and len(keys) == sum(1 for n in p.kv_lens if n > 0))
-
-
-_DENSE = {n: (1,) * (n * n) for n in range(2, 17)}
 
 
 def serves(p: AttentionProblem) -> bool:
@@ -187,19 +176,13 @@ def stream_outputs(p: AttentionProblem, queries: Sequence[Tensor], keys: Sequenc
                    values: Sequence[Tensor]) -> List[Tensor]:
     """The S outputs (B, Hq, L_s, Ev) of a problem `serves` accepts."""
     if is_one_call(p):  # nothing per pair, no mask: torch.cat + one call + split, no plan
-        q = packed(queries, p.q_lens)
-        k, v = packed(keys, p.kv_lens), packed(values, p.kv_lens)
-        out, = kernel_calls([Call(q, k, v, None, False, False)], p.scale)
-        return unpacked(out, p.q_lens)
+        return _packed_call(p, queries, keys, values, None, False)
     plan = PairPlan(p)
     plan.use_key_streams(keys, values)
     streams = QueryStreams(plan, packed=False)
-    if p.normalize == JOINT and streams.one_call():
-        q = packed(queries, p.q_lens)
-        k, v = packed(keys, p.kv_lens), packed(values, p.kv_lens)
-        out, = kernel_calls([Call(q, k, v, streams.mask(0, streams.nonempty), False,
-                                  streams.rows_can_empty())], p.scale)
-        return unpacked(out, p.q_lens)
+    if p.normalize == JOINT and streams.one_call():  # the same with kv_lengths key rows
+        return _packed_call(p, queries, keys, values, streams.mask(0, streams.nonempty),
+                            streams.rows_can_empty())
     has_empty = 0 in p.q_lens or 0 in p.kv_lens
     if has_empty and torch.is_grad_enabled():
         queries = _joined(queries, keys, values, next(s for s, n in enumerate(p.q_lens) if n))
@@ -221,6 +204,14 @@ def stream_outputs(p: AttentionProblem, queries: Sequence[Tensor], keys: Sequenc
         outs = [queries[s].new_zeros(empty) if o is None else o for s, o in enumerate(outs)]
         return with_empty_outputs(outs, p.q_lens)
     return outs
+
+
+def _packed_call(p: AttentionProblem, queries, keys, values, mask, can_empty: bool):
+    """One kernel call on the packed streams (torch.cat of each role), its output split."""
+    q = packed(queries, p.q_lens)
+    k, v = packed(keys, p.kv_lens), packed(values, p.kv_lens)
+    out, = kernel_calls([Call(q, k, v, mask, False, can_empty)], p.scale)
+    return unpacked(out, p.q_lens)
 
 
 def _gated_sums(p: AttentionProblem, plan, queries, keys, values, filled, outs) -> None:
