@@ -39,6 +39,7 @@ import tempfile
 
 import torch
 
+from . import ledger
 from .fit import SMEM_OPTIN, compile_launch, misfit, ptxas_resources, target, usage
 
 
@@ -275,40 +276,65 @@ def _config_name(c):
             + (f" p{phases}" if phases != 1 else ""))
 
 
-def check_task(task, autotune_off=False):
+def check_task(task, autotune_off=False, ledger_dir=None, mode="compile"):
     """Compile one (arch, family, dtype, head dim, kernel) at the candidates the pruner would
     compile, select as the pruner does (configs.select), and say what is wrong: a compile
     failure, nothing that fits where NO_FIT does not decline it, or a kept config that spills in
-    a 16-bit kernel at head dim <= 128."""
+    a 16-bit kernel at head dim <= 128.
+
+    With a ledger (ledger_dir), mode says where each config's measurement comes from:
+    "compile": compiled, and a failure where the ledger's row for the same compile differs;
+    "cached": the ledger's row where it has one, else compiled; "ledger": the ledger's rows only,
+    and where one is missing the task is uncovered (result["uncovered"]: nothing is checked)."""
     from .configs import NO_FIT, make_config, candidates, select, spill_allowance
 
     arch, family, dtype_name, dim, kernel = task
     problem = family_problem(family, dtype_name, dim)
     launch = [x for x in kernel_launches(problem, kernel != "fwd", arch) if x[0] == kernel]
     result = dict(arch=arch, family=family, dtype=dtype_name, dim=dim, kernel=kernel, rows=[],
-                  kept=[], failures=[])
+                  kept=[], failures=[], mode=mode, uncovered=[], verified=0)
     if not launch:
         return result
     _, fn, args, kwargs = launch[0]
     kind = kernel_kind(kernel, problem)
     sixteen_bit = dtype_name != "fp32"
+    dim_pad = max(kwargs["E_PAD"], kwargs["EV_PAD"])
+    configs = [make_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
+                                               dim_pad)]
+    book = ledger.load(ledger_dir, arch) if ledger_dir else {}
+    keys = {_config_name(c): ledger.launch_key(fn, args, kwargs, c, arch) if ledger_dir else None
+            for c in configs}
+    if mode == "ledger":
+        result["uncovered"] = [name for name, key in keys.items() if key not in book]
+        if result["uncovered"]:
+            return result
 
     def measure(config):
-        row = dict(config=_config_name(config))
-        try:
-            row.update(analyse(faithful_compile(fn, args, kwargs, config, arch), arch,
-                               loops=False, use_ptxas=sixteen_bit))
-        except Exception as exc:  # noqa: BLE001 - reported as a failure below
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
-            result["failures"].append(f"{row['config']} does not compile ({row['error']})")
-            row.update(shared=1 << 30, tmem=0, trap=False)
+        name = _config_name(config)
+        row = dict(config=name, key=keys[name])
+        recorded = book.get(keys[name])
+        if recorded is not None and mode != "compile":
+            row.update({k: recorded[k] for k in ledger.FIELDS}, source="ledger")
+        else:
+            row["source"] = "compiled"
+            try:
+                row.update(analyse(faithful_compile(fn, args, kwargs, config, arch), arch,
+                                   loops=False, use_ptxas=sixteen_bit))
+            except Exception as exc:  # noqa: BLE001 - reported as a failure below
+                row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                result["failures"].append(f"{row['config']} does not compile ({row['error']})")
+                row.update(shared=1 << 30, tmem=0, trap=False)
+            if recorded is not None and "error" not in row:
+                result["verified"] += 1
+                wrong = ledger.differences(recorded, row)
+                if wrong:
+                    result["failures"].append(
+                        f"{name}: the compile differs from its ledger row (field: (ledger, "
+                        f"compiled)) {wrong}")
         row["fits"] = misfit(row, SMEM_OPTIN[arch]) is None
         result["rows"].append(row)
         return dict(row, spills=max(row.get("spill_bytes", 0), 0))
 
-    dim_pad = max(kwargs["E_PAD"], kwargs["EV_PAD"])
-    configs = [make_config(*c) for c in candidates(arch, kind, DTYPES[dtype_name].itemsize,
-                                               dim_pad)]
     # the full sweep compiles every candidate (no shortcut) and so checks the shortcut's claim
     kept, rejected = select(configs, measure, SMEM_OPTIN[arch], sixteen_bit, autotune_off,
                             shortcut=autotune_off, spill_ok=spill_allowance(arch, dim_pad))
@@ -462,19 +488,27 @@ def _sample(tasks, n, seed):
     return first + draw.sample(rest, max(n - len(first), 0))
 
 
-def run_sweep(tasks, jobs=1, autotune_off=False, printer=print):
-    """check_task over the tasks (in `jobs` processes); returns the results, printed as they
-    come (one line per task)."""
+def run_sweep(tasks, jobs=1, autotune_off=False, printer=print, ledger_dir=None, modes=None):
+    """check_task over the tasks (in `jobs` processes), each in its mode (modes: task -> mode,
+    default "compile"); returns the results, printed as they come (one line per task; a task
+    checked from the ledger only where something is wrong)."""
     import concurrent.futures
     import functools
 
-    check = functools.partial(check_task, autotune_off=autotune_off)
+    check = functools.partial(_check_one, autotune_off=autotune_off, ledger_dir=ledger_dir)
+    work = [(t, (modes or {}).get(t, "compile")) for t in tasks]
     results = []
     with concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as pool:
-        for r in pool.map(check, tasks):  # printed as they come (in order)
-            printer(format_task(r), flush=True)
+        for r in pool.map(check, work):  # printed as they come (in order)
+            if r["mode"] != "ledger" or r["failures"] or r["uncovered"]:
+                printer(format_task(r), flush=True)
             results.append(r)
     return results
+
+
+def _check_one(item, autotune_off, ledger_dir):
+    task, mode = item
+    return check_task(task, autotune_off, ledger_dir, mode)
 
 
 class _Serial:
@@ -490,19 +524,25 @@ class _Serial:
 
 
 def format_task(r):
+    what = f"sm{r['arch']} {r['kernel']} {r['family']} {r['dtype']} hd{r['dim']}"
+    if r["uncovered"]:
+        return (f"uncovered {what}: {len(r['uncovered'])} configs not in the ledger "
+                f"({', '.join(r['uncovered'])})")
     kept = {row["config"]: row for row in r["rows"]}
     first = kept.get(r["kept"][0]) if r["kept"] else None
     limit = SMEM_OPTIN[r["arch"]]
     if first is None:
         summary = "declined (no config fits)" if not r["failures"] else "NO CONFIG"
     else:
+        sources = {row.get("source", "compiled") for row in r["rows"]}
+        how = "compiled" if sources == {"compiled"} else " + ".join(sorted(sources))
         summary = (f"{first['config']} shared {first['shared']}/{limit} tmem {first['tmem']} "
                    f"regs {first['registers']} spill {first['spill_bytes']} "
                    f"wgmma {first['wgmma']} tcgen05 {first['tcgen05']} mma.sync {first['mma_sync']}"
-                   f" | kept {len(r['kept'])}/{len(r['rows'])} compiled")
+                   f" | kept {len(r['kept'])}/{len(r['rows'])} {how}"
+                   + (f", {r['verified']} checked against the ledger" if r["verified"] else ""))
     status = "FAIL" if r["failures"] else "ok"
-    return (f"{status} sm{r['arch']} {r['kernel']} {r['family']} {r['dtype']} hd{r['dim']}: "
-            f"{summary}" + "".join(f"\n    {f}" for f in r["failures"]))
+    return f"{status} {what}: {summary}" + "".join(f"\n    {f}" for f in r["failures"])
 
 
 def main(argv=None):
@@ -529,6 +569,16 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="sweep: parallel processes")
     parser.add_argument("--json", nargs="?", const="-", default=None,
                         help="also write the rows as JSON (to this file; '-': one stdout line)")
+    parser.add_argument("--ledger", default=None, metavar="DIR",
+                        help="sweep: the compile ledger (DIR/smNN.tsv, module ledger): configs "
+                             "it records are taken from it, the rest compiled; with --sample, "
+                             "the sampled tasks are compiled and checked against it and the "
+                             "others are checked from it alone")
+    parser.add_argument("--update-ledger", action="store_true",
+                        help="sweep: add what was compiled to the ledger (a whole sweep also "
+                             "drops the rows it no longer compiles)")
+    parser.add_argument("--require-ledger", action="store_true",
+                        help="sweep: a task the ledger does not cover fails")
     opts = parser.parse_args(argv)
     from .utils import INTERPRET
 
@@ -567,18 +617,53 @@ def main(argv=None):
             parser.error(f"unknown {unknown}, expected some of {list(allowed)}")
         return chosen
 
+    filtered = any(x is not None for x in (opts.families, opts.dtypes, opts.dims, opts.kernels))
     tasks = sweep_tasks(opts.arch, names(opts.families, FAMILIES), names(opts.dtypes, DTYPES),
                         names(opts.dims, HEAD_DIMS, int), names(opts.kernels, KERNELS))
-    tasks = _sample(tasks, opts.sample, opts.seed)
+    sampled = _sample(tasks, opts.sample, opts.seed)
+    if (opts.update_ledger or opts.require_ledger) and not opts.ledger:
+        parser.error("--update-ledger and --require-ledger need --ledger DIR")
+    if opts.ledger is None:
+        tasks, modes = sampled, None
+    elif opts.sample is None:
+        modes = {t: "cached" for t in tasks}
+    else:
+        modes = {t: "compile" if t in sampled else "ledger" for t in tasks}
     mode = "autotune-off config" if opts.autotune_off else "every candidate"
     print(f"sm{opts.arch}: {len(tasks)} kernel x dtype x head dim x family tasks, {mode}, "
-          f"shared memory limit {SMEM_OPTIN[opts.arch]} B")
-    results = run_sweep(tasks, opts.jobs, opts.autotune_off)
+          f"shared memory limit {SMEM_OPTIN[opts.arch]} B"
+          + (f", ledger {ledger.path(opts.ledger, opts.arch)}"
+             f" ({len(ledger.load(opts.ledger, opts.arch))} rows)" if opts.ledger else ""))
+    results = run_sweep(tasks, opts.jobs, opts.autotune_off, ledger_dir=opts.ledger,
+                        modes=modes)
     failures = sum(len(r["failures"]) for r in results)
-    compiled = sum(len(r["rows"]) for r in results)
+    rows = [row for r in results for row in r["rows"]]
+    compiled = sum(row["source"] == "compiled" for row in rows)
+    uncovered = [r for r in results if r["uncovered"]]
     print(f"sm{opts.arch}: compiled {compiled} kernels, {failures} failures")
+    if opts.ledger:
+        print(f"sm{opts.arch}: {len(tasks)} tasks, {len(rows)} configs: {compiled} compiled "
+              f"({sum(r['verified'] for r in results)} checked against the ledger), "
+              f"{len(rows) - compiled} from the ledger; {len(uncovered)} tasks uncovered "
+              f"({sum(len(r['uncovered']) for r in uncovered)} configs not in the ledger)")
+        if uncovered:
+            print(f"sm{opts.arch}: the ledger is stale or incomplete; refresh it (hours on two "
+                  f"cores): python -m peer_attention.triton_kernels.compile_check --arch "
+                  f"sm{opts.arch} --ledger {opts.ledger} --update-ledger --jobs N")
+    if opts.update_ledger:
+        book = dict(ledger.load(opts.ledger, opts.arch))
+        if not (filtered or opts.sample is not None or opts.autotune_off):
+            seen = {row["key"] for row in rows}  # a whole sweep: drop rows no compile has now
+            book = {k: v for k, v in book.items() if k in seen}
+        for r in results:
+            task = (r["arch"], r["family"], r["dtype"], r["dim"], r["kernel"])
+            for row in r["rows"]:
+                if row["source"] == "compiled" and "error" not in row:
+                    book[row["key"]] = ledger.row_of(row["key"], task, row["config"], row)
+        print(f"sm{opts.arch}: ledger {ledger.save(opts.ledger, opts.arch, book)}: "
+              f"{len(book)} rows")
     _write_json(opts.json, results)
-    return 1 if failures else 0
+    return 1 if failures or (opts.require_ledger and uncovered) else 0
 
 
 def _write_json(path, rows):

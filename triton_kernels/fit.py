@@ -48,12 +48,19 @@ def compile_launch(fn, args, kwargs, config, gpu_target):
     would on that device (bind); Triton's cache makes a second compile of the same launch (the
     launch itself) a lookup."""
     import triton
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
 
-    signature, constexprs, attrs, options = bind(fn, args, kwargs, config,
-                                                 make_backend(gpu_target))
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=gpu_target,
-                          options=options.__dict__)
+    src, options = launch_source(fn, args, kwargs, config, make_backend(gpu_target))
+    return triton.compile(src, target=gpu_target, options=options)
+
+
+def launch_source(fn, args, kwargs, config, backend):
+    """(ASTSource, options dict) that triton.compile gets for that launch on `backend`'s target
+    (compile_launch; ledger.launch_key hashes them as Triton's cache does)."""
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = bind(fn, args, kwargs, config, backend)
+    return ASTSource(fn, signature, constexprs, attrs), dict(options.__dict__)
 
 
 _TRAP = re.compile(r"^\s*trap;", re.MULTILINE)
