@@ -28,14 +28,37 @@ COLUMNS = ("key", "family", "dtype", "dim", "kernel", "config") + FIELDS
 KEY_HEX = 32  # 128 bits of Triton's sha256 key
 
 
+def canonical_kernel_hashes():
+    """Hash the kernels in one fixed order, once per process, before any key is computed.
+
+    Triton computes a kernel's source hash (JITFunction.cache_key) the first time it is needed
+    and keeps it, and with Triton 3.6 the result depends on which kernel was hashed first in
+    the process: hashed after _attn_fwd, the shared helpers tiles.log2_scores and
+    probs_from_lse, and so every kernel's key, come out different from their values when a
+    backward kernel comes first (measured: both orders are stable, each gives its own keys). A
+    fixed order makes a key the same in every process."""
+    from . import bwd, fwd
+
+    order = (bwd._bwd_dq, bwd._bwd_dkdv, bwd._bwd_preprocess, fwd._attn_fwd)
+    hashed = [k.hash is not None for k in order]
+    if any(hashed) and not hashed[0]:
+        raise RuntimeError("ledger keys must be computed before anything hashes a kernel in this "
+                           "process (a compile or launch does): keys depend on Triton's hashing "
+                           "order")
+    for kernel in order:
+        kernel.cache_key
+
+
 def launch_key(fn, args, kwargs, config, arch: int) -> str:
     """Triton's compile cache key of `fn[grid](*args, **kwargs, **config)` on `arch`
-    (fit.compile_launch's compile), computed without compiling."""
+    (fit.compile_launch's compile), computed without compiling, with the kernels hashed in
+    canonical_kernel_hashes' order."""
     from triton.compiler import make_backend
     from triton.compiler.compiler import get_cache_invalidating_env_vars, get_cache_key
 
     from .fit import launch_source, target
 
+    canonical_kernel_hashes()
     backend = make_backend(target(arch))
     src, options = launch_source(fn, args, kwargs, config, backend)
     key = get_cache_key(src, backend, backend.parse_options(options),
