@@ -627,6 +627,8 @@ def _bwd_dkdv(
                     F.BF16_RTNE)
 
 
+# the backward kernels, in the order the compile ledger hashes them (ledger.py)
+KERNELS = (_bwd_dq, _bwd_dkdv, _bwd_preprocess)
 _bwd_preprocess_tuned = tuned(_bwd_preprocess)
 _bwd_dq_tuned = tuned(_bwd_dq, kind="dq")
 _bwd_dkdv_tuned = tuned(_bwd_dkdv, kind="dkdv")

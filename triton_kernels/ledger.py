@@ -39,7 +39,7 @@ def canonical_kernel_hashes():
     fixed order makes a key the same in every process."""
     from . import bwd, fwd
 
-    order = (bwd._bwd_dq, bwd._bwd_dkdv, bwd._bwd_preprocess, fwd._attn_fwd)
+    order = bwd.KERNELS + fwd.KERNELS
     hashed = [k.hash is not None for k in order]
     if any(hashed) and not hashed[0]:
         raise RuntimeError("ledger keys must be computed before anything hashes a kernel in this "

@@ -62,8 +62,9 @@ from peer_attention.triton_kernels.configs import make_config, candidates
 problem = cc.family_problem("plain", "fp16", 16)
 [(_, fn, args, kwargs)] = [x for x in cc.kernel_launches(problem, True, 80) if x[0] == "bwd_preprocess"]
 config = make_config(*candidates(80, "fwd")[0])
+key = ledger.launch_key(fn, args, kwargs, config, 80)
 compiled = cc.faithful_compile(fn, args, kwargs, config, 80)
-print(json.dumps([ledger.launch_key(fn, args, kwargs, config, 80), compiled.hash]))
+print(json.dumps([key, compiled.hash]))
 """
     result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
                             text=True, timeout=600)
@@ -71,6 +72,14 @@ print(json.dumps([ledger.launch_key(fn, args, kwargs, config, 80), compiled.hash
     key, compiled_hash = json.loads(result.stdout.strip().splitlines()[-1])
     assert compiled_hash.startswith(key) and len(key) == ledger.KEY_HEX
     assert key in ledger.load(str(recorded), 80)
+
+    # Triton's kernel hash depends on which kernel a process hashes first: a key asked for
+    # after a compile hashed the kernels in another order is refused, not silently different
+    swapped = code.replace("key = ledger.launch_key(fn, args, kwargs, config, 80)\n", "").replace(
+        "print(json.dumps([key,", "print(json.dumps([ledger.launch_key(fn, args, kwargs, config, 80),")
+    result = subprocess.run([sys.executable, "-c", swapped], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1 and "hashing order" in result.stderr, result.stderr[-3000:]
 
 
 def test_sampled_compile_that_differs_from_its_row_fails(recorded, tmp_path):
