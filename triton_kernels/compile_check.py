@@ -534,7 +534,7 @@ def format_task(r):
     if first is None:
         summary = "declined (no config fits)" if not r["failures"] else "NO CONFIG"
     else:
-        sources = {row.get("source", "compiled") for row in r["rows"]}
+        sources = {row["source"] for row in r["rows"]}
         how = "compiled" if sources == {"compiled"} else " + ".join(sorted(sources))
         summary = (f"{first['config']} shared {first['shared']}/{limit} tmem {first['tmem']} "
                    f"regs {first['registers']} spill {first['spill_bytes']} "

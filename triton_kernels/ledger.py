@@ -99,10 +99,6 @@ def load(directory: str, arch: int) -> Dict[str, dict]:
     return _load(file, os.path.getmtime(file))
 
 
-def exists(directory: str, arch: int) -> bool:
-    return os.path.exists(path(directory, arch))
-
-
 def row_of(key: str, task, config_name: str, analysed: dict) -> dict:
     _, family, dtype, dim, kernel = task
     return dict(key=key, family=family, dtype=dtype, dim=dim, kernel=kernel, config=config_name,
