@@ -8,7 +8,7 @@
              compositions and FlashAttention-4 (flash_attn.cute) when importable. Meant to take
              under 6 minutes on an H100, autotuning included (FlexAttention compiles per shape, so
              it runs on a subset of the cases; the others say so).
-  gpucheck   the bench step of scripts/gpu_check.sh (issue 18), about 2.5 minutes on an H200:
+  gpucheck   the bench step of scripts/gpu_check.sh (issue 18), about 2.5 minutes on an H100/H200:
              the headline's core at L = 8k and 16k only (SDPA head dim 128, causal and not; peer
              attention 3 x 4k, gates + bias, joint; the same work as one 12k stream), bf16, fwd
              and fwd+bwd, the headline's providers plus pa.torch (what auto's order per device

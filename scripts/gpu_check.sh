@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issue 18): build, correctness (autotuning on where it matters), sanitizers and
-# the headline numbers in ONE command that ends within 8 minutes of wall time on a lent H200.
+# the headline numbers in ONE command that ends within 8 minutes of wall time on a lent H100/H200.
 #
 #   bash scripts/gpu_check.sh                      the whole plan (no arguments)
 #   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh  the steps with their time boxes; exit 1 if the
