@@ -196,5 +196,22 @@ def cuda_extension(sources, required: bool = False):
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"],
         },
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [extension], _version_commands(label, build_ext)
+    return [extension], _version_commands(label, _shared_objects_build_ext(cpp_extension))
+
+
+# where every build frontend keeps the compiled objects (ninja's build folder)
+OBJECTS_DIR = ROOT / "build" / "cuda-objects"
+
+
+def _shared_objects_build_ext(cpp_extension):
+    """torch's ninja build_ext with one object folder for every frontend. pip's editable install
+    builds in a fresh temporary folder each time, so `pip install -e .` then `pip wheel .` (or a
+    second `pip install -e .`) would compile every translation unit again; with one folder ninja
+    recompiles only what a changed command, source or header touches, and relinks."""
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(OBJECTS_DIR)
+
+    return BuildExt

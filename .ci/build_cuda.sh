@@ -29,7 +29,8 @@ if not torch.cuda.is_available():
     assert reason == "no CUDA device is visible", reason
 PY
 
-# the wheel reuses nothing from the editable build: ninja rebuilds every object in build/
+# the wheel reuses the editable build's objects (build/cuda-objects, build_cuda.OBJECTS_DIR): ninja
+# only relinks
 "$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$WHEEL_DIR" .
 end=$(date +%s)
 echo "build_cuda: wheel build took $((end - mid)) s; total $((end - start)) s"

@@ -85,3 +85,22 @@ def test_release_archs_cover_every_served_architecture():
     assert build_cuda.with_ptx(build_cuda.RELEASE_ARCHS) == "8.0;8.6;8.9;9.0a;10.0;12.0+PTX"
     script = Path(build_cuda.__file__).parent / ".ci" / "build_release_wheel.sh"
     assert "build_cuda.RELEASE_ARCHS" in script.read_text()
+
+
+@needs_nvcc
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build")
+def test_every_build_frontend_shares_one_object_folder(tmp_path, monkeypatch):
+    """pip's editable install hands build_ext a fresh temporary build folder; the objects must
+    still go to OBJECTS_DIR, where `pip wheel .` (and the next editable install) finds them."""
+    from setuptools import Distribution
+
+    # cuda_extension exports these two; monkeypatch puts the caller's values back afterwards
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setenv("CUDA_HOME", str(build_cuda.find_cuda_home()))
+    ext_modules, cmdclass = build_cuda.cuda_extension(["csrc/binding.cpp"], required=True)
+    dist = Distribution({"name": "peer_attention", "ext_modules": ext_modules, "cmdclass": cmdclass})
+    command = cmdclass["build_ext"](dist)
+    command.build_temp = str(tmp_path / "editable-build-temp")  # what the editable install sets
+    command.ensure_finalized()
+    assert Path(command.build_temp) == build_cuda.OBJECTS_DIR
+    assert command.use_ninja
